@@ -1,0 +1,39 @@
+# Two entry points: `make serve` (everything needed to serve the demo model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+DEMO ?= sota-demo
+
+.PHONY: install serve demo test test-fast lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Train and import the demo model unless the BentoML store already has it.
+demo: install
+	@$(BIN)/bentoml models get $(DEMO):latest >/dev/null 2>&1 \
+		|| $(BIN)/sota-serve demo --name $(DEMO)
+
+serve: demo
+	$(BIN)/bentoml serve --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check sota_serve training bento bench tests
+
+bench: install
+	$(BIN)/sota-serve bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmarks: model ceiling, offline pipeline, HTTP service and a naive BentoML peer."""

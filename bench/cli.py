@@ -1,0 +1,48 @@
+"""``sota-serve bench`` / ``python -m bench``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from bench.report import render, write
+    from bench.run import BenchConfig, run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    common = {"out": Path(args.out), "naive": not args.no_naive, "http": not args.no_http,
+              "jpeg_draft": args.jpeg_draft}
+    cfg = BenchConfig.quick_mode(**common) if args.quick else BenchConfig(**common)
+    if args.models:
+        cfg.models = tuple(args.models.split(","))
+    if args.concurrency:
+        cfg.concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    if args.seconds:
+        cfg.seconds = args.seconds
+    results = run(cfg)
+    print(render(results))
+    stem = args.name or ("quick" if args.quick else f"bench-{results['machine']['device']}")
+    for path in write(results, cfg.out, stem):
+        print(f"wrote {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark model, offline pipeline and HTTP service")
+    add_arguments(p)
+    p.set_defaults(func=_bench)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="seconds, tiny model (what CI runs)")
+    p.add_argument("--models", help="comma list: xresnet50, demo, tiny, or package dirs")
+    p.add_argument("--concurrency", help="comma list, e.g. 1,4,16,64")
+    p.add_argument("--seconds", type=float, help="seconds per load level")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--name", help="file stem of the results (default: bench-<device>)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive BentoML peer")
+    p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
+    p.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale")

@@ -1,0 +1,79 @@
+"""Model ceiling and offline pipeline: the two numbers the HTTP service is compared with."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from sota_serve.classifier import Classifier
+from sota_serve.package import ModelPackage
+from sota_serve.progress import progress
+from sota_serve.runtime import load_runtime
+
+
+def _timed(fn, *, seconds: float, min_runs: int = 3, max_runs: int = 200) -> list[float]:
+    fn()  # warm-up (allocations, kernel selection)
+    times: list[float] = []
+    stop = time.perf_counter() + seconds
+    while len(times) < min_runs or (time.perf_counter() < stop and len(times) < max_runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def model_ceiling(
+    package: ModelPackage, backends: Sequence[str], batch_sizes: Sequence[int], *, seconds: float,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """The runtime alone on preprocessed uint8 batches: images/s per batch size."""
+    rows = []
+    shape = (3, package.card.input.height, package.card.input.width)
+    for backend in backends:
+        if backend not in package.backends:
+            continue
+        runtime = load_runtime(package, backend, device=device)
+        for bs in progress(batch_sizes, desc=f"ceiling {backend}"):
+            x = np.random.default_rng(0).integers(0, 256, (bs, *shape), dtype=np.uint8)
+            times = _timed(lambda x=x: runtime.predict(x), seconds=seconds)
+            median = statistics.median(times)
+            rows.append({"backend": backend, "device": runtime.device, "batch_size": bs,
+                         "median_s": median, "images_per_s": bs / median, "runs": len(times)})
+    return rows
+
+
+def offline_pipeline(
+    clf: Classifier, images: Sequence[bytes], *, tta: str, batch_size: int, threads: int, seconds: float
+) -> dict[str, Any]:
+    """Decode + preprocess (a thread pool, as the server does) + model in batches, no HTTP."""
+    k = clf.preprocessor.crops_per_image(tta)
+
+    def one_pass() -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            crops = list(pool.map(lambda d: clf.preprocessor(d, tta), images))
+        for i in range(0, len(crops), batch_size):
+            clf.runtime.predict(np.concatenate(crops[i : i + batch_size]), crops_per_image=k)
+
+    times = _timed(one_pass, seconds=seconds, min_runs=2)
+    median = statistics.median(times)
+    return {"tta": tta, "batch_size": batch_size, "threads": threads, "images": len(images),
+            "median_pass_s": median, "images_per_s": len(images) / median, "passes": len(times)}
+
+
+def decode_share(clf: Classifier, images: Sequence[bytes], tta: str) -> dict[str, float]:
+    """Where the offline time goes, single-threaded: decode, preprocess, model (per image)."""
+    t0 = time.perf_counter()
+    decoded = [clf.preprocessor.decode(d) for d in images]
+    t1 = time.perf_counter()
+    crops = [clf.preprocessor.crops(img, tta) for img in decoded]
+    t2 = time.perf_counter()
+    clf.runtime.predict(np.concatenate(crops), crops_per_image=clf.preprocessor.crops_per_image(tta))
+    t3 = time.perf_counter()
+    n = len(images)
+    return {"decode_ms": 1000 * (t1 - t0) / n, "preprocess_ms": 1000 * (t2 - t1) / n,
+            "model_ms": 1000 * (t3 - t2) / n}

@@ -1,0 +1,77 @@
+"""Model packages to benchmark: xresnet50 at 224 px (ResNet-50 class), the demo, a tiny CNN."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from sota_serve.card import ModelCard, new_version
+from sota_serve.constants import IMAGENET_MEAN, IMAGENET_STD
+from sota_serve.package import open_package
+
+log = logging.getLogger("sota_serve.bench")
+
+
+def tiny_cnn(num_classes: int = 3, seed: int = 0):
+    """A small real CNN (conv, BN, pooling, linear) with seeded random weights."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+    )
+    with torch.no_grad():  # non-trivial BN statistics and confident outputs
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        model[-1].weight.mul_(20)
+    return model.eval()
+
+
+def build_model(arch: str, num_classes: int):
+    """The eager network for ``arch`` (the naive peer rebuilds it the same way)."""
+    if arch == "tiny":
+        return tiny_cnn(num_classes)
+    from fastai.vision.models.xresnet import xresnet18, xresnet34, xresnet50
+
+    return {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}[arch](n_out=num_classes).eval()
+
+
+def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int) -> Path:
+    """A package of ``arch`` with seeded random weights (speed does not depend on the weights)."""
+    if (out / "card.json").exists():
+        try:
+            open_package(out)
+            return out
+        except Exception:  # stale or partial: rebuild
+            log.info("rebuilding %s", out)
+    import torch
+
+    from sota_serve.export import export_package
+
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes)
+    card = ModelCard.parse({
+        "schema_version": 1, "name": f"{arch}-{size}-random", "version": new_version(),
+        "labels": [f"class_{i}" for i in range(num_classes)],
+        "input": {"height": size, "width": size},
+        "preprocess": {"resize_shortest_edge": round(size / 0.875)},
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "tta": {"five_crop": {"resize_shortest_edge": round(size / 0.8)}},
+        "architecture": arch,
+        "intended_use": "Benchmarking only: random weights.",
+    })
+    check = np.random.default_rng(0).integers(0, 256, (2, 3, size, size), dtype=np.uint8)
+    export_package(model, card, out, check_inputs=check)
+    return out
+
+
+def architecture_of(card: ModelCard) -> str:
+    data = card.to_dict()
+    return data.get("architecture") or data.get("training", {}).get("recipe", {}).get("arch") or "tiny"

@@ -1,0 +1,79 @@
+"""Tables on stdout, JSON and a plot on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    lines = [f"\n{title}", "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def render(results: dict[str, Any]) -> str:
+    out = []
+    for model in results["models"]:
+        name = model["model"]
+        out.append(_table(f"[{name}] model ceiling (runtime alone, uint8 batches)",
+                          ["backend", "device", "batch", "img/s", "ms/batch"],
+                          [[r["backend"], r["device"], r["batch_size"], r["images_per_s"], 1000 * r["median_s"]]
+                           for r in model["ceiling"]]))
+        out.append(_table(f"[{name}] offline pipeline (decode + preprocess + model, no HTTP)",
+                          ["tta", "batch", "threads", "img/s"],
+                          [[r["tta"], r["batch_size"], r["threads"], r["images_per_s"]] for r in model["offline"]]))
+        rows = [[r["service"], r["tta"], r["concurrency"], r["throughput"], r["p50_ms"], r["p95_ms"],
+                 r["p99_ms"], r["errors"]] for r in model["http"]]
+        out.append(_table(f"[{name}] HTTP under closed-loop load",
+                          ["service", "tta", "conc", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors"], rows))
+        r = model["ratios"]
+        out.append(f"\n[{name}] ratios: http/offline {r['http_to_offline']:.2f} (target >= 0.9), "
+                   f"five-crop http/offline {r['http_to_offline_five_crop']:.2f} (target >= 0.9), "
+                   f"vs naive {r['to_naive']:.2f}x (target >= 2)")
+    return "\n".join(out)
+
+
+def write(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    written = [json_path]
+    plot = _plot(results, out_dir / f"{stem}.png")
+    if plot:
+        written.append(plot)
+    return written
+
+
+def _plot(results: dict[str, Any], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in results["models"] if m["http"]]
+    if not models:
+        return None
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False)
+    for (ax1, ax2), model in zip(axes, models, strict=True):
+        series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in model["http"]:
+            series.setdefault((r["service"], r["tta"]), []).append(r)
+        for (service, tta), rows in series.items():
+            xs = [r["concurrency"] for r in rows]
+            label = f"{service} ({tta})"
+            ax1.plot(xs, [r["throughput"] for r in rows], marker="o", label=label)
+            ax2.plot(xs, [r["p99_ms"] for r in rows], marker="o", label=label)
+        for ax, ylabel in ((ax1, "requests/s"), (ax2, "p99 latency (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set(xlabel="concurrency", ylabel=ylabel, title=f"{model['model']}: {ylabel}")
+            ax.grid(alpha=0.3)
+        ax2.set_yscale("log")
+        ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,148 @@
+"""One benchmark run: for each model, ceiling -> offline -> HTTP (ours and the naive peer)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.images import bench_images
+from bench.load import closed_loop
+from bench.measure import decode_share, model_ceiling, offline_pipeline
+from bench.models import synthetic_package
+from bench.server import Server
+from sota_serve.classifier import Classifier
+from sota_serve.device import resolve_device
+from sota_serve.package import open_package
+
+log = logging.getLogger("sota_serve.bench")
+
+
+@dataclass
+class BenchConfig:
+    out: Path = Path("bench/results")
+    cache: Path = Path("bench/.cache")
+    models: tuple[str, ...] = ("xresnet50", "demo")
+    quick: bool = False
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    seconds: float = 20.0
+    ceiling_seconds: float = 3.0
+    batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64)
+    backends: tuple[str, ...] = ("onnx", "torchscript")
+    naive: bool = True
+    http: bool = True
+    jpeg_draft: bool = False
+    server_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def quick_mode(cls, **kwargs: Any) -> BenchConfig:
+        return cls(models=("tiny",), quick=True, concurrency=(1, 4), seconds=1.5, ceiling_seconds=0.2,
+                   batch_sizes=(1, 8), **kwargs)
+
+
+def _package_for(name: str, cfg: BenchConfig) -> Path | None:
+    if name == "tiny":
+        return synthetic_package(cfg.cache / "tiny-32", arch="tiny", size=32, num_classes=3)
+    if name == "xresnet50":
+        return synthetic_package(cfg.cache / "xresnet50-224", arch="xresnet50", size=224, num_classes=1000)
+    if name == "demo":
+        path = Path("packages/sota-demo")
+        if not (path / "card.json").exists():
+            log.warning("skipping the demo model: run `sota-serve demo` first")
+            return None
+        return path
+    return Path(name)  # a package directory
+
+
+def _ratios(offline: list[dict[str, Any]], http: list[dict[str, Any]]) -> dict[str, float]:
+    def best(service: str, tta: str, max_p99: float = float("inf")) -> dict[str, Any] | None:
+        rows = [r for r in http if r["service"] == service and r["tta"] == tta and r["errors"] == 0
+                and r["p99_ms"] <= max_p99]
+        return max(rows, key=lambda r: r["throughput"], default=None)
+
+    off = {r["tta"]: r["images_per_s"] for r in offline}
+    ours, ours5, naive = best("sota-serve", "none"), best("sota-serve", "five_crop"), best("naive", "none")
+    at_naive_p99 = best("sota-serve", "none", naive["p99_ms"]) if naive else None
+    nan = float("nan")
+    return {
+        "http_to_offline": ours["throughput"] / off["none"] if ours else nan,
+        "http_to_offline_five_crop": ours5["throughput"] / off["five_crop"] if ours5 else nan,
+        "to_naive": at_naive_p99["throughput"] / naive["throughput"] if naive and at_naive_p99 else nan,
+        "naive_best_concurrency": naive["concurrency"] if naive else None,
+        "naive_best_p99_ms": naive["p99_ms"] if naive else None,
+    }
+
+
+def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConfig) -> dict[str, Any]:
+    package = open_package(package_dir)
+    device = resolve_device(os.environ.get("SOTA_SERVE_DEVICE", "auto"))
+    log.info("[%s] model ceiling", name)
+    ceiling = model_ceiling(package, cfg.backends, cfg.batch_sizes, seconds=cfg.ceiling_seconds, device=device)
+    onnx_rows = [r for r in ceiling if r["backend"] == "onnx"]
+    best_bs = max(onnx_rows, key=lambda r: r["images_per_s"])["batch_size"]
+
+    log.info("[%s] offline pipeline", name)
+    clf = Classifier.open(package_dir, device=device, jpeg_draft=cfg.jpeg_draft, batch_size=best_bs)
+    data = [p.read_bytes() for p in images]
+    threads = os.cpu_count() or 1
+    offline = [offline_pipeline(clf, data, tta=tta, batch_size=best_bs if tta == "none" else max(1, best_bs // 5),
+                                threads=threads, seconds=cfg.seconds / 2)
+               for tta in ("none", "five_crop")]
+    breakdown = {tta: decode_share(clf, data, tta) for tta in ("none", "five_crop")}
+    del clf
+
+    http: list[dict[str, Any]] = []
+    if cfg.http:
+        env = {"SOTA_SERVE_JPEG_DRAFT": "1" if cfg.jpeg_draft else "0", **cfg.server_env}
+        with Server(package_dir, env=env) as server:
+            for tta in ("none", "five_crop"):
+                for c in cfg.concurrency:
+                    log.info("[%s] HTTP sota-serve tta=%s concurrency=%d", name, tta, c)
+                    row = closed_loop(f"{server.url}/classify", images, data={"tta": tta},
+                                      concurrency=c, seconds=cfg.seconds)
+                    http.append({"service": "sota-serve", "tta": tta, **row})
+        if cfg.naive:
+            with Server(package_dir, target="bench.naive_service:NaiveClassifier") as server:
+                for c in cfg.concurrency:
+                    log.info("[%s] HTTP naive concurrency=%d", name, c)
+                    row = closed_loop(f"{server.url}/classify", images, concurrency=c, seconds=cfg.seconds)
+                    http.append({"service": "naive", "tta": "none", **row})
+    return {"model": name, "package": str(package_dir), "card": package.card.tag,
+            "input": f"{package.card.input.width}x{package.card.input.height}",
+            "best_batch_size": best_bs, "ceiling": ceiling, "offline": offline,
+            "time_per_image_single_thread": breakdown, "http": http,
+            "ratios": _ratios(offline, http)}
+
+
+def _machine() -> dict[str, Any]:
+    import bentoml
+    import onnxruntime
+    import PIL
+
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "device": resolve_device(os.environ.get("SOTA_SERVE_DEVICE", "auto")),
+            "onnxruntime": onnxruntime.__version__, "bentoml": bentoml.__version__, "pillow": PIL.__version__}
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    images = bench_images(cfg.cache / "images", (300, 640) if cfg.quick else (300, 640, 1024, 2000, 4000))
+    models = []
+    for name in cfg.models:
+        package_dir = _package_for(name, cfg)
+        if package_dir is not None:
+            models.append(bench_model(name, package_dir, images, cfg))
+    primary = models[0]["ratios"] if models else {}
+    return {
+        "ratio_http_to_offline": primary.get("http_to_offline"),
+        "ratio_http_to_offline_five_crop": primary.get("http_to_offline_five_crop"),
+        "ratio_to_naive": primary.get("to_naive"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "config": {"quick": cfg.quick, "concurrency": list(cfg.concurrency), "seconds": cfg.seconds,
+                   "images": [p.name for p in images], "jpeg_draft": cfg.jpeg_draft},
+        "models": models,
+    }

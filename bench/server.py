@@ -1,0 +1,80 @@
+"""``bentoml serve`` as a real subprocess on a free port (used by benchmarks and tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        backend: str = "onnx",
+        env: dict[str, str] | None = None,
+        home: Path | None = None,
+        target: str | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environ = {**os.environ, "SOTA_SERVE_MODEL": str(model), "SOTA_SERVE_BACKEND": backend,
+                   "SOTA_SERVE_DEVICE": os.environ.get("SOTA_SERVE_DEVICE", "auto"),
+                   "PYTHONWARNINGS": "ignore", **(env or {})}
+        if home:
+            environ["BENTOML_HOME"] = str(home)
+        self.log = tempfile.TemporaryFile("w+")
+        cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", *([target] if target else []),
+               "--port", str(self.port), "--host", "127.0.0.1"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.output()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+    def __enter__(self) -> Server:
+        return self.wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

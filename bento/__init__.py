@@ -1,0 +1,1 @@
+"""BentoML serving layer: thin wiring between HTTP and :mod:`sota_serve`."""

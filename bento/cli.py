@@ -1,0 +1,20 @@
+"""``sota-serve import`` (registered through an entry point)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _import(args: argparse.Namespace) -> int:
+    from bento.store import import_package
+
+    model = import_package(args.package, name=args.name)
+    print(f"imported {args.package} as {model.tag}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="add a package to the BentoML model store")
+    p.add_argument("package", help="package directory")
+    p.add_argument("--name", help="model name in the store (default: the card's name)")
+    p.set_defaults(func=_import)

@@ -1,0 +1,174 @@
+"""ASGI middleware in front of the API: the limits BentoML does not enforce itself.
+
+- a request body limit (413), checked on Content-Length and again while reading;
+- image endpoints accept only multipart/form-data with real file parts (415/400): BentoML
+  would otherwise fetch a URL given as a string, or treat a JSON string as a server path;
+- a bound on requests in flight: past it, an immediate 503 with Retry-After instead of an
+  ever-growing queue;
+- BentoML renders 4xx errors as ``[{"error": ...}]``; they are unwrapped to ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+async def _respond(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+class RequestGuard:
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        *,
+        file_fields: dict[str, Iterable[str]],
+        max_body_bytes: int,
+        max_in_flight: int,
+        max_files: int = 64,
+        retry_after_s: int = 1,
+    ) -> None:
+        self.app = app
+        self.file_fields = {path: set(fields) for path, fields in file_fields.items()}
+        self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.max_files = max_files
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+        self.rejected_overload = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        send = self._unwrap_errors(send)
+        if self.in_flight >= self.max_in_flight:
+            self.rejected_overload += 1
+            return await _respond(
+                send, 503,
+                {"error": f"server busy: {self.in_flight} requests in flight (limit"
+                          f" {self.max_in_flight}); retry after {self.retry_after_s}s"},
+                {"Retry-After": str(self.retry_after_s)},
+            )
+        self.in_flight += 1
+        try:
+            body = await self._read_body(scope, receive)
+            fields = self.file_fields.get(scope["path"])
+            if fields:
+                await self._check_files(Headers(scope=scope), body, fields)
+        except _Reject as e:
+            self.in_flight -= 1
+            return await _respond(send, e.status, {"error": e.message}, e.headers)
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.in_flight -= 1
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        too_big = _Reject(413, f"request body above the limit of {self.max_body_bytes:,} bytes"
+                               " (SOTA_SERVE_MAX_BODY_BYTES)")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Reject(400, "client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _check_files(self, headers: Headers, body: bytes, fields: set[str]) -> None:
+        ctype = headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise _Reject(415, "send images as multipart/form-data file parts (e.g. curl -F"
+                               f" image=@photo.jpg); got content-type {ctype or 'none'!r}")
+
+        async def stream():
+            yield body
+
+        try:
+            form = await MultiPartParser(headers, stream(), max_files=self.max_files,
+                                         max_fields=100, max_part_size=self.max_body_bytes).parse()
+        except MultiPartException as e:
+            raise _Reject(400, f"malformed multipart body: {e.message}") from e
+        try:
+            present = [k for k in fields if k in form]
+            if not present:
+                raise _Reject(400, f"missing file field {' or '.join(sorted(fields))!r}")
+            for key in present:
+                for value in form.getlist(key):
+                    if not isinstance(value, UploadFile):
+                        raise _Reject(400, f"field {key!r} must be a file upload; URLs and"
+                                           " strings are not fetched")
+            if len([v for k in present for v in form.getlist(k)]) > self.max_files:
+                raise _Reject(413, f"more than {self.max_files} images in one request")
+        finally:
+            await form.close()
+
+    @staticmethod
+    def _unwrap_errors(send: Send) -> Send:
+        state: dict[str, Any] = {}
+
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                state["start"], state["body"] = message, b""
+                return
+            if message["type"] == "http.response.body" and "start" in state:
+                state["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                start, body = state.pop("start"), state.pop("body")
+                try:
+                    parsed = json.loads(body)
+                    if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
+                        body = json.dumps(parsed[0]).encode()
+                except ValueError:
+                    pass
+                headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+                await send({**start, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        return wrapped
+
+
+def _replay(body: bytes, upstream: Receive) -> Receive:
+    """The buffered body once, then the real channel (which reports a real disconnect)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await upstream()
+
+    return receive

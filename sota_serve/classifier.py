@@ -1,0 +1,90 @@
+"""Bytes in, predictions out: the offline pipeline the CLI, benchmarks and training use.
+
+The server runs the same two stages (``preprocessor`` then ``runtime``) but batches across
+requests between them; this class batches the images of one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sota_serve.card import ModelCard
+from sota_serve.decode import DecodeLimits
+from sota_serve.errors import ImageError
+from sota_serve.package import ModelPackage, open_package
+from sota_serve.predictions import DEFAULT_TOP_K, Prediction, check_top_k, top_k_predictions
+from sota_serve.preprocess import Preprocessor, check_tta
+from sota_serve.runtime import Runtime, load_runtime
+
+
+@dataclass
+class Classifier:
+    package: ModelPackage
+    runtime: Runtime
+    preprocessor: Preprocessor
+    batch_size: int = 32
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        backend: str = "onnx",
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+        limits: DecodeLimits | None = None,
+        jpeg_draft: bool = False,
+        batch_size: int = 32,
+    ) -> Classifier:
+        package = open_package(path)
+        runtime = load_runtime(package, backend, device=device, intra_op_threads=intra_op_threads)
+        pre = Preprocessor.from_card(package.card, limits=limits, jpeg_draft=jpeg_draft)
+        return cls(package, runtime, pre, batch_size)
+
+    @property
+    def card(self) -> ModelCard:
+        return self.package.card
+
+    def probabilities(self, images: Iterable[bytes], tta: str = "none") -> np.ndarray:
+        """(N, C) probabilities; raises the first image's typed error if one is bad."""
+        k = self.preprocessor.crops_per_image(check_tta(tta))
+        crops = [self.preprocessor(data, tta) for data in images]
+        if not crops:
+            return np.zeros((0, self.card.num_classes), dtype=np.float32)
+        return self.predict_crops(np.concatenate(crops), k)
+
+    def predict_crops(self, crops: np.ndarray, crops_per_image: int = 1) -> np.ndarray:
+        """Run preprocessed crops through the runtime in batches of ``batch_size`` images."""
+        step = self.batch_size * crops_per_image
+        parts = [
+            self.runtime.predict(crops[i : i + step], crops_per_image=crops_per_image)
+            for i in range(0, len(crops), step)
+        ]
+        return np.concatenate(parts)
+
+    def classify(
+        self, images: Sequence[bytes], *, tta: str = "none", top_k: int = DEFAULT_TOP_K
+    ) -> list[list[Prediction] | ImageError]:
+        """One entry per image, in order: its predictions, or the error that image raised."""
+        k = check_top_k(top_k, self.card.num_classes)
+        check_tta(tta)
+        results: list[list[Prediction] | ImageError] = []
+        good: list[int] = []
+        crops: list[np.ndarray] = []
+        for i, data in enumerate(images):
+            try:
+                crops.append(self.preprocessor(data, tta))
+            except ImageError as e:
+                results.append(e)
+                continue
+            results.append([])
+            good.append(i)
+        if good:
+            probs = self.predict_crops(np.concatenate(crops), self.preprocessor.crops_per_image(tta))
+            for i, p in zip(good, probs, strict=True):
+                results[i] = top_k_predictions(p, self.card.labels, k)
+        return results

@@ -1,0 +1,137 @@
+"""``sota-serve``: the command line.
+
+Core commands (``inspect``, ``predict``) live here. Other parts of the project add theirs
+through the ``sota_serve.commands`` entry-point group (``training`` adds ``train``, ``demo``
+and ``export``; ``bento`` adds ``import``; ``bench`` adds ``bench``), so this package never
+imports them and a serving-only install keeps a working CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from sota_serve.errors import ImageError, SotaServeError
+
+ENTRY_POINT_GROUP = "sota_serve.commands"
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from sota_serve.package import open_package
+
+    package = open_package(args.path)
+    card = package.card
+    if args.json:
+        print(card.to_json())
+        return 0
+    norm, pre, inp = card.normalization, card.preprocess, card.input
+    five = card.tta.five_crop
+    metrics = card.to_dict().get("metrics") or {}
+    parity = card.to_dict().get("parity") or {}
+    rows = [
+        ("model", card.tag),
+        ("source", f"{package.source} ({'sha256 verified' if package.verified else 'lone file, embedded card'})"),
+        ("formats", ", ".join(package.backends)),
+        ("labels", f"{card.num_classes}: {', '.join(card.labels[:20])}{' ...' if card.num_classes > 20 else ''}"),
+        ("input", f"{inp.width}x{inp.height} {inp.channels} {inp.dtype} {inp.layout}"),
+        ("preprocess", f"exif_transpose={pre.exif_transpose}, resize shortest edge {pre.resize_shortest_edge}"
+                       f" ({pre.interpolation}), {pre.crop} crop {inp.width}x{inp.height}"),
+        ("normalization", f"mean={list(norm.mean)} std={list(norm.std)} pixel_scale={norm.pixel_scale:g}"
+                          f" in_graph={norm.in_graph}"),
+        ("output", card.output),
+        ("tta", f"default {card.tta.default}"
+                + (f"; five_crop resize {five.resize_shortest_edge}" if five else "")),
+    ]
+    if metrics:
+        rows.append(("accuracy", "  ".join(
+            f"{k}={100 * metrics[k]:.2f}%" for k in ("accuracy", "accuracy_five_crop", "accuracy_fastai_tta")
+            if isinstance(metrics.get(k), int | float))))
+    if parity:
+        rows.append(("parity", f"top-1 agreement {100 * parity.get('top1_agreement', 0):.2f}% on"
+                               f" {parity.get('images')} images, max |p diff| {parity.get('max_abs_diff', 0):.2e}"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from sota_serve.classifier import Classifier
+
+    clf = Classifier.open(args.package, backend=args.backend, device=args.device, jpeg_draft=args.jpeg_draft)
+    images: list[bytes] = []
+    for name in args.images:
+        try:
+            images.append(Path(name).read_bytes())
+        except OSError as e:
+            raise SotaServeError(f"cannot read {name}: {e.strerror}") from e
+    results = clf.classify(images, tta=args.tta, top_k=args.top_k)
+    failed = 0
+    out = []
+    for name, result in zip(args.images, results, strict=True):
+        if isinstance(result, ImageError):
+            failed += 1
+            out.append({"image": name, "error": str(result)})
+        else:
+            out.append({"image": name, "predictions": [p.model_dump() for p in result]})
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for entry in out:
+            print(entry["image"])
+            if "error" in entry:
+                print(f"  error: {entry['error']}")
+                continue
+            for p in entry["predictions"]:
+                print(f"  {p['score']:.4f}  {p['label']}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sota-serve", description="Package and serve fastai image classifiers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="print the card of a package dir, .onnx or .pt file")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print the card as JSON")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("predict", help="classify image files with a package")
+    p.add_argument("package", help="package directory, .onnx or .pt file")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--tta", choices=("none", "five_crop"), default="none")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--jpeg-draft", action="store_true",
+                   help="decode large JPEGs at reduced scale (faster, pixels differ slightly)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one entry per image")
+    p.set_defaults(func=_predict)
+
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except ImportError as e:  # e.g. a serving-only install without the training extras
+            print(f"sota-serve: commands from {ep.value} unavailable: {e}", file=sys.stderr)
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SotaServeError as e:
+        print(f"sota-serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Defaults named once and referenced everywhere (timm's habit)."""
+
+from __future__ import annotations
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: Share of the resized image that the center crop keeps (timm's DEFAULT_CROP_PCT).
+DEFAULT_CROP_PCT = 0.875
+
+#: Pillow filters the card may name in ``preprocess.interpolation``.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+#: torchvision FiveCrop order; the card's five-crop TTA follows it.
+FIVE_CROP_ORDER = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
+N_FIVE_CROPS = len(FIVE_CROP_ORDER)
+
+#: Key under which the card is embedded in an ONNX file's metadata_props.
+ONNX_CARD_KEY = "sota_serve.card"
+#: Name of the extra file that carries the card inside a TorchScript archive.
+TORCHSCRIPT_CARD_FILE = "card.json"
+
+CARD_FILE = "card.json"
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.pt"
+README_FILE = "README.md"
+
+#: Input limits (overridable per decoder). Pixels: about a 50-megapixel photo.
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 50_000_000

@@ -1,0 +1,69 @@
+"""Typed errors. Each message says what went wrong and what to do about it.
+
+``http_status`` is the status a server should answer with when the error comes from a
+client's input; the BentoML service maps errors with it, so the mapping lives in one place.
+"""
+
+from __future__ import annotations
+
+
+class SotaServeError(Exception):
+    """Base class of every error sota-serve raises on purpose."""
+
+    http_status: int = 500
+
+
+# --- input images -----------------------------------------------------------------------
+
+
+class ImageError(SotaServeError, ValueError):
+    """The bytes given as an image cannot be used."""
+
+    http_status = 400
+
+
+class InvalidImageError(ImageError):
+    """Not an image, or a damaged (truncated, corrupt) one."""
+
+    http_status = 400
+
+
+class UnsupportedImageFormatError(ImageError):
+    """A real image, but in a format outside the allowlist."""
+
+    http_status = 415
+
+
+class ImageTooLargeError(ImageError):
+    """Too many bytes or too many pixels (including decompression bombs)."""
+
+    http_status = 413
+
+
+# --- model cards and packages -----------------------------------------------------------
+
+
+class CardError(SotaServeError, ValueError):
+    """A model card is missing or does not follow the schema."""
+
+
+class PackageError(SotaServeError):
+    """A model package cannot be opened."""
+
+
+class IntegrityError(PackageError):
+    """An artifact's bytes do not match the sha256 recorded in the card."""
+
+
+class ExportError(SotaServeError):
+    """Exporting a model failed, or the exported files disagree with the eager model."""
+
+
+class RuntimeBackendError(SotaServeError):
+    """A runtime backend cannot run here (missing package, no CUDA device...)."""
+
+
+class BadRequestError(SotaServeError, ValueError):
+    """A request parameter is out of range (e.g. an unknown ``tta`` or a bad ``top_k``)."""
+
+    http_status = 422

@@ -1,0 +1,33 @@
+"""Probabilities -> ranked, labelled predictions (the shape of every JSON answer)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from sota_serve.errors import BadRequestError
+
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 1000
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    score: float
+
+
+def check_top_k(top_k: int, num_classes: int) -> int:
+    """Clamp to the number of classes; refuse non-positive or absurd values."""
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
+        raise BadRequestError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
+    return min(top_k, num_classes)
+
+
+def top_k_predictions(probs: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
+    """The ``k`` highest scores of one probability vector, highest first (stable on ties)."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [Prediction(label=labels[i], score=float(probs[i])) for i in order]

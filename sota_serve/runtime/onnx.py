@@ -1,0 +1,139 @@
+"""ONNX Runtime backend. Imports neither torch nor fastai.
+
+The model's output stays on the device (IOBinding) and goes straight into a three-node
+"reduce" graph (softmax if needed, reshape to (N, k, C), mean over k) in the same execution
+provider, so five-crop TTA copies back only N x C numbers. The same code path runs on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from sota_serve.card import ModelCard
+from sota_serve.device import Device, resolve_device
+from sota_serve.errors import RuntimeBackendError
+from sota_serve.runtime.base import Runtime
+
+try:
+    import onnxruntime as ort
+except ImportError as e:  # pragma: no cover - onnxruntime-gpu is a dependency
+    raise RuntimeBackendError(
+        "onnxruntime is not installed; pip install onnxruntime-gpu (it runs on CPU too)"
+    ) from e
+
+_REDUCE_OPSET = 17
+
+
+def _reduce_graph(num_classes: int, softmax: bool) -> bytes:
+    """(N*k, C) scores + int64 shape [-1, k, C] -> (N, C) mean probabilities."""
+    nodes = []
+    src = "scores"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["scores"], ["soft"], axis=-1))
+        src = "soft"
+    nodes += [
+        helper.make_node("Reshape", [src, "shape"], ["grouped"]),
+        helper.make_node("ReduceMean", ["grouped"], ["probabilities"], axes=[1], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sota_serve_reduce",
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", num_classes]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [3]),
+        ],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", num_classes])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _REDUCE_OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def session_options(intra_op_threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # One pool per session sized by the caller: servers with several workers divide the
+    # cores between them instead of each worker spinning up one thread per core.
+    opts.intra_op_num_threads = intra_op_threads or os.cpu_count() or 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+def providers_for(device: Device) -> list[str | tuple[str, dict[str, str]]]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeBackendError(
+            "a CUDA device is present but this onnxruntime has no CUDA provider;"
+            " pip install onnxruntime-gpu"
+        )
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels torch brings along
+    cuda = {
+        "device_id": "0",
+        "cudnn_conv_algo_search": "HEURISTIC",  # EXHAUSTIVE re-tunes per new batch size
+        "arena_extend_strategy": "kSameAsRequested",
+        "do_copy_in_default_stream": "1",
+    }
+    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+
+class OnnxRuntime(Runtime):
+    backend = "onnx"
+
+    def __init__(
+        self,
+        model: bytes,
+        card: ModelCard,
+        *,
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+    ) -> None:
+        super().__init__(card, resolve_device(device))
+        opts = session_options(intra_op_threads)
+        providers = providers_for(self.device)
+        try:
+            self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
+        except Exception as e:
+            raise RuntimeBackendError(f"ONNX Runtime cannot load the model: {e}") from e
+        if self.device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise RuntimeBackendError(
+                "ONNX Runtime fell back to CPU: the CUDA provider failed to load (check the"
+                " CUDA/cuDNN libraries); set device=cpu to run on CPU deliberately"
+            )
+        self._input = self.session.get_inputs()[0].name
+        self._output = self.session.get_outputs()[0].name
+        softmax = card.output == "logits"
+        self._reduce = ort.InferenceSession(
+            _reduce_graph(card.num_classes, softmax), sess_options=session_options(1),
+            providers=providers,
+        )
+        self._needs_reduce_alone = softmax
+        self._ort_device = "cuda" if self.device == "cuda" else "cpu"
+
+    def _run(self, x: np.ndarray, crops_per_image: int) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self._input, x)
+        binding.bind_output(self._output, self._ort_device)
+        self.session.run_with_iobinding(binding)
+        scores = binding.get_outputs()[0]
+        if crops_per_image == 1 and not self._needs_reduce_alone:
+            return np.asarray(scores.numpy(), dtype=np.float32)
+        reduce = self._reduce.io_binding()
+        reduce.bind_ortvalue_input("scores", scores)
+        shape = np.array([-1, crops_per_image, self.card.num_classes], dtype=np.int64)
+        reduce.bind_cpu_input("shape", shape)
+        reduce.bind_output("probabilities", "cpu")
+        self._reduce.run_with_iobinding(reduce)
+        return np.asarray(reduce.copy_outputs_to_cpu()[0], dtype=np.float32)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())

@@ -1,0 +1,57 @@
+"""TorchScript backend (imports torch; the ONNX backend does not).
+
+TorchScript archives contain code: load only files from a source you trust. sota-serve
+checks the package's sha256 before the bytes reach ``torch.jit.load``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from sota_serve.card import ModelCard
+from sota_serve.errors import RuntimeBackendError
+from sota_serve.runtime.base import Runtime
+
+try:
+    import torch
+except ImportError as e:  # pragma: no cover - torch is a dependency
+    raise RuntimeBackendError(
+        "the TorchScript backend needs torch; pip install torch, or use backend 'onnx'"
+    ) from e
+
+from sota_serve.device import resolve_device
+
+
+class TorchScriptRuntime(Runtime):
+    backend = "torchscript"
+
+    def __init__(
+        self,
+        model: bytes,
+        card: ModelCard,
+        *,
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+    ) -> None:
+        super().__init__(card, resolve_device(device))
+        if intra_op_threads:
+            torch.set_num_threads(intra_op_threads)
+        self._torch_device = torch.device(self.device)
+        try:
+            self.module = torch.jit.load(io.BytesIO(model), map_location=self._torch_device)
+        except Exception as e:
+            raise RuntimeBackendError(f"torch.jit.load cannot load the model: {e}") from e
+        self.module.eval()
+        self._softmax = card.output == "logits"
+
+    def _run(self, x: np.ndarray, crops_per_image: int) -> np.ndarray:
+        with torch.inference_mode():
+            batch = torch.from_numpy(x).to(self._torch_device, non_blocking=True)
+            scores = self.module(batch).float()
+            if self._softmax:
+                scores = scores.softmax(dim=-1)
+            if crops_per_image > 1:
+                scores = scores.view(-1, crops_per_image, scores.shape[-1]).mean(dim=1)
+            return scores.cpu().numpy()

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.server import Server
+from tests.helpers import PHOTOS, card_dict, tiny_cnn
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    for p in PHOTOS:
+        assert p.is_file(), f"missing test photo {p}"
+    return PHOTOS
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory, photos) -> Path:
+    """A real exported package: tiny CNN, ONNX + TorchScript, card with five-crop settings."""
+    from sota_serve.card import ModelCard
+    from sota_serve.export import export_package
+    from sota_serve.preprocess import Preprocessor
+
+    out = tmp_path_factory.mktemp("tiny-package")
+    card = ModelCard.parse(card_dict())
+    pre = Preprocessor.from_card(card)
+    check = np.concatenate([pre(p.read_bytes()) for p in photos])
+    export_package(tiny_cnn(), card, out, check_inputs=check)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digit_files(tmp_path_factory) -> list[Path]:
+    """Real handwritten digits (scikit-learn) written as PNG files, with their labels in the name."""
+    from sklearn.datasets import load_digits
+
+    from training.digits import digit_image
+
+    out = tmp_path_factory.mktemp("digit-files")
+    digits = load_digits()
+    files = []
+    for i in range(0, 40):
+        path = out / f"{i:03d}_label{digits.target[i]}.png"
+        digit_image(digits.images[i]).save(path)
+        files.append(path)
+    return files
+
+
+def make_image_folder(root: Path, classes: dict[str, list[Image.Image]], valid_every: int = 4,
+                      valid_name: str = "val") -> Path:
+    for name, images in classes.items():
+        for i, img in enumerate(images):
+            split = valid_name if i % valid_every == 0 else "train"
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_digits_folder(tmp_path_factory) -> Path:
+    """Three digit classes (0, 1, 7) of real sklearn digits as an image folder."""
+    from sklearn.datasets import load_digits
+
+    from training.digits import digit_image
+
+    digits = load_digits()
+    classes: dict[str, list[Image.Image]] = {}
+    for label in (0, 1, 7):
+        idx = np.flatnonzero(digits.target == label)[:48]
+        classes[str(label)] = [digit_image(digits.images[i], size=40) for i in idx]
+    return make_image_folder(tmp_path_factory.mktemp("digits3"), classes)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_package, tmp_path_factory):
+    srv = Server(tiny_package, home=tmp_path_factory.mktemp("bentoml-home"),
+                 env={"SOTA_SERVE_MAX_LATENCY_MS": "50", "SOTA_SERVE_DEVICE": "cpu"})
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

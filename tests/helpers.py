@@ -1,0 +1,54 @@
+"""Shared test helpers: real photos, tiny real models, odd images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import sklearn
+from PIL import Image
+
+from bench.models import tiny_cnn
+
+PHOTOS = [
+    Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg",
+    Path(sklearn.__file__).parent / "datasets" / "images" / "china.jpg",
+    Path(sklearn.__file__).parent / "datasets" / "images" / "flower.jpg",
+]
+LABELS = ["cat", "dog", "bird"]
+
+__all__ = ["PHOTOS", "LABELS", "card_dict", "encode", "gradient_image", "tiny_cnn"]
+
+
+def card_dict(**overrides) -> dict:
+    card = {
+        "schema_version": 1,
+        "name": "tiny-cnn",
+        "version": "1",
+        "task": "image-classification",
+        "labels": list(LABELS),
+        "input": {"height": 32, "width": 32, "channels": "RGB", "layout": "NCHW", "dtype": "uint8"},
+        "preprocess": {"exif_transpose": True, "resize_shortest_edge": 36, "crop": "center",
+                       "interpolation": "bilinear"},
+        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                          "pixel_scale": 255.0, "in_graph": True},
+        "output": "probabilities",
+        "tta": {"default": "none", "five_crop": {"resize_shortest_edge": 40}},
+    }
+    card.update(overrides)
+    return card
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def gradient_image(w: int = 97, h: int = 71, mode: str = "RGB") -> Image.Image:
+    """Deterministic, asymmetric content (so rotations and crops are distinguishable)."""
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x * y) % 256)], -1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB").convert(mode)

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from sota_serve.card import ModelCard
+from sota_serve.errors import CardError
+from tests.helpers import card_dict
+
+
+def test_round_trip_keeps_every_key_and_extensions(tmp_path):
+    card = ModelCard.parse(card_dict(metrics={"accuracy": 0.9}))
+    card.save(tmp_path / "card.json")
+    again = ModelCard.load(tmp_path / "card.json")
+    assert again == card
+    assert again.to_dict()["metrics"] == {"accuracy": 0.9}
+    data = json.loads((tmp_path / "card.json").read_text())
+    for key in ("schema_version", "name", "version", "task", "labels", "input", "preprocess",
+                "normalization", "output", "tta", "artifacts"):
+        assert key in data
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"schema_version": 2}, "schema_version"),
+        ({"labels": []}, "labels"),
+        ({"labels": ["a", "a"]}, "labels"),
+        ({"normalization": {"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}}, "normalization.mean"),
+        ({"normalization": {"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}}, "normalization.std"),
+        ({"preprocess": {"resize_shortest_edge": 16}}, "resize_shortest_edge"),
+        ({"preprocess": {"resize_shortest_edge": 36, "interpolation": "magic"}}, "preprocess.interpolation"),
+        ({"tta": {"default": "five_crop"}}, "tta"),
+        ({"tta": {"five_crop": {"resize_shortest_edge": 8}}}, "five_crop"),
+        ({"input": {"height": 32, "width": 32, "dtype": "float32"}}, "input.dtype"),
+        ({"output": "embeddings"}, "output"),
+        ({"artifacts": {"onnx": {"path": "../evil.onnx", "sha256": "0" * 64}}}, "artifacts.onnx.path"),
+        ({"artifacts": {"onnx": {"path": "model.onnx", "sha256": "xyz"}}}, "artifacts.onnx.sha256"),
+    ],
+)
+def test_invalid_cards_are_refused_naming_the_field(change, field):
+    with pytest.raises(CardError, match=field.split(".")[-1]):
+        ModelCard.parse(card_dict(**change))
+
+
+def test_missing_required_key_is_named():
+    data = card_dict()
+    del data["normalization"]
+    with pytest.raises(CardError, match="normalization"):
+        ModelCard.parse(data)
+
+
+def test_not_json():
+    with pytest.raises(CardError, match="not valid JSON"):
+        ModelCard.parse("{nope")
+
+
+def test_embedded_copy_has_no_artifacts():
+    card = ModelCard.parse(card_dict(artifacts={"onnx": {"path": "model.onnx", "sha256": "a" * 64}}))
+    assert "artifacts" not in card.to_dict(with_artifacts=False)

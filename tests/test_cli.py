@@ -1,0 +1,62 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sota_serve.cli import main
+
+
+def test_inspect_lone_onnx_shows_labels_stats_preprocessing(tiny_package, tmp_path, capsys):
+    lone = tmp_path / "copied.onnx"
+    shutil.copy(tiny_package / "model.onnx", lone)
+    assert main(["inspect", str(lone)]) == 0
+    out = capsys.readouterr().out
+    assert "cat, dog, bird" in out
+    assert "mean=[0.485, 0.456, 0.406]" in out and "std=[0.229, 0.224, 0.225]" in out
+    assert "resize shortest edge 36" in out and "center crop 32x32" in out
+    assert "lone file" in out
+
+
+def test_inspect_lone_torchscript_json(tiny_package, tmp_path, capsys):
+    lone = tmp_path / "m.pt"
+    shutil.copy(tiny_package / "model.pt", lone)
+    assert main(["inspect", str(lone), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["labels"] == ["cat", "dog", "bird"] and card["normalization"]["std"] == [0.229, 0.224, 0.225]
+
+
+def test_predict_same_top1_with_both_backends(tiny_package, photos, capsys):
+    tops = {}
+    for backend in ("onnx", "torchscript"):
+        for tta in ("none", "five_crop"):
+            assert main(["predict", str(tiny_package), *map(str, photos), "--backend", backend,
+                         "--tta", tta, "--json", "--device", "cpu"]) == 0
+            results = json.loads(capsys.readouterr().out)
+            tops[backend, tta] = [r["predictions"][0]["label"] for r in results]
+            scores = [p["score"] for p in results[0]["predictions"]]
+            assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
+    assert tops["onnx", "none"] == tops["torchscript", "none"]
+    assert tops["onnx", "five_crop"] == tops["torchscript", "five_crop"]
+
+
+def test_predict_readable_output_and_bad_image(tiny_package, photos, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really")
+    assert main(["predict", str(tiny_package), str(photos[0]), str(bad), "--top-k", "2"]) == 1
+    out = capsys.readouterr().out
+    assert str(photos[0]) in out and "error:" in out
+    assert len([line for line in out.splitlines() if line.startswith("  0.")]) == 2
+
+
+@pytest.mark.parametrize("args", [["inspect", "/nonexistent"], ["predict", "/nonexistent", "x.jpg"]])
+def test_errors_exit_2_with_message(args, capsys):
+    assert main(args) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "sota_serve.cli", "--help"], capture_output=True, text=True)
+    for command in ("inspect", "predict", "train", "demo", "export", "import", "bench"):
+        assert command in out.stdout

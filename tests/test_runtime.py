@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from sota_serve.card import ModelCard
+from sota_serve.device import resolve_device
+from sota_serve.errors import RuntimeBackendError
+from sota_serve.package import open_package
+from sota_serve.runtime import load_runtime
+from tests.helpers import card_dict, tiny_cnn
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_five_crop_average_equals_mean_of_single_runs(tiny_package, backend):
+    runtime = load_runtime(open_package(tiny_package), backend, device="cpu")
+    x = np.random.default_rng(0).integers(0, 256, (15, 3, 32, 32), dtype=np.uint8)
+    single = runtime.predict(x)
+    grouped = runtime.predict(x, crops_per_image=5)
+    assert grouped.shape == (3, 3)
+    assert np.allclose(grouped, single.reshape(3, 5, 3).mean(1), atol=1e-6)
+
+
+def test_logits_models_get_softmax_in_the_runtime(tmp_path):
+    from sota_serve.export import export_package
+
+    card = ModelCard.parse(card_dict(output="logits"))
+    export_package(tiny_cnn(), card, tmp_path)
+    for backend in ("onnx", "torchscript"):
+        runtime = load_runtime(open_package(tmp_path), backend, device="cpu")
+        probs = runtime.predict(np.zeros((10, 3, 32, 32), np.uint8), crops_per_image=5)
+        assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_batch_shape_is_checked(tiny_package):
+    runtime = load_runtime(open_package(tiny_package), "onnx", device="cpu")
+    with pytest.raises(ValueError, match="uint8 batch"):
+        runtime.predict(np.zeros((2, 3, 31, 32), np.uint8))
+    with pytest.raises(ValueError, match="5-crop"):
+        runtime.predict(np.zeros((7, 3, 32, 32), np.uint8), crops_per_image=5)
+    assert runtime.predict(np.zeros((0, 3, 32, 32), np.uint8)).shape == (0, 3)
+
+
+def test_device_resolution_on_this_machine():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(RuntimeBackendError):
+        resolve_device("tpu")
+
+
+def test_cuda_request_without_gpu_is_a_clear_error(tiny_package):
+    if resolve_device("auto") == "cuda":
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(RuntimeBackendError, match="no CUDA device"):
+        load_runtime(open_package(tiny_package), "onnx", device="cuda")
+
+
+def test_cpu_session_uses_cpu_provider_only(tiny_package):
+    runtime = load_runtime(open_package(tiny_package), "onnx", device="cpu")
+    assert runtime.providers == ["CPUExecutionProvider"]

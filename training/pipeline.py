@@ -1,0 +1,133 @@
+"""Recipe in, model package out: train, evaluate, export, check parity, write the card."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sota_serve.card import ModelCard, new_version
+from sota_serve.classifier import Classifier
+from sota_serve.export import export_package, write_card
+from sota_serve.preprocess import Preprocessor
+from training.datasets import ImageFolder, resolve_dataset
+from training.evaluate import (
+    MIN_PARITY,
+    ParityError,
+    fastai_eval,
+    five_crop_search,
+    package_probs,
+    parity,
+)
+from training.recipe import Recipe
+from training.report import confusion_matrix_plot, training_curve
+from training.stats import recipe_stats
+from training.train import export_model, train
+
+log = logging.getLogger("sota_serve.training")
+
+#: Validation images preprocessed into the export check (plus random pixels).
+_EXPORT_CHECK_IMAGES = 16
+
+
+def base_card(recipe: Recipe, folder: ImageFolder, mean, std, five_crop_edge: int) -> ModelCard:
+    size = recipe.final_size
+    return ModelCard.parse({
+        "schema_version": 1,
+        "name": recipe.name,
+        "version": new_version(),
+        "task": "image-classification",
+        "labels": list(folder.labels),
+        "input": {"height": size, "width": size, "channels": "RGB", "layout": "NCHW", "dtype": "uint8"},
+        "preprocess": {"exif_transpose": True, "resize_shortest_edge": recipe.resize_edge,
+                       "crop": "center", "interpolation": "bilinear"},
+        "normalization": {"mean": list(mean), "std": list(std), "pixel_scale": 255.0, "in_graph": True},
+        "output": "probabilities",
+        "tta": {"default": "none", "five_crop": {"resize_shortest_edge": five_crop_edge}},
+    })
+
+
+def _versions() -> dict[str, str]:
+    import fastai
+    import torch
+
+    return {"python": platform.python_version(), "fastai": fastai.__version__,
+            "torch": torch.__version__.split("+")[0]}
+
+
+def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
+    out = Path(out_dir)
+    folder = resolve_dataset(recipe.data)
+    train_files, valid_files = folder.files("train"), folder.files("valid")
+    log.info("dataset %s: %d train, %d valid images, %d classes", folder.name,
+             len(train_files), len(valid_files), len(folder.classes))
+    mean, std = recipe_stats(recipe.normalization, folder, size=recipe.final_size,
+                             edge=recipe.resize_edge, sample=recipe.stats_sample, seed=recipe.seed)
+    result = train(recipe, folder, mean, std)
+    log.info("trained in %.1fs on %s; evaluating", result.seconds, result.device)
+    fa = fastai_eval(result.learn)
+    valid_items = [Path(p) for p in result.learn.dls.valid.items]  # the order of get_preds
+
+    edges = sorted({round(recipe.final_size / r) for r in recipe.five_crop_ratios})
+    card = base_card(recipe, folder, mean, std, edges[0])
+    pre = Preprocessor.from_card(card)
+    check = np.concatenate([pre(p.read_bytes()) for p in valid_items[:_EXPORT_CHECK_IMAGES]])
+    card = export_package(export_model(result.learn), card, out, check_inputs=check)
+
+    clf = Classifier.open(out, backend="onnx", device="cpu")
+    served = package_probs(clf, valid_items, "none", "package eval")
+    agreement = parity(fa.probs, served, "onnx")
+    best_edge, five_scores = five_crop_search(clf, valid_items, fa.targets, edges)
+    plain_acc = float((served.argmax(1) == fa.targets).mean())
+
+    figures = {
+        "training_curve": training_curve(result.history, out / "training_curve.png").name,
+        "confusion_matrix": confusion_matrix_plot(
+            fa.targets, served.argmax(1), card.labels, out / "confusion_matrix.png").name,
+    }
+    card = write_card(out, card.with_updates(
+        tta={"default": "none", "five_crop": {"resize_shortest_edge": best_edge}},
+        metrics={
+            "accuracy": plain_acc,
+            "accuracy_fastai_pipeline": fa.accuracy,
+            "accuracy_five_crop": five_scores[best_edge],
+            "five_crop_resize": best_edge,
+            "five_crop_by_resize": {str(k): v for k, v in five_scores.items()},
+            "accuracy_fastai_tta": fa.tta_accuracy,
+            "valid_loss": fa.loss,
+            "valid_count": len(valid_items),
+            "train_count": len(train_files),
+            "image_size": recipe.final_size,
+        },
+        training={
+            "recipe": recipe.model_dump(mode="json"),
+            "history": result.history,
+            "seconds": round(result.seconds, 1),
+            "device": result.device,
+            "versions": _versions(),
+            "dataset": _dataset_record(folder, len(train_files), len(valid_items)),
+        },
+        parity=agreement,
+        figures=figures,
+        intended_use=f"Classify images like those of {folder.name} into {len(card.labels)} classes.",
+        limitations=(
+            f"Trained from scratch on {len(train_files)} images; accuracy is measured on"
+            f" {len(valid_items)} held-out images of the same source and will be lower on other"
+            " kinds of images. Every input gets one of the labels: there is no reject class."
+        ),
+    ))
+    if agreement["top1_agreement"] < MIN_PARITY:
+        raise ParityError(
+            f"the package agrees with fastai on only {100 * agreement['top1_agreement']:.2f}% of"
+            f" validation images (need {100 * MIN_PARITY:.0f}%); it was written to {out} for"
+            " inspection but must not be served"
+        )
+    return card
+
+
+def _dataset_record(folder: ImageFolder, n_train: int, n_valid: int) -> dict[str, Any]:
+    return {"name": folder.name, "classes": len(folder.classes), "train": n_train,
+            "valid": n_valid, "fingerprint": folder.fingerprint()}
