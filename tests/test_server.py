@@ -1,0 +1,152 @@
+"""A real `bentoml serve` subprocess: contract, batching, bad input, TorchScript, build."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import bentoml
+import httpx
+import pytest
+
+from bench.server import Server
+from sota_serve.cli import main as cli
+
+pytestmark = pytest.mark.slow
+
+
+def cli_predict(package: Path, images: list[Path], tta: str, backend: str, capsys) -> list[dict]:
+    assert cli(["predict", str(package), *map(str, images), "--tta", tta, "--backend", backend,
+                "--json", "--device", "cpu", "--top-k", "3"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def post(server: Server, path: str, files, data=None) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", files=files, data=data or {}, timeout=60)
+
+
+@pytest.mark.parametrize("tta", ["none", "five_crop"])
+def test_classify_equals_cli_predict(server, tiny_package, photos, tta, capsys):
+    expected = cli_predict(tiny_package, photos, tta, "onnx", capsys)
+    with bentoml.SyncHTTPClient(server.url) as client:
+        for photo, want in zip(photos, expected, strict=True):
+            got = client.classify(image=photo, tta=tta, top_k=3)
+            assert got["tta"] == tta and got["model"] == "tiny-cnn:1"
+            assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["predictions"]]
+            for a, b in zip(got["predictions"], want["predictions"], strict=True):
+                assert abs(a["score"] - b["score"]) < 1e-5
+    raw = post(server, "/classify", {"image": (photos[0].name, photos[0].read_bytes(), "image/jpeg")},
+               {"tta": tta, "top_k": "3"})
+    assert raw.status_code == 200
+    assert raw.json()["predictions"][0]["label"] == expected[0]["predictions"][0]["label"]
+
+
+def test_classify_batch_keeps_order_and_isolates_bad_images(server, photos):
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
+    files.insert(1, ("images", ("bad.jpg", b"not an image", "image/jpeg")))
+    body = post(server, "/classify_batch", files, {"top_k": "1"}).json()
+    results = body["results"]
+    assert len(results) == 4
+    assert "error" in results[1] and results[1]["status"] == 400
+    singles = [post(server, "/classify", {"image": (p.name, p.read_bytes(), "image/jpeg")}, {"top_k": "1"}).json()
+               for p in photos]
+    assert [r["predictions"] for r in (results[0], results[2], results[3])] == [s["predictions"] for s in singles]
+
+
+def test_card_endpoint(server, tiny_package):
+    card = httpx.post(f"{server.url}/card", timeout=30).json()
+    assert card == json.loads((tiny_package / "card.json").read_text())
+
+
+def _batch_histogram(server: Server) -> dict[float, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'bentoml_service_adaptive_batch_size_bucket\{le="([^"]+)",[^}]*method_name="plain"[^}]*\} (\S+)', line)
+        if m and m.group(1) != "+Inf":
+            buckets[float(m.group(1))] = buckets.get(float(m.group(1)), 0) + float(m.group(2))
+    return buckets
+
+
+def test_32_concurrent_requests_form_batches(server, photos):
+    before = _batch_histogram(server)
+    payload = photos[1].read_bytes()
+
+    def one(_):
+        return post(server, "/classify", {"image": ("china.jpg", payload, "image/jpeg")})
+
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(one, range(32)))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    after = _batch_histogram(server)
+    # Cumulative buckets: calls of size <= 1 versus all calls made by this burst.
+    calls_le_1 = after.get(1.0, 0) - before.get(1.0, 0)
+    calls_total = max(after.values()) - max(before.values(), default=0)
+    assert calls_total < 32, "no batching: one model call per request"
+    assert calls_total - calls_le_1 > 0, "no batch larger than one formed"
+
+
+BAD_INPUTS = [
+    ("garbage", b"\x13\x37" * 500, "image/jpeg", {}, 400),
+    ("empty", b"", "image/png", {}, 400),
+    ("text", b"hello world, not a picture", "text/plain", {}, 400),
+    ("unknown-tta", None, "image/jpeg", {"tta": "ten_crop"}, 422),
+    ("zero-top-k", None, "image/jpeg", {"top_k": "0"}, 422),
+    ("non-int-top-k", None, "image/jpeg", {"top_k": "many"}, 400),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "ctype", "data", "status"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_4xx_with_message_and_server_survives(server, photos, name, content, ctype, data, status):
+    content = photos[0].read_bytes() if content is None else content
+    r = post(server, "/classify", {"image": (f"{name}.bin", content, ctype)}, data)
+    assert r.status_code == status, r.text
+    assert isinstance(r.json().get("error"), str) and r.json()["error"]
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    ok = post(server, "/classify", {"image": ("x.jpg", photos[1].read_bytes(), "image/jpeg")})
+    assert ok.status_code == 200
+
+
+def test_truncated_jpeg_and_huge_header(server, photos):
+    from tests.test_decode import _png_header
+
+    data = photos[0].read_bytes()
+    r = post(server, "/classify", {"image": ("t.jpg", data[: len(data) // 3], "image/jpeg")})
+    assert r.status_code == 400 and "damaged" in r.json()["error"]
+    r = post(server, "/classify", {"image": ("h.png", _png_header(50000, 50000), "image/png")})
+    assert r.status_code == 413 and "pixels" in r.json()["error"]
+
+
+def test_import_serve_torchscript_from_store_and_build(tiny_package, photos, tmp_path, capsys):
+    home = tmp_path / "bentoml"
+    env = {"BENTOML_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+    run = dict(env={**__import__("os").environ, **env}, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "sota_serve.cli", "import", str(tiny_package),
+                          "--name", "sota-test"], **run)
+    assert out.returncode == 0, out.stderr
+    info = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "models", "get", "sota-test:latest",
+                           "-o", "json"], **run)
+    meta = json.loads(info.stdout)["metadata"]
+    assert meta["num_labels"] == 3 and meta["mean"] == [0.485, 0.456, 0.406]
+
+    expected = cli_predict(tiny_package, photos, "five_crop", "torchscript", capsys)
+    with Server("sota-test:latest", backend="torchscript", home=home, env={"SOTA_SERVE_DEVICE": "cpu"}) as server:
+        for photo, want in zip(photos, expected, strict=True):
+            got = post(server, "/classify", {"image": (photo.name, photo.read_bytes(), "image/jpeg")},
+                       {"tta": "five_crop", "top_k": "3"}).json()
+            assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["predictions"]]
+
+    build = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", "--output", "tag"],
+                           cwd=Path(__file__).resolve().parents[1],
+                           **{**run, "env": {**run["env"], "SOTA_SERVE_MODEL": "sota-test:latest"}})
+    assert build.returncode == 0, build.stdout + build.stderr
+    got = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "get", "sota_serve:latest", "-o", "json"], **run)
+    bento = json.loads(got.stdout)
+    assert all(m["tag"].startswith("sota-test:") for svc in bento["services"] for m in svc["models"])
+    assert {svc["name"] for svc in bento["services"]} == {"sota_serve", "sota_inference"}
+    requirements = bento["image"]["python_requirements"]
+    assert "onnxruntime-gpu" in requirements and "torch" not in requirements and "fastai" not in requirements
