@@ -1,8 +1,5 @@
-import argparse
 import sys
 
-from bench.cli import _bench, add_arguments
+from bench.cli import main_args
 
-parser = argparse.ArgumentParser(prog="python -m bench")
-add_arguments(parser)
-sys.exit(_bench(parser.parse_args()))
+sys.exit(main_args())

@@ -46,3 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-naive", action="store_true", help="skip the naive BentoML peer")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
     p.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale")
+
+
+def main_args(argv: list[str] | None = None) -> int:
+    """``python -m bench ARGS``."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description="sota-serve benchmarks")
+    add_arguments(parser)
+    return _bench(parser.parse_args(argv))

@@ -116,6 +116,8 @@ class RequestGuard:
             form = await MultiPartParser(headers, stream(), max_files=self.max_files,
                                          max_fields=100, max_part_size=self.max_body_bytes).parse()
         except MultiPartException as e:
+            if "Too many" in e.message:  # starlette's count limits, hit before ours
+                raise _Reject(413, f"more than {self.max_files} images in one request") from e
             raise _Reject(400, f"malformed multipart body: {e.message}") from e
         try:
             present = [k for k in fields if k in form]

@@ -1,0 +1,23 @@
+"""The benchmark's quick mode runs end to end (no timing is asserted)."""
+
+import json
+
+import pytest
+
+from bench.cli import main_args
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
+    assert main_args(["--quick", "--out", str(tmp_path), "--name", "quick"]) == 0
+    out = capsys.readouterr().out
+    assert "model ceiling" in out and "offline pipeline" in out and "HTTP under closed-loop load" in out
+    results = json.loads((tmp_path / "quick.json").read_text())
+    for key in ("ratio_http_to_offline", "ratio_http_to_offline_five_crop", "ratio_to_naive", "machine"):
+        assert key in results
+    model = results["models"][0]
+    assert {r["service"] for r in model["http"]} == {"sota-serve", "naive"}
+    assert {r["tta"] for r in model["http"] if r["service"] == "sota-serve"} == {"none", "five_crop"}
+    assert all(r["errors"] == 0 and r["ok"] > 0 for r in model["http"])
+    assert (tmp_path / "quick.png").stat().st_size > 1000

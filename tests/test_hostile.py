@@ -1,0 +1,142 @@
+"""Hostile files and traffic over real HTTP: documented statuses, and the server keeps serving."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.server import Server
+from tests.helpers import PHOTOS, encode, gradient_image
+from tests.test_decode import _png_header
+
+pytestmark = pytest.mark.slow
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def bomb_png(side: int = 8000) -> bytes:
+    """A real PNG of side x side pixels (64 MP), all zeros: ~200 KB on the wire."""
+    row = b"\x00" + b"\x00" * side  # filter byte + 8-bit grayscale row
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def gif_frames(n: int = 1000) -> bytes:
+    frames = [Image.new("P", (16, 16), i % 256) for i in range(n)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _corpus() -> list[tuple[str, dict, dict, int]]:
+    jpeg = PHOTOS[0].read_bytes()
+    gray16 = encode(Image.fromarray((np.arange(64 * 64, dtype=np.uint16) * 16).reshape(64, 64)))
+    polyglot = encode(gradient_image(48, 48)) + b"PK\x03\x04" + b"<script>alert(1)</script>" * 10
+    f = lambda name, data, ctype="application/octet-stream": {"image": (name, data, ctype)}  # noqa: E731
+    return [
+        ("bomb-png", f("bomb.png", bomb_png()), {}, 413),
+        ("huge-dimension-header", f("huge.png", _png_header(60000, 60000)), {}, 413),
+        ("truncated-jpeg", f("t.jpg", jpeg[: len(jpeg) // 2]), {}, 400),
+        ("zero-length", f("empty.jpg", b""), {}, 400),
+        ("svg-text", f("x.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"), {}, 400),
+        ("ico-format", f("x.ico", encode(gradient_image(32, 32), "ICO")), {}, 415),
+        ("png-zip-polyglot", f("p.png", polyglot), {}, 200),
+        ("gif-1000-frames", f("many.gif", gif_frames()), {}, 200),
+        ("gray-16-bit-png", f("g16.png", gray16), {}, 200),
+        ("cmyk-jpeg", f("cmyk.jpg", encode(gradient_image().convert("CMYK"), "JPEG")), {}, 200),
+        ("url-in-file-field", {"image": (None, "http://127.0.0.1:1/x.jpg")}, {}, 400),
+        ("url-form-urlencoded", {}, {"image": "http://127.0.0.1:1/x.jpg"}, 415),
+        ("missing-file", {"tta": (None, "none")}, {}, 400),
+        ("body-over-limit", f("big.jpg", b"\xff\xd8" + b"\x00" * (22 * 1024 * 1024)), {}, 413),
+    ]
+
+
+CORPUS = _corpus()
+
+
+@pytest.mark.parametrize(("name", "files", "data", "status"), CORPUS, ids=[c[0] for c in CORPUS])
+def test_hostile_corpus(server, name, files, data, status):
+    r = httpx.post(f"{server.url}/classify", files=files or None, data=data, timeout=60)
+    assert r.status_code == status, (name, r.text[:300])
+    if status != 200:
+        assert r.json()["error"], r.text
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+def test_json_body_is_refused_and_no_server_path_is_read(server):
+    r = httpx.post(f"{server.url}/classify", json={"image": "/etc/passwd"}, timeout=30)
+    assert r.status_code == 415 and "multipart" in r.json()["error"]
+    r = httpx.post(f"{server.url}/classify", content=b"http://127.0.0.1:1/x.jpg",
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 415
+
+
+def test_too_many_images_in_one_batch(server):
+    img = encode(gradient_image(40, 40))
+    files = [("images", (f"{i}.png", img, "image/png")) for i in range(65)]
+    r = httpx.post(f"{server.url}/classify_batch", files=files, timeout=60)
+    assert r.status_code == 413 and "64" in r.json()["error"]
+
+
+def test_openapi_fuzz_no_5xx(server):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/docs.json")
+    schema.config.update(base_url=server.url)
+    checked = []
+
+    # Each operation of the service's own OpenAPI schema, as a bounded hypothesis run.
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @given(case=operation.as_strategy())
+        def fuzz(case):
+            response = case.call(timeout=30)
+            checked.append((case.method, case.path, response.status_code))
+            assert response.status_code < 500, (case.method, case.path, response.text[:300])
+
+        fuzz()
+    paths = {p for _, p, _ in checked}
+    assert {"/classify", "/classify_batch", "/card"} <= paths
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+def test_overload_gets_fast_503_with_retry_after_and_recovers(tiny_package, tmp_path):
+    big = (tmp_path / "big.jpg")
+    Image.open(PHOTOS[1]).convert("RGB").resize((4000, 2668)).save(big, quality=90)
+    payload = big.read_bytes()
+    env = {"SOTA_SERVE_MAX_IN_FLIGHT": "4", "SOTA_SERVE_DEVICE": "cpu"}
+    with Server(tiny_package, env=env, home=tmp_path / "bentoml") as server:
+        def one(_):
+            start = time.perf_counter()
+            r = httpx.post(f"{server.url}/classify", files={"image": ("big.jpg", payload, "image/jpeg")},
+                           timeout=120)
+            return r, time.perf_counter() - start
+
+        with ThreadPoolExecutor(48) as pool:
+            results = list(pool.map(one, range(48)))
+        accepted = [t for r, t in results if r.status_code == 200]
+        rejected = [(r, t) for r, t in results if r.status_code == 503]
+        assert len(accepted) + len(rejected) == 48, {r.status_code for r, _ in results}
+        assert accepted and len(rejected) >= 24
+        assert all(r.headers.get("retry-after") == "1" and "busy" in r.json()["error"] for r, _ in rejected)
+        print(f"\noverload: accepted {len(accepted)}, rejected {len(rejected)},"
+              f" p99 accepted {1000 * float(np.percentile(accepted, 99)):.0f} ms,"
+              f" median rejection {1000 * float(np.median([t for _, t in rejected])):.0f} ms")
+        ok = httpx.post(f"{server.url}/classify", files={"image": ("b.jpg", payload, "image/jpeg")}, timeout=60)
+        assert ok.status_code == 200
+        assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
