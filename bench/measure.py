@@ -40,7 +40,7 @@ def model_ceiling(
         runtime = load_runtime(package, backend, device=device)
         for bs in progress(batch_sizes, desc=f"ceiling {backend}"):
             x = np.random.default_rng(0).integers(0, 256, (bs, *shape), dtype=np.uint8)
-            times = _timed(lambda x=x: runtime.predict(x), seconds=seconds)
+            times = _timed(lambda x=x, rt=runtime: rt.predict(x), seconds=seconds)
             median = statistics.median(times)
             rows.append({"backend": backend, "device": runtime.device, "batch_size": bs,
                          "median_s": median, "images_per_s": bs / median, "runs": len(times)})

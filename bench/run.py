@@ -29,7 +29,7 @@ class BenchConfig:
     models: tuple[str, ...] = ("xresnet50", "demo")
     quick: bool = False
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    seconds: float = 20.0
+    seconds: float = 15.0
     ceiling_seconds: float = 3.0
     batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64)
     backends: tuple[str, ...] = ("onnx", "torchscript")

@@ -18,7 +18,7 @@ from bento.schemas import BatchError, BatchPredictions
 from sota_serve.card import ModelCard
 from sota_serve.errors import ImageError, SotaServeError
 from sota_serve.predictions import Prediction, check_top_k, top_k_predictions
-from sota_serve.preprocess import Preprocessor, check_tta
+from sota_serve.preprocess import Preprocessor
 
 Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
@@ -44,9 +44,7 @@ class RequestHandler:
 
     def params(self, tta: str, top_k: int) -> tuple[str, int]:
         try:
-            tta = check_tta(tta)
-            if tta == "five_crop" and self.pre.five_crop_edge is None:
-                self.pre.five_crop(None)  # type: ignore[arg-type]  # raises the explanatory error
+            self.pre.crops_per_image(tta)
             return tta, check_top_k(top_k, self.card.num_classes)
         except SotaServeError as e:
             raise http_error(e) from e

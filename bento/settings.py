@@ -25,8 +25,11 @@ class Settings(BaseSettings):
     #: images per device batch (plain); five-crop batches hold max_batch_size_tta images = 5x crops
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_batch_size_tta: int = Field(default=8, ge=1, le=256)
-    #: how long the batcher may hold a request to form a batch
-    max_latency_ms: int = Field(default=200, ge=1, le=60_000)
+    #: BentoML's batcher refuses (503) a request whose estimated wait exceeds this, so it must
+    #: sit well above the model's time for one full batch (xresnet50 on 2 CPU cores: 1.5 s for
+    #: 32 images). It is not a wait added to requests; overload is bounded by max_in_flight
+    #: and deadline_s instead.
+    max_latency_ms: int = Field(default=5000, ge=1, le=60_000)
     #: ORT / torch intra-op threads of the inference worker (default: all cores)
     threads: int | None = Field(default=None, ge=1, le=256)
     #: request body limit (all files of a request together)

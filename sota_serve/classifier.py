@@ -17,7 +17,7 @@ from sota_serve.decode import DecodeLimits
 from sota_serve.errors import ImageError
 from sota_serve.package import ModelPackage, open_package
 from sota_serve.predictions import DEFAULT_TOP_K, Prediction, check_top_k, top_k_predictions
-from sota_serve.preprocess import Preprocessor, check_tta
+from sota_serve.preprocess import Preprocessor
 from sota_serve.runtime import Runtime, load_runtime
 
 
@@ -51,7 +51,7 @@ class Classifier:
 
     def probabilities(self, images: Iterable[bytes], tta: str = "none") -> np.ndarray:
         """(N, C) probabilities; raises the first image's typed error if one is bad."""
-        k = self.preprocessor.crops_per_image(check_tta(tta))
+        k = self.preprocessor.crops_per_image(tta)
         crops = [self.preprocessor(data, tta) for data in images]
         if not crops:
             return np.zeros((0, self.card.num_classes), dtype=np.float32)
@@ -71,7 +71,7 @@ class Classifier:
     ) -> list[list[Prediction] | ImageError]:
         """One entry per image, in order: its predictions, or the error that image raised."""
         k = check_top_k(top_k, self.card.num_classes)
-        check_tta(tta)
+        crops_per_image = self.preprocessor.crops_per_image(tta)
         results: list[list[Prediction] | ImageError] = []
         good: list[int] = []
         crops: list[np.ndarray] = []
@@ -84,7 +84,7 @@ class Classifier:
             results.append([])
             good.append(i)
         if good:
-            probs = self.predict_crops(np.concatenate(crops), self.preprocessor.crops_per_image(tta))
+            probs = self.predict_crops(np.concatenate(crops), crops_per_image)
             for i, p in zip(good, probs, strict=True):
                 results[i] = top_k_predictions(p, self.card.labels, k)
         return results

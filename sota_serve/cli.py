@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch marks torch.jit deprecated; TorchScript is still the format this tool writes.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

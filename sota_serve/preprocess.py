@@ -122,7 +122,16 @@ class Preprocessor:
         )
 
     def crops_per_image(self, tta: str) -> int:
-        return N_FIVE_CROPS if check_tta(tta) == "five_crop" else 1
+        """1 or 5; refuses an unknown ``tta``, or five-crop on a card without its settings."""
+        if check_tta(tta) == "five_crop":
+            self._five_crop_edge()
+            return N_FIVE_CROPS
+        return 1
+
+    def _five_crop_edge(self) -> int:
+        if self.five_crop_edge is None:
+            raise BadRequestError("this model's card has no tta.five_crop settings; use tta=none")
+        return self.five_crop_edge
 
     def decode(self, data: bytes) -> Image.Image:
         # Draft only down to twice the largest resize edge, so the final resize still
@@ -144,14 +153,12 @@ class Preprocessor:
 
     def five_crop(self, img: Image.Image) -> np.ndarray:
         """(5, 3, H, W) uint8."""
-        if self.five_crop_edge is None:
-            raise BadRequestError("this model's card has no tta.five_crop settings; use tta=none")
-        return five_crops(img, self.five_crop_edge, self.height, self.width, self.interpolation)
+        return five_crops(img, self._five_crop_edge(), self.height, self.width, self.interpolation)
 
     def crops(self, img: Image.Image, tta: str = "none") -> np.ndarray:
         return self.five_crop(img) if check_tta(tta) == "five_crop" else self.plain(img)
 
     def __call__(self, data: bytes, tta: str = "none") -> np.ndarray:
         """Bytes -> (k, 3, H, W) uint8 with k = 1 or 5."""
-        check_tta(tta)
+        self.crops_per_image(tta)  # refuse a bad tta before paying for the decode
         return self.crops(self.decode(data), tta)

@@ -43,7 +43,8 @@ def test_onnx_torchscript_eager_agree(tiny_package, photos):
 
 
 def test_normalization_in_graph_equals_fastai_normalize(photos):
-    from fastai.data.transforms import IntToFloatTensor, Normalize as FastaiNormalize
+    from fastai.data.transforms import IntToFloatTensor
+    from fastai.data.transforms import Normalize as FastaiNormalize
     from fastai.torch_core import TensorImage
     from fastai.vision.core import imagenet_stats
 

@@ -1,0 +1,27 @@
+"""House rules that a reader can check: ruff (with a complexity limit) and the import direction."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ruff_is_clean():
+    out = subprocess.run([str(Path(sys.executable).parent / "ruff"), "check", "sota_serve", "training", "bento",
+                          "bench", "tests"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_core_imports_neither_training_nor_bento():
+    for path in (ROOT / "sota_serve").rglob("*.py"):
+        text = path.read_text()
+        for banned in ("import training", "from training", "import bento", "from bento", "import fastai",
+                       "from fastai"):
+            assert banned not in text, f"{path.relative_to(ROOT)} has {banned!r}"
+
+
+def test_one_definition_of_the_imagenet_stats():
+    hits = [p for p in ROOT.glob("*/**/*.py") if "0.485, 0.456, 0.406" in p.read_text()
+            and "tests" not in p.parts and ".venv" not in p.parts]
+    assert [p.relative_to(ROOT).as_posix() for p in hits] == ["sota_serve/constants.py"]
