@@ -77,3 +77,39 @@ def _plot(results: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _md(header: list[str], rows: list[list[Any]]) -> str:
+    fmt = [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in fmt])
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of BENCHMARKS.md, from a results JSON (``python -m bench.report FILE``)."""
+    out = []
+    for model in results["models"]:
+        out += [f"### {model['model']} ({model['input']})", "", "Model ceiling (runtime alone):", "",
+                _md(["backend", "device", "batch", "img/s", "ms/batch"],
+                    [[r["backend"], r["device"], r["batch_size"], r["images_per_s"], 1000 * r["median_s"]]
+                     for r in model["ceiling"]]), "", "Offline pipeline (decode + preprocess + model):", "",
+                _md(["tta", "batch", "threads", "img/s"],
+                    [[r["tta"], r["batch_size"], r["threads"], r["images_per_s"]] for r in model["offline"]]),
+                "", "Single-threaded time per image: " + "; ".join(
+                    f"{tta}: decode {v['decode_ms']:.1f} ms, crops {v['preprocess_ms']:.1f} ms, model {v['model_ms']:.1f} ms"
+                    for tta, v in model["time_per_image_single_thread"].items()), "",
+                "HTTP, closed-loop load:", "",
+                _md(["service", "tta", "concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "non-200"],
+                    [[r["service"], r["tta"], r["concurrency"], r["throughput"], r["p50_ms"], r["p95_ms"],
+                      r["p99_ms"], r["errors"]] for r in model["http"]]), ""]
+        r = model["ratios"]
+        out += [f"Ratios: HTTP / offline **{r['http_to_offline']:.2f}**, five-crop HTTP / offline five-crop"
+                f" **{r['http_to_offline_five_crop']:.2f}**, sota-serve / naive at <= the naive peer's p99"
+                f" **{r['to_naive']:.2f}x**.", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))

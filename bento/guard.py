@@ -11,11 +11,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable
+import re
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
-from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.datastructures import Headers
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -74,7 +74,7 @@ class RequestGuard:
             body = await self._read_body(scope, receive)
             fields = self.file_fields.get(scope["path"])
             if fields:
-                await self._check_files(Headers(scope=scope), body, fields)
+                self._check_files(Headers(scope=scope), body, fields)
         except _Reject as e:
             self.in_flight -= 1
             return await _respond(send, e.status, {"error": e.message}, e.headers)
@@ -103,35 +103,25 @@ class RequestGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _check_files(self, headers: Headers, body: bytes, fields: set[str]) -> None:
+    def _check_files(self, headers: Headers, body: bytes, fields: set[str]) -> None:
         ctype = headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise _Reject(415, "send images as multipart/form-data file parts (e.g. curl -F"
                                f" image=@photo.jpg); got content-type {ctype or 'none'!r}")
-
-        async def stream():
-            yield body
-
-        try:
-            form = await MultiPartParser(headers, stream(), max_files=self.max_files,
-                                         max_fields=100, max_part_size=self.max_body_bytes).parse()
-        except MultiPartException as e:
-            if "Too many" in e.message:  # starlette's count limits, hit before ours
-                raise _Reject(413, f"more than {self.max_files} images in one request") from e
-            raise _Reject(400, f"malformed multipart body: {e.message}") from e
-        try:
-            present = [k for k in fields if k in form]
-            if not present:
-                raise _Reject(400, f"missing file field {' or '.join(sorted(fields))!r}")
-            for key in present:
-                for value in form.getlist(key):
-                    if not isinstance(value, UploadFile):
-                        raise _Reject(400, f"field {key!r} must be a file upload; URLs and"
-                                           " strings are not fetched")
-            if len([v for k in present for v in form.getlist(k)]) > self.max_files:
+        boundary = _boundary(ctype)
+        if boundary is None:
+            raise _Reject(400, "malformed multipart body: no boundary in the content-type")
+        files = 0
+        for name, is_file in _parts(body, boundary):
+            if name not in fields:
+                continue
+            if not is_file:
+                raise _Reject(400, f"field {name!r} must be a file upload; URLs and strings are not fetched")
+            files += 1
+            if files > self.max_files:
                 raise _Reject(413, f"more than {self.max_files} images in one request")
-        finally:
-            await form.close()
+        if not files:
+            raise _Reject(400, f"missing file field {' or '.join(sorted(fields))!r}")
 
     @staticmethod
     def _unwrap_errors(send: Send) -> Send:
@@ -160,6 +150,40 @@ class RequestGuard:
             await send(message)
 
         return wrapped
+
+
+_DISPOSITION = re.compile(rb'(?im)^content-disposition:\s*form-data\s*;(.*)$')
+_NAME = re.compile(rb'(?i)(?:^|;)\s*name="([^"]*)"')
+_FILENAME = re.compile(rb'(?i)(?:^|;)\s*filename\*?=')
+
+
+def _boundary(content_type: str) -> bytes | None:
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    return match.group(1).encode("latin-1") if match else None
+
+
+def _parts(body: bytes, boundary: bytes) -> Iterator[tuple[str, bool]]:
+    """(field name, is a file part) for each part, reading part headers only.
+
+    Only the small header block of each part is parsed (bytes.find runs in C), so checking a
+    multi-megabyte upload costs microseconds instead of a second full multipart parse.
+    """
+    delimiter = b"--" + boundary
+    pos = body.find(delimiter)
+    while pos != -1:
+        start = pos + len(delimiter)
+        if body[start : start + 2] == b"--":  # closing delimiter
+            return
+        end = body.find(b"\r\n\r\n", start)
+        if end == -1:
+            raise _Reject(400, "malformed multipart body: a part has no header end")
+        disposition = _DISPOSITION.search(body[start:end])
+        if disposition:
+            name = _NAME.search(disposition.group(1))
+            if name:
+                yield name.group(1).decode("utf-8", "replace"), bool(_FILENAME.search(disposition.group(1)))
+        pos = body.find(b"\r\n" + delimiter, end)
+        pos = pos + 2 if pos != -1 else -1
 
 
 def _replay(body: bytes, upstream: Receive) -> Receive:
