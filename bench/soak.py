@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import json
 import random
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -26,9 +28,20 @@ def _rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
 
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A well-formed PNG start claiming width x height pixels, with a few bytes of data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+
+
 def _mix(images: list[Path]) -> list[tuple[str, dict, dict, int]]:
     good = [p.read_bytes() for p in images]
-    huge = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\xea`\x00\x00\xea`\x08\x02\x00\x00\x00\x0f\xb0\xe2\x15"
+    huge = huge_png_header(60000, 60000)
     mix = []
     for data in good:
         mix += [("/classify", {"image": ("a.jpg", data, "image/jpeg")}, {}, 200)] * 5
@@ -79,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         after = _rss_mb(server.proc.pid)
         ready = httpx.get(server.url + "/readyz", timeout=10).status_code
+        log = server.output()
+    # Exceptions that did not end as a deliberate HTTP error (those are BentoMLExceptions).
+    errors = [entry[:4000] for entry in log.split("[ERROR]")[1:] if "BentoMLException" not in entry]
+    if errors:
+        Path(args.out).with_suffix(".errors.txt").write_text("\n---\n".join(errors))
     result = {"requests": args.requests, "concurrency": args.concurrency, "seconds": round(seconds, 1),
               "statuses": counts, "rss_mb_before": round(before, 1), "rss_mb_after": round(after, 1),
               "rss_growth_mb": round(after - before, 1), "ready_after": ready}

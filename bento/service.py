@@ -64,11 +64,11 @@ class Classifier:
     model = MODEL
 
     def __init__(self) -> None:
-        self.card = open_package(_model_dir(self.model)).card
+        self.model_card = open_package(_model_dir(self.model)).card
         limits = DecodeLimits(max_bytes=SETTINGS.max_image_bytes, max_pixels=SETTINGS.max_pixels)
-        pre = Preprocessor.from_card(self.card, limits=limits, jpeg_draft=SETTINGS.jpeg_draft)
+        pre = Preprocessor.from_card(self.model_card, limits=limits, jpeg_draft=SETTINGS.jpeg_draft)
         chunk = {"none": SETTINGS.max_batch_size, "five_crop": SETTINGS.max_batch_size_tta}
-        self.handler = RequestHandler(self.card, pre, deadline_s=SETTINGS.deadline_s, chunk=chunk)
+        self.handler = RequestHandler(self.model_card, pre, deadline_s=SETTINGS.deadline_s, chunk=chunk)
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -90,18 +90,18 @@ class Classifier:
         except ImageError as e:
             raise http_error(e) from e
         probs = await self.handler.infer(crops, self._run(tta), started)
-        return ClassifyResponse(model=self.card.tag, tta=tta, predictions=self.handler.rank(probs[0], k))
+        return ClassifyResponse(model=self.model_card.tag, tta=tta, predictions=self.handler.rank(probs[0], k))
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(self, images: list[Path], tta: str = "none", top_k: int = 5) -> BatchResponse:
         started = time.monotonic()
         tta, k = self.handler.params(tta, top_k)
         results = await self.handler.batch(images, tta, k, self._run(tta), started)
-        return BatchResponse(model=self.card.tag, tta=tta, results=results)
+        return BatchResponse(model=self.model_card.tag, tta=tta, results=results)
 
     @bentoml.api(route="/card")
-    def card_json(self) -> dict[str, Any]:
-        return self.card.to_dict()
+    def card(self) -> dict[str, Any]:
+        return self.model_card.to_dict()
 
 
 Classifier.add_asgi_middleware(
