@@ -28,13 +28,23 @@ def http_error(e: SotaServeError) -> BentoMLException:
     return BentoMLException(str(e), error_code=HTTPStatus(e.http_status))
 
 
+def _recycled_connection(e: BaseException) -> bool:
+    # aiohttp reports a closed connection as ClientConnectionError while writing the request,
+    # ClientPayloadError or RuntimeError("Connection closed.") while reading the response.
+    if isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        return True
+    return isinstance(e, RuntimeError) and "Connection closed" in str(e)
+
+
 async def _retry_once(run: Infer, chunk: np.ndarray) -> np.ndarray:
     """BentoML's dependency client (1.4.39) recycles its connection pool every 100 calls and
-    closes connections other calls are still writing to; inference is idempotent, so a call
-    that hit a closing connection is sent once more."""
+    closes connections other calls are still using; inference is idempotent, so a call that
+    hit a closing connection is sent once more."""
     try:
         return await run(chunk)
-    except aiohttp.ClientConnectionError:
+    except Exception as e:
+        if not _recycled_connection(e):
+            raise
         return await run(chunk)
 
 

@@ -60,3 +60,28 @@ def test_bad_parameters(tta, top_k, status):
 
 def test_top_k_is_clamped_to_the_number_of_labels():
     assert _handler().params("five_crop", 50) == ("five_crop", 3)
+
+
+def test_a_call_on_a_recycled_connection_is_retried_once():
+    attempts = []
+
+    async def flaky(batch):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("Connection closed.")
+        return np.ones((len(batch), 3), np.float32)
+
+    out = asyncio.run(_handler().infer(np.zeros((2, 3, 32, 32), np.uint8), flaky, time.monotonic()))
+    assert out.shape == (2, 3) and len(attempts) == 2
+
+
+def test_other_failures_are_not_retried():
+    attempts = []
+
+    async def broken(batch):
+        attempts.append(1)
+        raise RuntimeError("model exploded")
+
+    with pytest.raises(RuntimeError, match="exploded"):
+        asyncio.run(_handler().infer(np.zeros((2, 3, 32, 32), np.uint8), broken, time.monotonic()))
+    assert len(attempts) == 1
