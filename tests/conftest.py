@@ -78,7 +78,7 @@ def small_digits_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(tiny_package, tmp_path_factory):
     srv = Server(tiny_package, home=tmp_path_factory.mktemp("bentoml-home"),
-                 env={"SOTA_SERVE_MAX_LATENCY_MS": "50", "SOTA_SERVE_DEVICE": "cpu"})
+                 env={"SOTA_SERVE_DEVICE": "cpu"})  # otherwise the shipped defaults
     try:
         srv.wait_ready()
         yield srv
