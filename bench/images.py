@@ -3,6 +3,8 @@ resized copies from 300 px to 4000 px (JPEG), so decode cost varies as in real t
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -31,3 +33,16 @@ def bench_images(out: Path, long_edges: tuple[int, ...] = LONG_EDGES) -> list[Pa
                     img.resize(size, Image.Resampling.BICUBIC).save(path, quality=90)
                 files.append(path)
     return files
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk: length, type, payload, CRC."""
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A well-formed PNG start claiming width x height RGB pixels, with a few bytes of data:
+    what a huge-dimension attack sends (no real pixels behind the header)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))

@@ -44,7 +44,7 @@ class BenchConfig:
                    batch_sizes=(1, 8), **kwargs)
 
 
-def _package_for(name: str, cfg: BenchConfig) -> Path | None:
+def package_for(name: str, cfg: BenchConfig) -> Path | None:
     if name == "tiny":
         return synthetic_package(cfg.cache / "tiny-32", arch="tiny", size=32, num_classes=3)
     if name == "xresnet50":
@@ -132,7 +132,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     images = bench_images(cfg.cache / "images", (300, 640) if cfg.quick else (300, 640, 1024, 2000, 4000))
     models = []
     for name in cfg.models:
-        package_dir = _package_for(name, cfg)
+        package_dir = package_for(name, cfg)
         if package_dir is not None:
             models.append(bench_model(name, package_dir, images, cfg))
     primary = models[0]["ratios"] if models else {}

@@ -10,16 +10,14 @@ import argparse
 import asyncio
 import json
 import random
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import httpx
 import psutil
 
-from bench.images import bench_images
-from bench.models import synthetic_package
+from bench.images import bench_images, png_header
+from bench.run import BenchConfig, package_for
 from bench.server import Server
 
 
@@ -28,20 +26,9 @@ def _rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-
-def huge_png_header(width: int, height: int) -> bytes:
-    """A well-formed PNG start claiming width x height pixels, with a few bytes of data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-
-
 def _mix(images: list[Path]) -> list[tuple[str, dict, dict, int]]:
     good = [p.read_bytes() for p in images]
-    huge = huge_png_header(60000, 60000)
+    huge = png_header(60000, 60000)
     mix = []
     for data in good:
         mix += [("/classify", {"image": ("a.jpg", data, "image/jpeg")}, {}, 200)] * 5
@@ -80,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="package dir (default: the tiny benchmark model)")
     p.add_argument("--out", default="bench/results/soak.json")
     args = p.parse_args(argv)
-    model = Path(args.model) if args.model else synthetic_package(Path("bench/.cache/tiny-32"), arch="tiny",
-                                                                   size=32, num_classes=3)
+    model = Path(args.model) if args.model else package_for("tiny", BenchConfig())
     images = bench_images(Path("bench/.cache/images"), (300, 640, 1024))
     mix = _mix(images)
     with Server(model) as server:

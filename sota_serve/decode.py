@@ -62,10 +62,7 @@ def decode_image(
     """
     if len(data) == 0:
         raise InvalidImageError("the image is empty (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise ImageTooLargeError(
-            f"the image has {len(data):,} bytes, above the limit of {limits.max_bytes:,} bytes"
-        )
+    _check_bytes(len(data), limits, "the image")
     img = _open(data)
     _check_pixels(img, limits)
     if draft_edge and img.format == "JPEG":
@@ -86,11 +83,7 @@ def read_image_file(
     """:func:`decode_image` on a file (its size is checked before it is read)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise ImageTooLargeError(
-                f"{path}: {size:,} bytes, above the limit of {limits.max_bytes:,} bytes"
-            )
+        _check_bytes(path.stat().st_size, limits, str(path))
         data = path.read_bytes()
     except OSError as e:
         raise InvalidImageError(f"cannot read {path}: {e.strerror}") from e
@@ -148,6 +141,11 @@ def _identify_any(data: bytes) -> str | None:
                 return other.format
     except Exception:
         return None
+
+
+def _check_bytes(size: int, limits: DecodeLimits, what: str) -> None:
+    if size > limits.max_bytes:
+        raise ImageTooLargeError(f"{what} has {size:,} bytes, above the limit of {limits.max_bytes:,} bytes")
 
 
 def _check_pixels(img: Image.Image, limits: DecodeLimits) -> None:

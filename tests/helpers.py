@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
-import matplotlib
 import numpy as np
-import sklearn
 from PIL import Image
 
+from bench.images import PHOTOS
 from bench.models import tiny_cnn
 
-PHOTOS = [
-    Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg",
-    Path(sklearn.__file__).parent / "datasets" / "images" / "china.jpg",
-    Path(sklearn.__file__).parent / "datasets" / "images" / "flower.jpg",
-]
 LABELS = ["cat", "dog", "bird"]
 
 __all__ = ["PHOTOS", "LABELS", "card_dict", "encode", "gradient_image", "tiny_cnn"]

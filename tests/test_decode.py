@@ -1,13 +1,12 @@
 """Odd and bad images: the right pixels or the right typed error."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from bench.images import png_header
 from sota_serve.decode import DecodeLimits, decode_image
 from sota_serve.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
 from tests.helpers import encode, gradient_image
@@ -89,19 +88,9 @@ def test_not_images(data):
         decode_image(data)
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A valid PNG signature and IHDR claiming a huge size, with no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
-    chunk += struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
-    idat = zlib.compress(b"\x00" * 64)
-    chunk += struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat) & 0xFFFFFFFF)
-    return b"\x89PNG\r\n\x1a\n" + chunk
-
-
 def test_huge_dimensions_refused_before_decoding():
     with pytest.raises(ImageTooLargeError, match="pixels"):
-        decode_image(_png_header(60000, 60000))
+        decode_image(png_header(60000, 60000))
 
 
 def test_pixel_limit_is_configurable():

@@ -13,15 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.images import png_chunk, png_header
 from bench.server import Server
 from tests.helpers import PHOTOS, encode, gradient_image
-from tests.test_decode import _png_header
 
 pytestmark = pytest.mark.slow
-
-
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
 
 
 def bomb_png(side: int = 8000) -> bytes:
@@ -30,7 +26,7 @@ def bomb_png(side: int = 8000) -> bytes:
     compressor = zlib.compressobj(9)
     data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
 
 
 def gif_frames(n: int = 1000) -> bytes:
@@ -47,7 +43,7 @@ def _corpus() -> list[tuple[str, dict, dict, int]]:
     f = lambda name, data, ctype="application/octet-stream": {"image": (name, data, ctype)}  # noqa: E731
     return [
         ("bomb-png", f("bomb.png", bomb_png()), {}, 413),
-        ("huge-dimension-header", f("huge.png", _png_header(60000, 60000)), {}, 413),
+        ("huge-dimension-header", f("huge.png", png_header(60000, 60000)), {}, 413),
         ("truncated-jpeg", f("t.jpg", jpeg[: len(jpeg) // 2]), {}, 400),
         ("zero-length", f("empty.jpg", b""), {}, 400),
         ("svg-text", f("x.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"), {}, 400),

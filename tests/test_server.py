@@ -13,6 +13,7 @@ import bentoml
 import httpx
 import pytest
 
+from bench.images import png_header
 from bench.server import Server
 from sota_serve.cli import main as cli
 
@@ -113,12 +114,10 @@ def test_bad_input_is_4xx_with_message_and_server_survives(server, photos, name,
 
 
 def test_truncated_jpeg_and_huge_header(server, photos):
-    from tests.test_decode import _png_header
-
     data = photos[0].read_bytes()
     r = post(server, "/classify", {"image": ("t.jpg", data[: len(data) // 3], "image/jpeg")})
     assert r.status_code == 400 and "damaged" in r.json()["error"]
-    r = post(server, "/classify", {"image": ("h.png", _png_header(50000, 50000), "image/png")})
+    r = post(server, "/classify", {"image": ("h.png", png_header(50000, 50000), "image/png")})
     assert r.status_code == 413 and "pixels" in r.json()["error"]
 
 
