@@ -13,8 +13,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    common = {"out": Path(args.out), "naive": not args.no_naive, "http": not args.no_http,
-              "jpeg_draft": args.jpeg_draft}
+    common = {"out": Path(args.out), "naive": not args.no_naive, "litserve": not args.no_litserve,
+              "http": not args.no_http, "jpeg_draft": args.jpeg_draft, "images": args.images,
+              "processes": args.processes}
     cfg = BenchConfig.quick_mode(**common) if args.quick else BenchConfig(**common)
     if args.models:
         cfg.models = tuple(args.models.split(","))
@@ -44,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", help="file stem of the results (default: bench-<device>)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive BentoML peer")
+    p.add_argument("--no-litserve", action="store_true", help="skip the LitServe peer")
+    p.add_argument("--images", default="imagenet", choices=("imagenet", "mix"),
+                   help="imagenet: 400-640 px JPEGs (~55 KB); mix: 300-4000 px photos")
+    p.add_argument("--processes", type=int, help="load-generator processes (default: one per 4 cores)")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
     p.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale")
 

@@ -17,11 +17,24 @@ PHOTOS = [
     Path(sklearn.__file__).parent / "datasets" / "images" / "flower.jpg",
 ]
 LONG_EDGES = (300, 640, 1024, 2000, 4000)
+#: ImageNet-like uploads: 400-640 px on the long edge, JPEG q90, about 55 KB on average.
+IMAGENET_EDGES = (400, 500, 640)
+IMAGE_SETS = ("imagenet", "mix")
 
 
-def bench_images(out: Path, long_edges: tuple[int, ...] = LONG_EDGES) -> list[Path]:
+def image_set(name: str, out: Path) -> list[Path]:
+    """``imagenet``: ImageNet-sized JPEGs only; ``mix``: the photos plus 300-4000 px copies."""
+    if name == "imagenet":
+        return bench_images(out, IMAGENET_EDGES, include_originals=False)
+    if name == "mix":
+        return bench_images(out, LONG_EDGES)
+    raise ValueError(f"unknown image set {name!r}; use one of {', '.join(IMAGE_SETS)}")
+
+
+def bench_images(out: Path, long_edges: tuple[int, ...] = LONG_EDGES, *,
+                 include_originals: bool = True) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    files = list(PHOTOS)
+    files = list(PHOTOS) if include_originals else []
     for photo in PHOTOS:
         with Image.open(photo) as img:
             img = img.convert("RGB")

@@ -1,17 +1,42 @@
-"""Closed-loop HTTP load: ``concurrency`` clients, each sending its next request as soon as
-the last one returns, bounded in time and in count."""
+"""Closed-loop HTTP load from several processes: ``concurrency`` clients in all, each sending
+its next request as soon as the last one returns, bounded in time and in count.
+
+One Python process cannot load a fast server (an httpx client tops out at a few hundred
+requests/s), so the clients are spread over ``processes`` processes, each an asyncio loop
+with one aiohttp session. The generator's own CPU time is reported beside the result: on a
+small machine it competes with the server for the same cores.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import multiprocessing as mp
+import os
+import resource
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    url: str
+    files: list[tuple[str, bytes]]
+    field: str = "image"
+    data: tuple[tuple[str, str], ...] = ()
+    clients: int = 1
+    seconds: float = 10.0
+    max_requests: int = 100_000
+    start_at: float = 0.0  # time.time() at which every process starts sending
+    timeout_s: float = 120.0
+    #: a client told 503 waits Retry-After seconds (at most this many) before its next request;
+    #: 0: it sends again at once (the harshest load)
+    honor_retry_after_s: float = 0.0
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -21,45 +46,118 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-async def _run(url: str, field: str, files: Sequence[tuple[str, bytes]], data: dict[str, str],
-               concurrency: int, seconds: float, max_requests: int) -> dict[str, Any]:
+def _form(spec: LoadSpec, n: int) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    name, content = spec.files[n % len(spec.files)]
+    form.add_field(spec.field, content, filename=name, content_type="application/octet-stream")
+    for key, value in spec.data:
+        form.add_field(key, value)
+    return form
+
+
+async def _clients(spec: LoadSpec, offset: int) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    counter = itertools.count()
-    stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    retry_after_missing = 0
+    sent = 0
+    delay = spec.start_at - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    stop = time.perf_counter() + spec.seconds
+    connector = aiohttp.TCPConnector(limit=spec.clients, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
-        async def worker() -> None:
-            while time.perf_counter() < stop:
-                n = next(counter)
-                if n >= max_requests:
-                    return
-                name, content = files[n % len(files)]
+        async def client(i: int) -> None:
+            nonlocal sent, retry_after_missing
+            n = offset + i
+            while time.perf_counter() < stop and sent < spec.max_requests:
+                sent += 1
                 start = time.perf_counter()
+                retry_after = None
                 try:
-                    response = await client.post(url, files={field: (name, content, "image/jpeg")}, data=data)
-                    status = response.status_code
-                except httpx.HTTPError:
-                    status = 0
+                    async with session.post(spec.url, data=_form(spec, n)) as response:
+                        await response.read()
+                        status = response.status
+                        retry_after = response.headers.get("Retry-After")
+                        if status == 503 and retry_after is None:
+                            retry_after_missing += 1
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    status = 0  # connection refused/reset, or no answer within the timeout
                 latencies.append(time.perf_counter() - start)
                 statuses[status] = statuses.get(status, 0) + 1
+                n += spec.clients
+                if status == 503 and spec.honor_retry_after_s and retry_after and retry_after.isdigit():
+                    await asyncio.sleep(min(float(retry_after), spec.honor_retry_after_s))
 
         began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(client(i) for i in range(spec.clients)))
         elapsed = time.perf_counter() - began
-    ok = statuses.get(200, 0)
-    lat = sorted(latencies)
+    return {"latencies": latencies, "statuses": statuses, "elapsed": elapsed,
+            "retry_after_missing": retry_after_missing}
+
+
+def _process_main(spec: LoadSpec, offset: int, queue: Any) -> None:
+    result = asyncio.run(_clients(spec, offset))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime
+    queue.put(result)
+
+
+def summarize(parts: list[dict[str, Any]], concurrency: int, ok_statuses: tuple[int, ...] = (200,)) -> dict[str, Any]:
+    latencies = sorted(x for p in parts for x in p["latencies"])
+    statuses: dict[int, int] = {}
+    for p in parts:
+        for k, v in p["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    elapsed = max((p["elapsed"] for p in parts), default=0.0)
+    ok = sum(statuses.get(s, 0) for s in ok_statuses)
+    shed = statuses.get(503, 0)
     return {
-        "concurrency": concurrency, "requests": len(latencies), "ok": ok,
-        "errors": len(latencies) - ok, "statuses": {str(k): v for k, v in statuses.items()},
+        "concurrency": concurrency, "requests": len(latencies), "ok": ok, "shed_503": shed,
+        "errors": len(latencies) - ok - shed,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "retry_after_missing": sum(p.get("retry_after_missing", 0) for p in parts),
         "seconds": elapsed, "throughput": ok / elapsed if elapsed else 0.0,
-        "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
-        "p95_ms": 1000 * _percentile(lat, 95), "p99_ms": 1000 * _percentile(lat, 99),
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+        "p95_ms": 1000 * _percentile(latencies, 95), "p99_ms": 1000 * _percentile(latencies, 99),
+        "loadgen_processes": len(parts),
+        "loadgen_cpu_s": sum(p.get("cpu_s", 0.0) for p in parts),
     }
 
 
-def closed_loop(url: str, images: Sequence[Path], *, field: str = "image", data: dict[str, str] | None = None,
-                concurrency: int, seconds: float, max_requests: int = 100_000) -> dict[str, Any]:
-    files = [(p.name, p.read_bytes()) for p in images]
-    return asyncio.run(_run(url, field, files, data or {}, concurrency, seconds, max_requests))
+def default_processes(concurrency: int) -> int:
+    """A process per 4 cores, never more than there are clients."""
+    return max(1, min(concurrency, (os.cpu_count() or 1) // 4, 16))
+
+
+def closed_loop(url: str, images: Sequence[Path] | Sequence[tuple[str, bytes]], *, field: str = "image",
+                data: dict[str, str] | None = None, concurrency: int, seconds: float,
+                max_requests: int = 100_000, processes: int | None = None,
+                honor_retry_after_s: float = 0.0) -> dict[str, Any]:
+    """Drive ``url`` with ``concurrency`` clients for ``seconds``; one summary dict.
+
+    503s are counted apart from errors (``shed_503``): shedding with Retry-After is the
+    documented answer to overload, not a failure.
+    """
+    files = [(p.name, p.read_bytes()) if isinstance(p, Path) else p for p in images]
+    procs = processes or default_processes(concurrency)
+    per = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    base = dict(url=url, files=files, field=field, data=tuple((data or {}).items()), seconds=seconds,
+                max_requests=max(1, max_requests // procs), honor_retry_after_s=honor_retry_after_s)
+    if procs == 1:
+        cpu = time.process_time()
+        result = asyncio.run(_clients(LoadSpec(clients=concurrency, **base), 0))
+        result["cpu_s"] = time.process_time() - cpu
+        return summarize([result], concurrency)
+    ctx = mp.get_context("spawn")  # no inherited ORT threads or event loops
+    queue = ctx.Queue()
+    start_at = time.time() + 1.5  # spawned interpreters need a moment to import
+    workers = [ctx.Process(target=_process_main, args=(LoadSpec(clients=c, start_at=start_at, **base), offset, queue))
+               for offset, c in enumerate(per)]
+    for w in workers:
+        w.start()
+    parts = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    return summarize(parts, concurrency)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.images import bench_images
+from bench.images import image_set
 from bench.load import closed_loop
 from bench.measure import decode_share, model_ceiling, offline_pipeline
 from bench.models import synthetic_package
@@ -28,12 +28,15 @@ class BenchConfig:
     cache: Path = Path("bench/.cache")
     models: tuple[str, ...] = ("xresnet50", "demo")
     quick: bool = False
-    concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    seconds: float = 15.0
+    concurrency: tuple[int, ...] = (1, 8, 32, 128, 512)
+    seconds: float = 10.0
+    images: str = "imagenet"
+    processes: int | None = None  # load-generator processes (default: one per 4 cores)
     ceiling_seconds: float = 3.0
     batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64)
     backends: tuple[str, ...] = ("onnx", "torchscript")
     naive: bool = True
+    litserve: bool = True
     http: bool = True
     jpeg_draft: bool = False
     server_env: dict[str, str] = field(default_factory=dict)
@@ -42,6 +45,10 @@ class BenchConfig:
     def quick_mode(cls, **kwargs: Any) -> BenchConfig:
         return cls(models=("tiny",), quick=True, concurrency=(1, 4), seconds=1.5, ceiling_seconds=0.2,
                    batch_sizes=(1, 8), **kwargs)
+
+    def load(self, url: str, images: list[Path], concurrency: int, tta: str | None) -> dict[str, Any]:
+        return closed_loop(url, images, data={"tta": tta} if tta else None, concurrency=concurrency,
+                           seconds=self.seconds, processes=self.processes)
 
 
 def package_for(name: str, cfg: BenchConfig) -> Path | None:
@@ -58,19 +65,27 @@ def package_for(name: str, cfg: BenchConfig) -> Path | None:
     return Path(name)  # a package directory
 
 
-def _ratios(offline: list[dict[str, Any]], http: list[dict[str, Any]]) -> dict[str, float]:
-    def best(service: str, tta: str, max_p99: float = float("inf")) -> dict[str, Any] | None:
-        rows = [r for r in http if r["service"] == service and r["tta"] == tta and r["errors"] == 0
-                and r["p99_ms"] <= max_p99]
-        return max(rows, key=lambda r: r["throughput"], default=None)
+def _best(http: list[dict[str, Any]], service: str, tta: str, max_p99: float = float("inf")) -> dict[str, Any] | None:
+    """The highest error-free throughput of ``service`` (shedding with 503 is not an error)."""
+    rows = [r for r in http if r["service"] == service and r["tta"] == tta and r["errors"] == 0
+            and r["p99_ms"] <= max_p99]
+    return max(rows, key=lambda r: r["throughput"], default=None)
 
+
+def _ratios(offline: list[dict[str, Any]], http: list[dict[str, Any]]) -> dict[str, Any]:
     off = {r["tta"]: r["images_per_s"] for r in offline}
-    ours, ours5, naive = best("sota-serve", "none"), best("sota-serve", "five_crop"), best("naive", "none")
-    at_naive_p99 = best("sota-serve", "none", naive["p99_ms"]) if naive else None
+    ours, ours5 = _best(http, "sota-serve", "none"), _best(http, "sota-serve", "five_crop")
+    naive, lit, lit5 = _best(http, "naive", "none"), _best(http, "litserve", "none"), _best(http, "litserve", "five_crop")
+    at_naive_p99 = _best(http, "sota-serve", "none", naive["p99_ms"]) if naive else None
     nan = float("nan")
     return {
+        "http_img_per_s_plain": ours["throughput"] if ours else nan,
+        "http_img_per_s_five_crop": ours5["throughput"] if ours5 else nan,
         "http_to_offline": ours["throughput"] / off["none"] if ours else nan,
         "http_to_offline_five_crop": ours5["throughput"] / off["five_crop"] if ours5 else nan,
+        "to_litserve": ours["throughput"] / lit["throughput"] if ours and lit else nan,
+        "to_litserve_five_crop": ours5["throughput"] / lit5["throughput"] if ours5 and lit5 else nan,
+        "litserve_best_concurrency": lit["concurrency"] if lit else None,
         "to_naive": at_naive_p99["throughput"] / naive["throughput"] if naive and at_naive_p99 else nan,
         "naive_best_concurrency": naive["concurrency"] if naive else None,
         "naive_best_p99_ms": naive["p99_ms"] if naive else None,
@@ -102,15 +117,22 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
             for tta in ("none", "five_crop"):
                 for c in cfg.concurrency:
                     log.info("[%s] HTTP sota-serve tta=%s concurrency=%d", name, tta, c)
-                    row = closed_loop(f"{server.url}/classify", images, data={"tta": tta},
-                                      concurrency=c, seconds=cfg.seconds)
-                    http.append({"service": "sota-serve", "tta": tta, **row})
+                    http.append({"service": "sota-serve", "tta": tta,
+                                 **cfg.load(f"{server.url}/classify", images, c, tta)})
+        if cfg.litserve:
+            for tta in ("none", "five_crop"):
+                with Server.litserve(package_dir, tta=tta, max_batch_size=best_bs if tta == "none" else
+                                     max(1, best_bs // 5)) as server:
+                    for c in cfg.concurrency:
+                        log.info("[%s] HTTP litserve tta=%s concurrency=%d", name, tta, c)
+                        http.append({"service": "litserve", "tta": tta,
+                                     **cfg.load(f"{server.url}/classify", images, c, None)})
         if cfg.naive:
             with Server(package_dir, target="bench.naive_service:NaiveClassifier") as server:
                 for c in cfg.concurrency:
                     log.info("[%s] HTTP naive concurrency=%d", name, c)
-                    row = closed_loop(f"{server.url}/classify", images, concurrency=c, seconds=cfg.seconds)
-                    http.append({"service": "naive", "tta": "none", **row})
+                    http.append({"service": "naive", "tta": "none",
+                                 **cfg.load(f"{server.url}/classify", images, c, None)})
     return {"model": name, "package": str(package_dir), "card": package.card.tag,
             "input": f"{package.card.input.width}x{package.card.input.height}",
             "best_batch_size": best_bs, "ceiling": ceiling, "offline": offline,
@@ -129,20 +151,27 @@ def _machine() -> dict[str, Any]:
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
-    images = bench_images(cfg.cache / "images", (300, 640) if cfg.quick else (300, 640, 1024, 2000, 4000))
+    images = image_set(cfg.images, cfg.cache / "images")
     models = []
     for name in cfg.models:
         package_dir = package_for(name, cfg)
         if package_dir is not None:
             models.append(bench_model(name, package_dir, images, cfg))
     primary = models[0]["ratios"] if models else {}
+    ceiling = max((r["images_per_s"] for r in models[0]["ceiling"]), default=None) if models else None
     return {
+        "http_img_per_s_plain": primary.get("http_img_per_s_plain"),
+        "http_img_per_s_five_crop": primary.get("http_img_per_s_five_crop"),
+        "ceiling_img_per_s": ceiling,
+        "ratio_to_litserve": primary.get("to_litserve"),
+        "ratio_to_litserve_five_crop": primary.get("to_litserve_five_crop"),
         "ratio_http_to_offline": primary.get("http_to_offline"),
         "ratio_http_to_offline_five_crop": primary.get("http_to_offline_five_crop"),
         "ratio_to_naive": primary.get("to_naive"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": _machine(),
         "config": {"quick": cfg.quick, "concurrency": list(cfg.concurrency), "seconds": cfg.seconds,
-                   "images": [p.name for p in images], "jpeg_draft": cfg.jpeg_draft},
+                   "image_set": cfg.images, "images": [p.name for p in images], "jpeg_draft": cfg.jpeg_draft,
+                   "loadgen_processes": cfg.processes or "auto"},
         "models": models,
     }

@@ -31,6 +31,8 @@ class Server:
         env: dict[str, str] | None = None,
         home: Path | None = None,
         target: str | None = None,
+        command: list[str] | None = None,
+        ready_path: str = "/readyz",
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -40,8 +42,11 @@ class Server:
         if home:
             environ["BENTOML_HOME"] = str(home)
         self.log = tempfile.TemporaryFile("w+")
+        self.ready_path = ready_path
         cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", *([target] if target else []),
                "--port", str(self.port), "--host", "127.0.0.1"]
+        if command:  # another server (a peer): its command, with {port} filled in
+            cmd = [part.format(port=self.port) for part in command]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -51,12 +56,19 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.output()[-4000:]}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.output()[-4000:]}")
+
+    @classmethod
+    def litserve(cls, model: str | Path, *, tta: str = "none", max_batch_size: int = 32) -> Server:
+        """The LitServe peer (bench/litserve_peer.py) on the same package."""
+        command = [sys.executable, "-m", "bench.litserve_peer", str(model), "--port", "{port}",
+                   "--tta", tta, "--max-batch-size", str(max_batch_size)]
+        return cls(model, command=command, ready_path="/health")
 
     def output(self) -> str:
         self.log.flush()

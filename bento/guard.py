@@ -3,8 +3,9 @@
 - a request body limit (413), checked on Content-Length and again while reading;
 - image endpoints accept only multipart/form-data with real file parts (415/400): BentoML
   would otherwise fetch a URL given as a string, or treat a JSON string as a server path;
-- a bound on requests in flight: past it, an immediate 503 with Retry-After instead of an
-  ever-growing queue;
+- admission control at the door (sota_serve.admission), before the body is read: a request
+  the queue cannot serve in time gets an immediate 503 with Retry-After;
+- every 503, whichever component sent it, carries Retry-After;
 - BentoML renders 4xx errors as ``[{"error": ...}]``; they are unwrapped to ``{"error": ...}``.
 """
 
@@ -16,6 +17,8 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from starlette.datastructures import Headers
+
+from sota_serve.admission import Admission
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -44,44 +47,37 @@ class RequestGuard:
         *,
         file_fields: dict[str, Iterable[str]],
         max_body_bytes: int,
-        max_in_flight: int,
+        admission: Admission,
         max_files: int = 64,
-        retry_after_s: int = 1,
     ) -> None:
         self.app = app
         self.file_fields = {path: set(fields) for path, fields in file_fields.items()}
         self.max_body_bytes = max_body_bytes
-        self.max_in_flight = max_in_flight
+        self.admission = admission
         self.max_files = max_files
-        self.retry_after_s = retry_after_s
-        self.in_flight = 0
-        self.rejected_overload = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        send = self._unwrap_errors(send)
-        if self.in_flight >= self.max_in_flight:
-            self.rejected_overload += 1
-            return await _respond(
-                send, 503,
-                {"error": f"server busy: {self.in_flight} requests in flight (limit"
-                          f" {self.max_in_flight}); retry after {self.retry_after_s}s"},
-                {"Retry-After": str(self.retry_after_s)},
-            )
-        self.in_flight += 1
+        send = self._fix_errors(send)
+        fields = self.file_fields.get(scope["path"]) if scope["method"] == "POST" else None
+        if not fields:
+            return await self.app(scope, receive, send)
+        decision = self.admission.try_enter()
+        if not decision.admitted:
+            # Answered before the body is read: shedding must cost less than serving.
+            return await _respond(send, 503, {"error": f"{decision.reason}; retry after"
+                                                       f" {decision.retry_after_s}s"},
+                                  {"Retry-After": str(decision.retry_after_s)})
         try:
-            body = await self._read_body(scope, receive)
-            fields = self.file_fields.get(scope["path"])
-            if fields:
+            try:
+                body = await self._read_body(scope, receive)
                 self._check_files(Headers(scope=scope), body, fields)
-        except _Reject as e:
-            self.in_flight -= 1
-            return await _respond(send, e.status, {"error": e.message}, e.headers)
-        try:
+            except _Reject as e:
+                return await _respond(send, e.status, {"error": e.message}, e.headers)
             await self.app(scope, _replay(body, receive), send)
         finally:
-            self.in_flight -= 1
+            self.admission.leave()
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         headers = Headers(scope=scope)
@@ -123,11 +119,15 @@ class RequestGuard:
         if not files:
             raise _Reject(400, f"missing file field {' or '.join(sorted(fields))!r}")
 
-    @staticmethod
-    def _unwrap_errors(send: Send) -> Send:
+    def _fix_errors(self, send: Send) -> Send:
         state: dict[str, Any] = {}
 
         async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"retry-after" for k, _ in headers):
+                    headers.append((b"retry-after", str(self.admission.retry_after()).encode()))
+                message = {**message, "headers": headers}
             if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
                 state["start"], state["body"] = message, b""
                 return

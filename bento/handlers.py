@@ -1,108 +1,87 @@
-"""What the API service does per request, apart from HTTP wiring: check parameters,
-decode and preprocess off the event loop, call the batched model with a deadline, rank."""
+"""What the service does per request, apart from HTTP wiring: check parameters, decode and
+preprocess on a thread pool, hand the crops to the in-process batcher with a deadline, rank.
+
+Every typed sota-serve error becomes a JSON response with its documented status (503s with
+``Retry-After``) instead of an exception: BentoML would log a traceback for each client
+mistake and replace the message of any 5xx with a generic one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from http import HTTPStatus
-from pathlib import Path
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
-import aiohttp
-import anyio
 import numpy as np
-from bentoml.exceptions import BentoMLException
+from starlette.responses import JSONResponse
 
 from bento.schemas import BatchError, BatchPredictions
+from sota_serve.admission import Admission
+from sota_serve.batcher import DynamicBatcher
 from sota_serve.card import ModelCard
-from sota_serve.errors import ImageError, SotaServeError
+from sota_serve.errors import ImageError, OverloadedError, SotaServeError
 from sota_serve.predictions import Prediction, check_top_k, top_k_predictions
 from sota_serve.preprocess import Preprocessor
 
-Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
-
-def http_error(e: SotaServeError) -> BentoMLException:
-    """A typed sota-serve error as the BentoML exception carrying its HTTP status."""
-    return BentoMLException(str(e), error_code=HTTPStatus(e.http_status))
-
-
-def _recycled_connection(e: BaseException) -> bool:
-    # aiohttp reports a closed connection as ClientConnectionError while writing the request,
-    # ClientPayloadError or RuntimeError("Connection closed.") while reading the response.
-    if isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
-        return True
-    return isinstance(e, RuntimeError) and "Connection closed" in str(e)
-
-
-async def _retry_once(run: Infer, chunk: np.ndarray) -> np.ndarray:
-    """BentoML's dependency client (1.4.39) recycles its connection pool every 100 calls and
-    closes connections other calls are still using; inference is idempotent, so a call that
-    hit a closing connection is sent once more."""
-    try:
-        return await run(chunk)
-    except Exception as e:
-        if not _recycled_connection(e):
-            raise
-        return await run(chunk)
+def error_response(e: SotaServeError) -> JSONResponse:
+    headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, OverloadedError) else None
+    return JSONResponse({"error": str(e)}, status_code=e.http_status, headers=headers)
 
 
 class RequestHandler:
-    def __init__(self, card: ModelCard, pre: Preprocessor, *, deadline_s: float, chunk: dict[str, int]) -> None:
-        self.card, self.pre, self.deadline_s, self.chunk = card, pre, deadline_s, chunk
+    def __init__(self, card: ModelCard, pre: Preprocessor, batcher: DynamicBatcher, admission: Admission,
+                 *, deadline_s: float, decode_threads: int) -> None:
+        self.card, self.pre, self.batcher, self.admission = card, pre, batcher, admission
+        self.deadline_s = deadline_s
+        self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
 
-    def params(self, tta: str, top_k: int) -> tuple[str, int]:
+    def params(self, tta: str, top_k: int) -> tuple[int, int]:
+        """(crops per image, k); raises BadRequestError (422)."""
+        return self.pre.crops_per_image(tta), check_top_k(top_k, self.card.num_classes)
+
+    def _decode(self, data: bytes, tta: str) -> np.ndarray:
+        started = time.perf_counter()
         try:
-            self.pre.crops_per_image(tta)
-            return tta, check_top_k(top_k, self.card.num_classes)
-        except SotaServeError as e:
-            raise http_error(e) from e
+            crops = self.pre(data, tta)  # the guard already bounded the body size
+        except BaseException:
+            self.admission.decoded(1, None)
+            raise
+        self.admission.decoded(1, time.perf_counter() - started)
+        return crops
 
-    async def crops(self, path: Path, tta: str) -> np.ndarray:
-        """(1, 3, H, W) or (1, 5, 3, H, W) uint8 for one uploaded file."""
+    async def _decode_all(self, images: Sequence[bytes], tta: str) -> list[np.ndarray | ImageError]:
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self.decode_pool, self._decode, data, tta) for data in images]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, ImageError):
+                raise r
+        return results  # type: ignore[return-value]
 
-        def work() -> np.ndarray:
-            data = path.read_bytes()  # the guard already bounded the body size
-            crops = self.pre(data, tta)
-            return crops if tta == "none" else crops[None]
-
-        return await anyio.to_thread.run_sync(work)
-
-    async def infer(self, batch: np.ndarray, run: Infer, started: float) -> np.ndarray:
-        """Run in chunks of the batcher's max size; drop work still queued past the deadline."""
-        size = self.chunk["none" if batch.ndim == 4 else "five_crop"]
-        remaining = self.deadline_s - (time.monotonic() - started)
-        if remaining <= 0:
-            raise BentoMLException("request dropped: it waited past the deadline before inference",
-                                   error_code=HTTPStatus.SERVICE_UNAVAILABLE)
+    async def predictions(self, images: Sequence[bytes], tta: str, k: int, top_k: int,
+                          started: float) -> list[list[Prediction] | ImageError]:
+        """One entry per image, in order: its ranked predictions, or its typed error."""
+        charged = len(images) * k
+        self.admission.charge(len(images), charged)
         try:
-            parts = await asyncio.wait_for(
-                asyncio.gather(*(_retry_once(run, batch[i : i + size]) for i in range(0, len(batch), size))),
-                timeout=remaining,
-            )
-        except TimeoutError as e:
-            raise BentoMLException(
-                f"request dropped: no result within the {self.deadline_s:g}s deadline (server overloaded)",
-                error_code=HTTPStatus.SERVICE_UNAVAILABLE,
-            ) from e
-        return np.concatenate(parts)
+            decoded = await self._decode_all(images, tta)
+            good = [i for i, item in enumerate(decoded) if not isinstance(item, BaseException)]
+            out: list[list[Prediction] | ImageError] = list(decoded)  # type: ignore[arg-type]
+            if good:
+                crops = np.concatenate([decoded[i] for i in good])  # type: ignore[misc]
+                probs = await self.batcher.submit(crops, k, started + self.deadline_s)
+                for i, p in zip(good, probs, strict=True):
+                    out[i] = top_k_predictions(p, self.card.labels, top_k)
+            return out
+        finally:
+            self.admission.computed(charged)
 
-    def rank(self, probs: np.ndarray, k: int) -> list[Prediction]:
-        return top_k_predictions(probs, self.card.labels, k)
+    @staticmethod
+    def batch_entries(results: Sequence[list[Prediction] | ImageError]) -> list[BatchPredictions | BatchError]:
+        return [BatchError(error=str(r), status=r.http_status) if isinstance(r, ImageError)
+                else BatchPredictions(predictions=r) for r in results]
 
-    async def batch(self, paths: Sequence[Path], tta: str, k: int, run: Infer, started: float) -> list[BatchPredictions | BatchError]:
-        """Every image gets an entry, in request order; a bad image does not fail the others."""
-        decoded = await asyncio.gather(*(self.crops(p, tta) for p in paths), return_exceptions=True)
-        for item in decoded:
-            if isinstance(item, BaseException) and not isinstance(item, ImageError):
-                raise item
-        good = [i for i, item in enumerate(decoded) if not isinstance(item, BaseException)]
-        ranked: dict[int, BatchPredictions] = {}
-        if good:
-            probs = await self.infer(np.concatenate([decoded[i] for i in good]), run, started)
-            ranked = {i: BatchPredictions(predictions=self.rank(p, k)) for i, p in zip(good, probs, strict=True)}
-        return [
-            ranked[i] if i in ranked else BatchError(error=str(item), status=item.http_status)  # type: ignore[union-attr]
-            for i, item in enumerate(decoded)
-        ]
+    def close(self) -> None:
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -1,11 +1,20 @@
-"""Service settings, read once from ``SOTA_SERVE_*`` environment variables."""
+"""Service settings, read once from ``SOTA_SERVE_*`` environment variables.
+
+Knobs left unset are sized to the machine (:meth:`Settings.plan`): one worker process that
+owns all cores on a CPU, several workers sharing one GPU (decoding is then the bottleneck,
+and each worker decodes on its own cores), batch sizes from the device.
+"""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sota_serve.constants import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from sota_serve.device import Device, resolve_device
 from sota_serve.errors import SotaServeError
 
 DEFAULT_MODEL = "sota-demo:latest"
@@ -20,29 +29,56 @@ class Settings(BaseSettings):
     model: str = DEFAULT_MODEL
     backend: str = Field(default="onnx", pattern="^(onnx|torchscript)$")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
-    #: images per device batch (plain); five-crop batches hold max_batch_size_tta images = 5x crops
-    max_batch_size: int = Field(default=32, ge=1, le=1024)
-    max_batch_size_tta: int = Field(default=8, ge=1, le=256)
-    #: BentoML's batcher refuses (503) a request whose estimated wait exceeds this, so it must
-    #: sit well above the model's time for one full batch (xresnet50 on 2 CPU cores: 1.5 s for
-    #: 32 images). It is not a wait added to requests; overload is bounded by max_in_flight
-    #: and deadline_s instead.
-    max_latency_ms: int = Field(default=5000, ge=1, le=60_000)
-    #: ORT / torch intra-op threads of the inference worker (default: all cores)
+    #: worker processes; each loads the model, decodes and batches its own requests
+    workers: int | None = Field(default=None, ge=1, le=64)
+    #: decode/preprocess threads per worker (Pillow releases the GIL)
+    decode_threads: int | None = Field(default=None, ge=1, le=256)
+    #: ORT / torch intra-op threads per worker
     threads: int | None = Field(default=None, ge=1, le=256)
+    #: images per device call (plain); five-crop calls hold max_batch_size_tta images = 5x crops
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    max_batch_size_tta: int | None = Field(default=None, ge=1, le=256)
     #: request body limit (all files of a request together)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BYTES + 1024 * 1024, ge=1024)
     #: per-image limits
     max_image_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    max_aspect_ratio: float = Field(default=20.0, ge=1.0)
     max_batch_images: int = Field(default=64, ge=1, le=1024)
     jpeg_draft: bool = False
-    #: requests being decoded or queued at once; more get 503 + Retry-After at once
-    max_in_flight: int = Field(default=256, ge=1)
-    #: a request still waiting for the model after this long is dropped with 503
+    #: admission: a request is refused (503 + Retry-After) when the work already in flight
+    #: needs longer than this to drain, at the measured decode and model speed
+    max_wait_s: float = Field(default=10.0, gt=0)
+    #: memory backstop: requests in flight per worker, whatever the estimates say
+    max_in_flight: int = Field(default=1024, ge=1)
+    #: a request still queued for the model after this long is dropped with 503
     deadline_s: float = Field(default=20.0, gt=0)
-    #: CPU-side decode/preprocess processes of the API service
-    api_workers: int = Field(default=1, ge=1, le=64)
+
+    def plan(self) -> Plan:
+        device = resolve_device(self.device)
+        cores = os.cpu_count() or 1
+        workers = self.workers or (max(1, min(8, cores // 2)) if device == "cuda" else 1)
+        per_worker = max(1, cores // workers)
+        return Plan(
+            device=device,
+            workers=workers,
+            decode_threads=self.decode_threads or per_worker,
+            threads=self.threads or (1 if device == "cuda" else per_worker),
+            max_batch_size=self.max_batch_size or (128 if device == "cuda" else 32),
+            max_batch_size_tta=self.max_batch_size_tta or (32 if device == "cuda" else 8),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The settings resolved for this machine."""
+
+    device: Device
+    workers: int
+    decode_threads: int
+    threads: int
+    max_batch_size: int
+    max_batch_size_tta: int
 
 
 def load_settings() -> Settings:
@@ -53,4 +89,3 @@ def load_settings() -> Settings:
             f"SOTA_SERVE_{str(err['loc'][0]).upper()}: {err['msg']}" for err in e.errors()
         )
         raise SotaServeError(f"invalid service settings: {problems}") from e
-

@@ -28,3 +28,5 @@ README_FILE = "README.md"
 #: Input limits (overridable per decoder). Pixels: about a 50-megapixel photo.
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
+#: Long side / short side; panoramas up to 20:1 pass.
+DEFAULT_MAX_ASPECT_RATIO = 20.0

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from sota_serve.constants import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from sota_serve.constants import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from sota_serve.errors import (
+    ImageGeometryError,
     ImageTooLargeError,
     InvalidImageError,
     UnsupportedImageFormatError,
@@ -38,8 +39,14 @@ class DecodeLimits:
 
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: long side / short side. Resizing the short side to the card's edge makes the long side
+    #: this many times the edge, so it bounds what a tiny upload can make the server allocate
+    #: (a 20000x1 PNG would become a 64x1,280,000 intermediate).
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
 
     def __post_init__(self) -> None:
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
         if self.max_bytes <= 0 or self.max_pixels <= 0:
             raise ValueError(
                 f"limits must be positive, e.g. DecodeLimits(max_bytes=20_000_000, max_pixels="
@@ -155,6 +162,11 @@ def _check_pixels(img: Image.Image, limits: DecodeLimits) -> None:
     if w * h > limits.max_pixels:
         raise ImageTooLargeError(
             f"the image is {w}x{h} = {w * h:,} pixels, above the limit of {limits.max_pixels:,}"
+        )
+    if max(w, h) > limits.max_aspect_ratio * min(w, h):
+        raise ImageGeometryError(
+            f"the image is {w}x{h}, an aspect ratio of {max(w, h) / min(w, h):,.1f}:1, above the"
+            f" limit of {limits.max_aspect_ratio:g}:1 (SOTA_SERVE_MAX_ASPECT_RATIO); crop it first"
         )
 
 

@@ -34,6 +34,12 @@ class UnsupportedImageFormatError(ImageError):
     http_status = 415
 
 
+class ImageGeometryError(ImageError):
+    """A shape that preprocessing would blow up (an extreme aspect ratio)."""
+
+    http_status = 400
+
+
 class ImageTooLargeError(ImageError):
     """Too many bytes or too many pixels (including decompression bombs)."""
 
@@ -67,3 +73,16 @@ class BadRequestError(SotaServeError, ValueError):
     """A request parameter is out of range (e.g. an unknown ``tta`` or a bad ``top_k``)."""
 
     http_status = 422
+
+
+# --- serving ------------------------------------------------------------------------------
+
+
+class OverloadedError(SotaServeError):
+    """The server cannot take or finish this request in time; the client should retry later."""
+
+    http_status = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

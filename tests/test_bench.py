@@ -14,10 +14,12 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "model ceiling" in out and "offline pipeline" in out and "HTTP under closed-loop load" in out
     results = json.loads((tmp_path / "quick.json").read_text())
-    for key in ("ratio_http_to_offline", "ratio_http_to_offline_five_crop", "ratio_to_naive", "machine"):
+    for key in ("ratio_http_to_offline", "ratio_http_to_offline_five_crop", "ratio_to_naive", "machine",
+                "http_img_per_s_plain", "http_img_per_s_five_crop", "ceiling_img_per_s", "ratio_to_litserve"):
         assert key in results
+    assert results["http_img_per_s_plain"] > 0 and results["ceiling_img_per_s"] > 0
     model = results["models"][0]
-    assert {r["service"] for r in model["http"]} == {"sota-serve", "naive"}
+    assert {r["service"] for r in model["http"]} == {"sota-serve", "naive", "litserve"}
     assert {r["tta"] for r in model["http"] if r["service"] == "sota-serve"} == {"none", "five_crop"}
     assert all(r["errors"] == 0 and r["ok"] > 0 for r in model["http"])
     assert (tmp_path / "quick.png").stat().st_size > 1000

@@ -115,7 +115,7 @@ def test_overload_gets_fast_503_with_retry_after_and_recovers(tiny_package, tmp_
     big = (tmp_path / "big.jpg")
     Image.open(PHOTOS[1]).convert("RGB").resize((4000, 2668)).save(big, quality=90)
     payload = big.read_bytes()
-    env = {"SOTA_SERVE_MAX_IN_FLIGHT": "4", "SOTA_SERVE_DEVICE": "cpu"}
+    env = {"SOTA_SERVE_MAX_WAIT_S": "0.2", "SOTA_SERVE_DEVICE": "cpu"}
     with Server(tiny_package, env=env, home=tmp_path / "bentoml") as server:
         def one(_):
             start = time.perf_counter()
@@ -129,7 +129,7 @@ def test_overload_gets_fast_503_with_retry_after_and_recovers(tiny_package, tmp_
         rejected = [(r, t) for r, t in results if r.status_code == 503]
         assert len(accepted) + len(rejected) == 48, {r.status_code for r, _ in results}
         assert accepted and len(rejected) >= 24
-        assert all(r.headers.get("retry-after") == "1" and "busy" in r.json()["error"] for r, _ in rejected)
+        assert all(int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["error"] for r, _ in rejected)
         print(f"\noverload: accepted {len(accepted)}, rejected {len(rejected)},"
               f" p99 accepted {1000 * float(np.percentile(accepted, 99)):.0f} ms,"
               f" median rejection {1000 * float(np.median([t for _, t in rejected])):.0f} ms")

@@ -67,7 +67,7 @@ def _batch_histogram(server: Server) -> dict[float, float]:
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     buckets: dict[float, float] = {}
     for line in text.splitlines():
-        m = re.match(r'bentoml_service_adaptive_batch_size_bucket\{le="([^"]+)",[^}]*method_name="plain"[^}]*\} (\S+)', line)
+        m = re.match(r'sota_serve_batch_images_bucket\{crops_per_image="1",le="([^"]+)"\} (\S+)', line)
         if m and m.group(1) != "+Inf":
             buckets[float(m.group(1))] = buckets.get(float(m.group(1)), 0) + float(m.group(2))
     return buckets
@@ -147,6 +147,6 @@ def test_import_serve_torchscript_from_store_and_build(tiny_package, photos, tmp
     got = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "get", "sota_serve:latest", "-o", "json"], **run)
     bento = json.loads(got.stdout)
     assert all(m["tag"].startswith("sota-test:") for svc in bento["services"] for m in svc["models"])
-    assert {svc["name"] for svc in bento["services"]} == {"sota_serve", "sota_inference"}
+    assert {svc["name"] for svc in bento["services"]} == {"sota_serve"}  # one service, no hop
     requirements = bento["image"]["python_requirements"]
     assert "onnxruntime-gpu" in requirements and "torch" not in requirements and "fastai" not in requirements

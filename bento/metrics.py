@@ -1,0 +1,29 @@
+"""Prometheus metrics of the in-process batcher and the admission policy (on ``/metrics``).
+
+BentoML's own ``bentoml_service_adaptive_batch_size`` is not used any more (the service does
+its own batching); these count images and crops, not requests.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+BATCH_IMAGES = bentoml.metrics.Histogram(
+    name="sota_serve_batch_images", documentation="Images per device call",
+    labelnames=["crops_per_image"], buckets=_SIZES)
+BATCH_SECONDS = bentoml.metrics.Histogram(
+    name="sota_serve_batch_seconds", documentation="Seconds per device call",
+    labelnames=["crops_per_image"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+SHED = bentoml.metrics.Counter(
+    name="sota_serve_shed", documentation="Requests answered 503 with Retry-After", labelnames=["reason"])
+
+
+def observe_batch(k: int, images: int, crops: int, seconds: float) -> None:
+    BATCH_IMAGES.labels(crops_per_image=str(k)).observe(images)
+    BATCH_SECONDS.labels(crops_per_image=str(k)).observe(seconds)
+
+
+def count_shed(reason: str) -> None:
+    SHED.labels(reason=reason).inc()

@@ -1,0 +1,166 @@
+"""Dynamic batching inside one process: concurrent callers' crops go to the device together.
+
+Callers ``await batcher.submit(crops, k, deadline)`` from an asyncio loop. One dispatcher task
+takes whatever is queued when the model is free (up to ``max_crops``) and runs it as one
+``runtime.predict`` call in a dedicated thread, so the event loop keeps accepting requests
+while the device works. Nothing waits for a batch to fill: at low load a request runs at
+once (batch of one), under load the queue that builds up while the model is busy becomes the
+next batch (continuous batching). Five-crop and plain requests queue apart, since one device
+call averages one group size; the queue whose oldest request is oldest goes first.
+
+Requests whose deadline passed while queued are failed with :class:`OverloadedError` instead
+of being computed late. The batcher keeps running averages of the model's time per crop so
+that admission control (:mod:`sota_serve.admission`) can estimate how long the queue takes
+to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sota_serve.errors import OverloadedError
+from sota_serve.runtime.base import Runtime
+
+log = logging.getLogger("sota_serve.batcher")
+
+BatchObserver = Callable[[int, int, int, float], None]  # (k, images, crops, seconds)
+
+
+@dataclass
+class _Item:
+    crops: np.ndarray  # (n*k, 3, H, W) uint8
+    k: int
+    deadline: float  # time.monotonic()
+    future: asyncio.Future[np.ndarray]
+    queued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def images(self) -> int:
+        return self.crops.shape[0] // self.k
+
+
+class Ewma:
+    """Exponentially weighted mean; ``None`` until the first sample."""
+
+    def __init__(self, alpha: float = 0.2, initial: float | None = None) -> None:
+        self.alpha, self.value = alpha, initial
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.alpha * sample + (1 - self.alpha) * self.value
+
+
+class DynamicBatcher:
+    def __init__(self, runtime: Runtime, *, max_crops: int, observer: BatchObserver | None = None,
+                 seconds_per_crop: Ewma | None = None) -> None:
+        if max_crops < 1:
+            raise ValueError(f"max_crops must be >= 1, got {max_crops}")
+        self.runtime, self.max_crops, self.observer = runtime, max_crops, observer
+        self._queues: dict[int, deque[_Item]] = {}
+        self._wakeup = asyncio.Event()
+        # One thread owns the model: ORT/torch parallelize inside a call, and calls never overlap.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="sota-model")
+        self._task: asyncio.Task[None] | None = None
+        self.seconds_per_crop = seconds_per_crop or Ewma()
+        self.queued_crops = 0
+        self.running_crops = 0
+        self.batches = 0
+
+    # --- caller side ----------------------------------------------------------------------
+
+    async def submit(self, crops: np.ndarray, k: int, deadline: float) -> np.ndarray:
+        """(n*k, 3, H, W) uint8 -> (n, C) probabilities, computed in a shared batch.
+
+        A request larger than ``max_crops`` is split on image boundaries.
+        """
+        self._ensure_running()
+        step = max(k, self.max_crops // k * k)
+        loop = asyncio.get_running_loop()
+        futures = []
+        for i in range(0, crops.shape[0], step):
+            item = _Item(crops[i : i + step], k, deadline, loop.create_future())
+            self._queues.setdefault(k, deque()).append(item)
+            self.queued_crops += item.crops.shape[0]
+            futures.append(item.future)
+        self._wakeup.set()
+        parts = await asyncio.gather(*futures)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def pending_crops(self) -> int:
+        return self.queued_crops + self.running_crops
+
+    # --- dispatcher -----------------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="sota-batcher")
+
+    def _next_batch(self) -> list[_Item]:
+        heads = [(q[0].queued_at, k) for k, q in self._queues.items() if q]
+        if not heads:
+            return []
+        _, k = min(heads)
+        queue, batch, crops = self._queues[k], [], 0
+        now = time.monotonic()
+        while queue and (not batch or crops + queue[0].crops.shape[0] <= self.max_crops):
+            item = queue.popleft()
+            self.queued_crops -= item.crops.shape[0]
+            if item.future.done():  # the caller went away (cancelled)
+                continue
+            if now > item.deadline:
+                item.future.set_exception(OverloadedError(
+                    f"request dropped: it waited {now - item.queued_at:.1f}s in the queue, past its"
+                    " deadline (SOTA_SERVE_DEADLINE_S); the server is overloaded", retry_after_s=1))
+                continue
+            batch.append(item)
+            crops += item.crops.shape[0]
+        return batch
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            k = batch[0].k
+            x = batch[0].crops if len(batch) == 1 else np.concatenate([it.crops for it in batch])
+            self.running_crops = x.shape[0]
+            started = time.perf_counter()
+            try:
+                probs = await loop.run_in_executor(self._model_thread, self._predict, x, k)
+            except Exception as e:  # a model failure fails this batch only, typed for the caller
+                log.exception("model call failed for a batch of %d crops", x.shape[0])
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                continue
+            finally:
+                self.running_crops = 0
+            elapsed = time.perf_counter() - started
+            self.seconds_per_crop.add(elapsed / x.shape[0])
+            self.batches += 1
+            if self.observer:
+                self.observer(k, x.shape[0] // k, x.shape[0], elapsed)
+            row = 0
+            for it in batch:
+                n = it.images
+                if not it.future.done():
+                    it.future.set_result(probs[row : row + n])
+                row += n
+
+    def _predict(self, x: np.ndarray, k: int) -> np.ndarray:
+        return self.runtime.predict(x, crops_per_image=k)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._model_thread.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,211 @@
+"""The in-process batcher and the admission policy, on a real exported model (ONNX Runtime)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+
+from bento.handlers import RequestHandler, error_response
+from sota_serve.admission import Admission
+from sota_serve.batcher import DynamicBatcher
+from sota_serve.card import ModelCard
+from sota_serve.errors import BadRequestError, OverloadedError
+from sota_serve.package import open_package
+from sota_serve.preprocess import Preprocessor
+from sota_serve.runtime import load_runtime
+from tests.helpers import card_dict
+
+
+class CountingRuntime:
+    """The real runtime, with every device call's shape recorded."""
+
+    def __init__(self, runtime, delay_s: float = 0.0) -> None:
+        self.runtime, self.delay_s, self.calls = runtime, delay_s, []
+
+    def predict(self, x: np.ndarray, *, crops_per_image: int = 1) -> np.ndarray:
+        self.calls.append((x.shape[0], crops_per_image))
+        time.sleep(self.delay_s)  # holds the model thread, so that later requests queue up
+        return self.runtime.predict(x, crops_per_image=crops_per_image)
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_package):
+    return load_runtime(open_package(tiny_package), "onnx", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def crops(tiny_package, photos):
+    """(3 photos, 5 crops, 3, 32, 32) uint8 and (3, 3, 32, 32) uint8 of the real photos."""
+    pre = Preprocessor.from_card(open_package(tiny_package).card)
+    data = [p.read_bytes() for p in photos]
+    return np.stack([pre(d, "five_crop") for d in data]), np.concatenate([pre(d) for d in data])
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_device_calls_and_get_their_own_rows(runtime, crops):
+    _, plain = crops
+    counting = CountingRuntime(runtime, delay_s=0.05)
+
+    async def main():
+        batcher = DynamicBatcher(counting, max_crops=64)
+        deadline = time.monotonic() + 30
+        jobs = [batcher.submit(plain[i % 3][None], 1, deadline) for i in range(24)]
+        return await asyncio.gather(*jobs)
+
+    results = _run(main())
+    expected = runtime.predict(plain)
+    for i, probs in enumerate(results):
+        np.testing.assert_allclose(probs[0], expected[i % 3], atol=1e-6)
+    assert sum(n for n, _ in counting.calls) == 24
+    assert len(counting.calls) < 24 and max(n for n, _ in counting.calls) > 1, counting.calls
+
+
+def test_plain_and_five_crop_requests_batch_apart_and_stay_exact(runtime, crops):
+    five, plain = crops
+    counting = CountingRuntime(runtime, delay_s=0.02)
+
+    async def main():
+        batcher = DynamicBatcher(counting, max_crops=64)
+        deadline = time.monotonic() + 30
+        jobs = []
+        for i in range(6):
+            jobs.append(batcher.submit(plain[i % 3][None], 1, deadline))
+            jobs.append(batcher.submit(five[i % 3], 5, deadline))
+        return await asyncio.gather(*jobs)
+
+    results = _run(main())
+    plain_expected = runtime.predict(plain)
+    five_expected = runtime.predict(five.reshape(-1, 3, 32, 32), crops_per_image=5)
+    for i in range(6):
+        np.testing.assert_allclose(results[2 * i][0], plain_expected[i % 3], atol=1e-6)
+        np.testing.assert_allclose(results[2 * i + 1][0], five_expected[i % 3], atol=1e-6)
+    assert all(n % k == 0 for n, k in counting.calls)
+    assert {k for _, k in counting.calls} == {1, 5}
+
+
+def test_a_request_larger_than_a_batch_is_split_on_image_boundaries(runtime, crops):
+    five, _ = crops
+    counting = CountingRuntime(runtime)
+    x = np.concatenate([five, five, five, five]).reshape(-1, 3, 32, 32)  # 12 images, 60 crops
+
+    async def main():
+        return await DynamicBatcher(counting, max_crops=12).submit(x, 5, time.monotonic() + 30)
+
+    out = _run(main())
+    assert out.shape == (12, 3)
+    np.testing.assert_allclose(out, runtime.predict(x, crops_per_image=5), atol=1e-6)
+    assert [n for n, _ in counting.calls] == [10] * 6  # 2 whole images (10 crops) per call
+
+
+def test_a_request_past_its_deadline_is_dropped_not_computed(runtime, crops):
+    _, plain = crops
+    counting = CountingRuntime(runtime)
+
+    async def main():
+        return await DynamicBatcher(counting, max_crops=8).submit(plain[:1], 1, time.monotonic() - 0.1)
+
+    with pytest.raises(OverloadedError, match="deadline"):
+        _run(main())
+    assert counting.calls == []
+
+
+def test_a_failing_batch_fails_its_requests_only(runtime, crops):
+    _, plain = crops
+
+    class Flaky(CountingRuntime):
+        def predict(self, x, *, crops_per_image=1):
+            if not self.calls:
+                self.calls.append("boom")
+                raise RuntimeError("device lost")
+            return super().predict(x, crops_per_image=crops_per_image)
+
+    async def main():
+        batcher = DynamicBatcher(Flaky(runtime), max_crops=8)
+        deadline = time.monotonic() + 30
+        with pytest.raises(RuntimeError, match="device lost"):
+            await batcher.submit(plain[:1], 1, deadline)
+        return await batcher.submit(plain[:1], 1, deadline)
+
+    assert _run(main()).shape == (1, 3)
+
+
+def test_model_time_per_crop_is_measured(runtime, crops):
+    _, plain = crops
+    batcher_holder = {}
+
+    async def main():
+        batcher = batcher_holder["b"] = DynamicBatcher(runtime, max_crops=8)
+        await batcher.submit(plain, 1, time.monotonic() + 30)
+
+    _run(main())
+    assert batcher_holder["b"].seconds_per_crop.value > 0 and batcher_holder["b"].batches == 1
+
+
+# --- admission ---------------------------------------------------------------------------
+
+
+def test_admission_sheds_when_the_queue_cannot_drain_in_time():
+    adm = Admission(max_wait_s=1.0, max_in_flight=1000, decode_threads=2)
+    adm.seconds_per_crop.add(0.1)  # 10 crops/s
+    admitted = 0
+    while (decision := adm.try_enter()).admitted:
+        admitted += 1
+        adm.charge(1, 1)
+    assert admitted == 11  # 10 queued crops drain in 1.0 s; the 11th makes it 1.1 s
+    assert decision.retry_after_s == 2 and "SOTA_SERVE_MAX_WAIT_S" in decision.reason
+    for _ in range(5):
+        adm.computed(1)
+        adm.leave()
+    assert adm.try_enter().admitted and adm.shed == 1
+
+
+def test_admission_caps_requests_in_flight_whatever_the_estimates():
+    adm = Admission(max_wait_s=100.0, max_in_flight=3, decode_threads=1)
+    assert all(adm.try_enter().admitted for _ in range(3))
+    decision = adm.try_enter()
+    assert not decision.admitted and decision.retry_after_s >= 1 and "SOTA_SERVE_MAX_IN_FLIGHT" in decision.reason
+    adm.leave()
+    assert adm.try_enter().admitted
+
+
+def test_decode_cost_counts_toward_the_drain_time():
+    adm = Admission(max_wait_s=1.0, max_in_flight=100, decode_threads=2)
+    adm.decoded(0, 0.5)  # 0.5 s per image, 2 threads
+    adm.charge(4, 0)
+    assert adm.drain_s() == pytest.approx(1.0)
+    adm.decoded(2, None)
+    assert adm.drain_s() == pytest.approx(0.5)
+
+
+# --- request handler (no HTTP) -----------------------------------------------------------
+
+
+def _handler() -> RequestHandler:
+    card = ModelCard.parse(card_dict())
+    adm = Admission(max_wait_s=10, max_in_flight=10, decode_threads=1)
+    return RequestHandler(card, Preprocessor.from_card(card), batcher=None, admission=adm,  # type: ignore[arg-type]
+                          deadline_s=1.0, decode_threads=1)
+
+
+@pytest.mark.parametrize(("tta", "top_k"), [("bogus", 1), ("none", 0), ("none", 10**6)])
+def test_bad_parameters_are_422(tta, top_k):
+    with pytest.raises(BadRequestError) as e:
+        _handler().params(tta, top_k)
+    assert e.value.http_status == 422
+
+
+def test_top_k_is_clamped_to_the_number_of_labels():
+    assert _handler().params("five_crop", 50) == (5, 3)
+
+
+def test_overload_answers_carry_retry_after():
+    response = error_response(OverloadedError("busy", retry_after_s=7))
+    assert response.status_code == 503 and response.headers["retry-after"] == "7"
+    assert json.loads(response.body) == {"error": "busy"}
