@@ -85,3 +85,27 @@ def test_random_bodies_behind_real_magic(magic, body):
 @pytest.mark.parametrize("name", sorted(SEEDS))
 def test_seeds_themselves_decode(name):
     assert decode_image(SEEDS[name], limits=LIMITS).mode == "RGB"
+
+
+@settings(max_examples=300, deadline=5000, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(st.integers(1, 200_000), st.integers(1, 200_000), st.booleans())
+def test_any_dimensions_are_refused_by_their_limit_or_decoded_within_it(width, height, real):
+    """Claimed (header-only) or real images of any size: the typed error names the limit that
+    applies, and whatever decodes stays within every limit."""
+    from bench.images import png_header
+    from sota_serve.errors import ImageGeometryError, ImageTooLargeError
+
+    small = width * height <= 40_000
+    data = encode(Image.new("L", (width, height), 128)) if real and small else png_header(width, height)
+    try:
+        img = decode_image(data, limits=LIMITS)
+    except ImageTooLargeError:
+        assert width * height > LIMITS.max_pixels
+        return
+    except ImageGeometryError as e:
+        assert max(width, height) > LIMITS.max_aspect_ratio * min(width, height) and "aspect ratio" in str(e)
+        return
+    except ImageError:
+        assert not (real and small), "a real, in-limit image was refused"
+        return
+    assert img.size == (width, height) and max(width, height) <= LIMITS.max_aspect_ratio * min(width, height)

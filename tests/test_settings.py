@@ -1,0 +1,35 @@
+"""Service settings: knobs left unset are sized to the machine, on CPU and (simulated) GPU."""
+
+import pytest
+
+import bento.settings as settings_module
+from bento.settings import Settings, load_settings
+from sota_serve.errors import SotaServeError
+
+
+def test_cpu_plan_gives_one_worker_all_cores(monkeypatch):
+    monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 8)
+    plan = Settings(device="cpu").plan()
+    assert (plan.device, plan.workers, plan.decode_threads, plan.threads) == ("cpu", 1, 8, 8)
+    assert (plan.max_batch_size, plan.max_batch_size_tta) == (32, 8)
+
+
+def test_gpu_plan_shares_the_device_between_workers(monkeypatch):
+    # CI has no GPU: the plan's arithmetic is checked with the device resolution stubbed.
+    monkeypatch.setattr(settings_module, "resolve_device", lambda requested: "cuda")
+    monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 16)
+    plan = Settings().plan()
+    assert (plan.device, plan.workers, plan.decode_threads, plan.threads) == ("cuda", 8, 2, 1)
+    assert (plan.max_batch_size, plan.max_batch_size_tta) == (128, 32)
+
+
+def test_explicit_settings_win(monkeypatch):
+    monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 2)
+    plan = Settings(device="cpu", workers=2, decode_threads=3, threads=1, max_batch_size=4).plan()
+    assert (plan.workers, plan.decode_threads, plan.threads, plan.max_batch_size) == (2, 3, 1, 4)
+
+
+def test_bad_settings_name_the_variable(monkeypatch):
+    monkeypatch.setenv("SOTA_SERVE_MAX_WAIT_S", "-1")
+    with pytest.raises(SotaServeError, match="SOTA_SERVE_MAX_WAIT_S"):
+        load_settings()
