@@ -60,24 +60,27 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = self._fix_errors(send)
-        fields = self.file_fields.get(scope["path"]) if scope["method"] == "POST" else None
-        if not fields:
+        if scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        decision = self.admission.try_enter()
-        if not decision.admitted:
-            # Answered before the body is read: shedding must cost less than serving.
-            return await _respond(send, 503, {"error": f"{decision.reason}; retry after"
-                                                       f" {decision.retry_after_s}s"},
-                                  {"Retry-After": str(decision.retry_after_s)})
+        fields = self.file_fields.get(scope["path"])
+        if fields:
+            decision = self.admission.try_enter()
+            if not decision.admitted:
+                # Answered before the body is read: shedding must cost less than serving.
+                return await _respond(send, 503, {"error": f"{decision.reason}; retry after"
+                                                           f" {decision.retry_after_s}s"},
+                                      {"Retry-After": str(decision.retry_after_s)})
         try:
-            try:
+            try:  # the body limit holds for every POST, not only the image routes
                 body = await self._read_body(scope, receive)
-                self._check_files(Headers(scope=scope), body, fields)
+                if fields:
+                    self._check_files(Headers(scope=scope), body, fields)
             except _Reject as e:
                 return await _respond(send, e.status, {"error": e.message}, e.headers)
             await self.app(scope, _replay(body, receive), send)
         finally:
-            self.admission.leave()
+            if fields:
+                self.admission.leave()
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         headers = Headers(scope=scope)

@@ -82,6 +82,3 @@ class RequestHandler:
     def batch_entries(results: Sequence[list[Prediction] | ImageError]) -> list[BatchPredictions | BatchError]:
         return [BatchError(error=str(r), status=r.http_status) if isinstance(r, ImageError)
                 else BatchPredictions(predictions=r) for r in results]
-
-    def close(self) -> None:
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
