@@ -14,16 +14,21 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from starlette.datastructures import Headers
 
-from sota_serve.admission import Admission
+from sota_serve.admission import Admission, Ticket
+from sota_serve.errors import OverloadedError
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+#: the admission ticket of the request being handled; the handler reports progress on it
+TICKET: ContextVar[Ticket | None] = ContextVar("sota_serve_ticket", default=None)
 
 
 class _Reject(Exception):
@@ -63,24 +68,29 @@ class RequestGuard:
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         fields = self.file_fields.get(scope["path"])
+        ticket: Ticket | None = None
         if fields:
-            decision = self.admission.try_enter()
-            if not decision.admitted:
+            declared = Headers(scope=scope).get("content-length", "")
+            try:
+                ticket = self.admission.enter(min(int(declared), self.max_body_bytes) if declared.isdigit() else 0)
+            except OverloadedError as e:
                 # Answered before the body is read: shedding must cost less than serving.
-                return await _respond(send, 503, {"error": f"{decision.reason}; retry after"
-                                                           f" {decision.retry_after_s}s"},
-                                      {"Retry-After": str(decision.retry_after_s)})
+                return await _respond(send, 503, {"error": f"{e}; retry after {e.retry_after_s}s"},
+                                      {"Retry-After": str(e.retry_after_s)})
+            # The API handler runs in this task's context (or a copy of it), and reads it there.
+            TICKET.set(ticket)
         try:
             try:  # the body limit holds for every POST, not only the image routes
                 body = await self._read_body(scope, receive)
-                if fields:
+                if fields and ticket is not None:
+                    self.admission.resize(ticket, len(body))
                     self._check_files(Headers(scope=scope), body, fields)
             except _Reject as e:
                 return await _respond(send, e.status, {"error": e.message}, e.headers)
             await self.app(scope, _replay(body, receive), send)
         finally:
-            if fields:
-                self.admission.leave()
+            if ticket is not None:
+                self.admission.leave(ticket)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         headers = Headers(scope=scope)

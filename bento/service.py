@@ -15,7 +15,7 @@ from typing import Any
 
 import bentoml
 
-from bento.guard import RequestGuard
+from bento.guard import TICKET, RequestGuard
 from bento.handlers import RequestHandler, error_response
 from bento.metrics import count_shed, observe_batch
 from bento.schemas import BatchResponse, ClassifyResponse
@@ -72,6 +72,7 @@ class Classifier:
         pre = Preprocessor.from_card(package.card, limits=limits, jpeg_draft=SETTINGS.jpeg_draft)
         self.handler = RequestHandler(package.card, pre, self.batcher, ADMISSION,
                                       deadline_s=SETTINGS.deadline_s, decode_threads=PLAN.decode_threads)
+        self.handler.calibrate()
         self.ready = True
         log.info("serving %s on %s: %s", package.card.tag, PLAN.device, PLAN)
 
@@ -87,7 +88,7 @@ class Classifier:
         started = time.monotonic()
         try:
             k, top_k = self.handler.params(tta, top_k)
-            (result,) = await self.handler.predictions([image.data], tta, k, top_k, started)
+            (result,) = await self.handler.predictions([image.data], tta, k, top_k, started, TICKET.get())
             if isinstance(result, ImageError):
                 raise result
         except SotaServeError as e:
@@ -99,7 +100,8 @@ class Classifier:
         started = time.monotonic()
         try:
             k, top_k = self.handler.params(tta, top_k)
-            results = await self.handler.predictions([u.data for u in images], tta, k, top_k, started)
+            results = await self.handler.predictions([u.data for u in images], tta, k, top_k, started,
+                                                     TICKET.get())
         except SotaServeError as e:
             return error_response(e)  # type: ignore[return-value]
         return BatchResponse(model=self.model_card.tag, tta=tta, results=self.handler.batch_entries(results))

@@ -2,13 +2,22 @@
 
 A server that accepts everything under overload serves nobody well: the queue grows, every
 request waits, and work is spent on requests whose clients have given up. This policy
-estimates how long the work already in flight takes to drain, from measured costs (decode
-time per image, model time per crop) and admits a new request only if it would start within
-``max_wait_s``. Otherwise the request is refused before its body is read, with a
-``Retry-After`` equal to the estimated drain time: the client learns when to come back.
+estimates how long the work already in flight takes to drain and admits a new request only
+if it would start within ``max_wait_s``. Otherwise the request is refused before its body is
+read (:class:`OverloadedError`, 503) with a ``Retry-After`` equal to the estimated drain
+time: the client learns when to come back.
 
-A hard cap on requests in flight bounds memory (each holds its upload) whatever the
-estimates say.
+The estimate has two parts, both from measured costs:
+
+- decoding: seconds per upload byte (JPEG/PNG decode time grows with the encoded size far
+  more predictably than per image) times the bytes admitted and not yet decoded. The size of
+  a request is known at the door from its ``Content-Length``, so a burst is accounted for
+  the moment it arrives, before any of it has been decoded;
+- the model: seconds per crop times the crops queued or running.
+
+Each admitted request holds a :class:`Ticket` for its share; :meth:`Admission.leave` releases
+whatever is left of it, so the accounting stays exact on every error path. A hard cap on
+requests in flight bounds memory (each holds its upload) whatever the estimates say.
 """
 
 from __future__ import annotations
@@ -19,25 +28,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sota_serve.batcher import Ewma
+from sota_serve.errors import OverloadedError
 
 
-@dataclass(frozen=True)
-class Decision:
-    admitted: bool
-    reason: str = ""
-    retry_after_s: int = 0
+@dataclass
+class Ticket:
+    """One admitted request's share of the estimated work."""
+
+    bytes: int = 0  # upload bytes not yet decoded
+    crops: int = 0  # crops not yet through the model
 
 
 class Admission:
     def __init__(self, *, max_wait_s: float, max_in_flight: int, decode_threads: int,
-                 seconds_per_crop: Ewma | None = None, on_shed: Callable[[str], None] | None = None) -> None:
+                 seconds_per_crop: Ewma | None = None, seconds_per_byte: Ewma | None = None,
+                 on_shed: Callable[[str], None] | None = None) -> None:
         self.on_shed = on_shed
         self.max_wait_s, self.max_in_flight, self.decode_threads = max_wait_s, max_in_flight, decode_threads
         self.seconds_per_crop = seconds_per_crop or Ewma()
-        self.decode_seconds = Ewma()
+        self.seconds_per_byte = seconds_per_byte or Ewma()
         self.in_flight = 0
-        self.pending_images = 0  # admitted, not yet decoded
-        self.pending_crops = 0  # admitted, not yet through the model
+        self.pending_bytes = 0  # admitted, not yet decoded
+        self.pending_crops = 0  # queued for or running in the model
         self.shed = 0
         self._lock = threading.Lock()  # decode threads report costs concurrently
 
@@ -48,7 +60,7 @@ class Admission:
 
         Decode and model time are added, not overlapped: on a CPU both share the same cores.
         """
-        decode = (self.decode_seconds.value or 0.0) * self.pending_images / max(1, self.decode_threads)
+        decode = (self.seconds_per_byte.value or 0.0) * self.pending_bytes / max(1, self.decode_threads)
         model = (self.seconds_per_crop.value or 0.0) * self.pending_crops
         return decode + model
 
@@ -57,44 +69,61 @@ class Admission:
 
     # --- the door -------------------------------------------------------------------------
 
-    def try_enter(self) -> Decision:
-        """Called before a request's body is read. On admission, call :meth:`leave` once."""
+    def enter(self, nbytes: int) -> Ticket:
+        """Admit a request of ``nbytes`` (its Content-Length, 0 if unknown) or raise
+        :class:`OverloadedError`. Called before the body is read; pair with :meth:`leave`."""
         with self._lock:
             if self.in_flight >= self.max_in_flight:
                 self._shed("in_flight")
-                return Decision(False, f"server busy: {self.in_flight} requests in flight (limit"
-                                       f" {self.max_in_flight}, SOTA_SERVE_MAX_IN_FLIGHT)", self.retry_after())
+                raise OverloadedError(f"server busy: {self.in_flight} requests in flight (limit"
+                                      f" {self.max_in_flight}, SOTA_SERVE_MAX_IN_FLIGHT)",
+                                      retry_after_s=self.retry_after())
             wait = self.drain_s()
             if wait > self.max_wait_s:
                 self._shed("queue")
-                return Decision(False, f"server busy: the queue needs about {wait:.1f}s to drain, above"
-                                       f" the {self.max_wait_s:g}s bound (SOTA_SERVE_MAX_WAIT_S)",
-                                self.retry_after())
+                raise OverloadedError(f"server busy: the queue needs about {wait:.1f}s to drain, above"
+                                      f" the {self.max_wait_s:g}s bound (SOTA_SERVE_MAX_WAIT_S)",
+                                      retry_after_s=self.retry_after())
             self.in_flight += 1
-            return Decision(True)
+            self.pending_bytes += nbytes
+            return Ticket(bytes=nbytes)
 
     def _shed(self, reason: str) -> None:
         self.shed += 1
         if self.on_shed:
             self.on_shed(reason)
 
-    def leave(self) -> None:
+    def leave(self, ticket: Ticket) -> None:
         with self._lock:
+            self.pending_bytes -= ticket.bytes
+            self.pending_crops -= ticket.crops
+            ticket.bytes = ticket.crops = 0
             self.in_flight -= 1
 
-    # --- work accounting (the handler reports what a request turned out to cost) ----------
+    # --- a request's progress (reported by the guard and the handler) ---------------------
 
-    def charge(self, images: int, crops: int) -> None:
+    def resize(self, ticket: Ticket, nbytes: int) -> None:
+        """The body turned out to be ``nbytes`` long (no or a wrong Content-Length)."""
         with self._lock:
-            self.pending_images += images
+            self.pending_bytes += nbytes - ticket.bytes
+            ticket.bytes = nbytes
+
+    def decoded(self, ticket: Ticket) -> None:
+        with self._lock:
+            self.pending_bytes -= ticket.bytes
+            ticket.bytes = 0
+
+    def charge(self, ticket: Ticket, crops: int) -> None:
+        with self._lock:
             self.pending_crops += crops
+            ticket.crops += crops
 
-    def decoded(self, images: int, seconds: float | None) -> None:
+    def computed(self, ticket: Ticket) -> None:
         with self._lock:
-            self.pending_images -= images
-            if seconds is not None:
-                self.decode_seconds.add(seconds)
+            self.pending_crops -= ticket.crops
+            ticket.crops = 0
 
-    def computed(self, crops: int) -> None:
+    def learn_decode(self, nbytes: int, seconds: float) -> None:
+        """One image of ``nbytes`` took ``seconds`` of one decode thread."""
         with self._lock:
-            self.pending_crops -= crops
+            self.seconds_per_byte.add(seconds / max(1, nbytes))

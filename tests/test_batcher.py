@@ -154,34 +154,57 @@ def test_model_time_per_crop_is_measured(runtime, crops):
 def test_admission_sheds_when_the_queue_cannot_drain_in_time():
     adm = Admission(max_wait_s=1.0, max_in_flight=1000, decode_threads=2)
     adm.seconds_per_crop.add(0.1)  # 10 crops/s
-    admitted = 0
-    while (decision := adm.try_enter()).admitted:
-        admitted += 1
-        adm.charge(1, 1)
-    assert admitted == 11  # 10 queued crops drain in 1.0 s; the 11th makes it 1.1 s
-    assert decision.retry_after_s == 2 and "SOTA_SERVE_MAX_WAIT_S" in decision.reason
-    for _ in range(5):
-        adm.computed(1)
-        adm.leave()
-    assert adm.try_enter().admitted and adm.shed == 1
+    tickets = []
+    with pytest.raises(OverloadedError) as refused:
+        while True:
+            tickets.append(adm.enter(0))
+            adm.charge(tickets[-1], 1)
+    assert len(tickets) == 11  # 10 queued crops drain in 1.0 s; the 11th makes it 1.1 s
+    assert refused.value.retry_after_s == 2 and "SOTA_SERVE_MAX_WAIT_S" in str(refused.value)
+    assert refused.value.http_status == 503
+    for ticket in tickets[:5]:
+        adm.computed(ticket)
+        adm.leave(ticket)
+    assert adm.enter(0) and adm.shed == 1
 
 
 def test_admission_caps_requests_in_flight_whatever_the_estimates():
     adm = Admission(max_wait_s=100.0, max_in_flight=3, decode_threads=1)
-    assert all(adm.try_enter().admitted for _ in range(3))
-    decision = adm.try_enter()
-    assert not decision.admitted and decision.retry_after_s >= 1 and "SOTA_SERVE_MAX_IN_FLIGHT" in decision.reason
-    adm.leave()
-    assert adm.try_enter().admitted
+    tickets = [adm.enter(0) for _ in range(3)]
+    with pytest.raises(OverloadedError) as refused:
+        adm.enter(0)
+    assert refused.value.retry_after_s >= 1 and "SOTA_SERVE_MAX_IN_FLIGHT" in str(refused.value)
+    adm.leave(tickets[0])
+    assert adm.enter(0)
 
 
-def test_decode_cost_counts_toward_the_drain_time():
-    adm = Admission(max_wait_s=1.0, max_in_flight=100, decode_threads=2)
-    adm.decoded(0, 0.5)  # 0.5 s per image, 2 threads
-    adm.charge(4, 0)
-    assert adm.drain_s() == pytest.approx(1.0)
-    adm.decoded(2, None)
+def test_a_burst_is_charged_at_the_door_before_any_of_it_is_decoded():
+    # The bytes a request declares count at once: 48 simultaneous big uploads must not all
+    # be admitted just because none of them has reached the decoder yet.
+    adm = Admission(max_wait_s=0.22, max_in_flight=1000, decode_threads=2)
+    adm.learn_decode(1_000_000, 0.04)  # 40 ms per MB of upload on one thread
+    admitted = []
+    for _ in range(48):
+        try:
+            admitted.append(adm.enter(2_500_000))  # 50 ms of two threads each
+        except OverloadedError:
+            pass
+    assert len(admitted) == 5 and adm.shed == 43  # the 5th starts at 0.2 s, the 6th would at 0.25 s
+    assert adm.drain_s() == pytest.approx(0.25)
+
+
+def test_a_ticket_releases_exactly_what_is_left_of_it():
+    adm = Admission(max_wait_s=10.0, max_in_flight=10, decode_threads=2)
+    adm.learn_decode(1000, 0.5)
+    adm.seconds_per_crop.add(0.1)
+    ticket = adm.enter(100)
+    adm.resize(ticket, 4000)  # the body was bigger than declared
+    adm.charge(ticket, 5)
+    assert adm.drain_s() == pytest.approx(4000 * 0.0005 / 2 + 0.5)
+    adm.decoded(ticket)
     assert adm.drain_s() == pytest.approx(0.5)
+    adm.leave(ticket)  # crops not reported computed (an error path): still released
+    assert (adm.pending_bytes, adm.pending_crops, adm.in_flight, adm.drain_s()) == (0, 0, 0, 0.0)
 
 
 # --- request handler (no HTTP) -----------------------------------------------------------
@@ -209,3 +232,11 @@ def test_overload_answers_carry_retry_after():
     response = error_response(OverloadedError("busy", retry_after_s=7))
     assert response.status_code == 503 and response.headers["retry-after"] == "7"
     assert json.loads(response.body) == {"error": "busy"}
+
+
+def test_a_cold_handler_seeds_the_decode_cost_before_the_first_request():
+    handler = _handler()
+    assert handler.admission.seconds_per_byte.value is None
+    handler.calibrate(repeats=1)
+    assert 0 < handler.admission.seconds_per_byte.value < 1e-5  # well under 10 s per MB
+    assert handler.admission.pending_bytes == 0
