@@ -6,21 +6,24 @@
 - admission control at the door (sota_serve.admission), before the body is read: a request
   the queue cannot serve in time gets an immediate 503 with Retry-After;
 - every 503, whichever component sent it, carries Retry-After;
-- BentoML renders 4xx errors as ``[{"error": ...}]``; they are unwrapped to ``{"error": ...}``.
+- BentoML renders 4xx errors as ``[{"error": ...}]``; they are unwrapped to ``{"error": ...}``;
+- once the model is loaded, the image routes are answered from the buffered body
+  (bento.routes) instead of being handed to BentoML's request pipeline.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
 from starlette.datastructures import Headers
 
+from bento.multipart import Part, boundary, parts
+from bento.routes import ImageRoutes
 from sota_serve.admission import Admission, Ticket
-from sota_serve.errors import OverloadedError
+from sota_serve.errors import MalformedRequestError, OverloadedError
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -38,7 +41,10 @@ class _Reject(Exception):
 
 
 async def _respond(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-    data = json.dumps(body).encode()
+    await _respond_raw(send, status, json.dumps(body).encode(), headers)
+
+
+async def _respond_raw(send: Send, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -54,12 +60,14 @@ class RequestGuard:
         max_body_bytes: int,
         admission: Admission,
         max_files: int = 64,
+        routes: ImageRoutes | None = None,
     ) -> None:
         self.app = app
         self.file_fields = {path: set(fields) for path, fields in file_fields.items()}
         self.max_body_bytes = max_body_bytes
         self.admission = admission
         self.max_files = max_files
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,11 +90,15 @@ class RequestGuard:
         try:
             try:  # the body limit holds for every POST, not only the image routes
                 body = await self._read_body(scope, receive)
+                form: list[Part] = []
                 if fields and ticket is not None:
                     self.admission.resize(ticket, len(body))
-                    self._check_files(Headers(scope=scope), body, fields)
+                    form = self._check_files(Headers(scope=scope), body, fields)
             except _Reject as e:
                 return await _respond(send, e.status, {"error": e.message}, e.headers)
+            if self.routes is not None and self.routes.serves(scope["path"]):
+                status, headers, data = await self.routes.answer(scope["path"], form, ticket)
+                return await _respond_raw(send, status, data, headers)
             await self.app(scope, _replay(body, receive), send)
         finally:
             if ticket is not None:
@@ -112,25 +124,27 @@ class RequestGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    def _check_files(self, headers: Headers, body: bytes, fields: set[str]) -> None:
+    def _check_files(self, headers: Headers, body: bytes, fields: set[str]) -> list[Part]:
         ctype = headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise _Reject(415, "send images as multipart/form-data file parts (e.g. curl -F"
                                f" image=@photo.jpg); got content-type {ctype or 'none'!r}")
-        boundary = _boundary(ctype)
-        if boundary is None:
+        separator = boundary(ctype)
+        if separator is None:
             raise _Reject(400, "malformed multipart body: no boundary in the content-type")
-        files = 0
-        for name, is_file in _parts(body, boundary):
-            if name not in fields:
-                continue
-            if not is_file:
-                raise _Reject(400, f"field {name!r} must be a file upload; URLs and strings are not fetched")
-            files += 1
-            if files > self.max_files:
-                raise _Reject(413, f"more than {self.max_files} images in one request")
+        try:
+            form = list(parts(body, separator))
+        except MalformedRequestError as e:
+            raise _Reject(400, str(e)) from e
+        files = [p for p in form if p.name in fields]
+        for part in files:
+            if not part.is_file:
+                raise _Reject(400, f"field {part.name!r} must be a file upload; URLs and strings are not fetched")
+        if len(files) > self.max_files:
+            raise _Reject(413, f"more than {self.max_files} images in one request")
         if not files:
             raise _Reject(400, f"missing file field {' or '.join(sorted(fields))!r}")
+        return form
 
     def _fix_errors(self, send: Send) -> Send:
         state: dict[str, Any] = {}
@@ -163,40 +177,6 @@ class RequestGuard:
             await send(message)
 
         return wrapped
-
-
-_DISPOSITION = re.compile(rb'(?im)^content-disposition:\s*form-data\s*;(.*)$')
-_NAME = re.compile(rb'(?i)(?:^|;)\s*name="([^"]*)"')
-_FILENAME = re.compile(rb'(?i)(?:^|;)\s*filename\*?=')
-
-
-def _boundary(content_type: str) -> bytes | None:
-    match = re.search(r'boundary="?([^";]+)"?', content_type)
-    return match.group(1).encode("latin-1") if match else None
-
-
-def _parts(body: bytes, boundary: bytes) -> Iterator[tuple[str, bool]]:
-    """(field name, is a file part) for each part, reading part headers only.
-
-    Only the small header block of each part is parsed (bytes.find runs in C), so checking a
-    multi-megabyte upload costs microseconds instead of a second full multipart parse.
-    """
-    delimiter = b"--" + boundary
-    pos = body.find(delimiter)
-    while pos != -1:
-        start = pos + len(delimiter)
-        if body[start : start + 2] == b"--":  # closing delimiter
-            return
-        end = body.find(b"\r\n\r\n", start)
-        if end == -1:
-            raise _Reject(400, "malformed multipart body: a part has no header end")
-        disposition = _DISPOSITION.search(body[start:end])
-        if disposition:
-            name = _NAME.search(disposition.group(1))
-            if name:
-                yield name.group(1).decode("utf-8", "replace"), bool(_FILENAME.search(disposition.group(1)))
-        pos = body.find(b"\r\n" + delimiter, end)
-        pos = pos + 2 if pos != -1 else -1
 
 
 def _replay(body: bytes, upstream: Receive) -> Receive:

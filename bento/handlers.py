@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from starlette.responses import JSONResponse
 
-from bento.schemas import BatchError, BatchPredictions
+from bento.schemas import BatchError, BatchPredictions, BatchResponse, ClassifyResponse
 from sota_serve.admission import Admission, Ticket
 from sota_serve.batcher import DynamicBatcher
 from sota_serve.card import ModelCard
@@ -73,12 +73,30 @@ class RequestHandler:
                 raise r
         return results  # type: ignore[return-value]
 
+    async def classify(self, image: bytes, tta: str, top_k: int, ticket: Ticket | None) -> ClassifyResponse:
+        """``POST /classify``; raises typed errors (a bad image, parameters, overload)."""
+        k, top_k = self.params(tta, top_k)
+        (result,) = await self.predictions([image], tta, k, top_k, ticket)
+        if isinstance(result, ImageError):
+            raise result
+        return ClassifyResponse(model=self.card.tag, tta=tta, predictions=result)
+
+    async def classify_batch(self, images: Sequence[bytes], tta: str, top_k: int,
+                             ticket: Ticket | None) -> BatchResponse:
+        """``POST /classify_batch``: one entry per image; a bad image fails only its entry."""
+        k, top_k = self.params(tta, top_k)
+        results = await self.predictions(images, tta, k, top_k, ticket)
+        entries = [BatchError(error=str(r), status=r.http_status) if isinstance(r, ImageError)
+                   else BatchPredictions(predictions=r) for r in results]
+        return BatchResponse(model=self.card.tag, tta=tta, results=entries)
+
     async def predictions(self, images: Sequence[bytes], tta: str, k: int, top_k: int,
-                          started: float, ticket: Ticket | None = None) -> list[list[Prediction] | ImageError]:
+                          ticket: Ticket | None = None) -> list[list[Prediction] | ImageError]:
         """One entry per image, in order: its ranked predictions, or its typed error.
 
         ``ticket`` is the request's admission ticket (the guard's); progress is reported on it
-        so that admission sees decoded bytes and queued crops as they change.
+        so that admission sees decoded bytes and queued crops as they change. The request's
+        deadline counts from its admission.
         """
         ticket = ticket or Ticket()
         self.admission.charge(ticket, len(images) * k)
@@ -91,14 +109,9 @@ class RequestHandler:
         try:
             if good:
                 crops = np.concatenate([decoded[i] for i in good])  # type: ignore[misc]
-                probs = await self.batcher.submit(crops, k, started + self.deadline_s)
+                probs = await self.batcher.submit(crops, k, ticket.admitted_at + self.deadline_s)
                 for i, p in zip(good, probs, strict=True):
                     out[i] = top_k_predictions(p, self.card.labels, top_k)
         finally:
             self.admission.computed(ticket)
         return out
-
-    @staticmethod
-    def batch_entries(results: Sequence[list[Prediction] | ImageError]) -> list[BatchPredictions | BatchError]:
-        return [BatchError(error=str(r), status=r.http_status) if isinstance(r, ImageError)
-                else BatchPredictions(predictions=r) for r in results]

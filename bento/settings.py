@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_aspect_ratio: float = Field(default=20.0, ge=1.0)
     max_batch_images: int = Field(default=64, ge=1, le=1024)
     jpeg_draft: bool = False
+    #: one log line per request (BentoML's access log); off by default, it costs throughput
+    access_log: bool = False
     #: admission: a request is refused (503 + Retry-After) when the work already in flight
     #: needs longer than this to drain, at the measured decode and model speed
     max_wait_s: float = Field(default=10.0, gt=0)

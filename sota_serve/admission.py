@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sota_serve.batcher import Ewma
 from sota_serve.errors import OverloadedError
@@ -37,6 +38,7 @@ class Ticket:
 
     bytes: int = 0  # upload bytes not yet decoded
     crops: int = 0  # crops not yet through the model
+    admitted_at: float = field(default_factory=time.monotonic)
 
 
 class Admission:

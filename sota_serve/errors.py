@@ -75,6 +75,12 @@ class BadRequestError(SotaServeError, ValueError):
     http_status = 422
 
 
+class MalformedRequestError(SotaServeError, ValueError):
+    """The request itself is not well formed (a broken multipart body, a non-integer ``top_k``)."""
+
+    http_status = 400
+
+
 # --- serving ------------------------------------------------------------------------------
 
 
