@@ -107,10 +107,20 @@ def test_bad_input_is_4xx_with_message_and_server_survives(server, photos, name,
     content = photos[0].read_bytes() if content is None else content
     r = post(server, "/classify", {"image": (f"{name}.bin", content, ctype)}, data)
     assert r.status_code == status, r.text
-    assert isinstance(r.json().get("error"), str) and r.json()["error"]
+    assert list(r.json()) == ["error"] and isinstance(r.json()["error"], str) and r.json()["error"]
     assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
     ok = post(server, "/classify", {"image": ("x.jpg", photos[1].read_bytes(), "image/jpeg")})
     assert ok.status_code == 200
+
+
+def test_client_errors_are_one_log_line_without_traceback(server, photos):
+    r = post(server, "/classify", {"image": ("g.jpg", b"\x13\x37" * 500, "image/jpeg")}, {"top_k": "abc"})
+    assert r.status_code == 400 and r.json() == {"error": "top_k must be an integer, got 'abc'"}
+    r = post(server, "/classify", {"image": ("g.jpg", b"\x13\x37" * 500, "image/jpeg")})
+    assert r.status_code == 400
+    log = server.output()
+    assert "/classify -> 400: top_k must be an integer" in log
+    assert "Traceback" not in log and "[ERROR]" not in log, log[-3000:]
 
 
 def test_truncated_jpeg_and_huge_header(server, photos):
