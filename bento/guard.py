@@ -107,10 +107,8 @@ class RequestGuard:
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         headers = Headers(scope=scope)
         declared = headers.get("content-length")
-        too_big = _Reject(413, f"request body above the limit of {self.max_body_bytes:,} bytes"
-                               " (SOTA_SERVE_MAX_BODY_BYTES)")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise too_big
+            raise self._too_big()
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -119,10 +117,14 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise too_big
+                raise self._too_big()
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+    def _too_big(self) -> _Reject:
+        return _Reject(413, f"request body above the limit of {self.max_body_bytes:,} bytes"
+                            " (SOTA_SERVE_MAX_BODY_BYTES)")
 
     def _check_files(self, headers: Headers, body: bytes, fields: set[str]) -> list[Part]:
         ctype = headers.get("content-type", "")

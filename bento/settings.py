@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     jpeg_draft: bool = False
     #: one log line per request (BentoML's access log); off by default, it costs throughput
     access_log: bool = False
+    #: OpenTelemetry spans for the image routes (with BentoML's tracing configured); off: they
+    #: cost throughput and BentoML's default sample rate (0) records none
+    trace_requests: bool = False
     #: admission: a request is refused (503 + Retry-After) when the work already in flight
     #: needs longer than this to drain, at the measured decode and model speed
     max_wait_s: float = Field(default=10.0, gt=0)
