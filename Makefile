@@ -8,6 +8,7 @@ DEMO ?= sota-demo
 .PHONY: install serve demo test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml
+	@echo "==> installing sota-serve and its dependencies into $(VENV) (torch, fastai, BentoML, ONNX Runtime: a few minutes the first time)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -18,9 +19,11 @@ install: $(BIN)/.installed
 # Train and import the demo model unless the BentoML store already has it.
 demo: install
 	@$(BIN)/bentoml models get $(DEMO):latest >/dev/null 2>&1 \
-		|| $(BIN)/sota-serve demo --name $(DEMO)
+		|| { echo "==> training the demo model (handwritten digits, about 2 minutes on 2 cores), then evaluating and exporting it"; \
+		     $(BIN)/sota-serve demo --name $(DEMO); }
 
 serve: demo
+	@echo "==> serving $(DEMO) on http://localhost:$(PORT) once it prints 'ready'  (API UI: http://localhost:$(PORT)/, try: curl -F image=@examples/seven.png http://localhost:$(PORT)/classify)"
 	$(BIN)/bentoml serve --port $(PORT)
 
 test: install

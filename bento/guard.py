@@ -61,6 +61,7 @@ class RequestGuard:
         admission: Admission,
         max_files: int = 64,
         routes: ImageRoutes | None = None,
+        hold_s: float = 0.0,
     ) -> None:
         self.app = app
         self.file_fields = {path: set(fields) for path, fields in file_fields.items()}
@@ -68,11 +69,17 @@ class RequestGuard:
         self.admission = admission
         self.max_files = max_files
         self.routes = routes
+        self.hold_s = hold_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = self._fix_errors(send)
+        if scope["method"] == "GET" and self.routes is not None:
+            answer = self.routes.get(scope["path"])
+            if answer is not None:
+                status, headers, data = answer
+                return await _respond_raw(send, status, data, headers)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         fields = self.file_fields.get(scope["path"])
@@ -80,7 +87,8 @@ class RequestGuard:
         if fields:
             declared = Headers(scope=scope).get("content-length", "")
             try:
-                ticket = self.admission.enter(min(int(declared), self.max_body_bytes) if declared.isdigit() else 0)
+                nbytes = min(int(declared), self.max_body_bytes) if declared.isdigit() else 0
+                ticket = await self.admission.wait_enter(nbytes, self.hold_s)
             except OverloadedError as e:
                 # Answered before the body is read: shedding must cost less than serving.
                 return await _respond(send, 503, {"error": f"{e}; retry after {e.retry_after_s}s"},

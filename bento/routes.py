@@ -1,4 +1,8 @@
-"""``/classify`` and ``/classify_batch`` answered straight from the guard's buffered body.
+"""Routes answered by the guard without BentoML's request pipeline.
+
+``POST /classify`` and ``POST /classify_batch`` straight from the guard's buffered body;
+``GET /card`` (BentoML's API routes are POST only, and a browser's first try is a GET) and
+``GET /docs`` (a redirect to BentoML's OpenAPI UI, which lives at ``/``).
 
 BentoML's generic request path validates an IO model, parses the multipart body a second
 time, builds a Starlette request and response and serializes through its own serde. On the
@@ -52,6 +56,14 @@ class ImageRoutes:
 
     def serves(self, path: str) -> bool:
         return self.handler is not None and path in self.file_fields
+
+    def get(self, path: str) -> Answer | None:
+        """The answer to ``GET path``, or None to leave it to BentoML."""
+        if path == "/card" and self.handler is not None:
+            return 200, {}, json.dumps(self.handler.card.to_dict()).encode()
+        if path == "/docs":
+            return 307, {"Location": "/"}, b'{"error": "the OpenAPI UI is at /, the document at /docs.json"}'
+        return None
 
     async def answer(self, path: str, parts: Sequence[Part], ticket: Ticket | None) -> Answer:
         assert self.handler is not None, "ImageRoutes.answer before bind"

@@ -83,7 +83,7 @@ class Classifier:
         self.handler.calibrate()
         ROUTES.bind(self.handler)
         self.ready = True
-        log.info("serving %s on %s: %s", package.card.tag, PLAN.device, PLAN)
+        log.info("ready: serving %s on %s (%s)", package.card.tag, PLAN.device, PLAN)
 
     def __is_ready__(self) -> bool:
         return self.ready
@@ -117,6 +117,7 @@ Classifier.add_asgi_middleware(
     RequestGuard,
     file_fields={path: [field] for path, field in FILE_FIELDS.items()},
     routes=ROUTES,
+    hold_s=SETTINGS.admission_hold_s,
     max_body_bytes=SETTINGS.max_body_bytes,
     max_files=SETTINGS.max_batch_images,
     admission=ADMISSION,

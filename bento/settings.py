@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     #: admission: a request is refused (503 + Retry-After) when the work already in flight
     #: needs longer than this to drain, at the measured decode and model speed
     max_wait_s: float = Field(default=10.0, gt=0)
+    #: a request over that bound waits at the door up to this long for room before its 503
+    admission_hold_s: float = Field(default=2.0, ge=0)
     #: memory backstop: requests in flight per worker, whatever the estimates say
     max_in_flight: int = Field(default=1024, ge=1)
     #: a request still queued for the model after this long is dropped with 503

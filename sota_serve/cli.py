@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from sota_serve import __version__
 from sota_serve.errors import ImageError, SotaServeError
 
 ENTRY_POINT_GROUP = "sota_serve.commands"
@@ -96,20 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sota-serve", description="Package and serve fastai image classifiers."
     )
+    parser.add_argument("--version", action="version", version=f"sota-serve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="print the card of a package dir, .onnx or .pt file")
-    p.add_argument("path")
+    p = sub.add_parser("inspect", help="print the card of a package dir, .onnx or .pt file, or store tag")
+    p.add_argument("path", help="package directory, .onnx or .pt file, or BentoML model-store tag (name[:version])")
     p.add_argument("--json", action="store_true", help="print the card as JSON")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("predict", help="classify image files with a package")
-    p.add_argument("package", help="package directory, .onnx or .pt file")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx")
-    p.add_argument("--tta", choices=("none", "five_crop"), default="none")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p = sub.add_parser("predict", help="classify image files with a package",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("package", help="package directory, .onnx or .pt file, or BentoML model-store tag"
+                                   " (name[:version], e.g. sota-demo:latest)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
+    p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx", help="which exported file runs")
+    p.add_argument("--tta", choices=("none", "five_crop"), default="none",
+                   help="five_crop: average the four corner crops and the center crop")
+    p.add_argument("--top-k", type=int, default=5, help="labels to print per image")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when a device is present")
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode large JPEGs at reduced scale (faster, pixels differ slightly)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one entry per image")

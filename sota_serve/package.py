@@ -9,6 +9,7 @@ to a runtime, so a file swapped after opening is caught too. A lone file has no 
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,31 @@ def open_package(path: str | Path) -> ModelPackage:
             )
         card = read_embedded_card(path)
         return ModelPackage(card=card, artifacts={backend: path}, source=str(path))
-    raise PackageError(f"{path}: no such package directory or model file")
+    stored = store_model_dir(str(path))
+    if stored is not None:
+        return _open_dir(stored)
+    raise PackageError(f"{path}: no such package directory, model file or BentoML model-store tag"
+                       " (see `bentoml models list`)")
+
+
+def store_model_dir(tag: str) -> Path | None:
+    """The directory of ``name[:version]`` in BentoML's local model store, if it is there.
+
+    Read from the store's documented on-disk layout (``$BENTOML_HOME/models/<name>/<version>``
+    with a ``latest`` file) rather than through bentoml, so the core library keeps working
+    without it; ``sota-serve import`` writes packages there.
+    """
+    name, _, version = tag.partition(":")
+    if not name or "/" in name or "/" in version or name.startswith("."):
+        return None
+    root = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "models" / name.lower()
+    if version in ("", "latest"):
+        try:
+            version = (root / "latest").read_text().strip()
+        except OSError:
+            return None
+    folder = root / version.lower()
+    return folder if (folder / CARD_FILE).is_file() else None
 
 
 def _open_dir(root: Path) -> ModelPackage:

@@ -60,3 +60,24 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "sota_serve.cli", "--help"], capture_output=True, text=True)
     for command in ("inspect", "predict", "train", "demo", "export", "import", "bench"):
         assert command in out.stdout
+
+
+def test_predict_and_inspect_take_a_model_store_tag(tiny_package, photos, tmp_path, monkeypatch, capsys):
+    # BentoML's on-disk store layout, as `sota-serve import` leaves it
+    version_dir = tmp_path / "models" / "tiny-test" / "v1abc"
+    shutil.copytree(tiny_package, version_dir)
+    (tmp_path / "models" / "tiny-test" / "latest").write_text("v1abc")
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    assert main(["predict", str(tiny_package), str(photos[0]), "--json", "--device", "cpu"]) == 0
+    by_dir = json.loads(capsys.readouterr().out)
+    for tag in ("tiny-test", "tiny-test:latest", "tiny-test:v1abc"):
+        assert main(["predict", tag, str(photos[0]), "--json", "--device", "cpu"]) == 0
+        assert json.loads(capsys.readouterr().out) == by_dir
+    assert main(["inspect", "tiny-test:v1abc"]) == 0 and "tiny-cnn" in capsys.readouterr().out
+    assert main(["inspect", "tiny-test:nope"]) == 2 and "model-store tag" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("sota-serve 0.")

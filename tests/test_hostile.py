@@ -115,7 +115,7 @@ def test_overload_gets_fast_503_with_retry_after_and_recovers(tiny_package, tmp_
     big = (tmp_path / "big.jpg")
     Image.open(PHOTOS[1]).convert("RGB").resize((4000, 2668)).save(big, quality=90)
     payload = big.read_bytes()
-    env = {"SOTA_SERVE_MAX_WAIT_S": "0.2", "SOTA_SERVE_DEVICE": "cpu"}
+    env = {"SOTA_SERVE_MAX_WAIT_S": "0.2", "SOTA_SERVE_ADMISSION_HOLD_S": "0", "SOTA_SERVE_DEVICE": "cpu"}
     with Server(tiny_package, env=env, home=tmp_path / "bentoml") as server:
         def one(_):
             start = time.perf_counter()

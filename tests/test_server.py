@@ -61,6 +61,13 @@ def test_classify_batch_keeps_order_and_isolates_bad_images(server, photos):
 def test_card_endpoint(server, tiny_package):
     card = httpx.post(f"{server.url}/card", timeout=30).json()
     assert card == json.loads((tiny_package / "card.json").read_text())
+    assert httpx.get(f"{server.url}/card", timeout=30).json() == card  # what a browser does first
+
+
+def test_docs_leads_to_the_openapi_ui(server):
+    r = httpx.get(f"{server.url}/docs", timeout=30, follow_redirects=True)
+    assert r.status_code == 200 and "swagger" in r.text.lower()
+    assert "/classify" in httpx.get(f"{server.url}/docs.json", timeout=30).json()["paths"]
 
 
 def _batch_histogram(server: Server) -> dict[float, float]:
