@@ -31,7 +31,8 @@ from sota_serve.package import open_package
 from sota_serve.preprocess import Preprocessor
 from sota_serve.runtime import load_runtime
 
-log = logging.getLogger("sota_serve.service")
+# Under BentoML's logger, so that its log configuration (INFO on the console) applies.
+log = logging.getLogger("bentoml.sota_serve")
 
 SETTINGS = load_settings()
 PLAN = SETTINGS.plan()
