@@ -2,7 +2,8 @@
 
 ``POST /classify`` and ``POST /classify_batch`` straight from the guard's buffered body;
 ``GET /card`` (BentoML's API routes are POST only, and a browser's first try is a GET) and
-``GET /docs`` (a redirect to BentoML's OpenAPI UI, which lives at ``/``).
+``GET /docs`` (a redirect to BentoML's OpenAPI UI, which lives at ``/``) and ``GET /docs.json``
+(the OpenAPI document completed from the model card, bento.openapi).
 
 BentoML's generic request path validates an IO model, parses the multipart body a second
 time, builds a Starlette request and response and serializes through its own serde. On the
@@ -21,6 +22,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -50,9 +52,11 @@ class ImageRoutes:
     def __init__(self, file_fields: dict[str, str]) -> None:
         self.file_fields = file_fields  # route -> its file field
         self.handler: RequestHandler | None = None
+        self.openapi = b""
 
-    def bind(self, handler: RequestHandler) -> None:
+    def bind(self, handler: RequestHandler, openapi: dict[str, Any]) -> None:
         self.handler = handler
+        self.openapi = json.dumps(openapi).encode()
 
     def serves(self, path: str) -> bool:
         return self.handler is not None and path in self.file_fields
@@ -61,6 +65,8 @@ class ImageRoutes:
         """The answer to ``GET path``, or None to leave it to BentoML."""
         if path == "/card" and self.handler is not None:
             return 200, {}, json.dumps(self.handler.card.to_dict()).encode()
+        if path == "/docs.json" and self.openapi:
+            return 200, {}, self.openapi
         if path == "/docs":
             return 307, {"Location": "/"}, b'{"error": "the OpenAPI UI is at /, the document at /docs.json"}'
         return None

@@ -18,6 +18,7 @@ import bentoml
 from bento.guard import TICKET, RequestGuard
 from bento.handlers import RequestHandler, error_response
 from bento.metrics import count_shed, observe_batch
+from bento.openapi import describe
 from bento.routes import ImageRoutes
 from bento.schemas import BatchResponse, ClassifyResponse
 from bento.settings import load_settings
@@ -82,7 +83,8 @@ class Classifier:
         self.handler = RequestHandler(package.card, pre, self.batcher, ADMISSION,
                                       deadline_s=SETTINGS.deadline_s, decode_threads=PLAN.decode_threads)
         self.handler.calibrate()
-        ROUTES.bind(self.handler)
+        ROUTES.bind(self.handler, describe(Classifier.openapi_spec.asdict(), package.card,
+                                           max_batch_images=SETTINGS.max_batch_images))
         self.ready = True
         log.info("ready: serving %s on %s (%s)", package.card.tag, PLAN.device, PLAN)
 

@@ -57,3 +57,24 @@ def test_not_json():
 def test_embedded_copy_has_no_artifacts():
     card = ModelCard.parse(card_dict(artifacts={"onnx": {"path": "model.onnx", "sha256": "a" * 64}}))
     assert "artifacts" not in card.to_dict(with_artifacts=False)
+
+
+def test_package_readme_has_hugging_face_front_matter_usage_and_reproduction():
+    import yaml
+
+    from sota_serve.model_readme import render_readme
+
+    data = card_dict()
+    data["metrics"] = {"accuracy": 0.9, "accuracy_five_crop": 0.92, "valid_count": 10,
+                       "five_crop_resize": 37, "five_crop_by_resize": {"37": 0.92, "40": 0.91}}
+    data["training"] = {"recipe": {"name": "r", "seed": 7}, "device": "cpu", "seconds": 3.0,
+                        "versions": {"fastai": "2.8"},
+                        "dataset": {"name": "digits", "train": 20, "valid": 10, "classes": 3}}
+    text = render_readme(ModelCard.parse(data))
+    assert text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["pipeline_tag"] == "image-classification" and front["datasets"] == ["digits"]
+    values = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert values == {"accuracy (center crop)": 0.9, "accuracy (five-crop TTA)": 0.92}
+    assert "## Usage" in text and "## How to reproduce" in text and '"seed": 7' in text
+    assert "slightly optimistic" in text  # the five-crop edge was picked on the validation set

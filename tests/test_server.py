@@ -64,6 +64,21 @@ def test_card_endpoint(server, tiny_package):
     assert httpx.get(f"{server.url}/card", timeout=30).json() == card  # what a browser does first
 
 
+def test_openapi_document_describes_the_model_and_its_errors(server):
+    spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()
+    assert spec["info"]["title"] == "sota-serve: tiny-cnn:1" and spec["info"]["version"] == "1"
+    assert "Labels** (3)" in spec["info"]["description"] and "Slack" not in spec["info"]["description"]
+    for path, field in (("/classify", "image"), ("/classify_batch", "images")):
+        operation = spec["paths"][path]["post"]
+        props = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+        assert props["tta"]["enum"] == ["none", "five_crop"] and props["tta"]["description"]
+        assert props["top_k"]["minimum"] == 1 and props["top_k"]["default"] == 5
+        assert props[field]["description"]
+        assert set(operation["responses"]) == {"200", "400", "413", "415", "422", "503"}
+        assert "Retry-After" in operation["responses"]["503"]["headers"]
+    assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
+
+
 def test_docs_leads_to_the_openapi_ui(server):
     r = httpx.get(f"{server.url}/docs", timeout=30, follow_redirects=True)
     assert r.status_code == 200 and "swagger" in r.text.lower()

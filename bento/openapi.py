@@ -1,0 +1,110 @@
+"""The OpenAPI document, made to describe the model it serves.
+
+BentoML's generated document knows only the Python signatures: no model name, labels or input
+size, bare strings for ``tta``, its own generic error schemas, a "None" version and a page of
+BentoML badges (broken offline) as the description. This adds what a client needs, from the
+model card: what the model is and is not for, field descriptions, defaults and allowed values,
+and the error responses the service really gives, all in one shape ``{"error": message}``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from sota_serve.card import ModelCard
+from sota_serve.predictions import DEFAULT_TOP_K, MAX_TOP_K
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "title": "Error",
+    "required": ["error"],
+    "properties": {"error": {"type": "string", "description": "what went wrong and what to do"}},
+}
+
+_ERRORS = {
+    "400": "not an image, a damaged or truncated one, an extreme aspect ratio, a malformed form",
+    "413": "too many bytes or pixels (decompression bombs included), or too many images",
+    "415": "an image format outside the allowlist, or a body that is not multipart/form-data",
+    "422": "tta is not one of the card's policies, or top_k is outside 1..1000",
+    "503": "overloaded: retry after the number of seconds in the Retry-After header",
+}
+
+
+def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int) -> dict[str, Any]:
+    """``spec`` (BentoML's ``openapi_spec.asdict()``) completed from ``card``."""
+    spec = copy.deepcopy(spec)
+    spec["info"] = {"title": f"sota-serve: {card.tag}", "version": card.version, "description": _about(card)}
+    spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    policies = ["none", *(["five_crop"] if card.tta.five_crop else [])]
+    routes = {
+        "/classify": ("image", "One image file.",
+                      "Classify one image: the labels with the highest probabilities."),
+        "/classify_batch": ("images", f"Image files (the field repeated, at most {max_batch_images}).",
+                            "Classify several images in one request; the results keep the order of"
+                            " the files, and a bad image gets its own error entry without failing"
+                            " the others."),
+    }
+    for path, (field, field_doc, summary) in routes.items():
+        operation = spec["paths"][path]["post"]
+        operation["summary"] = summary.split(":")[0].split(";")[0]
+        operation["description"] = summary
+        props = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+        props[field]["description"] = field_doc
+        props["tta"].update(enum=policies, default="none", description=_tta_doc(card))
+        props["top_k"].update(minimum=1, maximum=MAX_TOP_K, default=DEFAULT_TOP_K,
+                              description=f"How many labels to return, best first (at most the"
+                                          f" {card.num_classes} labels).")
+        ok = operation["responses"].get(200) or operation["responses"]["200"]  # int keys before JSON
+        operation["responses"] = {"200": ok, **{code: _error(code) for code in _ERRORS}}
+    card_op = spec["paths"].get("/card", {}).get("post")
+    if card_op is not None:
+        card_op["description"] = ("The model card: labels, preprocessing, normalization, metrics,"
+                                  " parity, intended use and limitations. Also served on GET.")
+    return spec
+
+
+def _tta_doc(card: ModelCard) -> str:
+    five = card.tta.five_crop
+    if five is None:
+        return "Test-time augmentation; this model has none beyond the plain center crop."
+    return (f"Test-time augmentation. `none`: resize the shortest edge to"
+            f" {card.preprocess.resize_shortest_edge}, center crop. `five_crop`: resize to"
+            f" {five.resize_shortest_edge}, average the predictions of the four corner crops and"
+            " the center crop (five times the model work).")
+
+
+def _error(code: str) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": _ERRORS[code],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if code == "503":
+        response["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                               "description": "seconds to wait before retrying"}}
+    return response
+
+
+def _about(card: ModelCard) -> str:
+    inp, pre, norm = card.input, card.preprocess, card.normalization
+    extra = card.model_extra or {}  # free-form card keys (metrics, intended_use, limitations)
+    metrics = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
+    accuracy = ", ".join(f"{name} {100 * metrics[key]:.2f} %" for key, name in
+                         (("accuracy", "plain"), ("accuracy_five_crop", "five-crop"))
+                         if isinstance(metrics.get(key), int | float))
+    lines = [
+        f"Serves **{card.tag}**, an image classifier packaged by sota-serve.",
+        "",
+        f"- **Labels** ({card.num_classes}): {', '.join(card.labels[:50])}"
+        + (" ..." if card.num_classes > 50 else ""),
+        f"- **Input**: any JPEG, PNG, WebP, GIF, BMP or TIFF; EXIF orientation applied, resized so"
+        f" the shortest edge is {pre.resize_shortest_edge} px ({pre.interpolation}), center crop"
+        f" {inp.width}x{inp.height}, normalized with mean {list(norm.mean)} and std {list(norm.std)}"
+        " inside the model.",
+        f"- **Validation accuracy**: {accuracy or 'not recorded'}.",
+    ]
+    for key, title in (("intended_use", "Intended use"), ("limitations", "Limitations")):
+        if isinstance(extra.get(key), str):
+            lines.append(f"- **{title}**: {extra[key]}")
+    lines += ["", "Errors are JSON `{\"error\": message}`; overload is a 503 with `Retry-After`."]
+    return "\n".join(lines)
