@@ -60,10 +60,11 @@ async def _soak(url: str, mix, n: int, concurrency: int, pid: int | None = None,
             while queue:
                 path, files, data, expected = queue.pop()
                 start = time.perf_counter()
+                status: int | str
                 try:
                     status = (await client.post(url + path, files=files, data=data)).status_code
-                except httpx.HTTPError:
-                    status = 0
+                except httpx.HTTPError as e:  # no HTTP answer: name the transport error
+                    status = type(e).__name__
                 window.append(time.perf_counter() - start)
                 key = f"{status}" if status == expected else f"unexpected {status} (wanted {expected})"
                 counts[key] = counts.get(key, 0) + 1

@@ -21,7 +21,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from bento.multipart import Part, boundary, parts
-from bento.routes import ImageRoutes
+from bento.routes import DirectRoutes
 from sota_serve.admission import Admission, Ticket
 from sota_serve.errors import MalformedRequestError, OverloadedError
 
@@ -60,7 +60,7 @@ class RequestGuard:
         max_body_bytes: int,
         admission: Admission,
         max_files: int = 64,
-        routes: ImageRoutes | None = None,
+        routes: DirectRoutes | None = None,
         hold_s: float = 0.0,
     ) -> None:
         self.app = app

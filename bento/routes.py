@@ -45,7 +45,7 @@ def error_answer(e: SotaServeError) -> Answer:
     return e.http_status, headers, json.dumps({"error": str(e)}).encode()
 
 
-class ImageRoutes:
+class DirectRoutes:
     """Bound to the service's handler once the model is loaded; until then the guard passes
     requests on to BentoML (which answers 503 while the service is not ready)."""
 
@@ -72,7 +72,7 @@ class ImageRoutes:
         return None
 
     async def answer(self, path: str, parts: Sequence[Part], ticket: Ticket | None) -> Answer:
-        assert self.handler is not None, "ImageRoutes.answer before bind"
+        assert self.handler is not None, "DirectRoutes.answer before bind"
         try:
             images, tta, top_k = _form(parts, self.file_fields[path])
             response: BaseModel

@@ -19,7 +19,7 @@ from bento.guard import TICKET, RequestGuard
 from bento.handlers import RequestHandler, error_response
 from bento.metrics import count_shed, observe_batch
 from bento.openapi import describe
-from bento.routes import ImageRoutes
+from bento.routes import DirectRoutes
 from bento.schemas import BatchResponse, ClassifyResponse
 from bento.settings import load_settings
 from bento.upload import Upload
@@ -42,7 +42,7 @@ PLAN = SETTINGS.plan()
 MODEL: Any = (Path(SETTINGS.model) if Path(SETTINGS.model).is_dir()
               else bentoml.models.BentoModel(SETTINGS.model))
 FILE_FIELDS = {"/classify": "image", "/classify_batch": "images"}
-ROUTES = ImageRoutes(FILE_FIELDS)
+ROUTES = DirectRoutes(FILE_FIELDS)
 # One per worker process (each imports this module): the guard and the handler share it.
 ADMISSION = Admission(max_wait_s=SETTINGS.max_wait_s, max_in_flight=SETTINGS.max_in_flight,
                       decode_threads=PLAN.decode_threads, on_shed=count_shed)

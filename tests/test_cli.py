@@ -81,3 +81,20 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("sota-serve 0.")
+
+
+def test_import_keeps_only_the_formats_asked_for(tiny_package, tmp_path, monkeypatch):
+    from sota_serve.package import open_package, store_model_dir
+
+    env = {**__import__("os").environ, "BENTOML_HOME": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "sota_serve.cli", "import", str(tiny_package), "--name", "slim",
+                          "--formats", "onnx"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    stored = store_model_dir("slim:latest")
+    assert stored is not None and not (stored / "model.pt").exists()
+    package = open_package(stored)  # the rewritten card verifies
+    assert package.verified and list(package.backends) == ["onnx"]
+    bad = subprocess.run([sys.executable, "-m", "sota_serve.cli", "import", str(tiny_package), "--formats", "tflite"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "tflite" in bad.stderr
