@@ -83,11 +83,13 @@ class RequestGuard:
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         fields = self.file_fields.get(scope["path"])
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        declared_bytes = int(declared) if declared.isdigit() else None
         ticket: Ticket | None = None
         if fields:
-            declared = Headers(scope=scope).get("content-length", "")
             try:
-                nbytes = min(int(declared), self.max_body_bytes) if declared.isdigit() else 0
+                nbytes = min(declared_bytes or 0, self.max_body_bytes)
                 ticket = await self.admission.wait_enter(nbytes, self.hold_s)
             except OverloadedError as e:
                 # Answered before the body is read: shedding must cost less than serving.
@@ -97,11 +99,11 @@ class RequestGuard:
             TICKET.set(ticket)
         try:
             try:  # the body limit holds for every POST, not only the image routes
-                body = await self._read_body(scope, receive)
+                body = await self._read_body(declared_bytes, receive)
                 form: list[Part] = []
                 if fields and ticket is not None:
                     self.admission.resize(ticket, len(body))
-                    form = self._check_files(Headers(scope=scope), body, fields)
+                    form = self._check_files(headers, body, fields)
             except _Reject as e:
                 return await _respond(send, e.status, {"error": e.message}, e.headers)
             if self.routes is not None and self.routes.serves(scope["path"]):
@@ -112,10 +114,8 @@ class RequestGuard:
             if ticket is not None:
                 self.admission.leave(ticket)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        headers = Headers(scope=scope)
-        declared = headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+    async def _read_body(self, declared_bytes: int | None, receive: Receive) -> bytes:
+        if declared_bytes is not None and declared_bytes > self.max_body_bytes:
             raise self._too_big()
         chunks, size = [], 0
         while True:

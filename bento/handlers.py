@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from bento.schemas import BatchError, BatchPredictions, BatchResponse, ClassifyResponse
 from sota_serve.admission import Admission, Ticket
@@ -26,10 +27,19 @@ from sota_serve.errors import ImageError, OverloadedError, SotaServeError
 from sota_serve.predictions import Prediction, check_top_k, top_k_predictions
 from sota_serve.preprocess import Preprocessor
 
+Answer = tuple[int, dict[str, str], bytes]  # status, headers, JSON body
 
-def error_response(e: SotaServeError) -> JSONResponse:
-    headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, OverloadedError) else None
-    return JSONResponse({"error": str(e)}, status_code=e.http_status, headers=headers)
+
+def error_answer(e: SotaServeError) -> Answer:
+    """The documented error shape, ``{"error": message}``, with ``Retry-After`` on 503."""
+    headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, OverloadedError) else {}
+    return e.http_status, headers, json.dumps({"error": str(e)}).encode()
+
+
+def error_response(e: SotaServeError) -> Response:
+    """:func:`error_answer` as a Starlette response (for the ``@bentoml.api`` methods)."""
+    status, headers, body = error_answer(e)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 class RequestHandler:

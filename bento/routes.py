@@ -26,23 +26,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bento.handlers import RequestHandler
+from bento.handlers import Answer, RequestHandler, error_answer
 from bento.multipart import Part
 from sota_serve.admission import Ticket
-from sota_serve.errors import MalformedRequestError, OverloadedError, SotaServeError
+from sota_serve.errors import MalformedRequestError, SotaServeError
 from sota_serve.predictions import DEFAULT_TOP_K
 
 log = logging.getLogger("sota_serve.routes")
 
-Answer = tuple[int, dict[str, str], bytes]  # status, headers, JSON body
-
 _INTEGER = re.compile(r"[+-]?\d{1,9}")
-
-
-def error_answer(e: SotaServeError) -> Answer:
-    """The documented error shape, ``{"error": message}``, with ``Retry-After`` on 503."""
-    headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, OverloadedError) else {}
-    return e.http_status, headers, json.dumps({"error": str(e)}).encode()
 
 
 class DirectRoutes:
