@@ -76,6 +76,28 @@ def small_digits_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cnn_at(tmp_path_factory, photos):
+    """``tiny_cnn_at(size)``: the tiny CNN exported for size x size input (it is fully
+    convolutional), for tests that need a model slower than the 32 px one."""
+    from sota_serve.card import ModelCard
+    from sota_serve.export import export_package
+    from sota_serve.preprocess import Preprocessor
+
+    def make(size: int) -> Path:
+        out = tmp_path_factory.mktemp(f"tiny-{size}")
+        card = ModelCard.parse(card_dict(
+            input={"height": size, "width": size, "channels": "RGB", "layout": "NCHW", "dtype": "uint8"},
+            preprocess={"exif_transpose": True, "resize_shortest_edge": size, "crop": "center",
+                        "interpolation": "bilinear"},
+            tta={"default": "none", "five_crop": {"resize_shortest_edge": size + size // 8}}))
+        check = np.concatenate([Preprocessor.from_card(card)(p.read_bytes()) for p in photos])
+        export_package(tiny_cnn(), card, out, check_inputs=check)
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def server(tiny_package, tmp_path_factory):
     srv = Server(tiny_package, home=tmp_path_factory.mktemp("bentoml-home"),
                  env={"SOTA_SERVE_DEVICE": "cpu"})  # otherwise the shipped defaults
