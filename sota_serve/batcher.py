@@ -69,8 +69,6 @@ class DynamicBatcher:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="sota-model")
         self._task: asyncio.Task[None] | None = None
         self.seconds_per_crop = seconds_per_crop or Ewma()
-        self.queued_crops = 0
-        self.running_crops = 0
         self.batches = 0
 
     # --- caller side ----------------------------------------------------------------------
@@ -87,14 +85,10 @@ class DynamicBatcher:
         for i in range(0, crops.shape[0], step):
             item = _Item(crops[i : i + step], k, deadline, loop.create_future())
             self._queues.setdefault(k, deque()).append(item)
-            self.queued_crops += item.crops.shape[0]
             futures.append(item.future)
         self._wakeup.set()
         parts = await asyncio.gather(*futures)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def pending_crops(self) -> int:
-        return self.queued_crops + self.running_crops
 
     # --- dispatcher -----------------------------------------------------------------------
 
@@ -111,7 +105,6 @@ class DynamicBatcher:
         now = time.monotonic()
         while queue and (not batch or crops + queue[0].crops.shape[0] <= self.max_crops):
             item = queue.popleft()
-            self.queued_crops -= item.crops.shape[0]
             if item.future.done():  # the caller went away (cancelled)
                 continue
             if now > item.deadline:
@@ -133,7 +126,6 @@ class DynamicBatcher:
                 continue
             k = batch[0].k
             x = batch[0].crops if len(batch) == 1 else np.concatenate([it.crops for it in batch])
-            self.running_crops = x.shape[0]
             started = time.perf_counter()
             try:
                 probs = await loop.run_in_executor(self._model_thread, self._predict, x, k)
@@ -143,8 +135,6 @@ class DynamicBatcher:
                     if not it.future.done():
                         it.future.set_exception(e)
                 continue
-            finally:
-                self.running_crops = 0
             elapsed = time.perf_counter() - started
             self.seconds_per_crop.add(elapsed / x.shape[0])
             self.batches += 1
