@@ -15,7 +15,8 @@ def _bench(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     common = {"out": Path(args.out), "naive": not args.no_naive, "litserve": not args.no_litserve,
               "http": not args.no_http, "jpeg_draft": args.jpeg_draft, "images": args.images,
-              "processes": args.processes}
+              "processes": args.processes, "decode": args.decode,
+              "server_env": dict(kv.split("=", 1) for kv in args.env)}
     cfg = BenchConfig.quick_mode(**common) if args.quick else BenchConfig(**common)
     if args.models:
         cfg.models = tuple(args.models.split(","))
@@ -51,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, help="load-generator processes (default: one per 4 cores)")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
     p.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale")
+    p.add_argument("--decode", default="auto", choices=("auto", "pillow", "torchvision"),
+                   help="where uploads are decoded (SOTA_SERVE_DECODE): auto = on the GPU when there is one")
+    p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
+                   help="a setting for the served model (repeatable), e.g. SOTA_SERVE_WORKERS=16")
 
 
 def main_args(argv: list[str] | None = None) -> int:

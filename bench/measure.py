@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from sota_serve.classifier import Classifier
+from sota_serve.device_preprocess import concat_rows
 from sota_serve.package import ModelPackage
 from sota_serve.progress import progress
 from sota_serve.runtime import load_runtime
@@ -50,14 +51,15 @@ def model_ceiling(
 def offline_pipeline(
     clf: Classifier, images: Sequence[bytes], *, tta: str, batch_size: int, threads: int, seconds: float
 ) -> dict[str, Any]:
-    """Decode + preprocess (a thread pool, as the server does) + model in batches, no HTTP."""
+    """Decode + preprocess (a thread pool, as the server does; on the device when ``clf``
+    decodes there) + model in batches, no HTTP."""
     k = clf.preprocessor.crops_per_image(tta)
 
     def one_pass() -> None:
         with ThreadPoolExecutor(threads) as pool:
-            crops = list(pool.map(lambda d: clf.preprocessor(d, tta), images))
+            crops = list(pool.map(lambda d: clf.crops(d, tta), images))
         for i in range(0, len(crops), batch_size):
-            clf.runtime.predict(np.concatenate(crops[i : i + batch_size]), crops_per_image=k)
+            clf.runtime.predict(concat_rows(crops[i : i + batch_size]), crops_per_image=k)
 
     times = _timed(one_pass, seconds=seconds, min_runs=2)
     median = statistics.median(times)
@@ -66,7 +68,8 @@ def offline_pipeline(
 
 
 def decode_share(clf: Classifier, images: Sequence[bytes], tta: str) -> dict[str, float]:
-    """Where the offline time goes, single-threaded: decode, preprocess, model (per image)."""
+    """Where the offline time goes, single-threaded, on the Pillow path: decode, preprocess,
+    model (per image)."""
     t0 = time.perf_counter()
     decoded = [clf.preprocessor.decode(d) for d in images]
     t1 = time.perf_counter()

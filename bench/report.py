@@ -23,7 +23,8 @@ def render(results: dict[str, Any]) -> str:
                           ["backend", "device", "batch", "img/s", "ms/batch"],
                           [[r["backend"], r["device"], r["batch_size"], r["images_per_s"], 1000 * r["median_s"]]
                            for r in model["ceiling"]]))
-        out.append(_table(f"[{name}] offline pipeline (decode + preprocess + model, no HTTP)",
+        decode = model.get("decode", "pillow")
+        out.append(_table(f"[{name}] offline pipeline (decode with {decode} + preprocess + model, no HTTP)",
                           ["tta", "batch", "threads", "img/s"],
                           [[r["tta"], r["batch_size"], r["threads"], r["images_per_s"]] for r in model["offline"]]))
         rows = [[r["service"], r["tta"], r["concurrency"], r["throughput"], r["p50_ms"], r["p95_ms"],

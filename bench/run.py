@@ -15,6 +15,7 @@ from bench.load import closed_loop
 from bench.measure import decode_share, model_ceiling, offline_pipeline
 from bench.models import synthetic_package
 from bench.server import Server
+from bento.settings import Settings
 from sota_serve.classifier import Classifier
 from sota_serve.device import resolve_device
 from sota_serve.package import open_package
@@ -39,6 +40,8 @@ class BenchConfig:
     litserve: bool = True
     http: bool = True
     jpeg_draft: bool = False
+    #: where uploads are decoded, server and offline alike (SOTA_SERVE_DECODE)
+    decode: str = "auto"
     server_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -96,12 +99,15 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
     package = open_package(package_dir)
     device = resolve_device(os.environ.get("SOTA_SERVE_DEVICE", "auto"))
     log.info("[%s] model ceiling", name)
-    ceiling = model_ceiling(package, cfg.backends, cfg.batch_sizes, seconds=cfg.ceiling_seconds, device=device)
+    batch_sizes = cfg.batch_sizes + ((128, 256) if device == "cuda" and not cfg.quick else ())
+    ceiling = model_ceiling(package, cfg.backends, batch_sizes, seconds=cfg.ceiling_seconds, device=device)
     onnx_rows = [r for r in ceiling if r["backend"] == "onnx"]
     best_bs = max(onnx_rows, key=lambda r: r["images_per_s"])["batch_size"]
 
-    log.info("[%s] offline pipeline", name)
-    clf = Classifier.open(package_dir, device=device, jpeg_draft=cfg.jpeg_draft, batch_size=best_bs)
+    decode = Settings(device=device, decode=cfg.decode).plan().decode
+    log.info("[%s] offline pipeline (decode: %s)", name, decode)
+    clf = Classifier.open(package_dir, device=device, jpeg_draft=cfg.jpeg_draft, batch_size=best_bs,
+                          decode=decode)
     data = [p.read_bytes() for p in images]
     threads = os.cpu_count() or 1
     offline = [offline_pipeline(clf, data, tta=tta, batch_size=best_bs if tta == "none" else max(1, best_bs // 5),
@@ -112,7 +118,8 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
 
     http: list[dict[str, Any]] = []
     if cfg.http:
-        env = {"SOTA_SERVE_JPEG_DRAFT": "1" if cfg.jpeg_draft else "0", **cfg.server_env}
+        env = {"SOTA_SERVE_JPEG_DRAFT": "1" if cfg.jpeg_draft else "0", "SOTA_SERVE_DECODE": decode,
+               **cfg.server_env}
         with Server(package_dir, env=env) as server:
             for tta in ("none", "five_crop"):
                 for c in cfg.concurrency:
@@ -135,7 +142,7 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
                                  **cfg.load(f"{server.url}/classify", images, c, None)})
     return {"model": name, "package": str(package_dir), "card": package.card.tag,
             "input": f"{package.card.input.width}x{package.card.input.height}",
-            "best_batch_size": best_bs, "ceiling": ceiling, "offline": offline,
+            "best_batch_size": best_bs, "decode": decode, "ceiling": ceiling, "offline": offline,
             "time_per_image_single_thread": breakdown, "http": http,
             "ratios": _ratios(offline, http)}
 
@@ -172,6 +179,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "machine": _machine(),
         "config": {"quick": cfg.quick, "concurrency": list(cfg.concurrency), "seconds": cfg.seconds,
                    "image_set": cfg.images, "images": [p.name for p in images], "jpeg_draft": cfg.jpeg_draft,
+                   "decode": cfg.decode, "server_env": cfg.server_env,
                    "loadgen_processes": cfg.processes or "auto"},
         "models": models,
     }

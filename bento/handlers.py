@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,6 +24,7 @@ from bento.schemas import BatchError, BatchPredictions, BatchResponse, ClassifyR
 from sota_serve.admission import Admission, Ticket
 from sota_serve.batcher import DynamicBatcher
 from sota_serve.card import ModelCard
+from sota_serve.device_preprocess import DevicePreprocessor, concat_rows
 from sota_serve.errors import ImageError, OverloadedError, SotaServeError
 from sota_serve.predictions import Prediction, check_top_k, top_k_predictions
 from sota_serve.preprocess import Preprocessor
@@ -44,8 +46,10 @@ def error_response(e: SotaServeError) -> Response:
 
 class RequestHandler:
     def __init__(self, card: ModelCard, pre: Preprocessor, batcher: DynamicBatcher, admission: Admission,
-                 *, deadline_s: float, decode_threads: int) -> None:
+                 *, deadline_s: float, decode_threads: int, device_pre: DevicePreprocessor | None = None) -> None:
         self.card, self.pre, self.batcher, self.admission = card, pre, batcher, admission
+        # Crops made on the model's device when decoding there is on (SOTA_SERVE_DECODE).
+        self.decoder: Preprocessor | DevicePreprocessor = device_pre or pre
         self.deadline_s = deadline_s
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
 
@@ -68,13 +72,13 @@ class RequestHandler:
         for _ in range(repeats):
             self._decode(buffer.getvalue(), "none")
 
-    def _decode(self, data: bytes, tta: str) -> np.ndarray:
+    def _decode(self, data: bytes, tta: str) -> Any:
         started = time.perf_counter()
-        crops = self.pre(data, tta)  # the guard already bounded the body size
+        crops = self.decoder(data, tta)  # the guard already bounded the body size
         self.admission.learn_decode(len(data), time.perf_counter() - started)
         return crops
 
-    async def _decode_all(self, images: Sequence[bytes], tta: str) -> list[np.ndarray | ImageError]:
+    async def _decode_all(self, images: Sequence[bytes], tta: str) -> list[Any]:
         loop = asyncio.get_running_loop()
         jobs = [loop.run_in_executor(self.decode_pool, self._decode, data, tta) for data in images]
         results = await asyncio.gather(*jobs, return_exceptions=True)
@@ -118,7 +122,7 @@ class RequestHandler:
         out: list[list[Prediction] | ImageError] = list(decoded)  # type: ignore[arg-type]
         try:
             if good:
-                crops = np.concatenate([decoded[i] for i in good])  # type: ignore[misc]
+                crops = concat_rows([decoded[i] for i in good])
                 probs = await self.batcher.submit(crops, k, ticket.admitted_at + self.deadline_s)
                 for i, p in zip(good, probs, strict=True):
                     out[i] = top_k_predictions(p, self.card.labels, top_k)

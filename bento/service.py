@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+import numpy as np
 
 from bento.guard import TICKET, RequestGuard
 from bento.handlers import RequestHandler, error_response
@@ -27,10 +28,11 @@ from sota_serve.admission import Admission
 from sota_serve.batcher import DynamicBatcher
 from sota_serve.constants import N_FIVE_CROPS
 from sota_serve.decode import DecodeLimits
+from sota_serve.device_preprocess import DevicePreprocessor
 from sota_serve.errors import SotaServeError
 from sota_serve.package import open_package
 from sota_serve.preprocess import Preprocessor
-from sota_serve.runtime import load_runtime
+from sota_serve.runtime import Runtime, load_runtime
 
 # Under BentoML's logger, so that its log configuration (INFO on the console) applies.
 log = logging.getLogger("bentoml.sota_serve")
@@ -46,6 +48,13 @@ ROUTES = DirectRoutes(FILE_FIELDS)
 # One per worker process (each imports this module): the guard and the handler share it.
 ADMISSION = Admission(max_wait_s=SETTINGS.max_wait_s, max_in_flight=SETTINGS.max_in_flight,
                       decode_threads=PLAN.decode_threads, on_shed=count_shed)
+
+
+def _seconds_per_crop(runtime: Runtime, batch_size: int) -> float:
+    batch = np.zeros((batch_size, 3, runtime.card.input.height, runtime.card.input.width), dtype=np.uint8)
+    started = time.perf_counter()
+    runtime.predict(batch)
+    return (time.perf_counter() - started) / batch_size
 
 
 def _model_dir(model: Any) -> Path:
@@ -67,20 +76,19 @@ class Classifier:
         runtime = load_runtime(package, SETTINGS.backend, device=PLAN.device, intra_op_threads=PLAN.threads)
         five_crop = package.card.tta.five_crop is not None
         max_crops = max(PLAN.max_batch_size, PLAN.max_batch_size_tta * N_FIVE_CROPS if five_crop else 0)
-        # Warm up at the largest batch shapes so readiness means "fast", not just "loaded", and
-        # admission starts with a measured model cost instead of none.
+        # Warm up every batch shape the device will see, so readiness means "fast", not just
+        # "loaded", and admission starts with a measured model cost instead of none.
         runtime.warmup(PLAN.max_batch_size)
         if five_crop:
             runtime.warmup(PLAN.max_batch_size_tta, N_FIVE_CROPS)
-        started = time.perf_counter()
-        runtime.warmup(PLAN.max_batch_size)
-        ADMISSION.seconds_per_crop.add((time.perf_counter() - started) / PLAN.max_batch_size)
+        ADMISSION.seconds_per_crop.add(_seconds_per_crop(runtime, PLAN.max_batch_size))
         self.batcher = DynamicBatcher(runtime, max_crops=max_crops, observer=observe_batch,
                                       seconds_per_crop=ADMISSION.seconds_per_crop)
         limits = DecodeLimits(max_bytes=SETTINGS.max_image_bytes, max_pixels=SETTINGS.max_pixels,
                               max_aspect_ratio=SETTINGS.max_aspect_ratio)
         pre = Preprocessor.from_card(package.card, limits=limits, jpeg_draft=SETTINGS.jpeg_draft)
-        self.handler = RequestHandler(package.card, pre, self.batcher, ADMISSION,
+        device_pre = DevicePreprocessor(pre, PLAN.device) if PLAN.decode == "torchvision" else None
+        self.handler = RequestHandler(package.card, pre, self.batcher, ADMISSION, device_pre=device_pre,
                                       deadline_s=SETTINGS.deadline_s, decode_threads=PLAN.decode_threads)
         self.handler.calibrate()
         ROUTES.bind(self.handler, describe(Classifier.openapi_spec.asdict(), package.card,

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     max_aspect_ratio: float = Field(default=20.0, ge=1.0)
     max_batch_images: int = Field(default=64, ge=1, le=1024)
     jpeg_draft: bool = False
+    #: where uploads are decoded: pillow (CPU threads), torchvision (nvJPEG on the model's
+    #: device; CPU libjpeg when the device is the CPU), auto (torchvision with a CUDA device
+    #: when it can decode there, else pillow)
+    decode: str = Field(default="auto", pattern="^(auto|pillow|torchvision)$")
     #: one log line per request (BentoML's access log); off by default, it costs throughput
     access_log: bool = False
     #: OpenTelemetry spans for the image routes (with BentoML's tracing configured); off: they
@@ -68,6 +72,7 @@ class Settings(BaseSettings):
         per_worker = max(1, cores // workers)
         return Plan(
             device=device,
+            decode=self._decode(device),
             workers=workers,
             decode_threads=self.decode_threads or per_worker,
             threads=self.threads or (1 if device == "cuda" else per_worker),
@@ -75,12 +80,26 @@ class Settings(BaseSettings):
             max_batch_size_tta=self.max_batch_size_tta or (32 if device == "cuda" else 8),
         )
 
+    def _decode(self, device: Device) -> str:
+        if self.decode == "pillow" or (self.decode == "auto" and device != "cuda"):
+            return "pillow"  # a CPU server never imports torch
+        from sota_serve.device_preprocess import unavailable_reason
+
+        reason = unavailable_reason(device)
+        if reason is None:
+            return "torchvision"
+        if self.decode == "torchvision":
+            raise SotaServeError(f"SOTA_SERVE_DECODE=torchvision: {reason}; or set SOTA_SERVE_DECODE=pillow")
+        return "pillow"
+
 
 @dataclass(frozen=True)
 class Plan:
     """The settings resolved for this machine."""
 
     device: Device
+    #: pillow or torchvision (see Settings.decode)
+    decode: str
     workers: int
     decode_threads: int
     threads: int

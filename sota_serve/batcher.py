@@ -23,9 +23,11 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from sota_serve.device_preprocess import concat_rows
 from sota_serve.errors import OverloadedError
 from sota_serve.runtime.base import Runtime
 
@@ -36,7 +38,7 @@ BatchObserver = Callable[[int, int, int, float], None]  # (k, images, crops, sec
 
 @dataclass
 class _Item:
-    crops: np.ndarray  # (n*k, 3, H, W) uint8
+    crops: Any  # (n*k, 3, H, W) uint8: numpy, or a torch tensor decoded on the device
     k: int
     deadline: float  # time.monotonic()
     future: asyncio.Future[np.ndarray]
@@ -73,7 +75,7 @@ class DynamicBatcher:
 
     # --- caller side ----------------------------------------------------------------------
 
-    async def submit(self, crops: np.ndarray, k: int, deadline: float) -> np.ndarray:
+    async def submit(self, crops: Any, k: int, deadline: float) -> np.ndarray:
         """(n*k, 3, H, W) uint8 -> (n, C) probabilities, computed in a shared batch.
 
         A request larger than ``max_crops`` is split on image boundaries.
@@ -125,7 +127,7 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             k = batch[0].k
-            x = batch[0].crops if len(batch) == 1 else np.concatenate([it.crops for it in batch])
+            x = concat_rows([it.crops for it in batch])
             started = time.perf_counter()
             try:
                 probs = await loop.run_in_executor(self._model_thread, self._predict, x, k)
@@ -147,7 +149,7 @@ class DynamicBatcher:
                     it.future.set_result(probs[row : row + n])
                 row += n
 
-    def _predict(self, x: np.ndarray, k: int) -> np.ndarray:
+    def _predict(self, x: Any, k: int) -> np.ndarray:
         return self.runtime.predict(x, crops_per_image=k)
 
     def close(self) -> None:

@@ -9,16 +9,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sota_serve.card import ModelCard
 from sota_serve.decode import DecodeLimits
-from sota_serve.errors import ImageError
+from sota_serve.device_preprocess import DevicePreprocessor, concat_rows
+from sota_serve.errors import BadRequestError, ImageError
 from sota_serve.package import ModelPackage, open_package
 from sota_serve.predictions import DEFAULT_TOP_K, Prediction, check_top_k, top_k_predictions
 from sota_serve.preprocess import Preprocessor
 from sota_serve.runtime import Runtime, load_runtime
+
+DECODERS: tuple[str, ...] = ("pillow", "torchvision")
 
 
 @dataclass
@@ -27,6 +31,8 @@ class Classifier:
     runtime: Runtime
     preprocessor: Preprocessor
     batch_size: int = 32
+    #: decodes and crops on the runtime's device instead (``decode="torchvision"``)
+    device_preprocessor: DevicePreprocessor | None = None
 
     @classmethod
     def open(
@@ -39,11 +45,21 @@ class Classifier:
         limits: DecodeLimits | None = None,
         jpeg_draft: bool = False,
         batch_size: int = 32,
+        decode: str = "pillow",
     ) -> Classifier:
+        """``decode``: ``pillow`` (CPU), or ``torchvision`` (nvJPEG on the runtime's GPU, see
+        :mod:`sota_serve.device_preprocess`)."""
+        if decode not in DECODERS:
+            raise BadRequestError(f"unknown decode {decode!r}; use one of {', '.join(DECODERS)}")
         package = open_package(path)
         runtime = load_runtime(package, backend, device=device, intra_op_threads=intra_op_threads)
         pre = Preprocessor.from_card(package.card, limits=limits, jpeg_draft=jpeg_draft)
-        return cls(package, runtime, pre, batch_size)
+        device_pre = DevicePreprocessor(pre, runtime.device) if decode == "torchvision" else None
+        return cls(package, runtime, pre, batch_size, device_pre)
+
+    def crops(self, data: bytes, tta: str = "none") -> Any:
+        """(k, 3, H, W) uint8: numpy, or a tensor on the device when decoding there."""
+        return (self.device_preprocessor or self.preprocessor)(data, tta)
 
     @property
     def card(self) -> ModelCard:
@@ -52,12 +68,12 @@ class Classifier:
     def probabilities(self, images: Iterable[bytes], tta: str = "none") -> np.ndarray:
         """(N, C) probabilities; raises the first image's typed error if one is bad."""
         k = self.preprocessor.crops_per_image(tta)
-        crops = [self.preprocessor(data, tta) for data in images]
+        crops = [self.crops(data, tta) for data in images]
         if not crops:
             return np.zeros((0, self.card.num_classes), dtype=np.float32)
-        return self.predict_crops(np.concatenate(crops), k)
+        return self.predict_crops(concat_rows(crops), k)
 
-    def predict_crops(self, crops: np.ndarray, crops_per_image: int = 1) -> np.ndarray:
+    def predict_crops(self, crops: Any, crops_per_image: int = 1) -> np.ndarray:
         """Run preprocessed crops through the runtime in batches of ``batch_size`` images."""
         step = self.batch_size * crops_per_image
         parts = [
@@ -74,17 +90,17 @@ class Classifier:
         crops_per_image = self.preprocessor.crops_per_image(tta)
         results: list[list[Prediction] | ImageError] = []
         good: list[int] = []
-        crops: list[np.ndarray] = []
+        crops: list[Any] = []
         for i, data in enumerate(images):
             try:
-                crops.append(self.preprocessor(data, tta))
+                crops.append(self.crops(data, tta))
             except ImageError as e:
                 results.append(e)
                 continue
             results.append([])
             good.append(i)
         if good:
-            probs = self.predict_crops(np.concatenate(crops), crops_per_image)
+            probs = self.predict_crops(concat_rows(crops), crops_per_image)
             for i, p in zip(good, probs, strict=True):
                 results[i] = top_k_predictions(p, self.card.labels, k)
         return results

@@ -33,6 +33,23 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
 
 
+#: EXIF tag 0x0112: how to turn the stored pixels upright (1 = already upright).
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, read without decoding a pixel (:func:`read_header`)."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    #: 1..8; 0 when the EXIF block cannot be read (the full decode then reports it)
+    orientation: int
+    progressive: bool
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
     """Refuse inputs above these sizes (HTTP 413). Checked before any pixel is decoded."""
@@ -78,6 +95,25 @@ def decode_image(
     if exif_transpose:
         img = _upright(img)
     return to_rgb(img)
+
+
+def read_header(data: bytes, *, limits: DecodeLimits = DecodeLimits()) -> ImageHeader:
+    """Check ``data`` against the format allowlist and ``limits`` from its header alone.
+
+    Raises the same typed errors as :func:`decode_image` does for these checks; it does not
+    prove the pixel data is intact (a truncated file passes).
+    """
+    if len(data) == 0:
+        raise InvalidImageError("the image is empty (0 bytes)")
+    _check_bytes(len(data), limits, "the image")
+    with _open(data) as img:
+        _check_pixels(img, limits)
+        try:
+            orientation = int(img.getexif().get(EXIF_ORIENTATION, 1))
+        except Exception:  # damaged EXIF: decode_image reports it
+            orientation = 0
+        progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+        return ImageHeader(img.format or "", img.width, img.height, img.mode, orientation, progressive)
 
 
 def read_image_file(

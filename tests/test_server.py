@@ -48,6 +48,22 @@ def test_classify_equals_cli_predict(server, tiny_package, photos, tta, capsys):
     assert raw.json()["predictions"][0]["label"] == expected[0]["predictions"][0]["label"]
 
 
+def test_decoding_with_torchvision_serves_what_pillow_serves(server, tiny_package, photos, tmp_path):
+    # The GPU decode path (SOTA_SERVE_DECODE=torchvision) end to end; CI has no GPU, so here
+    # torchvision decodes with libjpeg on the CPU and the crops go through the same batcher.
+    env = {"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_DECODE": "torchvision"}
+    with Server(tiny_package, home=tmp_path / "bentoml", env=env) as tv:
+        for photo in photos:
+            for tta in ("none", "five_crop"):
+                form = {"image": (photo.name, photo.read_bytes(), "image/jpeg")}
+                a, b = post(tv, "/classify", form, {"tta": tta}).json(), post(server, "/classify", form, {"tta": tta}).json()
+                assert [p["label"] for p in a["predictions"]][:1] == [p["label"] for p in b["predictions"]][:1]
+                assert abs(a["predictions"][0]["score"] - b["predictions"][0]["score"]) < 0.02
+        bad = post(tv, "/classify", {"image": ("t.jpg", photos[0].read_bytes()[:5000], "image/jpeg")})
+        assert bad.status_code == 400 and "damaged" in bad.json()["error"]
+        assert "decode='torchvision'" in tv.output()
+
+
 def test_classify_batch_keeps_order_and_isolates_bad_images(server, photos):
     files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
     files.insert(1, ("images", ("bad.jpg", b"not an image", "image/jpeg")))

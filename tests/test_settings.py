@@ -23,6 +23,20 @@ def test_gpu_plan_shares_the_device_between_workers(monkeypatch):
     assert (plan.max_batch_size, plan.max_batch_size_tta) == (128, 32)
 
 
+def test_decoding_on_the_gpu_only_where_it_works(monkeypatch):
+    import sota_serve.device_preprocess as device_preprocess
+
+    assert Settings(device="cpu").plan().decode == "pillow"  # auto on CPU: no torch at all
+    assert Settings(device="cpu", decode="torchvision").plan().decode == "torchvision"
+    monkeypatch.setattr(settings_module, "resolve_device", lambda requested: "cuda")
+    monkeypatch.setattr(device_preprocess, "unavailable_reason", lambda device: "no nvJPEG here")
+    assert Settings().plan().decode == "pillow"  # auto falls back quietly
+    with pytest.raises(SotaServeError, match="SOTA_SERVE_DECODE=torchvision: no nvJPEG here"):
+        Settings(decode="torchvision").plan()
+    monkeypatch.setattr(device_preprocess, "unavailable_reason", lambda device: None)
+    assert Settings().plan().decode == "torchvision"
+
+
 def test_explicit_settings_win(monkeypatch):
     monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 2)
     plan = Settings(device="cpu", workers=2, decode_threads=3, threads=1, max_batch_size=4).plan()

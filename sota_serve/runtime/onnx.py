@@ -8,6 +8,7 @@ provider, so five-crop TTA copies back only N x C numbers. The same code path ru
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,6 +25,10 @@ except ImportError as e:  # pragma: no cover - onnxruntime-gpu is a dependency
     raise RuntimeBackendError(
         "onnxruntime is not installed; pip install onnxruntime-gpu (it runs on CPU too)"
     ) from e
+
+# Errors only: ORT >= 1.31 warns on every CUDA session that no plugin EP is registered for
+# the (built-in) CUDA provider, before a session's own log level applies.
+ort.set_default_logger_severity(3)
 
 _REDUCE_OPSET = 17
 
@@ -120,10 +125,25 @@ class OnnxRuntime(Runtime):
         )
         self._needs_reduce_alone = softmax
         self._ort_device = "cuda" if self.device == "cuda" else "cpu"
+        self.pad_batches = self.device == "cuda"
 
-    def _run(self, x: np.ndarray, crops_per_image: int) -> np.ndarray:
+    def _bind_input(self, binding: ort.IOBinding, x: Any) -> None:
+        if isinstance(x, np.ndarray):
+            binding.bind_cpu_input(self._input, x)
+        elif x.device.type == "cuda" and self.device == "cuda":
+            # A torch tensor already on the GPU (decoded there): ORT reads it in place. Its
+            # producer may still be writing it on torch's stream; ORT runs on its own.
+            import torch
+
+            torch.cuda.current_stream(x.device).synchronize()
+            dtype = np.dtype(str(x.dtype).removeprefix("torch."))
+            binding.bind_input(self._input, "cuda", x.device.index or 0, dtype, tuple(x.shape), x.data_ptr())
+        else:
+            binding.bind_cpu_input(self._input, x.cpu().numpy())
+
+    def _run(self, x: Any, crops_per_image: int) -> np.ndarray:
         binding = self.session.io_binding()
-        binding.bind_cpu_input(self._input, x)
+        self._bind_input(binding, x)
         binding.bind_output(self._output, self._ort_device)
         self.session.run_with_iobinding(binding)
         scores = binding.get_outputs()[0]

@@ -7,6 +7,7 @@ checks the package's sha256 before the bytes reach ``torch.jit.load``.
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 
@@ -45,10 +46,11 @@ class TorchScriptRuntime(Runtime):
             raise RuntimeBackendError(f"torch.jit.load cannot load the model: {e}") from e
         self.module.eval()
         self._softmax = card.output == "logits"
+        self.pad_batches = self.device == "cuda"
 
-    def _run(self, x: np.ndarray, crops_per_image: int) -> np.ndarray:
+    def _run(self, x: Any, crops_per_image: int) -> np.ndarray:
         with torch.inference_mode():
-            batch = torch.from_numpy(x).to(self._torch_device, non_blocking=True)
+            batch = torch.as_tensor(x).to(self._torch_device, non_blocking=True)
             scores = self.module(batch).float()
             if self._softmax:
                 scores = scores.softmax(dim=-1)

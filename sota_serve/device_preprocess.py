@@ -1,0 +1,169 @@
+"""Decode and crop on the model's device: nvJPEG through torchvision, resize in torch.
+
+With the model on a GPU, Pillow becomes the server's bottleneck: on a 16-core H100 machine
+it decodes and crops about 1,200 ImageNet-sized JPEGs/s with every core, while nvJPEG plus a
+torch resize do about 2,800/s from one thread (``bench/gpu_probe.py``), which leaves the cores
+to HTTP. The crops stay on the device and reach the runtime without a host copy.
+
+The semantics are :class:`sota_serve.preprocess.Preprocessor`'s: the same header checks and
+limits, EXIF orientation, shortest-edge resize with Pillow's antialiasing, center crop or
+five-crop. Pixels differ slightly, since nvJPEG's IDCT and chroma upsampling are not
+libjpeg's (BENCHMARKS.md has the measured difference). Whatever this path cannot take exactly
+goes through Pillow and is uploaded: formats other than baseline JPEG, CMYK JPEGs, files that
+do not end where a JPEG ends (truncated ones, so that they fail as they do on the CPU path),
+and cards whose interpolation torch does not compute as Pillow does.
+
+torch and torchvision are imported only when this class is built: a CPU server never loads them.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from sota_serve.decode import ImageHeader, read_header
+from sota_serve.preprocess import Preprocessor, center_crop_box, resized_size
+
+if TYPE_CHECKING:
+    import torch
+
+#: Card interpolations that torch's antialiased resize computes as Pillow does.
+INTERPOLATIONS = ("bilinear", "bicubic")
+_JPEG_END = b"\xff\xd9"
+
+
+def unavailable_reason(device: str) -> str | None:
+    """Why decoding on ``device`` cannot work here, or None when it can (tries one JPEG)."""
+    try:
+        import torch
+        from torchvision.io import decode_jpeg
+    except ImportError as e:
+        return f"torchvision is not installed ({e.name}); pip install torchvision"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decode_jpeg(torch.frombuffer(bytearray(_tiny_jpeg()), dtype=torch.uint8), device=device)
+    except Exception as e:  # no nvJPEG in this build, driver mismatch, ...
+        return f"torchvision cannot decode JPEGs on {device}: {str(e).strip()[:200]}"
+    return None
+
+
+def _upright(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply EXIF ``orientation`` to a (C, H, W) tensor, as ``PIL.ImageOps.exif_transpose``."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-2, -1)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-2, -1)
+    if orientation == 6:
+        return img.rot90(-1, (-2, -1))
+    if orientation == 7:
+        return img.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return img.rot90(1, (-2, -1))
+    return img
+
+
+class DevicePreprocessor:
+    """``(bytes, tta) -> (k, 3, H, W)`` uint8 tensor on ``device``, like ``Preprocessor``."""
+
+    def __init__(self, pre: Preprocessor, device: str) -> None:
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        # torchvision >= 0.29 warns on every call that its decoders move to TorchCodec.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io.image")
+        self.pre = pre
+        self.device = torch.device(device)
+        self._torch, self._interpolate = torch, F.interpolate
+        self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
+        self.exact_filter = pre.interpolation in INTERPOLATIONS
+        #: how many images took each path (for logs and tests)
+        self.counts = {"device": 0, "pillow": 0}
+
+    def takes(self, header: ImageHeader, data: bytes) -> bool:
+        """Whether ``data`` decodes on the device with the Pillow path's semantics."""
+        return (self.exact_filter and header.format == "JPEG" and header.mode in ("RGB", "L")
+                and not header.progressive and 1 <= header.orientation <= 8
+                and data.endswith(_JPEG_END))
+
+    def crops_per_image(self, tta: str) -> int:
+        return self.pre.crops_per_image(tta)
+
+    def __call__(self, data: bytes, tta: str = "none") -> torch.Tensor:
+        self.pre.crops_per_image(tta)  # refuse a bad tta before any work
+        header = read_header(data, limits=self.pre.limits)
+        img = self._decode(data, header) if self.takes(header, data) else None
+        if img is None:
+            self.counts["pillow"] += 1
+            return self._torch.from_numpy(self.pre(data, tta)).to(self.device)
+        self.counts["device"] += 1
+        out = self.crops(img, tta)
+        if self.device.type == "cuda":
+            # The runtime reads these bytes from its own CUDA stream: finish them first.
+            self._torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def _decode(self, data: bytes, header: ImageHeader) -> torch.Tensor | None:
+        """Upright (3, H, W) uint8 on the device; None sends the image to Pillow instead."""
+        raw = self._torch.frombuffer(bytearray(data), dtype=self._torch.uint8)
+        try:
+            img = self._decode_jpeg(raw, mode=self._rgb, device=self.device)
+        except RuntimeError:  # Pillow decodes it or raises the typed error for it
+            return None
+        if tuple(img.shape) != (3, header.height, header.width):
+            return None
+        return _upright(img, header.orientation)
+
+    def crops(self, img: torch.Tensor, tta: str = "none") -> torch.Tensor:
+        """(3, H, W) uint8 upright image -> (k, 3, h, w) uint8 crops, as ``Preprocessor.crops``."""
+        h, w = self.pre.height, self.pre.width
+        if tta == "five_crop":
+            resized = self.resize(img, self.pre._five_crop_edge())
+            rh, rw = resized.shape[-2:]
+            left, top = center_crop_box(rw, rh, w, h)
+            origins = [(0, 0), (0, rw - w), (rh - h, 0), (rh - h, rw - w), (top, left)]
+            return self._torch.stack([resized[:, y : y + h, x : x + w] for y, x in origins])
+        resized = self.resize(img, self.pre.resize_shortest_edge)
+        left, top = center_crop_box(resized.shape[-1], resized.shape[-2], w, h)
+        return resized[None, :, top : top + h, left : left + w].contiguous()
+
+    def resize(self, img: torch.Tensor, edge: int) -> torch.Tensor:
+        """Shortest edge to ``edge`` with Pillow's antialiasing (torch matches it for
+        bilinear and bicubic), rounded back to uint8."""
+        height, width = img.shape[-2:]
+        new_w, new_h = resized_size(width, height, edge)
+        if (new_w, new_h) == (width, height):
+            return img
+        x = self._interpolate(img[None].float(), size=(new_h, new_w), mode=self.pre.interpolation,
+                              antialias=True, align_corners=False)[0]
+        return x.round_().clamp_(0, 255).to(self._torch.uint8)
+
+
+def concat_rows(parts: list[Any]) -> Any:
+    """Concatenate crop batches along rows: numpy stays numpy; any tensor makes a tensor on
+    that tensor's device (crops Pillow decoded are uploaded to join the device's)."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    import torch
+
+    device = next(p.device for p in parts if not isinstance(p, np.ndarray))
+    return torch.cat([torch.as_tensor(p).to(device) for p in parts])
+
+
+def _tiny_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 90)).save(buffer, format="JPEG")
+    return buffer.getvalue()
