@@ -159,9 +159,14 @@ def test_nvjpeg_crops_stay_on_the_gpu_and_stay_close_to_pillow(photos, tta):
 def test_nvjpeg_orientation_and_progressive_jpegs():
     exif = Image.Exif()
     exif[0x0112] = 6
-    rotated = encode(gradient_image(300, 200), "JPEG", quality=95, exif=exif)
+    stored = gradient_image(300, 200)
+    rotated = encode(stored, "JPEG", quality=95, exif=exif)
     dev = DevicePreprocessor(PRE, "cuda")
-    assert np.abs(dev(rotated).cpu().numpy().astype(int) - PRE(rotated).astype(int)).mean() < 2
+    ours, upright = dev(rotated).cpu().numpy().astype(int), PRE(rotated).astype(int)
+    unturned = PRE(encode(stored, "JPEG", quality=95)).astype(int)
+    # This synthetic image is all sharp edges, where nvJPEG's chroma upsampling differs most
+    # from libjpeg's; left unturned, the crops would differ an order of magnitude more.
+    assert np.abs(ours - upright).mean() < 5 < 10 * np.abs(ours - upright).mean() < np.abs(ours - unturned).mean()
     assert dev.counts["device"] == 1
     dev(_progressive())  # goes through Pillow, uploaded
     assert dev.counts["pillow"] == 1
