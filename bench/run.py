@@ -104,7 +104,7 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
     onnx_rows = [r for r in ceiling if r["backend"] == "onnx"]
     best_bs = max(onnx_rows, key=lambda r: r["images_per_s"])["batch_size"]
 
-    decode = Settings(device=device, decode=cfg.decode).plan().decode
+    decode = Settings(decode=cfg.decode).decoder(device)
     log.info("[%s] offline pipeline (decode: %s)", name, decode)
     clf = Classifier.open(package_dir, device=device, jpeg_draft=cfg.jpeg_draft, batch_size=best_bs,
                           decode=decode)

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     #: device; CPU libjpeg when the device is the CPU), auto (torchvision with a CUDA device
     #: when it can decode there, else pillow)
     decode: str = Field(default="auto", pattern="^(auto|pillow|torchvision)$")
+    #: one engine process owns the model and the device, the workers only speak HTTP and
+    #: send it the uploads (on), or each worker loads its own copy (off); auto: on with a CUDA
+    #: device and several workers, since processes sharing one GPU time-slice it
+    engine: str = Field(default="auto", pattern="^(auto|on|off)$")
     #: one log line per request (BentoML's access log); off by default, it costs throughput
     access_log: bool = False
     #: OpenTelemetry spans for the image routes (with BentoML's tracing configured); off: they
@@ -70,17 +74,21 @@ class Settings(BaseSettings):
         cores = os.cpu_count() or 1
         workers = self.workers or (max(1, min(8, cores // 2)) if device == "cuda" else 1)
         per_worker = max(1, cores // workers)
+        engine = self.engine == "on" or (self.engine == "auto" and device == "cuda" and workers > 1)
         return Plan(
             device=device,
-            decode=self._decode(device),
+            engine=engine,
             workers=workers,
-            decode_threads=self.decode_threads or per_worker,
+            # The engine decodes for every worker: it gets the cores' worth of threads.
+            decode_threads=self.decode_threads or (cores if engine else per_worker),
             threads=self.threads or (1 if device == "cuda" else per_worker),
             max_batch_size=self.max_batch_size or (128 if device == "cuda" else 32),
             max_batch_size_tta=self.max_batch_size_tta or (32 if device == "cuda" else 8),
         )
 
-    def _decode(self, device: Device) -> str:
+    def decoder(self, device: Device) -> str:
+        """``pillow`` or ``torchvision``, for the process that runs the model (asked there
+        only: proving that torchvision decodes on a GPU opens a CUDA context)."""
         if self.decode == "pillow" or (self.decode == "auto" and device != "cuda"):
             return "pillow"  # a CPU server never imports torch
         from sota_serve.device_preprocess import unavailable_reason
@@ -98,8 +106,8 @@ class Plan:
     """The settings resolved for this machine."""
 
     device: Device
-    #: pillow or torchvision (see Settings.decode)
-    decode: str
+    #: one engine process runs the model for all workers (Settings.engine)
+    engine: bool
     workers: int
     decode_threads: int
     threads: int

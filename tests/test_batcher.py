@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bento.handlers import RequestHandler, error_response
+from bento.pipeline import LocalPipeline
 from sota_serve.admission import Admission
 from sota_serve.batcher import DynamicBatcher
 from sota_serve.card import ModelCard
@@ -234,11 +235,15 @@ def test_a_ticket_releases_exactly_what_is_left_of_it():
 # --- request handler (no HTTP) -----------------------------------------------------------
 
 
-def _handler() -> RequestHandler:
+def _pipeline() -> LocalPipeline:
     card = ModelCard.parse(card_dict())
     adm = Admission(max_wait_s=10, max_in_flight=10, decode_threads=1)
-    return RequestHandler(card, Preprocessor.from_card(card), batcher=None, admission=adm,  # type: ignore[arg-type]
-                          deadline_s=1.0, decode_threads=1)
+    return LocalPipeline(Preprocessor.from_card(card), batcher=None, admission=adm, decode_threads=1)  # type: ignore[arg-type]
+
+
+def _handler() -> RequestHandler:
+    card = ModelCard.parse(card_dict())
+    return RequestHandler(card, Preprocessor.from_card(card), _pipeline(), deadline_s=1.0)
 
 
 @pytest.mark.parametrize(("tta", "top_k"), [("bogus", 1), ("none", 0), ("none", 10**6)])
@@ -258,9 +263,9 @@ def test_overload_answers_carry_retry_after():
     assert json.loads(response.body) == {"error": "busy"}
 
 
-def test_a_cold_handler_seeds_the_decode_cost_before_the_first_request():
-    handler = _handler()
-    assert handler.admission.seconds_per_byte.value is None
-    handler.calibrate(repeats=1)
-    assert 0 < handler.admission.seconds_per_byte.value < 1e-5  # well under 10 s per MB
-    assert handler.admission.pending_bytes == 0
+def test_a_cold_pipeline_seeds_the_decode_cost_before_the_first_request():
+    pipeline = _pipeline()
+    assert pipeline.admission.seconds_per_byte.value is None
+    pipeline.calibrate(repeats=1)
+    assert 0 < pipeline.admission.seconds_per_byte.value < 1e-5  # well under 10 s per MB
+    assert pipeline.admission.pending_bytes == 0

@@ -152,7 +152,7 @@ def test_onnx_serving_imports_no_torch(tiny_package, photos):
         f"c = Classifier.open({str(tiny_package)!r}, device='cpu')\n"
         f"c.classify([open({str(photos[0])!r}, 'rb').read()], tta='five_crop')\n"
         "from bento.settings import Settings\n"
-        "assert Settings(device='cpu').plan().decode == 'pillow'\n"
+        "assert Settings().decoder('cpu') == 'pillow'\n"
         "bad = [m for m in ('torch', 'fastai', 'bentoml') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -1,0 +1,132 @@
+"""Images to probabilities inside this worker: decode on a thread pool (on the CPU, or on the
+model's device), batch across requests in-process, run the model.
+
+The handler asks a pipeline for ``probabilities``; the engine client (bento/engine.py) answers
+the same question from a process that owns the GPU for all workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from bento.settings import Plan, Settings
+from sota_serve.admission import Admission, Ticket
+from sota_serve.batcher import BatchObserver, DynamicBatcher
+from sota_serve.constants import N_FIVE_CROPS
+from sota_serve.decode import DecodeLimits
+from sota_serve.device_preprocess import DevicePreprocessor, concat_rows
+from sota_serve.errors import ImageError
+from sota_serve.package import ModelPackage
+from sota_serve.preprocess import Preprocessor
+from sota_serve.runtime import Runtime, load_runtime
+
+
+def _seconds_per_crop(runtime: Runtime, batch_size: int) -> float:
+    batch = np.zeros((batch_size, 3, runtime.card.input.height, runtime.card.input.width), dtype=np.uint8)
+    started = time.perf_counter()
+    runtime.predict(batch)
+    return (time.perf_counter() - started) / batch_size
+
+
+#: One entry per image: its (C,) probabilities, or the typed error its bytes raised.
+Results = list[np.ndarray | ImageError]
+
+
+class LocalPipeline:
+    def __init__(self, decoder: Preprocessor | DevicePreprocessor, batcher: DynamicBatcher,
+                 admission: Admission, *, decode_threads: int) -> None:
+        self.decoder, self.batcher, self.admission = decoder, batcher, admission
+        self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
+        #: pillow or torchvision (Settings.decode), for the logs
+        self.decode = "torchvision" if isinstance(decoder, DevicePreprocessor) else "pillow"
+
+    @classmethod
+    def build(cls, package: ModelPackage, settings: Settings, plan: Plan, admission: Admission,
+              observer: BatchObserver | None = None) -> LocalPipeline:
+        """Load the model on the plan's device, warm it up, and wire decoder and batcher."""
+        card = package.card
+        runtime = load_runtime(package, settings.backend, device=plan.device, intra_op_threads=plan.threads)
+        five_crop = card.tta.five_crop is not None
+        max_crops = max(plan.max_batch_size, plan.max_batch_size_tta * N_FIVE_CROPS if five_crop else 0)
+        # Warm up every batch shape the device will see, so readiness means "fast", not just
+        # "loaded", and admission starts with a measured model cost instead of none.
+        runtime.warmup(plan.max_batch_size)
+        if five_crop:
+            runtime.warmup(plan.max_batch_size_tta, N_FIVE_CROPS)
+        admission.seconds_per_crop.add(_seconds_per_crop(runtime, plan.max_batch_size))
+        batcher = DynamicBatcher(runtime, max_crops=max_crops, observer=observer,
+                                 seconds_per_crop=admission.seconds_per_crop)
+        limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels,
+                              max_aspect_ratio=settings.max_aspect_ratio)
+        pre = Preprocessor.from_card(card, limits=limits, jpeg_draft=settings.jpeg_draft)
+        decode = settings.decoder(plan.device)
+        decoder = DevicePreprocessor(pre, plan.device) if decode == "torchvision" else pre
+        pipeline = cls(decoder, batcher, admission, decode_threads=plan.decode_threads)
+        pipeline.calibrate()
+        return pipeline
+
+    def calibrate(self, repeats: int = 3) -> None:
+        """Seed admission's decode cost before the first request, from a photo-like JPEG.
+
+        Without a prior, a cold server would admit a whole burst at zero estimated cost.
+        Real requests replace the figure within a few samples (a moving average).
+        """
+        rng = np.random.default_rng(0)
+        y, x = np.mgrid[0:480, 0:640]
+        smooth = np.stack([x / 640 * 255, y / 480 * 255, (x + y) / 1120 * 255], axis=-1)
+        pixels = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        for _ in range(repeats):
+            self._decode(buffer.getvalue(), "none")
+
+    def _decode(self, data: bytes, tta: str) -> Any:
+        started = time.perf_counter()
+        crops = self.decoder(data, tta)  # the guard already bounded the body size
+        self.admission.learn_decode(len(data), time.perf_counter() - started)
+        return crops
+
+    def _decode_many(self, images: list[bytes], tta: str) -> list[Any]:
+        started = time.perf_counter()
+        out = self.decoder.many(images, tta)  # type: ignore[union-attr]
+        self.admission.learn_decode(sum(map(len, images)), time.perf_counter() - started)
+        return out
+
+    async def _decode_all(self, images: Sequence[bytes], tta: str) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        if len(images) > 1 and isinstance(self.decoder, DevicePreprocessor):
+            # All of a call's JPEGs in one nvJPEG batch (the engine gets many per call).
+            return await loop.run_in_executor(self.decode_pool, self._decode_many, list(images), tta)
+        jobs = [loop.run_in_executor(self.decode_pool, self._decode, data, tta) for data in images]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, ImageError):
+                raise r
+        return results
+
+    async def probabilities(self, images: Sequence[bytes], tta: str, k: int, ticket: Ticket,
+                            deadline: float) -> Results:
+        """Progress is reported on ``ticket`` (decoded bytes, queued crops) as it happens."""
+        self.admission.charge(ticket, len(images) * k)
+        try:
+            decoded = await self._decode_all(images, tta)
+        finally:
+            self.admission.decoded(ticket)
+        good = [i for i, item in enumerate(decoded) if not isinstance(item, BaseException)]
+        out: Results = list(decoded)
+        try:
+            if good:
+                probs = await self.batcher.submit(concat_rows([decoded[i] for i in good]), k, deadline)
+                for i, p in zip(good, probs, strict=True):
+                    out[i] = p
+        finally:
+            self.admission.computed(ticket)
+        return out
