@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, help="load-generator processes (default: one per 4 cores)")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
     p.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale")
-    p.add_argument("--decode", default="auto", choices=("auto", "pillow", "torchvision"),
-                   help="where uploads are decoded (SOTA_SERVE_DECODE): auto = on the GPU when there is one")
+    p.add_argument("--decode", default="pillow", choices=("pillow", "torchvision"),
+                   help="where uploads are decoded (SOTA_SERVE_DECODE)")
     p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="a setting for the served model (repeatable), e.g. SOTA_SERVE_WORKERS=16")
 

@@ -41,7 +41,7 @@ class BenchConfig:
     http: bool = True
     jpeg_draft: bool = False
     #: where uploads are decoded, server and offline alike (SOTA_SERVE_DECODE)
-    decode: str = "auto"
+    decode: str = "pillow"
     server_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod

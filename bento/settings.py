@@ -46,14 +46,14 @@ class Settings(BaseSettings):
     max_aspect_ratio: float = Field(default=20.0, ge=1.0)
     max_batch_images: int = Field(default=64, ge=1, le=1024)
     jpeg_draft: bool = False
-    #: where uploads are decoded: pillow (CPU threads), torchvision (nvJPEG on the model's
-    #: device; CPU libjpeg when the device is the CPU), auto (torchvision with a CUDA device
-    #: when it can decode there, else pillow)
-    decode: str = Field(default="auto", pattern="^(auto|pillow|torchvision)$")
-    #: one engine process owns the model and the device, the workers only speak HTTP and
-    #: send it the uploads (on), or each worker loads its own copy (off); auto: on with a CUDA
-    #: device and several workers, since processes sharing one GPU time-slice it
-    engine: str = Field(default="auto", pattern="^(auto|on|off)$")
+    #: where uploads are decoded: pillow (CPU threads, the card's reference pixels), or
+    #: torchvision (nvJPEG on the model's GPU; libjpeg when the device is the CPU). Measured on
+    #: an H100 it served no more than pillow (BENCHMARKS.md), so it is opt-in
+    decode: str = Field(default="pillow", pattern="^(pillow|torchvision)$")
+    #: on: one engine process owns the model and the device and the workers send it their
+    #: uploads; off: each worker loads its own copy. Measured on an H100, off served more
+    #: (BENCHMARKS.md), so it is opt-in
+    engine: str = Field(default="off", pattern="^(on|off)$")
     #: one log line per request (BentoML's access log); off by default, it costs throughput
     access_log: bool = False
     #: OpenTelemetry spans for the image routes (with BentoML's tracing configured); off: they
@@ -74,7 +74,7 @@ class Settings(BaseSettings):
         cores = os.cpu_count() or 1
         workers = self.workers or (max(1, min(8, cores // 2)) if device == "cuda" else 1)
         per_worker = max(1, cores // workers)
-        engine = self.engine == "on" or (self.engine == "auto" and device == "cuda" and workers > 1)
+        engine = self.engine == "on"
         return Plan(
             device=device,
             engine=engine,
@@ -89,16 +89,14 @@ class Settings(BaseSettings):
     def decoder(self, device: Device) -> str:
         """``pillow`` or ``torchvision``, for the process that runs the model (asked there
         only: proving that torchvision decodes on a GPU opens a CUDA context)."""
-        if self.decode == "pillow" or (self.decode == "auto" and device != "cuda"):
-            return "pillow"  # a CPU server never imports torch
+        if self.decode == "pillow":
+            return "pillow"  # no torch import
         from sota_serve.device_preprocess import unavailable_reason
 
         reason = unavailable_reason(device)
-        if reason is None:
-            return "torchvision"
-        if self.decode == "torchvision":
+        if reason is not None:
             raise SotaServeError(f"SOTA_SERVE_DECODE=torchvision: {reason}; or set SOTA_SERVE_DECODE=pillow")
-        return "pillow"
+        return "torchvision"
 
 
 @dataclass(frozen=True)

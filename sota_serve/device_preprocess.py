@@ -18,8 +18,11 @@ torch and torchvision are imported only when this class is built: a CPU server n
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -89,6 +92,7 @@ class DevicePreprocessor:
         self._torch, self._interpolate = torch, F.interpolate
         self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
         self.exact_filter = pre.interpolation in INTERPOLATIONS
+        self._local = threading.local()
         #: how many images took each path (for logs and tests)
         self.counts = {"device": 0, "pillow": 0}
 
@@ -103,17 +107,29 @@ class DevicePreprocessor:
 
     def __call__(self, data: bytes, tta: str = "none") -> torch.Tensor:
         self.pre.crops_per_image(tta)  # refuse a bad tta before any work
-        header = read_header(data, limits=self.pre.limits)
-        img = self._decode(data, header) if self.takes(header, data) else None
-        if img is None:
-            self.counts["pillow"] += 1
-            return self._torch.from_numpy(self.pre(data, tta)).to(self.device)
-        self.counts["device"] += 1
-        out = self.crops(img, tta)
-        if self.device.type == "cuda":
-            # The runtime reads these bytes from its own CUDA stream: finish them first.
-            self._torch.cuda.current_stream(self.device).synchronize()
-        return out
+        with self._on_own_stream():
+            header = read_header(data, limits=self.pre.limits)
+            img = self._decode(data, header) if self.takes(header, data) else None
+            if img is None:
+                self.counts["pillow"] += 1
+                return self._torch.from_numpy(self.pre(data, tta)).to(self.device)
+            self.counts["device"] += 1
+            return self.crops(img, tta)
+
+    @contextlib.contextmanager
+    def _on_own_stream(self) -> Iterator[None]:
+        """On CUDA, run this thread's work on a stream of its own and finish it before the
+        crops are handed on (the runtime reads them from its own stream). Kernels on the
+        legacy default stream would also wait for, and hold up, the model's."""
+        if self.device.type != "cuda":
+            yield
+            return
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = self._torch.cuda.Stream(self.device)
+        with self._torch.cuda.stream(stream):
+            yield
+        stream.synchronize()
 
     def many(self, images: list[bytes], tta: str = "none") -> list[Any]:
         """One entry per image: its crops, or the typed error it raised (as ``__call__``).
@@ -123,6 +139,10 @@ class DevicePreprocessor:
         image at a time, so one damaged file fails alone.
         """
         self.pre.crops_per_image(tta)
+        with self._on_own_stream():
+            return self._many(images, tta)
+
+    def _many(self, images: list[bytes], tta: str) -> list[Any]:
         out: list[Any] = [None] * len(images)
         batch: list[tuple[int, ImageHeader]] = []
         for i, data in enumerate(images):
@@ -141,8 +161,6 @@ class DevicePreprocessor:
                     out[i] = self(data, tta)
                 except ImageError as e:
                     out[i] = e
-        if self.device.type == "cuda":
-            self._torch.cuda.current_stream(self.device).synchronize()
         return out
 
     def _decode_batch(self, images: list[bytes], batch: list[tuple[int, ImageHeader]], tta: str,

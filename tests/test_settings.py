@@ -18,7 +18,7 @@ def test_gpu_plan_shares_the_device_between_workers(monkeypatch):
     # CI has no GPU: the plan's arithmetic is checked with the device resolution stubbed.
     monkeypatch.setattr(settings_module, "resolve_device", lambda requested: "cuda")
     monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 16)
-    plan = Settings(engine="off").plan()  # each worker loads the model (the engine: below)
+    plan = Settings().plan()
     assert (plan.device, plan.workers, plan.decode_threads, plan.threads) == ("cuda", 8, 2, 1)
     assert (plan.max_batch_size, plan.max_batch_size_tta) == (128, 32)
 
@@ -26,24 +26,21 @@ def test_gpu_plan_shares_the_device_between_workers(monkeypatch):
 def test_decoding_on_the_gpu_only_where_it_works(monkeypatch):
     import sota_serve.device_preprocess as device_preprocess
 
-    assert Settings().decoder("cpu") == "pillow"  # auto on CPU: no torch at all
+    assert Settings().decoder("cuda") == "pillow"  # the default: no torch at all
     assert Settings(decode="torchvision").decoder("cpu") == "torchvision"
     monkeypatch.setattr(device_preprocess, "unavailable_reason", lambda device: "no nvJPEG here")
-    assert Settings().decoder("cuda") == "pillow"  # auto falls back quietly
     with pytest.raises(SotaServeError, match="SOTA_SERVE_DECODE=torchvision: no nvJPEG here"):
         Settings(decode="torchvision").decoder("cuda")
     monkeypatch.setattr(device_preprocess, "unavailable_reason", lambda device: None)
-    assert Settings().decoder("cuda") == "torchvision"
+    assert Settings(decode="torchvision").decoder("cuda") == "torchvision"
 
 
-def test_one_engine_owns_a_shared_gpu(monkeypatch):
+def test_the_engine_process_is_opt_in_and_decodes_for_every_worker(monkeypatch):
     monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 16)
-    assert not Settings(device="cpu").plan().engine
-    assert Settings(device="cpu", engine="on").plan().engine
     monkeypatch.setattr(settings_module, "resolve_device", lambda requested: "cuda")
-    plan = Settings().plan()
+    assert not Settings().plan().engine
+    plan = Settings(engine="on").plan()
     assert plan.engine and plan.workers == 8 and plan.decode_threads == 16
-    assert not Settings(workers=1).plan().engine and not Settings(engine="off").plan().engine
 
 
 def test_explicit_settings_win(monkeypatch):
