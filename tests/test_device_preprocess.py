@@ -104,6 +104,17 @@ def test_truncated_and_oversized_jpegs_fail_as_on_the_pillow_path():
     assert dev.counts == {"device": 0, "pillow": 1}  # the truncated file: Pillow raised
 
 
+def test_many_keeps_order_and_fails_only_the_bad_images(photos):
+    good = [p.read_bytes() for p in photos]
+    images = [good[0], b"not an image", good[1], good[2][:3000], encode(gradient_image(300, 200), "PNG")]
+    dev = DevicePreprocessor(PRE, "cpu")
+    out = dev.many(images, "five_crop")
+    assert isinstance(out[1], InvalidImageError) and isinstance(out[3], InvalidImageError)
+    for i in (0, 2, 4):
+        assert tuple(out[i].shape) == (5, 3, 224, 224)
+        assert _max_diff(out[i], PRE(images[i], "five_crop")) <= 1
+
+
 def test_concat_rows_keeps_numpy_and_uploads_to_a_tensor_device():
     a = np.zeros((2, 3, 4, 4), np.uint8)
     assert isinstance(concat_rows([a, a]), np.ndarray) and concat_rows([a]) is a
