@@ -105,7 +105,7 @@ class EngineClient:
         self._socket = uri_to_path(url) if url.startswith(("file://", "unix://")) else None
         self._url = f"http://sota-engine{ENGINE_PATH}" if self._socket else url.replace("tcp://", "http://") + ENGINE_PATH
         self._queue: deque[_Pending] = deque()
-        self._calls = 0
+        self._calls: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
         self._session: aiohttp.ClientSession | None = None
 
     async def probabilities(self, images: Sequence[bytes], tta: str, k: int, ticket: Ticket,
@@ -121,14 +121,19 @@ class EngineClient:
             self.admission.computed(ticket)
 
     def _pump(self) -> None:
-        while self._queue and self._calls < self.max_calls:
+        while self._queue and len(self._calls) < self.max_calls:
             head = self._queue.popleft()
             batch, images = [head], len(head.images)
             while self._queue and self._queue[0].tta == head.tta and images + len(self._queue[0].images) <= self.max_images:
                 batch.append(self._queue.popleft())
                 images += len(batch[-1].images)
-            self._calls += 1
-            asyncio.get_running_loop().create_task(self._send(batch))
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._calls.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._calls.discard(task)
+        self._pump()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -161,6 +166,3 @@ class EngineClient:
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(error)
-        finally:
-            self._calls -= 1
-            self._pump()

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from starlette.responses import Response
 
-from bento.pipeline import LocalPipeline, Results
+from bento.pipeline import Results
 from bento.schemas import BatchError, BatchPredictions, BatchResponse, ClassifyResponse
 from sota_serve.admission import Ticket
 from sota_serve.card import ModelCard
@@ -38,14 +38,14 @@ def error_response(e: SotaServeError) -> Response:
 
 
 class Pipeline(Protocol):
-    """Where probabilities come from: :class:`LocalPipeline` or ``bento.engine.EngineClient``."""
+    """Where probabilities come from: ``bento.pipeline.LocalPipeline`` or ``bento.engine.EngineClient``."""
 
     async def probabilities(self, images: Sequence[bytes], tta: str, k: int, ticket: Ticket,
                             deadline: float) -> Results: ...
 
 
 class RequestHandler:
-    def __init__(self, card: ModelCard, pre: Preprocessor, pipeline: Pipeline | LocalPipeline, *,
+    def __init__(self, card: ModelCard, pre: Preprocessor, pipeline: Pipeline, *,
                  deadline_s: float) -> None:
         self.card, self.pre, self.pipeline, self.deadline_s = card, pre, pipeline, deadline_s
 

