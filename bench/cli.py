@@ -24,6 +24,8 @@ def _bench(args: argparse.Namespace) -> int:
         cfg.concurrency = tuple(int(c) for c in args.concurrency.split(","))
     if args.seconds:
         cfg.seconds = args.seconds
+    if args.tta:
+        cfg.policies = tuple(args.tta.split(","))
     results = run(cfg)
     print(render(results))
     stem = args.name or ("quick" if args.quick else f"bench-{results['machine']['device']}")
@@ -43,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", help="comma list: xresnet50, demo, tiny, or package dirs")
     p.add_argument("--concurrency", help="comma list, e.g. 1,4,16,64")
     p.add_argument("--seconds", type=float, help="seconds per load level")
+    p.add_argument("--tta", help="comma list of TTA policies to measure (default none,five_crop;"
+                                 " none,flip,five_crop,ten_crop for all)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", help="file stem of the results (default: bench-<device>)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive BentoML peer")

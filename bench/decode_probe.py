@@ -26,8 +26,10 @@ from bench.images import image_set
 from sota_serve.device import resolve_device
 from sota_serve.device_preprocess import DevicePreprocessor
 from sota_serve.preprocess import Preprocessor
+from sota_serve.tta import POLICIES
 
-PRE = Preprocessor(height=224, width=224, resize_shortest_edge=256, five_crop_edge=280)
+PRE = Preprocessor(height=224, width=224, resize_shortest_edge=256,
+                   tta_edges={"flip": 256, "five_crop": 280, "ten_crop": 280})
 
 
 def _rate(fn: Callable[[], Any], n: int, sync: Callable[[], None], repeats: int = 3) -> float:
@@ -69,7 +71,7 @@ def probe(device: str, n: int = 512) -> dict[str, Any]:
                     torch.stack([dev.crops(img)[0] for img in images])
             rows[f"torchvision batched decode {size} + crop"] = _rate(batched, n, sync)
     diffs = [np.abs(dev(d, tta).cpu().numpy().astype(np.int16) - PRE(d, tta).astype(np.int16))
-             for d in data for tta in ("none", "five_crop")]
+             for d in data for tta in POLICIES]
     return {"device": device, "images": n, "img_per_s": rows,
             "parity_vs_pillow": {"max_abs": int(max(d.max() for d in diffs)),
                                  "mean_abs": float(np.mean([d.mean() for d in diffs])),

@@ -15,6 +15,10 @@ def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
 def render(results: dict[str, Any]) -> str:
     out = []
     for model in results["models"]:
@@ -32,6 +36,12 @@ def render(results: dict[str, Any]) -> str:
         out.append(_table(f"[{name}] HTTP under closed-loop load",
                           ["service", "tta", "conc", "req/s", "p50 ms", "p95 ms", "p99 ms", "503", "errors"], rows))
         r = model["ratios"]
+        if len(r.get("per_policy", {})) > 1:
+            out.append(_table(f"[{name}] cost of each TTA policy (best error-free HTTP level)",
+                              ["tta", "calls/img", "offline img/s", "vs none", "HTTP req/s", "vs none", "vs LitServe"],
+                              [[t, v["model_calls_per_image"], v["offline_img_per_s"], _x(v["offline_vs_none"]),
+                                v["http_req_per_s"], _x(v["http_vs_none"]), _x(v["to_litserve"])]
+                               for t, v in r["per_policy"].items()]))
         out.append(f"\n[{name}] ratios: vs LitServe {r['to_litserve']:.2f}x plain, "
                    f"{r['to_litserve_five_crop']:.2f}x five-crop (target >= 1.3); "
                    f"http/offline {r['http_to_offline']:.2f}, five-crop {r['http_to_offline_five_crop']:.2f}"

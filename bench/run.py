@@ -19,6 +19,7 @@ from bento.settings import Settings
 from sota_serve.classifier import Classifier
 from sota_serve.device import resolve_device
 from sota_serve.package import open_package
+from sota_serve.tta import CROPS_PER_IMAGE
 
 log = logging.getLogger("sota_serve.bench")
 
@@ -43,6 +44,8 @@ class BenchConfig:
     #: where uploads are decoded, server and offline alike (SOTA_SERVE_DECODE)
     decode: str = "pillow"
     server_env: dict[str, str] = field(default_factory=dict)
+    #: TTA policies measured (offline, HTTP, LitServe); "none" always comes first
+    policies: tuple[str, ...] = ("none", "five_crop")
 
     @classmethod
     def quick_mode(cls, **kwargs: Any) -> BenchConfig:
@@ -85,14 +88,34 @@ def _ratios(offline: list[dict[str, Any]], http: list[dict[str, Any]]) -> dict[s
         "http_img_per_s_plain": ours["throughput"] if ours else nan,
         "http_img_per_s_five_crop": ours5["throughput"] if ours5 else nan,
         "http_to_offline": ours["throughput"] / off["none"] if ours else nan,
-        "http_to_offline_five_crop": ours5["throughput"] / off["five_crop"] if ours5 else nan,
+        "http_to_offline_five_crop": ours5["throughput"] / off["five_crop"] if ours5 and "five_crop" in off else nan,
         "to_litserve": ours["throughput"] / lit["throughput"] if ours and lit else nan,
         "to_litserve_five_crop": ours5["throughput"] / lit5["throughput"] if ours5 and lit5 else nan,
         "litserve_best_concurrency": lit["concurrency"] if lit else None,
         "to_naive": at_naive_p99["throughput"] / naive["throughput"] if naive and at_naive_p99 else nan,
         "naive_best_concurrency": naive["concurrency"] if naive else None,
         "naive_best_p99_ms": naive["p99_ms"] if naive else None,
+        "per_policy": _per_policy(off, http),
     }
+
+
+def _per_policy(off: dict[str, float], http: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What each TTA policy costs: best error-free req/s over HTTP and offline img/s, and
+    both relative to ``none``."""
+    out: dict[str, dict[str, Any]] = {}
+    plain = _best(http, "sota-serve", "none")
+    for tta, offline in off.items():
+        best = _best(http, "sota-serve", tta)
+        lit = _best(http, "litserve", tta)
+        out[tta] = {
+            "model_calls_per_image": CROPS_PER_IMAGE[tta],
+            "offline_img_per_s": offline,
+            "offline_vs_none": offline / off["none"] if off.get("none") else None,
+            "http_req_per_s": best["throughput"] if best else None,
+            "http_vs_none": best["throughput"] / plain["throughput"] if best and plain else None,
+            "to_litserve": best["throughput"] / lit["throughput"] if best and lit else None,
+        }
+    return out
 
 
 def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConfig) -> dict[str, Any]:
@@ -110,10 +133,13 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
                           decode=decode)
     data = [p.read_bytes() for p in images]
     threads = os.cpu_count() or 1
-    offline = [offline_pipeline(clf, data, tta=tta, batch_size=best_bs if tta == "none" else max(1, best_bs // 5),
+    policies = ["none", *(p for p in cfg.policies if p != "none")]
+    for policy in policies:
+        clf.preprocessor.crops_per_image(policy)  # refuse a policy the card lacks before measuring
+    offline = [offline_pipeline(clf, data, tta=tta, batch_size=max(1, best_bs // CROPS_PER_IMAGE[tta]),
                                 threads=threads, seconds=cfg.seconds / 2)
-               for tta in ("none", "five_crop")]
-    breakdown = {tta: decode_share(clf, data, tta) for tta in ("none", "five_crop")}
+               for tta in policies]
+    breakdown = {tta: decode_share(clf, data, tta) for tta in policies}
     del clf
 
     http: list[dict[str, Any]] = []
@@ -121,15 +147,15 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
         env = {"SOTA_SERVE_JPEG_DRAFT": "1" if cfg.jpeg_draft else "0", "SOTA_SERVE_DECODE": decode,
                **cfg.server_env}
         with Server(package_dir, env=env) as server:
-            for tta in ("none", "five_crop"):
+            for tta in policies:
                 for c in cfg.concurrency:
                     log.info("[%s] HTTP sota-serve tta=%s concurrency=%d", name, tta, c)
                     http.append({"service": "sota-serve", "tta": tta,
                                  **cfg.load(f"{server.url}/classify", images, c, tta)})
         if cfg.litserve:
-            for tta in ("none", "five_crop"):
-                with Server.litserve(package_dir, tta=tta, max_batch_size=best_bs if tta == "none" else
-                                     max(1, best_bs // 5)) as server:
+            for tta in policies:
+                with Server.litserve(package_dir, tta=tta,
+                                     max_batch_size=max(1, best_bs // CROPS_PER_IMAGE[tta])) as server:
                     for c in cfg.concurrency:
                         log.info("[%s] HTTP litserve tta=%s concurrency=%d", name, tta, c)
                         http.append({"service": "litserve", "tta": tta,

@@ -4,9 +4,9 @@ A request is the uploads themselves, a response the probabilities as float32: no
 nothing decoded twice. Both start with a little-endian u32 length and a JSON header.
 
 - request header: ``{"tta", "k", "sizes": [bytes per image], "timeout_s"}``, then the images;
-- response header: ``{"classes", "ok": [indices], "errors": {index: [type, message]},
-  "overloaded": message | null, "retry_after_s", "seconds_per_crop"}``, then an
-  (len(ok), classes) float32 array.
+- response header: ``{"classes", "ok": [indices], "ood": [OOD check | null per ok image],
+  "errors": {index: [type, message]}, "overloaded": message | null, "retry_after_s",
+  "seconds_per_crop"}``, then an (len(ok), classes) float32 array.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bento.pipeline import Scored
 from sota_serve.errors import (
     ImageError,
     ImageGeometryError,
@@ -27,6 +28,7 @@ from sota_serve.errors import (
     OverloadedError,
     UnsupportedImageFormatError,
 )
+from sota_serve.predictions import OODResult
 
 _ERRORS: dict[str, type[ImageError]] = {cls.__name__: cls for cls in (
     ImageError, InvalidImageError, UnsupportedImageFormatError, ImageGeometryError, ImageTooLargeError)}
@@ -71,28 +73,32 @@ def decode_request(body: bytes) -> EngineRequest:
     return EngineRequest(images, header["tta"], int(header["k"]), float(header["timeout_s"]))
 
 
-def encode_response(results: Sequence[np.ndarray | ImageError] | None, classes: int, *,
+def encode_response(results: Sequence[Scored | ImageError] | None, classes: int, *,
                     seconds_per_crop: float, overloaded: OverloadedError | None = None) -> bytes:
     results = results or []
-    ok = [i for i, r in enumerate(results) if not isinstance(r, ImageError)]
+    scored = [(i, r) for i, r in enumerate(results) if isinstance(r, Scored)]
+    ok = [i for i, _ in scored]
     errors = {str(i): [type(r).__name__, str(r)] for i, r in enumerate(results) if isinstance(r, ImageError)}
-    probs = np.stack([results[i] for i in ok]).astype(np.float32) if ok else np.zeros((0, classes), np.float32)
-    header = {"classes": classes, "ok": ok, "errors": errors, "seconds_per_crop": seconds_per_crop,
+    probs = (np.stack([r.probs for _, r in scored]).astype(np.float32) if scored
+             else np.zeros((0, classes), np.float32))
+    ood = [r.ood.model_dump() if r.ood else None for _, r in scored]
+    header = {"classes": classes, "ok": ok, "ood": ood, "errors": errors, "seconds_per_crop": seconds_per_crop,
               "overloaded": str(overloaded) if overloaded else None,
               "retry_after_s": overloaded.retry_after_s if overloaded else 0}
     return _frame(header, probs.tobytes())
 
 
-def decode_response(body: bytes) -> tuple[list[np.ndarray | ImageError], float]:
+def decode_response(body: bytes) -> tuple[list[Scored | ImageError], float]:
     """(one entry per image, the engine's seconds per crop); raises OverloadedError."""
     header, payload = _unframe(body)
     if header["overloaded"]:
         raise OverloadedError(header["overloaded"], retry_after_s=header["retry_after_s"])
     ok, errors = header["ok"], header["errors"]
     probs = np.frombuffer(payload, dtype=np.float32).reshape(len(ok), header["classes"])
-    out: list[np.ndarray | ImageError] = [None] * (len(ok) + len(errors))  # type: ignore[list-item]
-    for row, i in enumerate(ok):
-        out[i] = probs[row]
+    ood = header.get("ood") or [None] * len(ok)
+    out: list[Scored | ImageError] = [None] * (len(ok) + len(errors))  # type: ignore[list-item]
+    for row, (i, check) in enumerate(zip(ok, ood, strict=True)):
+        out[i] = Scored(probs[row], OODResult(**check) if check else None)
     for i, (kind, message) in errors.items():
         out[int(i)] = _ERRORS.get(kind, ImageError)(message)
     return out, float(header["seconds_per_crop"])

@@ -15,11 +15,11 @@ from typing import Protocol
 from starlette.responses import Response
 
 from bento.pipeline import Results
-from bento.schemas import BatchError, BatchPredictions, BatchResponse, ClassifyResponse
+from bento.schemas import BatchError, BatchResponse, ClassifyResponse
 from sota_serve.admission import Ticket
 from sota_serve.card import ModelCard
 from sota_serve.errors import ImageError, OverloadedError, SotaServeError
-from sota_serve.predictions import Prediction, check_top_k, top_k_predictions
+from sota_serve.predictions import Classified, check_top_k, top_k_predictions
 from sota_serve.preprocess import Preprocessor
 
 Answer = tuple[int, dict[str, str], bytes]  # status, headers, JSON body
@@ -49,35 +49,38 @@ class RequestHandler:
                  deadline_s: float) -> None:
         self.card, self.pre, self.pipeline, self.deadline_s = card, pre, pipeline, deadline_s
 
-    def params(self, tta: str, top_k: int) -> tuple[int, int]:
-        """(crops per image, k); raises BadRequestError (422)."""
-        return self.pre.crops_per_image(tta), check_top_k(top_k, self.card.num_classes)
+    def params(self, tta: str | None, top_k: int) -> tuple[str, int, int]:
+        """(policy, crops per image, top k); an omitted ``tta`` is the card's ``tta.default``.
+        Raises BadRequestError (422)."""
+        tta = tta or self.card.tta.default
+        return tta, self.pre.crops_per_image(tta), check_top_k(top_k, self.card.num_classes)
 
-    async def classify(self, image: bytes, tta: str, top_k: int, ticket: Ticket | None) -> ClassifyResponse:
+    async def classify(self, image: bytes, tta: str | None, top_k: int, ticket: Ticket | None) -> ClassifyResponse:
         """``POST /classify``; raises typed errors (a bad image, parameters, overload)."""
-        k, top_k = self.params(tta, top_k)
+        tta, k, top_k = self.params(tta, top_k)
         (result,) = await self.predictions([image], tta, k, top_k, ticket)
         if isinstance(result, ImageError):
             raise result
-        return ClassifyResponse(model=self.card.tag, tta=tta, predictions=result)
+        return ClassifyResponse(model=self.card.tag, tta=tta, predictions=result.predictions, ood=result.ood)
 
-    async def classify_batch(self, images: Sequence[bytes], tta: str, top_k: int,
+    async def classify_batch(self, images: Sequence[bytes], tta: str | None, top_k: int,
                              ticket: Ticket | None) -> BatchResponse:
         """``POST /classify_batch``: one entry per image; a bad image fails only its entry."""
-        k, top_k = self.params(tta, top_k)
+        tta, k, top_k = self.params(tta, top_k)
         results = await self.predictions(images, tta, k, top_k, ticket)
         entries = [BatchError(error=str(r), status=r.http_status) if isinstance(r, ImageError)
-                   else BatchPredictions(predictions=r) for r in results]
+                   else r for r in results]
         return BatchResponse(model=self.card.tag, tta=tta, results=entries)
 
     async def predictions(self, images: Sequence[bytes], tta: str, k: int, top_k: int,
-                          ticket: Ticket | None = None) -> list[list[Prediction] | ImageError]:
-        """One entry per image, in order: its ranked predictions, or its typed error.
+                          ticket: Ticket | None = None) -> list[Classified | ImageError]:
+        """One entry per image, in order: its ranked predictions and OOD check, or its typed error.
 
         ``ticket`` is the request's admission ticket (the guard's). The request's deadline
         counts from its admission.
         """
         ticket = ticket or Ticket()
         results = await self.pipeline.probabilities(images, tta, k, ticket, ticket.admitted_at + self.deadline_s)
-        return [r if isinstance(r, ImageError) else top_k_predictions(r, self.card.labels, top_k)
+        return [r if isinstance(r, ImageError)
+                else Classified(predictions=top_k_predictions(r.probs, self.card.labels, top_k), ood=r.ood)
                 for r in results]

@@ -14,6 +14,7 @@ from typing import Any
 
 from sota_serve.card import ModelCard
 from sota_serve.predictions import DEFAULT_TOP_K, MAX_TOP_K
+from sota_serve.tta import CROPS_PER_IMAGE
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -36,7 +37,6 @@ def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int) ->
     spec = copy.deepcopy(spec)
     spec["info"] = {"title": f"sota-serve: {card.tag}", "version": card.version, "description": _about(card)}
     spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
-    policies = ["none", *(["five_crop"] if card.tta.five_crop else [])]
     routes = {
         "/classify": ("image", "One image file.",
                       "Classify one image: the labels with the highest probabilities."),
@@ -51,7 +51,8 @@ def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int) ->
         operation["description"] = summary
         props = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
         props[field]["description"] = field_doc
-        props["tta"].update(enum=policies, default="none", description=_tta_doc(card))
+        props["tta"] = {"type": "string", "enum": list(card.tta.policies()), "default": card.tta.default,
+                        "description": _tta_doc(card)}
         props["top_k"].update(minimum=1, maximum=MAX_TOP_K, default=DEFAULT_TOP_K,
                               description=f"How many labels to return, best first (at most the"
                                           f" {card.num_classes} labels).")
@@ -64,14 +65,22 @@ def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int) ->
     return spec
 
 
+_TTA_CROPS = {
+    "flip": "average the predictions of the center crop and its mirror image",
+    "five_crop": "average the predictions of the four corner crops and the center crop",
+    "ten_crop": "average the predictions of the five crops and of their mirror images",
+}
+
+
 def _tta_doc(card: ModelCard) -> str:
-    five = card.tta.five_crop
-    if five is None:
-        return "Test-time augmentation; this model has none beyond the plain center crop."
-    return (f"Test-time augmentation. `none`: resize the shortest edge to"
-            f" {card.preprocess.resize_shortest_edge}, center crop. `five_crop`: resize to"
-            f" {five.resize_shortest_edge}, average the predictions of the four corner crops and"
-            " the center crop (five times the model work).")
+    policies = card.tta.policies()
+    lines = [f"Test-time augmentation; omitted: `{card.tta.default}` (the card's default)."
+             f" `none`: resize the shortest edge to {card.preprocess.resize_shortest_edge},"
+             " center crop."]
+    for policy in policies[1:]:
+        lines.append(f"`{policy}`: resize to {getattr(card.tta, policy).resize_shortest_edge},"
+                     f" {_TTA_CROPS[policy]} ({CROPS_PER_IMAGE[policy]} times the model work).")
+    return " ".join(lines)
 
 
 def _error(code: str) -> dict[str, Any]:
@@ -90,7 +99,8 @@ def _about(card: ModelCard) -> str:
     extra = card.model_extra or {}  # free-form card keys (metrics, intended_use, limitations)
     metrics = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
     accuracy = ", ".join(f"{name} {100 * metrics[key]:.2f} %" for key, name in
-                         (("accuracy", "plain"), ("accuracy_five_crop", "five-crop"))
+                         (("accuracy", "plain"), ("accuracy_flip", "flip"), ("accuracy_five_crop", "five-crop"),
+                          ("accuracy_ten_crop", "ten-crop"))
                          if isinstance(metrics.get(key), int | float))
     lines = [
         f"Serves **{card.tag}**, an image classifier packaged by sota-serve.",
@@ -106,5 +116,11 @@ def _about(card: ModelCard) -> str:
     for key, title in (("intended_use", "Intended use"), ("limitations", "Limitations")):
         if isinstance(extra.get(key), str):
             lines.append(f"- **{title}**: {extra[key]}")
+    if card.ood is not None:
+        lines.append("- **Out-of-distribution check**: each answer's `ood` gives the distance of the"
+                     " input's pixel statistics to the training images' and `out_of_distribution`"
+                     " when it is above the threshold calibrated on the validation set"
+                     f" ({card.ood.percentile:g}th percentile): such inputs get a label anyway, but"
+                     " the validation accuracy does not apply to them.")
     lines += ["", "Errors are JSON `{\"error\": message}`; overload is a 503 with `Retry-After`."]
     return "\n".join(lines)

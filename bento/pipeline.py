@@ -12,7 +12,7 @@ import io
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -20,13 +20,15 @@ from PIL import Image
 from bento.settings import Plan, Settings
 from sota_serve.admission import Admission, Ticket
 from sota_serve.batcher import BatchObserver, DynamicBatcher
-from sota_serve.constants import N_FIVE_CROPS
 from sota_serve.decode import DecodeLimits
 from sota_serve.device_preprocess import DevicePreprocessor, concat_rows
 from sota_serve.errors import ImageError
+from sota_serve.ood import Screen
 from sota_serve.package import ModelPackage
+from sota_serve.predictions import OODResult
 from sota_serve.preprocess import Preprocessor
 from sota_serve.runtime import Runtime, load_runtime
+from sota_serve.tta import CROPS_PER_IMAGE
 
 
 def _seconds_per_crop(runtime: Runtime, batch_size: int) -> float:
@@ -36,14 +38,21 @@ def _seconds_per_crop(runtime: Runtime, batch_size: int) -> float:
     return (time.perf_counter() - started) / batch_size
 
 
-#: One entry per image: its (C,) probabilities, or the typed error its bytes raised.
-Results = list[np.ndarray | ImageError]
+class Scored(NamedTuple):
+    """One image's (C,) probabilities and its OOD check (None: the card has no ``ood``)."""
+
+    probs: np.ndarray
+    ood: OODResult | None = None
+
+
+#: One entry per image: its scores, or the typed error its bytes raised.
+Results = list[Scored | ImageError]
 
 
 class LocalPipeline:
     def __init__(self, decoder: Preprocessor | DevicePreprocessor, batcher: DynamicBatcher,
-                 admission: Admission, *, decode_threads: int) -> None:
-        self.decoder, self.batcher, self.admission = decoder, batcher, admission
+                 admission: Admission, *, decode_threads: int, screen: Screen | None = None) -> None:
+        self.decoder, self.batcher, self.admission, self.screen = decoder, batcher, admission, screen
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
         #: pillow or torchvision (Settings.decode), for the logs
         self.decode = "torchvision" if isinstance(decoder, DevicePreprocessor) else "pillow"
@@ -54,13 +63,13 @@ class LocalPipeline:
         """Load the model on the plan's device, warm it up, and wire decoder and batcher."""
         card = package.card
         runtime = load_runtime(package, settings.backend, device=plan.device, intra_op_threads=plan.threads)
-        five_crop = card.tta.five_crop is not None
-        max_crops = max(plan.max_batch_size, plan.max_batch_size_tta * N_FIVE_CROPS if five_crop else 0)
+        ks = sorted({CROPS_PER_IMAGE[p] for p in card.tta.policies()})
+        max_crops = {1: plan.max_batch_size, **{k: plan.max_batch_size_tta * k for k in ks[1:]}}
         # Warm up every batch shape the device will see, so readiness means "fast", not just
         # "loaded", and admission starts with a measured model cost instead of none.
         runtime.warmup(plan.max_batch_size)
-        if five_crop:
-            runtime.warmup(plan.max_batch_size_tta, N_FIVE_CROPS)
+        for k in ks[1:]:
+            runtime.warmup(plan.max_batch_size_tta, k)
         admission.seconds_per_crop.add(_seconds_per_crop(runtime, plan.max_batch_size))
         batcher = DynamicBatcher(runtime, max_crops=max_crops, observer=observer,
                                  seconds_per_crop=admission.seconds_per_crop)
@@ -69,7 +78,8 @@ class LocalPipeline:
         pre = Preprocessor.from_card(card, limits=limits, jpeg_draft=settings.jpeg_draft)
         decode = settings.decoder(plan.device)
         decoder = DevicePreprocessor(pre, plan.device) if decode == "torchvision" else pre
-        pipeline = cls(decoder, batcher, admission, decode_threads=plan.decode_threads)
+        pipeline = cls(decoder, batcher, admission, decode_threads=plan.decode_threads,
+                       screen=Screen.from_card(card))
         pipeline.calibrate()
         return pipeline
 
@@ -121,12 +131,14 @@ class LocalPipeline:
         finally:
             self.admission.decoded(ticket)
         good = [i for i, item in enumerate(decoded) if not isinstance(item, BaseException)]
+        # The statistics are a few reductions over crops already in memory (or on the device).
+        ood = [self.screen.check(decoded[i], tta) if self.screen else None for i in good]
         out: Results = list(decoded)
         try:
             if good:
                 probs = await self.batcher.submit(concat_rows([decoded[i] for i in good]), k, deadline)
-                for i, p in zip(good, probs, strict=True):
-                    out[i] = p
+                for i, p, check in zip(good, probs, ood, strict=True):
+                    out[i] = Scored(p, check)
         finally:
             self.admission.computed(ticket)
         return out

@@ -82,14 +82,14 @@ class DirectRoutes:
         return 200, {}, response.model_dump_json().encode()
 
 
-def _form(parts: Sequence[Part], file_field: str) -> tuple[list[bytes], str, int]:
+def _form(parts: Sequence[Part], file_field: str) -> tuple[list[bytes], str | None, int]:
     """The files of ``file_field`` and the ``tta`` and ``top_k`` values. Values are read as
     BentoML reads them (JSON when they parse as JSON, as its clients send them, else text);
     other fields are ignored, as BentoML ignores them."""
     images = [p.content for p in parts if p.name == file_field]
     values = {p.name: _value(p.text()) for p in parts if p.name in ("tta", "top_k")}
-    tta = values.get("tta", "none")
-    if not isinstance(tta, str):
+    tta = values.get("tta")  # None: the card's default
+    if tta is not None and not isinstance(tta, str):
         raise MalformedRequestError(f"tta must be a string, got {tta!r:.40}")
     top_k = values.get("top_k", DEFAULT_TOP_K)
     if isinstance(top_k, str) and _INTEGER.fullmatch(top_k.strip()):

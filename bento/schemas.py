@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from sota_serve.predictions import Prediction
+from sota_serve.predictions import Classified, OODResult, Prediction
 
 
 class ClassifyResponse(BaseModel):
     model: str
     tta: str
     predictions: list[Prediction]
+    #: present when the model card is calibrated for it (extension to the design notes)
+    ood: OODResult | None = None
 
 
-class BatchPredictions(BaseModel):
-    predictions: list[Prediction]
+#: One image of a batch: ``{"predictions": [...], "ood": {...} | null}``.
+BatchPredictions = Classified
 
 
 class BatchError(BaseModel):

@@ -81,14 +81,14 @@ class Classifier:
     # The two image routes are answered by bento.routes from the guard (same handler methods);
     # these declarations are the contract: OpenAPI schema, BentoML clients, in-process calls.
     @bentoml.api(route="/classify")
-    async def classify(self, image: Upload, tta: str = "none", top_k: int = 5) -> ClassifyResponse:
+    async def classify(self, image: Upload, tta: str | None = None, top_k: int = 5) -> ClassifyResponse:
         try:
             return await self.handler.classify(image.data, tta, top_k, TICKET.get())
         except SotaServeError as e:
             return error_response(e)  # type: ignore[return-value]
 
     @bentoml.api(route="/classify_batch")
-    async def classify_batch(self, images: list[Upload], tta: str = "none", top_k: int = 5) -> BatchResponse:
+    async def classify_batch(self, images: list[Upload], tta: str | None = None, top_k: int = 5) -> BatchResponse:
         try:
             return await self.handler.classify_batch([u.data for u in images], tta, top_k, TICKET.get())
         except SotaServeError as e:

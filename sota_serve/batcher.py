@@ -1,12 +1,13 @@
 """Dynamic batching inside one process: concurrent callers' crops go to the device together.
 
 Callers ``await batcher.submit(crops, k, deadline)`` from an asyncio loop. One dispatcher task
-takes whatever is queued when the model is free (up to ``max_crops``) and runs it as one
+takes whatever is queued when the model is free (up to ``max_crops`` for its group size) and runs it as one
 ``runtime.predict`` call in a dedicated thread, so the event loop keeps accepting requests
 while the device works. Nothing waits for a batch to fill: at low load a request runs at
 once (batch of one), under load the queue that builds up while the model is busy becomes the
-next batch (continuous batching). Five-crop and plain requests queue apart, since one device
-call averages one group size; the queue whose oldest request is oldest goes first.
+next batch (continuous batching). Requests of each TTA group size k (1 plain, 2 flip, 5, 10)
+queue apart, since one device call averages one group size; the queue whose oldest request is
+oldest goes first.
 
 Requests whose deadline passed while queued are failed with :class:`OverloadedError` instead
 of being computed late. The batcher keeps running averages of the model's time per crop so
@@ -20,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,9 +61,11 @@ class Ewma:
 
 
 class DynamicBatcher:
-    def __init__(self, runtime: Runtime, *, max_crops: int, observer: BatchObserver | None = None,
-                 seconds_per_crop: Ewma | None = None) -> None:
-        if max_crops < 1:
+    def __init__(self, runtime: Runtime, *, max_crops: int | Mapping[int, int],
+                 observer: BatchObserver | None = None, seconds_per_crop: Ewma | None = None) -> None:
+        """``max_crops``: crops per device call, one figure or one per group size k."""
+        caps = max_crops.values() if isinstance(max_crops, Mapping) else [max_crops]
+        if min(caps) < 1:
             raise ValueError(f"max_crops must be >= 1, got {max_crops}")
         self.runtime, self.max_crops, self.observer = runtime, max_crops, observer
         self._queues: dict[int, deque[_Item]] = {}
@@ -81,7 +84,7 @@ class DynamicBatcher:
         A request larger than ``max_crops`` is split on image boundaries.
         """
         self._ensure_running()
-        step = max(k, self.max_crops // k * k)
+        step = max(k, self.cap(k) // k * k)
         loop = asyncio.get_running_loop()
         futures = []
         for i in range(0, crops.shape[0], step):
@@ -94,6 +97,12 @@ class DynamicBatcher:
 
     # --- dispatcher -----------------------------------------------------------------------
 
+    def cap(self, k: int) -> int:
+        """The most crops one device call of group size ``k`` takes."""
+        if isinstance(self.max_crops, Mapping):
+            return self.max_crops.get(k, max(self.max_crops.values()))
+        return self.max_crops
+
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="sota-batcher")
@@ -103,9 +112,9 @@ class DynamicBatcher:
         if not heads:
             return []
         _, k = min(heads)
-        queue, batch, crops = self._queues[k], [], 0
+        queue, batch, crops, cap = self._queues[k], [], 0, self.cap(k)
         now = time.monotonic()
-        while queue and (not batch or crops + queue[0].crops.shape[0] <= self.max_crops):
+        while queue and (not batch or crops + queue[0].crops.shape[0] <= cap):
             item = queue.popleft()
             if item.future.done():  # the caller went away (cancelled)
                 continue

@@ -71,17 +71,63 @@ class NormalizationSpec(BaseModel):
         return v
 
 
-class FiveCropSpec(BaseModel):
+class CropSpec(BaseModel):
+    """The resize edge of one TTA policy (its crops are fixed by :mod:`sota_serve.tta`)."""
+
     model_config = _STRICT
 
     resize_shortest_edge: int = Field(gt=0, le=16384)
 
 
+#: The name the five-crop section had first; kept for importers.
+FiveCropSpec = CropSpec
+
+
 class TTASpec(BaseModel):
+    """Which TTA policies the package offers (``none`` always) and the default one."""
+
     model_config = _STRICT
 
-    default: Literal["none", "five_crop"] = "none"
-    five_crop: FiveCropSpec | None = None
+    default: Literal["none", "flip", "five_crop", "ten_crop"] = "none"
+    flip: CropSpec | None = None
+    five_crop: CropSpec | None = None
+    ten_crop: CropSpec | None = None
+
+    def policies(self) -> tuple[str, ...]:
+        """The policies this card lists, ``none`` first, in order of model calls per image."""
+        return ("none", *(name for name in ("flip", "five_crop", "ten_crop") if getattr(self, name)))
+
+
+class OODFit(BaseModel):
+    """One TTA policy's Gaussian over input statistics (see :mod:`sota_serve.ood`)."""
+
+    model_config = _STRICT
+
+    mean: list[float] = Field(min_length=1)
+    precision: list[list[float]] = Field(min_length=1)
+    threshold: float = Field(gt=0)
+    valid_flag_rate: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _square(self) -> OODFit:
+        n = len(self.mean)
+        if len(self.precision) != n or any(len(row) != n for row in self.precision):
+            raise ValueError(f"precision must be {n}x{n}, like mean")
+        return self
+
+
+class OODSpec(BaseModel):
+    """The out-of-distribution signal: one fit per TTA policy, since the statistics are those
+    of the crops the model sees. Extension to the design notes."""
+
+    model_config = _STRICT
+
+    method: Literal["input-stats-mahalanobis-v1"]
+    features: str = ""
+    percentile: float = Field(gt=0, le=100)
+    fit_images: int = Field(ge=2)
+    calibration_images: int = Field(ge=1)
+    policies: dict[Literal["none", "flip", "five_crop", "ten_crop"], OODFit] = Field(min_length=1)
 
 
 class ArtifactSpec(BaseModel):
@@ -100,7 +146,8 @@ class ArtifactSpec(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """Schema version 1. ``metrics``, ``training``, ``parity`` and other keys are free-form."""
+    """Schema version 1. ``metrics``, ``training``, ``parity`` and other keys are free-form;
+    ``ood`` is typed when present."""
 
     model_config = _OPEN
 
@@ -114,6 +161,7 @@ class ModelCard(BaseModel):
     normalization: NormalizationSpec
     output: Literal["probabilities", "logits"] = "probabilities"
     tta: TTASpec = TTASpec()
+    ood: OODSpec | None = None
     artifacts: dict[Literal["onnx", "torchscript"], ArtifactSpec] = Field(default_factory=dict)
 
     @field_validator("schema_version")
@@ -143,13 +191,15 @@ class ModelCard(BaseModel):
                 f"preprocess.resize_shortest_edge ({self.preprocess.resize_shortest_edge}) is smaller"
                 f" than the crop input.height x input.width ({self.input.height}x{self.input.width})"
             )
-        if self.tta.five_crop and self.tta.five_crop.resize_shortest_edge < crop_edge:
-            raise ValueError(
-                f"tta.five_crop.resize_shortest_edge ({self.tta.five_crop.resize_shortest_edge}) is"
-                f" smaller than the crop ({self.input.height}x{self.input.width})"
-            )
-        if self.tta.default == "five_crop" and self.tta.five_crop is None:
-            raise ValueError("tta.default is 'five_crop' but tta.five_crop is not set")
+        for policy in self.tta.policies()[1:]:
+            edge = getattr(self.tta, policy).resize_shortest_edge
+            if edge < crop_edge:
+                raise ValueError(
+                    f"tta.{policy}.resize_shortest_edge ({edge}) is smaller than the crop"
+                    f" ({self.input.height}x{self.input.width})"
+                )
+        if self.tta.default not in self.tta.policies():
+            raise ValueError(f"tta.default is {self.tta.default!r} but tta.{self.tta.default} is not set")
         expected = "uint8" if self.normalization.in_graph else "float32"
         if self.input.dtype != expected:
             raise ValueError(

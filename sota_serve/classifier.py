@@ -17,8 +17,15 @@ from sota_serve.card import ModelCard
 from sota_serve.decode import DecodeLimits
 from sota_serve.device_preprocess import DevicePreprocessor, concat_rows
 from sota_serve.errors import BadRequestError, ImageError
+from sota_serve.ood import Screen
 from sota_serve.package import ModelPackage, open_package
-from sota_serve.predictions import DEFAULT_TOP_K, Prediction, check_top_k, top_k_predictions
+from sota_serve.predictions import (
+    DEFAULT_TOP_K,
+    Classified,
+    OODResult,
+    check_top_k,
+    top_k_predictions,
+)
 from sota_serve.preprocess import Preprocessor
 from sota_serve.runtime import Runtime, load_runtime
 
@@ -33,6 +40,8 @@ class Classifier:
     batch_size: int = 32
     #: decodes and crops on the runtime's device instead (``decode="torchvision"``)
     device_preprocessor: DevicePreprocessor | None = None
+    #: the card's out-of-distribution check, when it has one
+    screen: Screen | None = None
 
     @classmethod
     def open(
@@ -55,18 +64,23 @@ class Classifier:
         runtime = load_runtime(package, backend, device=device, intra_op_threads=intra_op_threads)
         pre = Preprocessor.from_card(package.card, limits=limits, jpeg_draft=jpeg_draft)
         device_pre = DevicePreprocessor(pre, runtime.device) if decode == "torchvision" else None
-        return cls(package, runtime, pre, batch_size, device_pre)
+        return cls(package, runtime, pre, batch_size, device_pre, Screen.from_card(package.card))
 
     def crops(self, data: bytes, tta: str = "none") -> Any:
         """(k, 3, H, W) uint8: numpy, or a tensor on the device when decoding there."""
         return (self.device_preprocessor or self.preprocessor)(data, tta)
 
+    def policy(self, tta: str | None) -> str:
+        """``tta``, or the card's ``tta.default`` when it is None."""
+        return tta or self.card.tta.default
+
     @property
     def card(self) -> ModelCard:
         return self.package.card
 
-    def probabilities(self, images: Iterable[bytes], tta: str = "none") -> np.ndarray:
+    def probabilities(self, images: Iterable[bytes], tta: str | None = None) -> np.ndarray:
         """(N, C) probabilities; raises the first image's typed error if one is bad."""
+        tta = self.policy(tta)
         k = self.preprocessor.crops_per_image(tta)
         crops = [self.crops(data, tta) for data in images]
         if not crops:
@@ -83,24 +97,28 @@ class Classifier:
         return np.concatenate(parts)
 
     def classify(
-        self, images: Sequence[bytes], *, tta: str = "none", top_k: int = DEFAULT_TOP_K
-    ) -> list[list[Prediction] | ImageError]:
-        """One entry per image, in order: its predictions, or the error that image raised."""
+        self, images: Sequence[bytes], *, tta: str | None = None, top_k: int = DEFAULT_TOP_K
+    ) -> list[Classified | ImageError]:
+        """One entry per image, in order: its predictions (and OOD check), or the error that
+        image raised. ``tta`` None: the card's default policy."""
+        tta = self.policy(tta)
         k = check_top_k(top_k, self.card.num_classes)
         crops_per_image = self.preprocessor.crops_per_image(tta)
-        results: list[list[Prediction] | ImageError] = []
+        results: list[Classified | ImageError] = []
         good: list[int] = []
         crops: list[Any] = []
+        ood: list[OODResult | None] = []
         for i, data in enumerate(images):
             try:
                 crops.append(self.crops(data, tta))
             except ImageError as e:
                 results.append(e)
                 continue
-            results.append([])
+            ood.append(self.screen.check(crops[-1], tta) if self.screen else None)
+            results.append(Classified(predictions=[]))
             good.append(i)
         if good:
             probs = self.predict_crops(concat_rows(crops), crops_per_image)
-            for i, p in zip(good, probs, strict=True):
-                results[i] = top_k_predictions(p, self.card.labels, k)
+            for i, p, check in zip(good, probs, ood, strict=True):
+                results[i] = Classified(predictions=top_k_predictions(p, self.card.labels, k), ood=check)
         return results

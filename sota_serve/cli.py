@@ -15,9 +15,14 @@ import warnings
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sota_serve import __version__
 from sota_serve.errors import ImageError, SotaServeError
+from sota_serve.tta import CROPS_PER_IMAGE, POLICIES
+
+if TYPE_CHECKING:
+    from sota_serve.card import ModelCard
 
 ENTRY_POINT_GROUP = "sota_serve.commands"
 
@@ -31,7 +36,6 @@ def _inspect(args: argparse.Namespace) -> int:
         print(card.to_json())
         return 0
     norm, pre, inp = card.normalization, card.preprocess, card.input
-    five = card.tta.five_crop
     metrics = card.to_dict().get("metrics") or {}
     parity = card.to_dict().get("parity") or {}
     rows = [
@@ -45,8 +49,8 @@ def _inspect(args: argparse.Namespace) -> int:
         ("normalization", f"mean={list(norm.mean)} std={list(norm.std)} pixel_scale={norm.pixel_scale:g}"
                           f" in_graph={norm.in_graph}"),
         ("output", card.output),
-        ("tta", f"default {card.tta.default}"
-                + (f"; five_crop resize {five.resize_shortest_edge}" if five else "")),
+        ("tta", f"default {card.tta.default}; policies {', '.join(card.tta.policies())}"),
+        *tta_rows(card),
     ]
     if metrics:
         rows.append(("accuracy", "  ".join(
@@ -59,6 +63,23 @@ def _inspect(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def tta_rows(card: ModelCard) -> list[tuple[str, str]]:
+    """One row per TTA policy of the card: its cost, resize edge and measured accuracy."""
+    measured = ((card.to_dict().get("metrics") or {}).get("tta") or {}).get("policies") or {}
+    rows = []
+    for policy in card.tta.policies():
+        edge = card.preprocess.resize_shortest_edge if policy == "none" else getattr(card.tta, policy).resize_shortest_edge
+        k = CROPS_PER_IMAGE[policy]
+        cells = [f"{k} model call{'s' if k > 1 else ''}/image", f"resize {edge}"]
+        m = measured.get(policy) or {}
+        if isinstance(m.get("accuracy"), int | float):
+            cells.append(f"accuracy {100 * m['accuracy']:.2f}%")
+        if isinstance(m.get("accuracy_held_out"), int | float):
+            cells.append(f"held-out {100 * m['accuracy_held_out']:.2f}%")
+        rows.append((f"tta {policy}", ", ".join(cells)))
+    return rows
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -79,7 +100,7 @@ def _predict(args: argparse.Namespace) -> int:
             failed += 1
             out.append({"image": name, "error": str(result)})
         else:
-            out.append({"image": name, "predictions": [p.model_dump() for p in result]})
+            out.append({"image": name, **result.model_dump(exclude_none=True)})
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -90,6 +111,10 @@ def _predict(args: argparse.Namespace) -> int:
                 continue
             for p in entry["predictions"]:
                 print(f"  {p['score']:.4f}  {p['label']}")
+            ood = entry.get("ood")
+            if ood and ood["out_of_distribution"]:
+                print(f"  out of distribution: unlike the training images (distance {ood['distance']:.1f}"
+                      f" > {ood['threshold']:.1f}); the scores above are not backed by the validation accuracy")
     return 1 if failed else 0
 
 
@@ -111,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    " (name[:version], e.g. sota-demo:latest)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx", help="which exported file runs")
-    p.add_argument("--tta", choices=("none", "five_crop"), default="none",
-                   help="five_crop: average the four corner crops and the center crop")
+    p.add_argument("--tta", choices=POLICIES, default=None,
+                   help="test-time augmentation: flip (center crop and its mirror), five_crop (corners"
+                        " and center), ten_crop (those and their mirrors); default: the card's tta.default")
     p.add_argument("--top-k", type=int, default=5, help="labels to print per image")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when a device is present")

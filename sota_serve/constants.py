@@ -11,10 +11,6 @@ DEFAULT_CROP_PCT = 0.875
 #: Pillow filters the card may name in ``preprocess.interpolation``.
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
-#: torchvision FiveCrop order; the card's five-crop TTA follows it.
-FIVE_CROP_ORDER = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
-N_FIVE_CROPS = len(FIVE_CROP_ORDER)
-
 #: Key under which the card is embedded in an ONNX file's metadata_props.
 ONNX_CARD_KEY = "sota_serve.card"
 #: Name of the extra file that carries the card inside a TorchScript archive.

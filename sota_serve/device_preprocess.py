@@ -6,9 +6,9 @@ torch resize do about 2,800/s from one thread (``bench/gpu_probe.py``), which le
 to HTTP. The crops stay on the device and reach the runtime without a host copy.
 
 The semantics are :class:`sota_serve.preprocess.Preprocessor`'s: the same header checks and
-limits, EXIF orientation, shortest-edge resize with Pillow's antialiasing, center crop or
-five-crop. Pixels differ slightly, since nvJPEG's IDCT and chroma upsampling are not
-libjpeg's (BENCHMARKS.md has the measured difference). Whatever this path cannot take exactly
+limits, EXIF orientation, shortest-edge resize with Pillow's antialiasing, the TTA crops. Pixels differ slightly, since nvJPEG's IDCT and chroma upsampling are not
+libjpeg's (BENCHMARKS.md has the measured difference). The crop windows of every TTA
+policy are :mod:`sota_serve.tta`'s, as on the CPU. Whatever this path cannot take exactly
 goes through Pillow and is uploaded: formats other than baseline JPEG, CMYK JPEGs, files that
 do not end where a JPEG ends (truncated ones, so that they fail as they do on the CPU path),
 and cards whose interpolation torch does not compute as Pillow does.
@@ -30,7 +30,8 @@ from PIL import Image
 
 from sota_serve.decode import ImageHeader, read_header
 from sota_serve.errors import ImageError
-from sota_serve.preprocess import Preprocessor, center_crop_box, resized_size
+from sota_serve.preprocess import Preprocessor, resized_size
+from sota_serve.tta import windows
 
 if TYPE_CHECKING:
     import torch
@@ -186,15 +187,12 @@ class DevicePreprocessor:
     def crops(self, img: torch.Tensor, tta: str = "none") -> torch.Tensor:
         """(3, H, W) uint8 upright image -> (k, 3, h, w) uint8 crops, as ``Preprocessor.crops``."""
         h, w = self.pre.height, self.pre.width
-        if tta == "five_crop":
-            resized = self.resize(img, self.pre._five_crop_edge())
-            rh, rw = resized.shape[-2:]
-            left, top = center_crop_box(rw, rh, w, h)
-            origins = [(0, 0), (0, rw - w), (rh - h, 0), (rh - h, rw - w), (top, left)]
-            return self._torch.stack([resized[:, y : y + h, x : x + w] for y, x in origins])
-        resized = self.resize(img, self.pre.resize_shortest_edge)
-        left, top = center_crop_box(resized.shape[-1], resized.shape[-2], w, h)
-        return resized[None, :, top : top + h, left : left + w].contiguous()
+        resized = self.resize(img, self.pre.edge(tta))
+        crops = []
+        for top, left, mirrored in windows(tta, resized.shape[-1], resized.shape[-2], w, h):
+            crop = resized[:, top : top + h, left : left + w]
+            crops.append(crop.flip(-1) if mirrored else crop)
+        return self._torch.stack(crops)
 
     def resize(self, img: torch.Tensor, edge: int) -> torch.Tensor:
         """Shortest edge to ``edge`` with Pillow's antialiasing (torch matches it for

@@ -25,28 +25,50 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+_TTA_NAMES = {"none": "plain (center crop)", "flip": "flip TTA", "five_crop": "five-crop TTA",
+              "ten_crop": "ten-crop TTA"}
+
+
 def _metrics(card: dict[str, Any]) -> list[str]:
     metrics = card.get("metrics")
     if not metrics:
         return []
-    rows = [
-        ["plain (center crop)", _pct(metrics.get("accuracy"))],
-        [
-            f"five-crop TTA (resize {metrics.get('five_crop_resize', '-')})",
-            _pct(metrics.get("accuracy_five_crop")),
-        ],
-        ["fastai `learn.tta()`", _pct(metrics.get("accuracy_fastai_tta"))],
-    ]
+    tta = metrics.get("tta") if isinstance(metrics.get("tta"), dict) else {}
+    policies = tta.get("policies") or {}
     out = ["## Metrics", "", f"Validation set: {metrics.get('valid_count', '?')} images.", ""]
-    out += [_table(["prediction", "accuracy"], rows), ""]
+    if policies:
+        rows = [[_TTA_NAMES.get(p, p), m.get("model_calls_per_image", "-"), m.get("resize_shortest_edge", "-"),
+                 _pct(m.get("accuracy")), _pct(m.get("accuracy_held_out")),
+                 _gain(m.get("held_out_vs_none"))]
+                for p, m in policies.items()]
+        rows.append(["fastai `learn.tta()`", "-", "-", _pct(metrics.get("accuracy_fastai_tta")), "-", "-"])
+        out += [_table(["prediction", "model calls/image", "resize", "accuracy",
+                        f"held-out ({tta.get('held_out_images', '?')} images)", "held-out gain vs plain"], rows), ""]
+        out += [f"Default policy: `{tta.get('default', 'none')}`. Selection: {tta.get('selection', '-')}."
+                " The held-out column is the unbiased one for policies whose resize edge was tuned.", ""]
+    else:
+        rows = [
+            ["plain (center crop)", _pct(metrics.get("accuracy"))],
+            [f"five-crop TTA (resize {metrics.get('five_crop_resize', '-')})", _pct(metrics.get("accuracy_five_crop"))],
+            ["fastai `learn.tta()`", _pct(metrics.get("accuracy_fastai_tta"))],
+        ]
+        out += [_table(["prediction", "accuracy"], rows), ""]
+        tried = metrics.get("five_crop_by_resize")
+        if isinstance(tried, dict) and len(tried) > 1:
+            out += [f"The five-crop resize edge ({metrics.get('five_crop_resize')}) was chosen among"
+                    f" {', '.join(str(k) for k in tried)} on this same validation set, so the five-crop"
+                    " figure is slightly optimistic; the plain figure involves no such choice.", ""]
     if "valid_loss" in metrics:
         out += [f"Validation loss: {metrics['valid_loss']:.4f}", ""]
-    tried = metrics.get("five_crop_by_resize")
-    if isinstance(tried, dict) and len(tried) > 1:
-        out += [f"The five-crop resize edge ({metrics.get('five_crop_resize')}) was chosen among"
-                f" {', '.join(str(k) for k in tried)} on this same validation set, so the five-crop"
-                " figure is slightly optimistic; the plain figure involves no such choice.", ""]
     return out
+
+
+def _gain(record: Any) -> str:
+    if not isinstance(record, dict):
+        return "-"
+    verdict = "significant" if record.get("significant") else "within noise"
+    return (f"{100 * record.get('gain', 0):+.2f} pts ({record.get('wins')} won,"
+            f" {record.get('losses')} lost; {verdict})")
 
 
 def _history(card: dict[str, Any]) -> list[str]:
@@ -95,7 +117,9 @@ def _front_matter(card: ModelCard, data: dict[str, Any]) -> list[str]:
     dataset = ((data.get("training") or {}).get("dataset") or {}).get("name")
     metrics = data.get("metrics") or {}
     results = [(name, metrics[key]) for key, name in (("accuracy", "accuracy (center crop)"),
-                                                      ("accuracy_five_crop", "accuracy (five-crop TTA)"))
+                                                      ("accuracy_flip", "accuracy (flip TTA)"),
+                                                      ("accuracy_five_crop", "accuracy (five-crop TTA)"),
+                                                      ("accuracy_ten_crop", "accuracy (ten-crop TTA)"))
                if isinstance(metrics.get(key), int | float)]
     tags = ["image-classification", "sota-serve", "fastai", *sorted(card.artifacts)]
     out = ["---", "library_name: sota-serve", "pipeline_tag: image-classification",
@@ -115,7 +139,8 @@ def _front_matter(card: ModelCard, data: dict[str, Any]) -> list[str]:
 
 
 def _usage(card: ModelCard) -> list[str]:
-    tta = " -F tta=five_crop" if card.tta.five_crop else ""
+    best = card.tta.policies()[-1]
+    tta = f" -F tta={best}" if best != "none" else ""
     return [
         "## Usage", "",
         "```bash",
@@ -156,10 +181,44 @@ def _reproduce(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def _ood(card: ModelCard) -> list[str]:
+    if card.ood is None:
+        return []
+    spec = card.ood
+    rows = [[f"`{p}`", f"{f.threshold:g}", _pct(f.valid_flag_rate)] for p, f in spec.policies.items()]
+    return [
+        "## Out-of-distribution check", "",
+        "Every answer carries `ood`: the Mahalanobis distance of the input's pixel statistics"
+        f" ({spec.features}) to those of {spec.fit_images} training images, and whether it is above"
+        f" the threshold, the {spec.percentile:g}th percentile of {spec.calibration_images} validation"
+        " images' distances. A flagged input does not look like the training data, so its scores are"
+        " not backed by the accuracy above. It catches other kinds of pictures (photos, inverted"
+        " colours, blank or noisy images); it cannot catch a wrong object whose pixels look familiar.",
+        "", _table(["policy", "threshold", "validation images flagged"], rows), "",
+    ]
+
+
+def _tta_steps(card: ModelCard) -> list[str]:
+    """The TTA policies of the card, exactly (crop order as in sota_serve.tta)."""
+    what = {
+        "flip": "the center crop, then the same crop mirrored left-right",
+        "five_crop": "the four corner crops and the center crop (top-left, top-right, bottom-left,"
+                     " bottom-right, center)",
+        "ten_crop": "the five crops, then the five crops of the left-right mirrored image",
+    }
+    lines = [f"TTA policies (default `{card.tta.default}`; each averages the probability vectors"
+             " of its crops):", ""]
+    for policy in card.tta.policies()[1:]:
+        edge = getattr(card.tta, policy).resize_shortest_edge
+        lines.append(f"- `{policy}`: resize the shortest edge to {edge} px, take {what[policy]}.")
+    if len(card.tta.policies()) == 1:
+        lines.append("- none beyond the plain center crop.")
+    return [*lines, ""]
+
+
 def render_readme(card: ModelCard) -> str:
     data = card.to_dict()
     pre, norm, inp = card.preprocess, card.normalization, card.input
-    five = card.tta.five_crop
     labels = card.labels[:_MAX_LABELS]
     more = f" ... and {card.num_classes - _MAX_LABELS} more" if card.num_classes > _MAX_LABELS else ""
     lines = [
@@ -179,10 +238,7 @@ def render_readme(card: ModelCard) -> str:
         f"2. Resize the shortest edge to {pre.resize_shortest_edge} px ({pre.interpolation}).",
         f"3. Center-crop {inp.width}x{inp.height}.",
         "",
-        (f"Five-crop TTA: resize the shortest edge to {five.resize_shortest_edge} px, take the four"
-         " corner crops and the center crop, average the five probability vectors."
-         f" Default: `{card.tta.default}`.") if five else "No five-crop TTA settings.",
-        "",
+        *_tta_steps(card),
         "## Normalization",
         "",
         _table(["", "R", "G", "B"], [["mean", *norm.mean], ["std", *norm.std]]),
@@ -191,6 +247,7 @@ def render_readme(card: ModelCard) -> str:
         + ("done inside the exported graph: feed uint8 pixels." if norm.in_graph
            else "done by the caller: feed float32."),
         "",
+        *_ood(card),
         *_reproduce(data),
         *_history(data),
         *_parity(data),

@@ -20,6 +20,26 @@ class Prediction(BaseModel):
     score: float
 
 
+class OODResult(BaseModel):
+    """How unlike the training images an input looks (:mod:`sota_serve.ood`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    #: Mahalanobis distance of the input's statistics to the training images'
+    distance: float
+    #: the card's threshold: the share of validation images above it is ``ood.percentile``'s complement
+    threshold: float
+    #: distance > threshold: the predictions are not backed by the validation accuracy
+    out_of_distribution: bool
+
+
+class Classified(BaseModel):
+    """One image's answer: its ranked predictions and, when the card is calibrated, its OOD check."""
+
+    predictions: list[Prediction]
+    ood: OODResult | None = None
+
+
 def check_top_k(top_k: int, num_classes: int) -> int:
     """Clamp to the number of classes; refuse non-positive or absurd values."""
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:

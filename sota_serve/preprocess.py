@@ -1,26 +1,23 @@
-"""Resize + center crop and five-crop, exactly as the model card says.
+"""Resize + center crop and the TTA crops, exactly as the model card says.
 
 One implementation serves the CLI, the server and training-time evaluation (the training
 pipeline calls :func:`resize_center_crop` for its validation images). The semantics match
-torchvision's ``Resize(int)`` + ``CenterCrop`` and ``FiveCrop`` on PIL images; the tests
-check that pixel for pixel.
+torchvision's ``Resize(int)`` + ``CenterCrop``, ``hflip``, ``FiveCrop`` and ``TenCrop`` on PIL
+images (the crop windows are :mod:`sota_serve.tta`'s); the tests check that pixel for pixel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from sota_serve.card import ModelCard
-from sota_serve.constants import N_FIVE_CROPS
 from sota_serve.decode import DecodeLimits, decode_image
 from sota_serve.errors import BadRequestError
-
-TTA = Literal["none", "five_crop"]
-TTA_MODES: tuple[str, ...] = ("none", "five_crop")
+from sota_serve.tta import CROPS_PER_IMAGE, check_tta, windows
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -46,19 +43,8 @@ def resize_shortest_edge(img: Image.Image, edge: int, interpolation: str = "bili
     return img.resize(size, _FILTERS[interpolation])
 
 
-def center_crop_box(width: int, height: int, crop_w: int, crop_h: int) -> tuple[int, int]:
-    """(left, top) of a center crop, rounded as torchvision rounds."""
-    return int(round((width - crop_w) / 2.0)), int(round((height - crop_h) / 2.0))
-
-
 def _chw(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-
-def _require_fit(img: Image.Image, crop_w: int, crop_h: int) -> None:
-    if img.width < crop_w or img.height < crop_h:
-        # Resize(edge) with edge >= crop always fits; this guards callers that skip it.
-        raise ValueError(f"cannot crop {crop_w}x{crop_h} from a {img.width}x{img.height} image")
 
 
 def resize_center_crop(
@@ -66,28 +52,20 @@ def resize_center_crop(
 ) -> Image.Image:
     """The card's plain preprocessing as a PIL image (used by training's validation pipeline)."""
     resized = resize_shortest_edge(img, edge, interpolation)
-    _require_fit(resized, width, height)
-    left, top = center_crop_box(resized.width, resized.height, width, height)
+    (top, left, _), = windows("none", resized.width, resized.height, width, height)
     return resized.crop((left, top, left + width, top + height))
 
 
-def five_crops(
-    img: Image.Image, edge: int, height: int, width: int, interpolation: str = "bilinear"
+def tta_crops(
+    img: Image.Image, policy: str, edge: int, height: int, width: int, interpolation: str = "bilinear"
 ) -> np.ndarray:
-    """(5, 3, H, W) uint8: top-left, top-right, bottom-left, bottom-right, center."""
-    resized = resize_shortest_edge(img, edge, interpolation)
-    _require_fit(resized, width, height)
-    arr = np.asarray(resized)
-    h, w = arr.shape[:2]
-    left, top = center_crop_box(w, h, width, height)
-    origins = [(0, 0), (0, w - width), (h - height, 0), (h - height, w - width), (top, left)]
-    return np.stack([_chw(arr[y : y + height, x : x + width]) for y, x in origins])
-
-
-def check_tta(tta: str) -> TTA:
-    if tta not in TTA_MODES:
-        raise BadRequestError(f"unknown tta {tta!r}; use one of {', '.join(TTA_MODES)}")
-    return tta  # type: ignore[return-value]
+    """(k, 3, H, W) uint8: the crops of ``policy`` after resizing the shortest edge to ``edge``."""
+    arr = np.asarray(resize_shortest_edge(img, edge, interpolation))
+    crops = []
+    for top, left, mirrored in windows(policy, arr.shape[1], arr.shape[0], width, height):
+        crop = arr[top : top + height, left : left + width]
+        crops.append(_chw(crop[:, ::-1] if mirrored else crop))
+    return np.stack(crops)
 
 
 @dataclass(frozen=True)
@@ -95,6 +73,7 @@ class Preprocessor:
     """Everything between the bytes a user sends and the uint8 batch a runtime takes.
 
     Built only from a card (:meth:`from_card`), so the card's field names are its knobs.
+    ``tta_edges`` maps each TTA policy the card lists (beyond ``none``) to its resize edge.
     """
 
     height: int
@@ -102,7 +81,7 @@ class Preprocessor:
     resize_shortest_edge: int
     interpolation: str = "bilinear"
     exif_transpose: bool = True
-    five_crop_edge: int | None = None
+    tta_edges: Mapping[str, int] = field(default_factory=dict)
     limits: DecodeLimits = DecodeLimits()
     jpeg_draft: bool = False
 
@@ -116,27 +95,33 @@ class Preprocessor:
             resize_shortest_edge=card.preprocess.resize_shortest_edge,
             interpolation=card.preprocess.interpolation,
             exif_transpose=card.preprocess.exif_transpose,
-            five_crop_edge=card.tta.five_crop.resize_shortest_edge if card.tta.five_crop else None,
+            tta_edges={p: getattr(card.tta, p).resize_shortest_edge for p in card.tta.policies()[1:]},
             limits=limits or DecodeLimits(),
             jpeg_draft=jpeg_draft,
         )
 
-    def crops_per_image(self, tta: str) -> int:
-        """1 or 5; refuses an unknown ``tta``, or five-crop on a card without its settings."""
-        if check_tta(tta) == "five_crop":
-            self._five_crop_edge()
-            return N_FIVE_CROPS
-        return 1
+    @property
+    def policies(self) -> tuple[str, ...]:
+        return ("none", *self.tta_edges)
 
-    def _five_crop_edge(self) -> int:
-        if self.five_crop_edge is None:
-            raise BadRequestError("this model's card has no tta.five_crop settings; use tta=none")
-        return self.five_crop_edge
+    def edge(self, tta: str) -> int:
+        """The resize edge of ``tta``; refuses an unknown policy or one the card lacks."""
+        if check_tta(tta) == "none":
+            return self.resize_shortest_edge
+        if tta not in self.tta_edges:
+            raise BadRequestError(f"this model's card has no tta.{tta} settings; use one of"
+                                  f" {', '.join(self.policies)}")
+        return self.tta_edges[tta]
+
+    def crops_per_image(self, tta: str) -> int:
+        """k of ``tta`` (1, 2, 5 or 10); refuses what :meth:`edge` refuses."""
+        self.edge(tta)
+        return CROPS_PER_IMAGE[tta]
 
     def decode(self, data: bytes) -> Image.Image:
         # Draft only down to twice the largest resize edge, so the final resize still
         # averages over >= 2x2 source pixels.
-        edge = max(self.resize_shortest_edge, self.five_crop_edge or 0)
+        edge = max([self.resize_shortest_edge, *self.tta_edges.values()])
         return decode_image(
             data,
             limits=self.limits,
@@ -146,19 +131,13 @@ class Preprocessor:
 
     def plain(self, img: Image.Image) -> np.ndarray:
         """(1, 3, H, W) uint8."""
-        crop = resize_center_crop(
-            img, self.resize_shortest_edge, self.height, self.width, self.interpolation
-        )
-        return _chw(np.asarray(crop))[None]
-
-    def five_crop(self, img: Image.Image) -> np.ndarray:
-        """(5, 3, H, W) uint8."""
-        return five_crops(img, self._five_crop_edge(), self.height, self.width, self.interpolation)
+        return self.crops(img, "none")
 
     def crops(self, img: Image.Image, tta: str = "none") -> np.ndarray:
-        return self.five_crop(img) if check_tta(tta) == "five_crop" else self.plain(img)
+        """(k, 3, H, W) uint8, the crops of ``tta`` in the policy's order."""
+        return tta_crops(img, tta, self.edge(tta), self.height, self.width, self.interpolation)
 
     def __call__(self, data: bytes, tta: str = "none") -> np.ndarray:
-        """Bytes -> (k, 3, H, W) uint8 with k = 1 or 5."""
-        self.crops_per_image(tta)  # refuse a bad tta before paying for the decode
+        """Bytes -> (k, 3, H, W) uint8."""
+        self.edge(tta)  # refuse a bad tta before paying for the decode
         return self.crops(self.decode(data), tta)

@@ -17,15 +17,35 @@ def photos() -> list[Path]:
     return PHOTOS
 
 
+def digit_ood(card_data: dict) -> dict:
+    """An ``ood`` section fitted on real sklearn digits (300 to fit, 100 to calibrate), so that
+    photos are out of distribution for the tiny test model, as for the demo."""
+    from sklearn.datasets import load_digits
+
+    from sota_serve import ood
+    from sota_serve.card import ModelCard
+    from sota_serve.preprocess import Preprocessor
+    from training.digits import digit_image
+
+    pre = Preprocessor.from_card(ModelCard.parse(card_data))
+    images = [digit_image(d) for d in load_digits().images[:400]]
+    fits = {}
+    for policy in pre.policies:
+        vectors = np.stack([ood.features(pre.crops(img, policy)) for img in images])
+        fits[policy] = ood.fit_policy(vectors[:300], vectors[300:], percentile=99.0)
+    return ood.spec(fits, percentile=99.0, fit_images=300, calibration_images=100)
+
+
 @pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory, photos) -> Path:
-    """A real exported package: tiny CNN, ONNX + TorchScript, card with five-crop settings."""
+    """A real exported package: tiny CNN, ONNX + TorchScript, card with every TTA policy and
+    an out-of-distribution fit on digits."""
     from sota_serve.card import ModelCard
     from sota_serve.export import export_package
     from sota_serve.preprocess import Preprocessor
 
     out = tmp_path_factory.mktemp("tiny-package")
-    card = ModelCard.parse(card_dict())
+    card = ModelCard.parse(card_dict(ood=digit_ood(card_dict())))
     pre = Preprocessor.from_card(card)
     check = np.concatenate([pre(p.read_bytes()) for p in photos])
     export_package(tiny_cnn(), card, out, check_inputs=check)

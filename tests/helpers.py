@@ -28,7 +28,8 @@ def card_dict(**overrides) -> dict:
         "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                           "pixel_scale": 255.0, "in_graph": True},
         "output": "probabilities",
-        "tta": {"default": "none", "five_crop": {"resize_shortest_edge": 40}},
+        "tta": {"default": "none", "flip": {"resize_shortest_edge": 36},
+                "five_crop": {"resize_shortest_edge": 40}, "ten_crop": {"resize_shortest_edge": 40}},
     }
     card.update(overrides)
     return card

@@ -254,7 +254,14 @@ def test_bad_parameters_are_422(tta, top_k):
 
 
 def test_top_k_is_clamped_to_the_number_of_labels():
-    assert _handler().params("five_crop", 50) == (5, 3)
+    assert _handler().params("five_crop", 50) == ("five_crop", 5, 3)
+
+
+def test_an_omitted_tta_is_the_cards_default():
+    assert _handler().params(None, 1) == ("none", 1, 1)
+    card = ModelCard.parse(card_dict(tta={"default": "flip", "flip": {"resize_shortest_edge": 36}}))
+    handler = RequestHandler(card, Preprocessor.from_card(card), _pipeline(), deadline_s=1.0)
+    assert handler.params(None, 1) == ("flip", 2, 1)
 
 
 def test_overload_answers_carry_retry_after():

@@ -10,9 +10,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
-    assert main_args(["--quick", "--out", str(tmp_path), "--name", "quick"]) == 0
+    policies = ["none", "flip", "five_crop", "ten_crop"]
+    assert main_args(["--quick", "--out", str(tmp_path), "--name", "quick", "--tta", ",".join(policies)]) == 0
     out = capsys.readouterr().out
     assert "model ceiling" in out and "offline pipeline" in out and "HTTP under closed-loop load" in out
+    assert "cost of each TTA policy" in out
     results = json.loads((tmp_path / "quick.json").read_text())
     for key in ("ratio_http_to_offline", "ratio_http_to_offline_five_crop", "ratio_to_naive", "machine",
                 "http_img_per_s_plain", "http_img_per_s_five_crop", "ceiling_img_per_s", "ratio_to_litserve"):
@@ -20,6 +22,10 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert results["http_img_per_s_plain"] > 0 and results["ceiling_img_per_s"] > 0
     model = results["models"][0]
     assert {r["service"] for r in model["http"]} == {"sota-serve", "naive", "litserve"}
-    assert {r["tta"] for r in model["http"] if r["service"] == "sota-serve"} == {"none", "five_crop"}
+    assert {r["tta"] for r in model["http"] if r["service"] == "sota-serve"} == set(policies)
+    per_policy = model["ratios"]["per_policy"]
+    assert list(per_policy) == policies
+    assert [v["model_calls_per_image"] for v in per_policy.values()] == [1, 2, 5, 10]
+    assert all(v["offline_img_per_s"] > 0 and v["http_req_per_s"] > 0 for v in per_policy.values())
     assert all(r["errors"] == 0 and r["ok"] > 0 for r in model["http"])
     assert (tmp_path / "quick.png").stat().st_size > 1000

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -78,3 +79,31 @@ def test_package_readme_has_hugging_face_front_matter_usage_and_reproduction():
     assert values == {"accuracy (center crop)": 0.9, "accuracy (five-crop TTA)": 0.92}
     assert "## Usage" in text and "## How to reproduce" in text and '"seed": 7' in text
     assert "slightly optimistic" in text  # the five-crop edge was picked on the validation set
+
+
+def test_tta_policies_in_the_card_and_its_readme():
+    from sota_serve.model_readme import render_readme
+
+    card = ModelCard.parse(card_dict())
+    assert card.tta.policies() == ("none", "flip", "five_crop", "ten_crop")
+    data = card_dict()
+    data["metrics"] = {"accuracy": 0.9, "accuracy_ten_crop": 0.95, "valid_count": 10, "tta": {
+        "default": "ten_crop", "held_out_images": 5, "selection": "rule",
+        "policies": {"none": {"accuracy": 0.9, "accuracy_held_out": 0.8, "model_calls_per_image": 1},
+                     "ten_crop": {"accuracy": 0.95, "accuracy_held_out": 1.0, "model_calls_per_image": 10,
+                                  "resize_shortest_edge": 40,
+                                  "held_out_vs_none": {"gain": 0.2, "wins": 1, "losses": 0,
+                                                       "significant": False}}}}}
+    text = render_readme(ModelCard.parse(data))
+    assert "| ten-crop TTA | 10 | 40 | 95.00% | 100.00% | +20.00 pts (1 won, 0 lost; within noise) |" in text
+    assert "`ten_crop`: resize the shortest edge to 40 px, take the five crops, then the five crops" in text
+
+
+@pytest.mark.parametrize("tta, message", [
+    ({"default": "flip"}, "tta.default is 'flip' but tta.flip is not set"),
+    ({"ten_crop": {"resize_shortest_edge": 20}}, "tta.ten_crop.resize_shortest_edge (20) is smaller"),
+    ({"default": "six_crop"}, "tta.default"),
+])
+def test_bad_tta_sections_name_the_field(tta, message):
+    with pytest.raises(CardError, match=re.escape(message)):
+        ModelCard.parse(card_dict(tta=tta))

@@ -20,11 +20,13 @@ from sota_serve.errors import BadRequestError, ImageTooLargeError, InvalidImageE
 from sota_serve.package import open_package
 from sota_serve.preprocess import Preprocessor
 from sota_serve.runtime import load_runtime
+from sota_serve.tta import POLICIES
 from tests.helpers import encode, gradient_image
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-PRE = Preprocessor(height=224, width=224, resize_shortest_edge=256, five_crop_edge=280)
+PRE = Preprocessor(height=224, width=224, resize_shortest_edge=256,
+                   tta_edges={"flip": 256, "five_crop": 280, "ten_crop": 280})
 
 
 def _max_diff(a, b) -> int:
@@ -33,7 +35,7 @@ def _max_diff(a, b) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
-@pytest.mark.parametrize("tta", ["none", "five_crop"])
+@pytest.mark.parametrize("tta", POLICIES)
 def test_photos_match_the_pillow_path_within_one_level(photos, tta):
     dev = DevicePreprocessor(PRE, "cpu")
     for p in photos:
@@ -61,9 +63,9 @@ def test_every_exif_orientation_is_applied_as_pillow_applies_it(orientation):
     data = encode(gradient_image(300, 200), "JPEG", quality=95, exif=exif)
     assert read_header(data).orientation == orientation
     dev = DevicePreprocessor(PRE, "cpu")
-    for tta in ("none", "five_crop"):
+    for tta in POLICIES:
         assert _max_diff(dev(data, tta), PRE(data, tta)) <= 1
-    assert dev.counts["device"] == 2
+    assert dev.counts["device"] == len(POLICIES)
 
 
 def test_grayscale_jpeg_becomes_rgb():
@@ -100,7 +102,7 @@ def test_truncated_and_oversized_jpegs_fail_as_on_the_pillow_path():
     with pytest.raises(ImageTooLargeError, match="pixels"):
         small(data)
     with pytest.raises(BadRequestError, match="unknown tta"):
-        dev(data, "ten_crop")
+        dev(data, "twelve_crop")
     assert dev.counts == {"device": 0, "pillow": 1}  # the truncated file: Pillow raised
 
 
@@ -139,9 +141,9 @@ def test_classifier_decoding_with_torchvision_agrees_with_pillow(tiny_package, p
     data = [p.read_bytes() for p in photos]
     pillow = Classifier.open(tiny_package, device="cpu")
     tv = Classifier.open(tiny_package, device="cpu", decode="torchvision")
-    for tta in ("none", "five_crop"):
+    for tta in POLICIES:
         assert np.allclose(tv.probabilities(data, tta), pillow.probabilities(data, tta), atol=0.02)
-    assert tv.device_preprocessor.counts["device"] == 2 * len(photos)
+    assert tv.device_preprocessor.counts["device"] == len(POLICIES) * len(photos)
     with pytest.raises(BadRequestError, match="unknown decode"):
         Classifier.open(tiny_package, decode="nvjpeg")
 
@@ -153,7 +155,7 @@ def test_availability_is_proven_by_decoding():
 
 
 @gpu
-@pytest.mark.parametrize("tta", ["none", "five_crop"])
+@pytest.mark.parametrize("tta", POLICIES)
 def test_nvjpeg_crops_stay_on_the_gpu_and_stay_close_to_pillow(photos, tta):
     dev = DevicePreprocessor(PRE, "cuda")
     for p in photos:

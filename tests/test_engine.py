@@ -7,12 +7,14 @@ import pytest
 
 from bench.server import Server
 from bento.engine_protocol import decode_request, decode_response, encode_request, encode_response
+from bento.pipeline import Scored
 from sota_serve.errors import (
     ImageTooLargeError,
     InvalidImageError,
     MalformedRequestError,
     OverloadedError,
 )
+from sota_serve.predictions import OODResult
 from tests.test_server import post
 
 
@@ -28,10 +30,12 @@ def test_requests_carry_the_uploads_byte_for_byte():
 
 
 def test_responses_keep_order_probabilities_and_typed_errors():
-    probs = [np.array([0.1, 0.9], np.float32), InvalidImageError("damaged"), np.array([0.7, 0.3], np.float32),
-             ImageTooLargeError("too big")]
+    check = OODResult(distance=12.5, threshold=6.4, out_of_distribution=True)
+    probs = [Scored(np.array([0.1, 0.9], np.float32), check), InvalidImageError("damaged"),
+             Scored(np.array([0.7, 0.3], np.float32)), ImageTooLargeError("too big")]
     out, spc = decode_response(encode_response(probs, 2, seconds_per_crop=0.004))
-    assert spc == 0.004 and np.array_equal(out[0], probs[0]) and np.array_equal(out[2], probs[2])
+    assert spc == 0.004 and np.array_equal(out[0].probs, probs[0].probs) and np.array_equal(out[2].probs, probs[2].probs)
+    assert out[0].ood == check and out[2].ood is None
     assert type(out[1]) is InvalidImageError and str(out[1]) == "damaged"
     assert type(out[3]) is ImageTooLargeError and out[3].http_status == 413
     with pytest.raises(OverloadedError, match="queue") as e:

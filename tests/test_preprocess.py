@@ -8,7 +8,8 @@ from torchvision.transforms import v2
 
 from sota_serve.card import ModelCard
 from sota_serve.decode import decode_image
-from sota_serve.preprocess import Preprocessor, five_crops, resize_center_crop, resized_size
+from sota_serve.errors import BadRequestError
+from sota_serve.preprocess import Preprocessor, resize_center_crop, resized_size, tta_crops
 from tests.helpers import card_dict, gradient_image
 
 SIZES = [(97, 71), (71, 97), (64, 64), (300, 31), (33, 40)]
@@ -34,13 +35,41 @@ def test_center_crop_equals_torchvision(photos, interpolation):
         assert np.array_equal(ours, theirs), img.size
 
 
-def test_five_crop_equals_torchvision_fivecrop(photos):
+def _stack(crops) -> np.ndarray:
+    return np.stack([np.asarray(c).transpose(2, 0, 1) for c in crops])
+
+
+@pytest.mark.parametrize("crop", [(32, 32), (24, 32), (33, 31)])
+def test_tta_policies_equal_torchvision(photos, crop):
+    """flip = [CenterCrop, hflip(CenterCrop)], five_crop = FiveCrop, ten_crop = TenCrop, each
+    after Resize; odd margins check that the mirrored center crop rounds as torchvision does."""
+    h, w = crop
     for img in _images(photos):
-        ours = five_crops(img, 40, 32, 32)
         resized = v2.Resize(40)(img)
-        theirs = np.stack([np.asarray(c).transpose(2, 0, 1) for c in v2.FiveCrop(32)(resized)])
-        assert ours.shape == (5, 3, 32, 32)
-        assert np.array_equal(ours, theirs), img.size
+        center = v2.CenterCrop(crop)(resized)
+        expected = {
+            "none": _stack([center]),
+            "flip": _stack([center, v2.functional.hflip(center)]),
+            "five_crop": _stack(v2.FiveCrop(crop)(resized)),
+            "ten_crop": _stack(v2.TenCrop(crop)(resized)),
+        }
+        for policy, theirs in expected.items():
+            ours = tta_crops(img, policy, 40, h, w)
+            assert ours.dtype == np.uint8 and ours.shape == theirs.shape, (policy, img.size)
+            assert np.array_equal(ours, theirs), (policy, img.size, crop)
+
+
+def test_policies_come_from_the_card():
+    full = card_dict(tta={"default": "none", "flip": {"resize_shortest_edge": 36},
+                          "ten_crop": {"resize_shortest_edge": 44}})
+    pre = Preprocessor.from_card(ModelCard.parse(full))
+    assert pre.policies == ("none", "flip", "ten_crop")
+    assert [pre.crops_per_image(p) for p in pre.policies] == [1, 2, 10]
+    assert pre.edge("ten_crop") == 44
+    with pytest.raises(BadRequestError, match="no tta.five_crop settings; use one of none, flip, ten_crop"):
+        pre.crops_per_image("five_crop")
+    with pytest.raises(BadRequestError, match="unknown tta 'six_crop'"):
+        pre.crops_per_image("six_crop")
 
 
 def test_resized_size_matches_torchvision_arithmetic():

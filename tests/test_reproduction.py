@@ -28,18 +28,24 @@ def third_party_predict(package: Path, image: Path, tta: str) -> np.ndarray:
     img = img.convert("RGB")
     size = (card["input"]["height"], card["input"]["width"])
     mode = FILTERS[card["preprocess"]["interpolation"]]
-    if tta == "five_crop":
-        resized = v2.Resize(card["tta"]["five_crop"]["resize_shortest_edge"], interpolation=mode)(img)
+    edge = card["preprocess"]["resize_shortest_edge"] if tta == "none" else card["tta"][tta]["resize_shortest_edge"]
+    resized = v2.Resize(edge, interpolation=mode)(img)
+    if tta == "flip":
+        center = v2.CenterCrop(size)(resized)
+        crops = [center, v2.functional.hflip(center)]
+    elif tta == "five_crop":
         crops = list(v2.FiveCrop(size)(resized))
+    elif tta == "ten_crop":
+        crops = list(v2.TenCrop(size)(resized))
     else:
-        crops = [v2.CenterCrop(size)(v2.Resize(card["preprocess"]["resize_shortest_edge"], interpolation=mode)(img))]
+        crops = [v2.CenterCrop(size)(resized)]
     batch = np.stack([np.asarray(c).transpose(2, 0, 1) for c in crops]).astype(np.uint8)
     assert card["normalization"]["in_graph"] and card["output"] == "probabilities"
     probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
     return probs.mean(0)
 
 
-@pytest.mark.parametrize("tta", ["none", "five_crop"])
+@pytest.mark.parametrize("tta", ["none", "flip", "five_crop", "ten_crop"])
 def test_third_party_equals_cli(tiny_package, photos, tta):
     out = subprocess.run(
         [sys.executable, "-m", "sota_serve.cli", "predict", str(tiny_package), *map(str, photos),

@@ -45,7 +45,7 @@ def test_form_reads_values_as_bentoml_does():
     body, sep = encoded({"images": ("a.jpg", b"1", "image/jpeg")}, {"tta": '"five_crop"', "top_k": "2"})
     assert _form(list(parts(body, sep)), "images") == ([b"1"], "five_crop", 2)
     body, sep = encoded({"images": ("a.jpg", b"1", "image/jpeg")})
-    assert _form(list(parts(body, sep)), "images") == ([b"1"], "none", 5)
+    assert _form(list(parts(body, sep)), "images") == ([b"1"], None, 5)  # None: the card's default
 
 
 @pytest.mark.parametrize(("field", "value"), [("top_k", "abc"), ("top_k", "2.5"), ("top_k", "true"), ("tta", "3")])

@@ -19,6 +19,21 @@ def test_five_crop_average_equals_mean_of_single_runs(tiny_package, backend):
     assert np.allclose(grouped, single.reshape(3, 5, 3).mean(1), atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_every_tta_policy_is_the_mean_of_its_crops_probabilities(tiny_package, photos, backend):
+    from sota_serve.classifier import Classifier
+    from sota_serve.tta import CROPS_PER_IMAGE
+
+    clf = Classifier.open(tiny_package, backend=backend, device="cpu")
+    data = [p.read_bytes() for p in photos]
+    for policy in clf.card.tta.policies():
+        crops = np.concatenate([clf.preprocessor(d, policy) for d in data])
+        assert crops.shape[0] == len(data) * CROPS_PER_IMAGE[policy]
+        per_crop = clf.runtime.predict(crops)  # one probability vector per crop
+        expected = per_crop.reshape(len(data), CROPS_PER_IMAGE[policy], -1).mean(1)
+        assert np.abs(clf.probabilities(data, policy) - expected).max() < 1e-5, policy
+
+
 def test_logits_models_get_softmax_in_the_runtime(tmp_path):
     from sota_serve.export import export_package
 

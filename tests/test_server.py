@@ -32,7 +32,7 @@ def post(server: Server, path: str, files, data=None) -> httpx.Response:
     return httpx.post(f"{server.url}{path}", files=files, data=data or {}, timeout=60)
 
 
-@pytest.mark.parametrize("tta", ["none", "five_crop"])
+@pytest.mark.parametrize("tta", ["none", "flip", "five_crop", "ten_crop"])
 def test_classify_equals_cli_predict(server, tiny_package, photos, tta, capsys):
     expected = cli_predict(tiny_package, photos, tta, "onnx", capsys)
     with bentoml.SyncHTTPClient(server.url) as client:
@@ -46,6 +46,24 @@ def test_classify_equals_cli_predict(server, tiny_package, photos, tta, capsys):
                {"tta": tta, "top_k": "3"})
     assert raw.status_code == 200
     assert raw.json()["predictions"][0]["label"] == expected[0]["predictions"][0]["label"]
+    if tta == "none":  # an omitted tta is the card's default, and the answer names it
+        omitted = post(server, "/classify", {"image": (photos[0].name, photos[0].read_bytes(), "image/jpeg")},
+                       {"top_k": "3"}).json()
+        assert omitted["tta"] == "none" and omitted["predictions"] == raw.json()["predictions"]
+
+
+def test_answers_carry_the_out_of_distribution_check(server, tiny_package, photos, digit_files, capsys):
+    # The tiny model's card is fitted on digits (conftest): photos are unlike them.
+    for tta in ("none", "ten_crop"):
+        photo = post(server, "/classify", {"image": (photos[0].name, photos[0].read_bytes(), "image/jpeg")},
+                     {"tta": tta}).json()
+        assert photo["ood"]["out_of_distribution"] is True
+        assert photo["ood"]["distance"] > photo["ood"]["threshold"] > 0
+        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in digit_files[:10]]
+        results = post(server, "/classify_batch", files, {"tta": tta}).json()["results"]
+        assert sum(r["ood"]["out_of_distribution"] for r in results) <= 1
+    assert cli(["predict", str(tiny_package), str(photos[0]), "--device", "cpu"]) == 0
+    assert "out of distribution: unlike the training images" in capsys.readouterr().out
 
 
 def test_decoding_with_torchvision_serves_what_pillow_serves(server, tiny_package, photos, tmp_path):
@@ -89,7 +107,8 @@ def test_openapi_document_describes_the_model_and_its_errors(server):
     for path, field in (("/classify", "image"), ("/classify_batch", "images")):
         operation = spec["paths"][path]["post"]
         props = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-        assert props["tta"]["enum"] == ["none", "five_crop"] and props["tta"]["description"]
+        assert props["tta"]["enum"] == ["none", "flip", "five_crop", "ten_crop"]
+        assert props["tta"]["default"] == "none" and "ten_crop`: resize to 40" in props["tta"]["description"]
         assert props["top_k"]["minimum"] == 1 and props["top_k"]["default"] == 5
         assert props[field]["description"]
         assert set(operation["responses"]) == {"200", "400", "413", "415", "422", "503"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sota_serve.classifier import Classifier
 from sota_serve.cli import main as cli
@@ -30,8 +31,15 @@ def _train(folder: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "card.json").read_text())
 
 
-def test_train_writes_a_complete_package_with_imagenet_stats(small_digits_folder, tmp_path):
-    card = _train(small_digits_folder, tmp_path / "pkg", "--normalization", "imagenet")
+@pytest.fixture(scope="module")
+def trained(small_digits_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "pkg"
+    _train(small_digits_folder, out, "--normalization", "imagenet")
+    return out
+
+
+def test_train_writes_a_complete_package_with_imagenet_stats(trained):
+    card = json.loads((trained / "card.json").read_text())
     assert card["labels"] == ["0", "1", "7"]
     assert tuple(card["normalization"]["mean"]) == IMAGENET_MEAN
     assert tuple(card["normalization"]["std"]) == IMAGENET_STD
@@ -42,19 +50,47 @@ def test_train_writes_a_complete_package_with_imagenet_stats(small_digits_folder
     assert [h["stage"] for h in history] == [1, 2, 2]  # fit_one_cycle(1), then fine_tune(1) = 1 frozen + 1
     assert all(h["seconds"] > 0 and 0 <= h["accuracy"] <= 1 for h in history)
     metrics = card["metrics"]
-    for key in ("accuracy", "accuracy_five_crop", "accuracy_fastai_tta", "valid_loss"):
+    for key in ("accuracy", "accuracy_flip", "accuracy_five_crop", "accuracy_ten_crop",
+                "accuracy_fastai_tta", "valid_loss"):
         assert 0 <= metrics[key] <= max(1, metrics[key])
+    tta = metrics["tta"]
+    assert list(tta["policies"]) == ["none", "flip", "five_crop", "ten_crop"]
+    assert tta["tune_images"] == 18 and tta["held_out_images"] == 18
+    assert [p["model_calls_per_image"] for p in tta["policies"].values()] == [1, 2, 5, 10]
+    assert tta["default"] == card["tta"]["default"] in tta["policies"]
+    assert card["tta"]["ten_crop"]["resize_shortest_edge"] in (37, 40)
+    assert card["tta"]["flip"]["resize_shortest_edge"] == card["preprocess"]["resize_shortest_edge"]
+    ood = card["ood"]
+    assert list(ood["policies"]) == ["none", "flip", "five_crop", "ten_crop"]
+    assert ood["fit_images"] == 108 and ood["calibration_images"] == 36
+    assert all(f["valid_flag_rate"] <= 0.03 for f in ood["policies"].values())
     assert metrics["accuracy"] == metrics["accuracy_fastai_pipeline"]
     assert metrics["valid_count"] == 36 and metrics["train_count"] == 108
     assert card["parity"]["top1_agreement"] >= 0.99 and card["parity"]["max_abs_diff"] < 1e-3
     assert card["input"]["height"] == 32 and card["tta"]["five_crop"]["resize_shortest_edge"] in (37, 40)
     assert card["training"]["dataset"]["fingerprint"]
-    package = open_package(tmp_path / "pkg")
+    package = open_package(trained)
     assert package.verified and set(package.backends) == {"onnx", "torchscript"}
-    readme = (tmp_path / "pkg" / "README.md").read_text()
-    assert "five-crop TTA" in readme and "Training history" in readme and "parity" in readme
+    readme = (trained / "README.md").read_text()
+    assert "ten-crop TTA" in readme and "Training history" in readme and "parity" in readme
     for png in ("training_curve.png", "confusion_matrix.png"):
-        assert Image.open(tmp_path / "pkg" / png).size[0] > 100
+        assert Image.open(trained / png).size[0] > 100
+
+
+def test_photos_sent_to_a_digit_model_are_flagged_out_of_distribution(trained, small_digits_folder, photos):
+    """The demo's limitation made visible: a photo gets a digit label, and an ood flag."""
+    clf = Classifier.open(trained, device="cpu")
+    valid = sorted((small_digits_folder / "val").rglob("*.png"))
+    for policy in clf.card.tta.policies():
+        flagged = [r.ood.out_of_distribution for r in clf.classify([p.read_bytes() for p in photos], tta=policy)]
+        assert flagged == [True] * len(photos), policy
+        digits = clf.classify([p.read_bytes() for p in valid], tta=policy)
+        assert sum(r.ood.out_of_distribution for r in digits) <= 1, policy  # 99th percentile of 36
+    inverted = ImageOps.invert(Image.open(valid[0]).convert("RGB"))  # white ink on black
+    buffer = io.BytesIO()
+    inverted.save(buffer, format="PNG")
+    (result,) = clf.classify([buffer.getvalue()])
+    assert result.ood.out_of_distribution and result.ood.distance > result.ood.threshold
 
 
 def test_dataset_stats_are_measured_on_the_training_images(small_digits_folder, tmp_path):
@@ -137,6 +173,8 @@ def test_demo_reaches_target_accuracy_and_imports(tmp_path):
     card = json.loads((out / "card.json").read_text())
     assert card["metrics"]["accuracy"] >= 0.985, card["metrics"]
     assert card["parity"]["top1_agreement"] >= 0.99
+    assert card["license"] == "cc-by-4.0" and "license: \"cc-by-4.0\"" in (out / "README.md").read_text()
+    assert card["ood"]["policies"]["none"]["valid_flag_rate"] <= 0.02
     assert "imported into the BentoML model store as sota-demo:" in done.stdout
     listed = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "models", "get", "sota-demo:latest",
                              "-o", "json"], env=env, capture_output=True, text=True)
@@ -149,3 +187,22 @@ def test_demo_reaches_target_accuracy_and_imports(tmp_path):
     predicted = [r["predictions"][0]["label"] for r in json.loads(result.stdout)]
     truth = [p.parent.name for p in val]
     assert np.mean([a == b for a, b in zip(predicted, truth, strict=True)]) >= 0.95
+
+
+def test_tta_default_needs_a_gain_above_the_noise():
+    from training.evaluate import choose_default, paired_gain
+
+    base = np.array([True] * 80 + [False] * 20)
+    few = base.copy()
+    few[80:83] = True  # 3 more right: within the noise of 100 images
+    many = base.copy()
+    many[80:98] = True
+    many[0:2] = False  # 18 won, 2 lost
+    gains = {"flip": paired_gain(base, few), "ten_crop": paired_gain(base, many),
+             "five_crop": paired_gain(base, many)}
+    assert gains["flip"] == {"gain": 0.03, "wins": 3, "losses": 0, "significant": False}
+    assert gains["ten_crop"]["significant"] and gains["ten_crop"]["gain"] == pytest.approx(0.16)
+    calls = {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10}
+    accuracy = {"none": 0.8, "flip": 0.83, "five_crop": 0.96, "ten_crop": 0.96}
+    assert choose_default(accuracy, gains, calls) == "five_crop"  # a tie goes to fewer calls
+    assert choose_default(accuracy, {"flip": gains["flip"]}, calls) == "none"

@@ -19,8 +19,11 @@ def _summary(card, out: Path) -> None:
     m, p = data.get("metrics", {}), data.get("parity", {})
     print(f"package: {out} ({card.tag})")
     if m:
-        print(f"accuracy: plain {100 * m['accuracy']:.2f}%  five-crop {100 * m['accuracy_five_crop']:.2f}%"
-              f"  fastai TTA {100 * m['accuracy_fastai_tta']:.2f}%")
+        policies = "  ".join(f"{name} {100 * m[key]:.2f}%" for key, name in (
+            ("accuracy", "plain"), ("accuracy_flip", "flip"), ("accuracy_five_crop", "five-crop"),
+            ("accuracy_ten_crop", "ten-crop"), ("accuracy_fastai_tta", "fastai TTA")) if key in m)
+        print(f"accuracy: {policies}")
+        print(f"tta default: {card.tta.default}")
     if p:
         print(f"parity: top-1 agreement {100 * p['top1_agreement']:.2f}% on {p['images']} images,"
               f" max |p diff| {p['max_abs_diff']:.2e}")
@@ -33,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     _logging()
     overrides = {
         "data": args.data, "name": args.name, "arch": args.arch, "normalization": args.normalization,
-        "seed": args.seed, "label_smoothing": args.label_smoothing,
+        "seed": args.seed, "license": args.license, "label_smoothing": args.label_smoothing,
         "stages": parse_stages(args.stages) if args.stages else None,
         "mixup": args.mixup,
     }
@@ -85,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mixup", action="store_true")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--license", help="the model's license (SPDX id, e.g. apache-2.0), written to the card")
     p.add_argument("--out", help="package directory (default packages/NAME)")
     p.set_defaults(func=_train)
 

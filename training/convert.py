@@ -98,7 +98,9 @@ def convert_learner(pkl: str | Path, out_dir: str | Path, *, trust: bool, name: 
         "preprocess": {"resize_shortest_edge": edge, "crop": "center", "interpolation": "bilinear"},
         "normalization": {"mean": mean, "std": std, "pixel_scale": 255.0, "in_graph": True},
         "output": "probabilities",
-        "tta": {"default": "none", "five_crop": {"resize_shortest_edge": round(crop / 0.875)}},
+        "tta": {"default": "none", "flip": {"resize_shortest_edge": edge},
+                "five_crop": {"resize_shortest_edge": round(crop / 0.875)},
+                "ten_crop": {"resize_shortest_edge": round(crop / 0.875)}},
         "source": {"kind": "fastai-learner", "file": Path(pkl).name},
     })
     model = learn.model.float().cpu().eval()

@@ -17,8 +17,9 @@ from training.datasets import ImageFolder, resolve_dataset
 from training.evaluate import (
     MIN_PARITY,
     ParityError,
+    calibrate_ood,
+    evaluate_tta,
     fastai_eval,
-    five_crop_search,
     package_probs,
     parity,
 )
@@ -46,7 +47,9 @@ def base_card(recipe: Recipe, folder: ImageFolder, mean, std, five_crop_edge: in
                        "crop": "center", "interpolation": "bilinear"},
         "normalization": {"mean": list(mean), "std": list(std), "pixel_scale": 255.0, "in_graph": True},
         "output": "probabilities",
-        "tta": {"default": "none", "five_crop": {"resize_shortest_edge": five_crop_edge}},
+        "tta": {"default": "none", "flip": {"resize_shortest_edge": recipe.resize_edge},
+                "five_crop": {"resize_shortest_edge": five_crop_edge},
+                "ten_crop": {"resize_shortest_edge": five_crop_edge}},
     })
 
 
@@ -80,7 +83,9 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     clf = Classifier.open(out, backend="onnx", device="cpu")
     served = package_probs(clf, valid_items, "none", "package eval")
     agreement = parity(fa.probs, served, "onnx")
-    best_edge, five_scores = five_crop_search(clf, valid_items, fa.targets, edges)
+    tta = evaluate_tta(clf, valid_items, fa.targets, served, flip_edge=recipe.resize_edge, edges=edges)
+    ood = calibrate_ood(clf.preprocessor, train_files, valid_items, list(clf.preprocessor.policies),
+                        seed=recipe.seed)
     plain_acc = float((served.argmax(1) == fa.targets).mean())
 
     figures = {
@@ -89,13 +94,14 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
             fa.targets, served.argmax(1), card.labels, out / "confusion_matrix.png").name,
     }
     card = write_card(out, card.with_updates(
-        tta={"default": "none", "five_crop": {"resize_shortest_edge": best_edge}},
+        tta=tta.card_tta(),
+        ood=ood,
         metrics={
             "accuracy": plain_acc,
             "accuracy_fastai_pipeline": fa.accuracy,
-            "accuracy_five_crop": five_scores[best_edge],
-            "five_crop_resize": best_edge,
-            "five_crop_by_resize": {str(k): v for k, v in five_scores.items()},
+            **tta.metrics(),
+            "five_crop_resize": tta.edges["five_crop"],
+            "five_crop_by_resize": {str(k): v for k, v in tta.searched["five_crop"].items()},
             "accuracy_fastai_tta": fa.tta_accuracy,
             "valid_loss": fa.loss,
             "valid_count": len(valid_items),
@@ -113,10 +119,13 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
         parity=agreement,
         figures=figures,
         intended_use=f"Classify images like those of {folder.name} into {len(card.labels)} classes.",
+        **({"license": recipe.license} if recipe.license else {}),
         limitations=(
             f"Trained from scratch on {len(train_files)} images; accuracy is measured on"
             f" {len(valid_items)} held-out images of the same source and will be lower on other"
-            " kinds of images. Every input gets one of the labels: there is no reject class."
+            " kinds of images. Every input gets one of the labels: there is no reject class, but"
+            " each answer carries an out-of-distribution check (`ood`) that flags inputs whose"
+            " pixel statistics are unlike the training images'."
         ),
     ))
     if agreement["top1_agreement"] < MIN_PARITY:

@@ -55,6 +55,8 @@ class Recipe(BaseModel):
     flip: bool = True
     max_rotate: float = Field(default=10.0, ge=0)
     seed: int = 42
+    #: the trained model's license (SPDX id or Hugging Face license name), written to the card
+    license: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
     mixed_precision: bool = True
     channels_last: bool = True
     num_workers: int | None = Field(default=None, ge=0)
@@ -110,6 +112,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "flip": False,
         "max_rotate": 10.0,
         "num_workers": 0,
+        # the UCI handwritten digits that scikit-learn ships are CC BY 4.0
+        "license": "cc-by-4.0",
     },
 }
 

@@ -1,0 +1,133 @@
+"""An out-of-distribution signal: how unlike the training images an input looks.
+
+A classifier gives every input one of its labels, and with label smoothing its confidence says
+little: the demo scores a photo of Grace Hopper "8" at 0.95, like a real digit. This signal
+looks at the input instead. Each image's crops (the uint8 pixels the model sees) become a
+small vector of statistics: a 4x4 grayscale thumbnail, per-channel mean and spread, and
+colourfulness. Training fits a Gaussian to those vectors on training images; an input's
+Mahalanobis distance to it is its score, and the threshold is a high percentile of the
+validation images' scores, so about that share of in-distribution inputs is flagged by design.
+
+It catches inputs whose pixels differ from the training data (photos sent to a digit model,
+inverted polarity, colour where there was none); it cannot see a wrong object with familiar
+statistics. The card records the fit, the threshold and the measured flag rates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sota_serve.card import ModelCard
+from sota_serve.predictions import OODResult
+
+METHOD = "input-stats-mahalanobis-v1"
+#: 4x4 thumbnail + 3 channel means + 3 channel spreads + colourfulness
+N_FEATURES = 23
+_GRID = 4
+
+
+def features(crops: Any) -> np.ndarray:
+    """(k, 3, H, W) uint8 crops (numpy, or a torch tensor on any device) -> (23,) float64.
+
+    The k crops of a TTA policy are averaged first: the statistics describe the image.
+    """
+    if not isinstance(crops, np.ndarray):  # a torch tensor: reduce on its device, copy 3xHxW
+        crops = crops.float().mean(0).cpu().numpy()
+    else:
+        crops = crops.astype(np.float32).mean(0)
+    x = crops / 255.0  # (3, H, W)
+    gray = x.mean(0)
+    h, w = gray.shape
+    rows, cols = np.linspace(0, h, _GRID + 1).astype(int), np.linspace(0, w, _GRID + 1).astype(int)
+    thumb = [gray[rows[i] : rows[i + 1], cols[j] : cols[j + 1]].mean()
+             for i in range(_GRID) for j in range(_GRID)]
+    means = x.mean((1, 2))
+    spreads = x.std((1, 2))
+    colour = np.abs(x[0] - x[1]).mean() + np.abs(x[1] - x[2]).mean()
+    return np.asarray([*thumb, *means, *spreads, colour], dtype=np.float64)
+
+
+class Detector:
+    """Mahalanobis distance to a fitted Gaussian, and the threshold above which an input is
+    flagged. Built from the card's ``ood`` section."""
+
+    def __init__(self, mean: Sequence[float], precision: Sequence[Sequence[float]], threshold: float) -> None:
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.precision = np.asarray(precision, dtype=np.float64)
+        self.threshold = float(threshold)
+        if self.mean.shape != (N_FEATURES,) or self.precision.shape != (N_FEATURES, N_FEATURES):
+            raise ValueError(f"an ood fit has {N_FEATURES} features; got mean {self.mean.shape},"
+                             f" precision {self.precision.shape}")
+
+    def check(self, vector: np.ndarray) -> OODResult:
+        distance = self.distance(vector)
+        return OODResult(distance=round(distance, 3), threshold=self.threshold,
+                         out_of_distribution=distance > self.threshold)
+
+    def distance(self, vector: np.ndarray) -> float:
+        d = vector - self.mean
+        return float(np.sqrt(max(0.0, d @ self.precision @ d)))
+
+    def distances(self, vectors: np.ndarray) -> np.ndarray:
+        d = vectors - self.mean
+        return np.sqrt(np.maximum(0.0, np.einsum("ij,jk,ik->i", d, self.precision, d)))
+
+
+class Screen:
+    """The card's fits, one per TTA policy: ``check(crops, tta)`` for each image served."""
+
+    def __init__(self, detectors: dict[str, Detector]) -> None:
+        self.detectors = detectors
+
+    @classmethod
+    def from_card(cls, card: ModelCard) -> Screen | None:
+        """None when the card carries no ``ood`` section (nothing is reported then)."""
+        if card.ood is None:
+            return None
+        return cls({p: Detector(f.mean, f.precision, f.threshold) for p, f in card.ood.policies.items()})
+
+    def check(self, crops: Any, tta: str) -> OODResult | None:
+        detector = self.detectors.get(tta)
+        return detector.check(features(crops)) if detector else None
+
+
+def fit_policy(train: np.ndarray, valid: np.ndarray, *, percentile: float,
+               shrinkage: float = 0.05) -> dict[str, Any]:
+    """One policy's ``OODFit``, fitted on training feature vectors (N, 23) and calibrated on
+    validation ones.
+
+    The covariance is shrunk toward its diagonal and floored: a digit's corners are always
+    white, so some features barely vary and a plain inverse would call any change there
+    infinitely unlikely.
+    """
+    cov = np.cov(train, rowvar=False)
+    floor = 1e-4  # (1/100 of the pixel range)^2: differences below this are noise
+    cov = (1 - shrinkage) * cov + shrinkage * np.diag(np.diag(cov)) + floor * np.eye(N_FEATURES)
+    # Rounded before calibrating, so the threshold is exact for the numbers the card keeps.
+    mean = [_round(v) for v in train.mean(0)]
+    precision = [[_round(v) for v in row] for row in np.linalg.inv(cov)]
+    valid_d = Detector(mean, precision, 1.0).distances(valid)
+    threshold = float(np.percentile(valid_d, percentile))
+    return {"mean": mean, "precision": precision, "threshold": _round(threshold),
+            "valid_flag_rate": float((valid_d > threshold).mean())}
+
+
+def spec(fits: dict[str, dict[str, Any]], *, percentile: float, fit_images: int,
+         calibration_images: int) -> dict[str, Any]:
+    """The card's ``ood`` section."""
+    return {
+        "method": METHOD,
+        "features": "per TTA policy, the mean of its crops (pixels/255): 4x4 grayscale thumbnail,"
+                    " per-channel mean and std, |R-G|+|G-B|",
+        "percentile": percentile,
+        "fit_images": fit_images,
+        "calibration_images": calibration_images,
+        "policies": fits,
+    }
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.7g}")
