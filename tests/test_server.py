@@ -164,7 +164,7 @@ BAD_INPUTS = [
     ("garbage", b"\x13\x37" * 500, "image/jpeg", {}, 400),
     ("empty", b"", "image/png", {}, 400),
     ("text", b"hello world, not a picture", "text/plain", {}, 400),
-    ("unknown-tta", None, "image/jpeg", {"tta": "ten_crop"}, 422),
+    ("unknown-tta", None, "image/jpeg", {"tta": "twelve_crop"}, 422),
     ("zero-top-k", None, "image/jpeg", {"top_k": "0"}, 422),
     ("non-int-top-k", None, "image/jpeg", {"top_k": "many"}, 400),
 ]
