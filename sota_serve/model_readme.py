@@ -139,8 +139,10 @@ def _front_matter(card: ModelCard, data: dict[str, Any]) -> list[str]:
 
 
 def _usage(card: ModelCard) -> list[str]:
-    best = card.tta.policies()[-1]
-    tta = f" -F tta={best}" if best != "none" else ""
+    policies = card.tta.policies()
+    shown = card.tta.default if card.tta.default != "none" else next(
+        (p for p in ("five_crop", *policies[1:]) if p in policies), "none")
+    tta = f" -F tta={shown}" if shown != "none" else ""
     return [
         "## Usage", "",
         "```bash",
