@@ -95,7 +95,7 @@ def decode_response(body: bytes) -> tuple[list[Scored | ImageError], float]:
         raise OverloadedError(header["overloaded"], retry_after_s=header["retry_after_s"])
     ok, errors = header["ok"], header["errors"]
     probs = np.frombuffer(payload, dtype=np.float32).reshape(len(ok), header["classes"])
-    ood = header.get("ood") or [None] * len(ok)
+    ood = header["ood"]
     out: list[Scored | ImageError] = [None] * (len(ok) + len(errors))  # type: ignore[list-item]
     for row, (i, check) in enumerate(zip(ok, ood, strict=True)):
         out[i] = Scored(probs[row], OODResult(**check) if check else None)

@@ -73,12 +73,11 @@ _TTA_CROPS = {
 
 
 def _tta_doc(card: ModelCard) -> str:
-    policies = card.tta.policies()
     lines = [f"Test-time augmentation; omitted: `{card.tta.default}` (the card's default)."
              f" `none`: resize the shortest edge to {card.preprocess.resize_shortest_edge},"
              " center crop."]
-    for policy in policies[1:]:
-        lines.append(f"`{policy}`: resize to {getattr(card.tta, policy).resize_shortest_edge},"
+    for policy, edge in card.tta.edges().items():
+        lines.append(f"`{policy}`: resize to {edge},"
                      f" {_TTA_CROPS[policy]} ({CROPS_PER_IMAGE[policy]} times the model work).")
     return " ".join(lines)
 

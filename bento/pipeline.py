@@ -143,14 +143,10 @@ class LocalPipeline:
             decoded = await self._decode_all(images, tta)
         finally:
             self.admission.decoded(ticket)
-        good = [i for i, item in enumerate(decoded) if isinstance(item, Decoded)]
-        out: Results = [item if isinstance(item, ImageError) else Scored(np.empty(0)) for item in decoded]
+        good = [item for item in decoded if isinstance(item, Decoded)]
         try:
-            if good:
-                crops = concat_rows([decoded[i].crops for i in good])  # type: ignore[union-attr]
-                probs = await self.batcher.submit(crops, k, deadline)
-                for i, p in zip(good, probs, strict=True):
-                    out[i] = Scored(p, decoded[i].ood)  # type: ignore[union-attr]
+            probs = await self.batcher.submit(concat_rows([d.crops for d in good]), k, deadline) if good else []
         finally:
             self.admission.computed(ticket)
-        return out
+        rows = iter(probs)  # one row per decoded image, in order
+        return [item if isinstance(item, ImageError) else Scored(next(rows), item.ood) for item in decoded]

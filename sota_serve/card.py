@@ -22,6 +22,7 @@ from pydantic import (
 
 from sota_serve.constants import INTERPOLATIONS
 from sota_serve.errors import CardError
+from sota_serve.tta import POLICIES, TTA
 
 SCHEMA_VERSION = 1
 
@@ -79,23 +80,24 @@ class CropSpec(BaseModel):
     resize_shortest_edge: int = Field(gt=0, le=16384)
 
 
-#: The name the five-crop section had first; kept for importers.
-FiveCropSpec = CropSpec
-
-
 class TTASpec(BaseModel):
     """Which TTA policies the package offers (``none`` always) and the default one."""
 
     model_config = _STRICT
 
-    default: Literal["none", "flip", "five_crop", "ten_crop"] = "none"
+    default: TTA = "none"
     flip: CropSpec | None = None
     five_crop: CropSpec | None = None
     ten_crop: CropSpec | None = None
 
+    def edges(self) -> dict[str, int]:
+        """The resize edge of each policy this card lists beyond ``none``, in POLICIES order."""
+        specs = ((p, getattr(self, p)) for p in POLICIES[1:])
+        return {p: spec.resize_shortest_edge for p, spec in specs if spec is not None}
+
     def policies(self) -> tuple[str, ...]:
         """The policies this card lists, ``none`` first, in order of model calls per image."""
-        return ("none", *(name for name in ("flip", "five_crop", "ten_crop") if getattr(self, name)))
+        return ("none", *self.edges())
 
 
 class OODFit(BaseModel):
@@ -127,7 +129,7 @@ class OODSpec(BaseModel):
     percentile: float = Field(gt=0, le=100)
     fit_images: int = Field(ge=2)
     calibration_images: int = Field(ge=1)
-    policies: dict[Literal["none", "flip", "five_crop", "ten_crop"], OODFit] = Field(min_length=1)
+    policies: dict[TTA, OODFit] = Field(min_length=1)
 
 
 class ArtifactSpec(BaseModel):
@@ -191,8 +193,7 @@ class ModelCard(BaseModel):
                 f"preprocess.resize_shortest_edge ({self.preprocess.resize_shortest_edge}) is smaller"
                 f" than the crop input.height x input.width ({self.input.height}x{self.input.width})"
             )
-        for policy in self.tta.policies()[1:]:
-            edge = getattr(self.tta, policy).resize_shortest_edge
+        for policy, edge in self.tta.edges().items():
             if edge < crop_edge:
                 raise ValueError(
                     f"tta.{policy}.resize_shortest_edge ({edge}) is smaller than the crop"

@@ -104,21 +104,17 @@ class Classifier:
         tta = self.policy(tta)
         k = check_top_k(top_k, self.card.num_classes)
         crops_per_image = self.preprocessor.crops_per_image(tta)
-        results: list[Classified | ImageError] = []
-        good: list[int] = []
-        crops: list[Any] = []
-        ood: list[OODResult | None] = []
-        for i, data in enumerate(images):
+        items: list[tuple[Any, OODResult | None] | ImageError] = []
+        for data in images:
             try:
-                crops.append(self.crops(data, tta))
+                crops = self.crops(data, tta)
             except ImageError as e:
-                results.append(e)
+                items.append(e)
                 continue
-            ood.append(self.screen.check(crops[-1], tta) if self.screen else None)
-            results.append(Classified(predictions=[]))
-            good.append(i)
-        if good:
-            probs = self.predict_crops(concat_rows(crops), crops_per_image)
-            for i, p, check in zip(good, probs, ood, strict=True):
-                results[i] = Classified(predictions=top_k_predictions(p, self.card.labels, k), ood=check)
-        return results
+            items.append((crops, self.screen.check(crops, tta) if self.screen else None))
+        good = [item for item in items if not isinstance(item, ImageError)]
+        probs = self.predict_crops(concat_rows([c for c, _ in good]), crops_per_image) if good else []
+        rows = iter(probs)  # one row per decoded image, in order
+        return [item if isinstance(item, ImageError)
+                else Classified(predictions=top_k_predictions(next(rows), self.card.labels, k), ood=item[1])
+                for item in items]

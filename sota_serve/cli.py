@@ -69,8 +69,8 @@ def tta_rows(card: ModelCard) -> list[tuple[str, str]]:
     """One row per TTA policy of the card: its cost, resize edge and measured accuracy."""
     measured = ((card.to_dict().get("metrics") or {}).get("tta") or {}).get("policies") or {}
     rows = []
-    for policy in card.tta.policies():
-        edge = card.preprocess.resize_shortest_edge if policy == "none" else getattr(card.tta, policy).resize_shortest_edge
+    edges = {"none": card.preprocess.resize_shortest_edge, **card.tta.edges()}
+    for policy, edge in edges.items():
         k = CROPS_PER_IMAGE[policy]
         cells = [f"{k} model call{'s' if k > 1 else ''}/image", f"resize {edge}"]
         m = measured.get(policy) or {}

@@ -210,10 +210,9 @@ def _tta_steps(card: ModelCard) -> list[str]:
     }
     lines = [f"TTA policies (default `{card.tta.default}`; each averages the probability vectors"
              " of its crops):", ""]
-    for policy in card.tta.policies()[1:]:
-        edge = getattr(card.tta, policy).resize_shortest_edge
+    for policy, edge in card.tta.edges().items():
         lines.append(f"- `{policy}`: resize the shortest edge to {edge} px, take {what[policy]}.")
-    if len(card.tta.policies()) == 1:
+    if not card.tta.edges():
         lines.append("- none beyond the plain center crop.")
     return [*lines, ""]
 

@@ -71,8 +71,7 @@ class Detector:
                          out_of_distribution=distance > self.threshold)
 
     def distance(self, vector: np.ndarray) -> float:
-        d = vector - self.mean
-        return float(np.sqrt(max(0.0, d @ self.precision @ d)))
+        return float(self.distances(vector[None])[0])
 
     def distances(self, vectors: np.ndarray) -> np.ndarray:
         d = vectors - self.mean

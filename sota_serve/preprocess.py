@@ -95,7 +95,7 @@ class Preprocessor:
             resize_shortest_edge=card.preprocess.resize_shortest_edge,
             interpolation=card.preprocess.interpolation,
             exif_transpose=card.preprocess.exif_transpose,
-            tta_edges={p: getattr(card.tta, p).resize_shortest_edge for p in card.tta.policies()[1:]},
+            tta_edges=card.tta.edges(),
             limits=limits or DecodeLimits(),
             jpeg_draft=jpeg_draft,
         )

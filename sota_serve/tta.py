@@ -28,8 +28,6 @@ TTA = Literal["none", "flip", "five_crop", "ten_crop"]
 #: In order of model calls per image.
 POLICIES: tuple[str, ...] = ("none", "flip", "five_crop", "ten_crop")
 CROPS_PER_IMAGE: dict[str, int] = {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10}
-#: Policies built on the five-crop windows.
-_FIVE = ("five_crop", "ten_crop")
 
 
 class Window(NamedTuple):

@@ -182,11 +182,17 @@ def calibrate_ood(pre: Preprocessor, train_files: Sequence[Path], valid_files: S
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(len(train_files), size=min(sample, len(train_files)), replace=False))
     fit_files = [train_files[i] for i in picked]
-    fits = {}
-    for policy in progress(policies, desc="ood calibration"):
-        vectors = [np.stack([ood.features(pre(f.read_bytes(), policy)) for f in files])
-                   for files in (fit_files, valid_files)]
-        fits[policy] = ood.fit_policy(*vectors, percentile=percentile)
+    def vectors(files: Sequence[Path], desc: str) -> dict[str, np.ndarray]:
+        """Each file decoded once, then cropped for every policy."""
+        rows: dict[str, list[np.ndarray]] = {p: [] for p in policies}
+        for f in progress(files, desc=desc):
+            img = pre.decode(f.read_bytes())
+            for p in policies:
+                rows[p].append(ood.features(pre.crops(img, p)))
+        return {p: np.stack(r) for p, r in rows.items()}
+
+    fit, calibration = vectors(fit_files, "ood fit"), vectors(valid_files, "ood calibration")
+    fits = {p: ood.fit_policy(fit[p], calibration[p], percentile=percentile) for p in policies}
     return ood.spec(fits, percentile=percentile, fit_images=len(fit_files),
                     calibration_images=len(valid_files))
 
