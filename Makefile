@@ -23,7 +23,7 @@ demo: install
 		     $(BIN)/sota-serve demo --name $(DEMO); }
 
 serve: demo
-	@echo "==> serving $(DEMO) on http://localhost:$(PORT) once the log says 'ready'. API UI: http://localhost:$(PORT)/ ; try: curl -F image=@examples/seven.png localhost:$(PORT)/classify"
+	@echo "==> serving $(DEMO) on http://localhost:$(PORT) once the log says 'ready'. open http://localhost:$(PORT)/ (API docs: /docs); try: curl -F image=@examples/seven.png localhost:$(PORT)/classify"
 	$(BIN)/bentoml serve --port $(PORT)
 
 test: install

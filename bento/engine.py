@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import bentoml
+import numpy as np
 from bentoml._internal.utils.uri import uri_to_path
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,7 +33,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bento.config import MODEL, PLAN, SETTINGS, model_dir
-from bento.engine_protocol import decode_request, decode_response, encode_request, encode_response
+from bento.engine_protocol import (
+    decode_request,
+    decode_response,
+    encode_pixels_request,
+    encode_request,
+    encode_response,
+)
 from bento.metrics import observe_batch
 from bento.pipeline import LocalPipeline, Results
 from sota_serve.admission import Admission, Ticket
@@ -75,8 +82,9 @@ class Engine:
             return encode_response(None, self.classes, seconds_per_crop=0.0, overloaded=OverloadedError(str(e)))
         spc = self.pipeline.batcher.seconds_per_crop.value or 0.0
         try:
-            results = await self.pipeline.probabilities(req.images, req.tta, req.k, Ticket(),
-                                                         time.monotonic() + req.timeout_s)
+            deadline = time.monotonic() + req.timeout_s
+            results = (await self.pipeline.pixels(req.pixels, Ticket(), deadline) if req.pixels is not None
+                       else await self.pipeline.probabilities(req.images, req.tta, req.k, Ticket(), deadline))
         except OverloadedError as e:
             return encode_response(None, self.classes, seconds_per_crop=spc, overloaded=e)
         return encode_response(results, self.classes, seconds_per_crop=spc)
@@ -92,6 +100,15 @@ class _Pending:
     k: int
     deadline: float
     future: asyncio.Future[Results]
+    pixels: np.ndarray | None = None  # instead of images: preprocessed crops
+
+    @property
+    def count(self) -> int:
+        return len(self.pixels) if self.pixels is not None else len(self.images)
+
+    def joins(self, head: _Pending) -> bool:
+        """Whether this request can go in the same engine call as ``head``."""
+        return self.tta == head.tta and (self.pixels is None) == (head.pixels is None)
 
 
 class EngineClient:
@@ -111,7 +128,15 @@ class EngineClient:
     async def probabilities(self, images: Sequence[bytes], tta: str, k: int, ticket: Ticket,
                             deadline: float) -> Results:
         self.admission.charge(ticket, len(images) * k)
-        item = _Pending(images, tta, k, deadline, asyncio.get_running_loop().create_future())
+        return await self._call(_Pending(images, tta, k, deadline, asyncio.get_running_loop().create_future()),
+                                ticket)
+
+    async def pixels(self, crops: np.ndarray, ticket: Ticket, deadline: float) -> Results:
+        self.admission.charge(ticket, len(crops))
+        return await self._call(_Pending([], "none", 1, deadline, asyncio.get_running_loop().create_future(),
+                                         crops), ticket)
+
+    async def _call(self, item: _Pending, ticket: Ticket) -> Results:
         self._queue.append(item)
         self._pump()
         try:
@@ -123,10 +148,10 @@ class EngineClient:
     def _pump(self) -> None:
         while self._queue and len(self._calls) < self.max_calls:
             head = self._queue.popleft()
-            batch, images = [head], len(head.images)
-            while self._queue and self._queue[0].tta == head.tta and images + len(self._queue[0].images) <= self.max_images:
+            batch, images = [head], head.count
+            while self._queue and self._queue[0].joins(head) and images + self._queue[0].count <= self.max_images:
                 batch.append(self._queue.popleft())
-                images += len(batch[-1].images)
+                images += batch[-1].count
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._calls.add(task)
             task.add_done_callback(self._done)
@@ -145,8 +170,10 @@ class EngineClient:
     async def _send(self, batch: list[_Pending]) -> None:
         head = batch[0]
         try:
-            body = encode_request([img for p in batch for img in p.images], head.tta, head.k,
-                                  max(0.0, min(p.deadline for p in batch) - time.monotonic()))
+            timeout_s = max(0.0, min(p.deadline for p in batch) - time.monotonic())
+            body = (encode_pixels_request(np.concatenate([p.pixels for p in batch]), timeout_s)  # type: ignore[misc]
+                    if head.pixels is not None
+                    else encode_request([img for p in batch for img in p.images], head.tta, head.k, timeout_s))
             async with self._client().post(self._url, data=body,
                                            headers={"Content-Type": "application/octet-stream"}) as response:
                 payload = await response.read()
@@ -158,8 +185,8 @@ class EngineClient:
             at = 0
             for p in batch:
                 if not p.future.done():
-                    p.future.set_result(results[at : at + len(p.images)])
-                at += len(p.images)
+                    p.future.set_result(results[at : at + p.count])
+                at += p.count
         except (SotaServeError, aiohttp.ClientError, OSError) as e:
             error = e if isinstance(e, SotaServeError) else OverloadedError(
                 f"the model engine process did not answer ({type(e).__name__}: {e}); it may be restarting")

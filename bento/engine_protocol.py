@@ -4,6 +4,8 @@ A request is the uploads themselves, a response the probabilities as float32: no
 nothing decoded twice. Both start with a little-endian u32 length and a JSON header.
 
 - request header: ``{"tta", "k", "sizes": [bytes per image], "timeout_s"}``, then the images;
+  or, for already-preprocessed crops, ``{"tta": "none", "k": 1, "pixels": [N, 3, H, W],
+  "timeout_s"}``, then the uint8 crops;
 - response header: ``{"classes", "ok": [indices], "ood": [OOD check | null per ok image],
   "errors": {index: [type, message]}, "overloaded": message | null, "retry_after_s",
   "seconds_per_crop"}``, then an (len(ok), classes) float32 array.
@@ -41,6 +43,7 @@ class EngineRequest:
     tta: str
     k: int
     timeout_s: float
+    pixels: np.ndarray | None = None  # instead of images: (N, 3, H, W) uint8 crops
 
 
 def _frame(header: dict, payload: bytes | memoryview) -> bytes:
@@ -62,8 +65,19 @@ def encode_request(images: Sequence[bytes], tta: str, k: int, timeout_s: float) 
     return _frame(header, b"".join(images))
 
 
+def encode_pixels_request(pixels: np.ndarray, timeout_s: float) -> bytes:
+    header = {"tta": "none", "k": 1, "pixels": list(pixels.shape), "timeout_s": timeout_s}
+    return _frame(header, np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+
+
 def decode_request(body: bytes) -> EngineRequest:
     header, payload = _unframe(body)
+    if "pixels" in header:
+        shape = tuple(int(n) for n in header["pixels"])
+        if len(shape) != 4 or int(np.prod(shape)) != len(payload):
+            raise MalformedRequestError(f"engine request: {len(payload)} bytes for pixels {shape}")
+        pixels = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+        return EngineRequest([], "none", 1, float(header["timeout_s"]), pixels)
     images, at = [], 0
     for size in header["sizes"]:
         images.append(bytes(payload[at : at + size]))

@@ -7,8 +7,9 @@
   the queue cannot serve in time gets an immediate 503 with Retry-After;
 - every 503, whichever component sent it, carries Retry-After;
 - BentoML renders 4xx errors as ``[{"error": ...}]``; they are unwrapped to ``{"error": ...}``;
-- once the model is loaded, the image routes are answered from the buffered body
-  (bento.routes) instead of being handed to BentoML's request pipeline.
+- once the model is loaded, the image routes and the Open Inference Protocol's ``infer`` are
+  answered from the buffered body (bento.routes) instead of being handed to BentoML's
+  request pipeline; so are the GET routes bento.routes knows (the page, the card, ``/v2``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
+from bento.handlers import Answer
 from bento.multipart import Part, boundary, parts
 from bento.routes import DirectRoutes
 from sota_serve.admission import Admission, Ticket
@@ -44,11 +46,14 @@ async def _respond(send: Send, status: int, body: dict[str, Any], headers: dict[
     await _respond_raw(send, status, json.dumps(body).encode(), headers)
 
 
-async def _respond_raw(send: Send, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+async def _respond_raw(send: Send, status: int, data: bytes, headers: dict[str, str] | None = None,
+                       *, head: bool = False) -> None:
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
+    raw = [(b"content-type", headers.pop("content-type", "application/json").encode()),
+           (b"content-length", str(len(data)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})
+    await send({"type": "http.response.body", "body": b"" if head else data})
 
 
 class RequestGuard:
@@ -75,19 +80,20 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = self._fix_errors(send)
-        if scope["method"] == "GET" and self.routes is not None:
-            answer = self.routes.get(scope["path"])
+        if scope["method"] in ("GET", "HEAD") and self.routes is not None:
+            answer = self.routes.get(scope["path"], scope.get("query_string", b""))
             if answer is not None:
                 status, headers, data = answer
-                return await _respond_raw(send, status, data, headers)
+                return await _respond_raw(send, status, data, headers, head=scope["method"] == "HEAD")
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         fields = self.file_fields.get(scope["path"])
+        infer = self.routes is not None and self.routes.is_infer(scope["path"])
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
         declared_bytes = int(declared) if declared.isdigit() else None
         ticket: Ticket | None = None
-        if fields:
+        if fields or infer:
             try:
                 nbytes = min(declared_bytes or 0, self.max_body_bytes)
                 ticket = await self.admission.wait_enter(nbytes, self.hold_s)
@@ -100,19 +106,30 @@ class RequestGuard:
         try:
             try:  # the body limit holds for every POST, not only the image routes
                 body = await self._read_body(declared_bytes, receive)
-                form: list[Part] = []
-                if fields and ticket is not None:
+                if ticket is not None:
                     self.admission.resize(ticket, len(body))
-                    form = self._check_files(headers, body, fields)
+                form = self._check_files(headers, body, fields) if fields else []
             except _Reject as e:
                 return await _respond(send, e.status, {"error": e.message}, e.headers)
-            if self.routes is not None and self.routes.serves(scope["path"]):
-                status, headers, data = await self.routes.answer(scope["path"], form, ticket)
-                return await _respond_raw(send, status, data, headers)
+            answer = await self._answer(scope["path"], headers, body, form, ticket)
+            if answer is not None:
+                status, out_headers, data = answer
+                return await _respond_raw(send, status, data, out_headers)
             await self.app(scope, _replay(body, receive), send)
         finally:
             if ticket is not None:
                 self.admission.leave(ticket)
+
+    async def _answer(self, path: str, headers: Headers, body: bytes, form: list[Part],
+                      ticket: Ticket | None) -> Answer | None:
+        """The direct routes' answer, or None to hand the request to BentoML."""
+        if self.routes is None:
+            return None
+        if self.routes.is_infer(path):
+            return await self.routes.infer(path, headers, body, ticket)
+        if self.routes.serves(path):
+            return await self.routes.answer(path, form, ticket)
+        return None
 
     async def _read_body(self, declared_bytes: int | None, receive: Receive) -> bytes:
         if declared_bytes is not None and declared_bytes > self.max_body_bytes:

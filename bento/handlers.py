@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
+import numpy as np
 from starlette.responses import Response
 
 from bento.pipeline import Results
@@ -23,6 +24,13 @@ from sota_serve.predictions import Classified, check_top_k, top_k_predictions
 from sota_serve.preprocess import Preprocessor
 
 Answer = tuple[int, dict[str, str], bytes]  # status, headers, JSON body
+
+
+class Scores(NamedTuple):
+    """A whole request's answer for protocols without per-image entries."""
+
+    tta: str
+    probs: np.ndarray  # (N, C) float32
 
 
 def error_answer(e: SotaServeError) -> Answer:
@@ -42,6 +50,10 @@ class Pipeline(Protocol):
 
     async def probabilities(self, images: Sequence[bytes], tta: str, k: int, ticket: Ticket,
                             deadline: float) -> Results: ...
+
+    async def pixels(self, crops: np.ndarray, ticket: Ticket, deadline: float) -> Results:
+        """Already-preprocessed (N, 3, H, W) uint8 crops, one per image (no TTA)."""
+        ...
 
 
 class RequestHandler:
@@ -84,3 +96,23 @@ class RequestHandler:
         return [r if isinstance(r, ImageError)
                 else Classified(predictions=top_k_predictions(r.probs, self.card.labels, top_k), ood=r.ood)
                 for r in results]
+
+    async def scores(self, images: Sequence[bytes] | None, pixels: np.ndarray | None,
+                     tta: str | None, ticket: Ticket | None) -> Scores:
+        """The policy and (N, C) float32 probabilities of encoded ``images`` or of
+        preprocessed ``pixels`` (one of them), for protocols without per-image errors: the
+        first bad image fails the request, its message naming which one."""
+        ticket = ticket or Ticket()
+        deadline = ticket.admitted_at + self.deadline_s
+        if pixels is not None:
+            tta, _, _ = self.params("none", 1)
+            results = await self.pipeline.pixels(pixels, ticket, deadline)
+        else:
+            assert images is not None, "scores needs images or pixels"
+            tta, k, _ = self.params(tta, 1)
+            results = await self.pipeline.probabilities(images, tta, k, ticket, deadline)
+        for i, r in enumerate(results):
+            if isinstance(r, ImageError):
+                raise type(r)(f"image {i} of {len(results)}: {r}")
+        scored = [r for r in results if not isinstance(r, ImageError)]
+        return Scores(tta, np.stack([r.probs for r in scored]).astype(np.float32, copy=False))

@@ -14,7 +14,7 @@ from typing import Any
 
 from sota_serve.card import ModelCard
 from sota_serve.predictions import DEFAULT_TOP_K, MAX_TOP_K
-from sota_serve.tta import CROPS_PER_IMAGE
+from sota_serve.tta import CROPS_PER_IMAGE, DESCRIPTIONS
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -65,20 +65,13 @@ def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int) ->
     return spec
 
 
-_TTA_CROPS = {
-    "flip": "average the predictions of the center crop and its mirror image",
-    "five_crop": "average the predictions of the four corner crops and the center crop",
-    "ten_crop": "average the predictions of the five crops and of their mirror images",
-}
-
-
 def _tta_doc(card: ModelCard) -> str:
     lines = [f"Test-time augmentation; omitted: `{card.tta.default}` (the card's default)."
              f" `none`: resize the shortest edge to {card.preprocess.resize_shortest_edge},"
              " center crop."]
     for policy, edge in card.tta.edges().items():
         lines.append(f"`{policy}`: resize to {edge},"
-                     f" {_TTA_CROPS[policy]} ({CROPS_PER_IMAGE[policy]} times the model work).")
+                     f" {DESCRIPTIONS[policy]} ({CROPS_PER_IMAGE[policy]} times the model work).")
     return " ".join(lines)
 
 

@@ -150,3 +150,14 @@ class LocalPipeline:
             self.admission.computed(ticket)
         rows = iter(probs)  # one row per decoded image, in order
         return [item if isinstance(item, ImageError) else Scored(next(rows), item.ood) for item in decoded]
+
+    async def pixels(self, crops: np.ndarray, ticket: Ticket, deadline: float) -> Results:
+        """Already-preprocessed (N, 3, H, W) uint8 crops (the Open Inference Protocol's
+        ``pixels``), batched with every other request's single crops."""
+        self.admission.charge(ticket, len(crops))
+        self.admission.decoded(ticket)  # nothing to decode
+        try:
+            probs = await self.batcher.submit(crops, 1, deadline)
+        finally:
+            self.admission.computed(ticket)
+        return [Scored(p) for p in probs]  # no OOD check: the protocol has no place for it

@@ -1,9 +1,11 @@
 """Routes answered by the guard without BentoML's request pipeline.
 
 ``POST /classify`` and ``POST /classify_batch`` straight from the guard's buffered body;
-``GET /card`` (BentoML's API routes are POST only, and a browser's first try is a GET) and
-``GET /docs`` (a redirect to BentoML's OpenAPI UI, which lives at ``/``) and ``GET /docs.json``
-(the OpenAPI document completed from the model card, bento.openapi).
+the Open Inference Protocol under ``/v2`` (bento/oip.py); ``GET /card`` (BentoML's API
+routes are POST only, and a browser's first try is a GET); the page for people at ``/`` with
+its assets and ``GET /crops`` (bento/page.py); BentoML's OpenAPI UI at ``/docs`` (BentoML
+puts it at ``/``) and ``GET /docs.json`` (the OpenAPI document completed from the model card,
+bento.openapi).
 
 BentoML's generic request path validates an IO model, parses the multipart body a second
 time, builds a Starlette request and response and serializes through its own serde. On the
@@ -25,9 +27,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 
+from bento import page
 from bento.handlers import Answer, RequestHandler, error_answer
 from bento.multipart import Part
+from bento.oip import OpenInference
 from sota_serve.admission import Ticket
 from sota_serve.errors import MalformedRequestError, SotaServeError
 from sota_serve.predictions import DEFAULT_TOP_K
@@ -44,24 +49,44 @@ class DirectRoutes:
     def __init__(self, file_fields: dict[str, str]) -> None:
         self.file_fields = file_fields  # route -> its file field
         self.handler: RequestHandler | None = None
+        self.oip: OpenInference | None = None
         self.openapi = b""
 
-    def bind(self, handler: RequestHandler, openapi: dict[str, Any]) -> None:
-        self.handler = handler
+    def bind(self, handler: RequestHandler, openapi: dict[str, Any], oip: OpenInference) -> None:
+        self.handler, self.oip = handler, oip
         self.openapi = json.dumps(openapi).encode()
 
     def serves(self, path: str) -> bool:
         return self.handler is not None and path in self.file_fields
 
-    def get(self, path: str) -> Answer | None:
+    @staticmethod
+    def is_infer(path: str) -> bool:
+        """An Open Inference Protocol ``infer`` path: admitted at the door like the image routes."""
+        return OpenInference.is_infer(path)
+
+    def get(self, path: str, query: bytes = b"") -> Answer | None:
         """The answer to ``GET path``, or None to leave it to BentoML."""
-        if path == "/card" and self.handler is not None:
+        if path == "/docs":
+            return page.docs()
+        if path.startswith("/v2"):
+            if self.oip is not None:
+                return self.oip.get(path)
+            return OpenInference.loading(path)
+        if self.handler is None:
+            return page.asset(path)  # the page itself can load before the model
+        if path == "/card":
             return 200, {}, json.dumps(self.handler.card.to_dict()).encode()
         if path == "/docs.json" and self.openapi:
             return 200, {}, self.openapi
-        if path == "/docs":
-            return 307, {"Location": "/"}, b'{"error": "the OpenAPI UI is at /, the document at /docs.json"}'
-        return None
+        if path == "/crops":
+            return page.crops(self.handler.pre, query)
+        return page.asset(path, self.handler.pre, self.handler.card)
+
+    async def infer(self, path: str, headers: Headers, body: bytes, ticket: Ticket | None) -> Answer:
+        """``POST /v2/models/{name}/infer``."""
+        if self.oip is None:
+            return 503, {"Retry-After": "1"}, b'{"error": "the model is loading; retry in a moment"}'
+        return await self.oip.infer(path, headers, body, ticket)
 
     async def answer(self, path: str, parts: Sequence[Part], ticket: Ticket | None) -> Answer:
         assert self.handler is not None, "DirectRoutes.answer before bind"

@@ -21,6 +21,7 @@ from bento.engine import Engine, EngineClient
 from bento.guard import TICKET, RequestGuard
 from bento.handlers import RequestHandler, error_response
 from bento.metrics import count_shed, observe_batch
+from bento.oip import OpenInference
 from bento.openapi import describe
 from bento.pipeline import LocalPipeline
 from bento.routes import DirectRoutes
@@ -65,8 +66,11 @@ class Classifier:
             pipeline = LocalPipeline.build(package, SETTINGS, PLAN, ADMISSION, observer=observe_batch)
         pre = Preprocessor.from_card(package.card)  # checks request parameters against the card
         self.handler = RequestHandler(package.card, pre, pipeline, deadline_s=SETTINGS.deadline_s)
+        self.ready = False
+        oip = OpenInference(self.handler, backend=SETTINGS.backend, max_images=SETTINGS.max_batch_images,
+                            ready=self.__is_ready__)
         ROUTES.bind(self.handler, describe(Classifier.openapi_spec.asdict(), package.card,
-                                           max_batch_images=SETTINGS.max_batch_images))
+                                           max_batch_images=SETTINGS.max_batch_images), oip)
         self.ready = True
         where = "the engine process" if PLAN.engine else f"this worker, decode {pipeline.decode}"  # type: ignore[union-attr]
         log.info("ready: serving %s on %s, model in %s (%s)", package.card.tag, PLAN.device, where, PLAN)

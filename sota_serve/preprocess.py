@@ -118,6 +118,14 @@ class Preprocessor:
         self.edge(tta)
         return CROPS_PER_IMAGE[tta]
 
+    def source_windows(self, width: int, height: int, tta: str) -> list[tuple[float, float, float, float, bool]]:
+        """The crops of ``tta`` as ``(left, top, width, height, mirrored)`` boxes on the
+        original ``width`` x ``height`` image, before the resize (what a page draws)."""
+        rw, rh = resized_size(width, height, self.edge(tta))
+        sx, sy = width / rw, height / rh
+        return [(w.left * sx, w.top * sy, self.width * sx, self.height * sy, w.mirrored)
+                for w in windows(tta, rw, rh, self.width, self.height)]
+
     def decode(self, data: bytes) -> Image.Image:
         # Draft only down to twice the largest resize edge, so the final resize still
         # averages over >= 2x2 source pixels.

@@ -28,6 +28,13 @@ TTA = Literal["none", "flip", "five_crop", "ten_crop"]
 #: In order of model calls per image.
 POLICIES: tuple[str, ...] = ("none", "flip", "five_crop", "ten_crop")
 CROPS_PER_IMAGE: dict[str, int] = {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10}
+#: What each policy averages, in words (API docs, the page).
+DESCRIPTIONS: dict[str, str] = {
+    "none": "the center crop alone",
+    "flip": "average the predictions of the center crop and its mirror image",
+    "five_crop": "average the predictions of the four corner crops and the center crop",
+    "ten_crop": "average the predictions of the five crops and of their mirror images",
+}
 
 
 class Window(NamedTuple):

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import numpy as np
 import pytest
 
 from bench.server import Server
-from bento.engine_protocol import decode_request, decode_response, encode_request, encode_response
+from bento.engine_protocol import (
+    decode_request,
+    decode_response,
+    encode_pixels_request,
+    encode_request,
+    encode_response,
+)
 from bento.pipeline import Scored
+from sota_serve.card import ModelCard
 from sota_serve.errors import (
     ImageTooLargeError,
     InvalidImageError,
@@ -15,6 +25,7 @@ from sota_serve.errors import (
     OverloadedError,
 )
 from sota_serve.predictions import OODResult
+from sota_serve.preprocess import Preprocessor
 from tests.test_server import post
 
 
@@ -27,6 +38,14 @@ def test_requests_carry_the_uploads_byte_for_byte():
     body = encode_request(images, "none", 1, 1.0)
     with pytest.raises(MalformedRequestError, match="sizes add up"):
         decode_request(body + b"extra")
+
+
+def test_pixel_requests_carry_the_crops():
+    pixels = np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)
+    req = decode_request(encode_pixels_request(pixels, 2.0))
+    assert np.array_equal(req.pixels, pixels) and (req.images, req.tta, req.k, req.timeout_s) == ([], "none", 1, 2.0)
+    with pytest.raises(MalformedRequestError, match="pixels"):
+        decode_request(encode_pixels_request(pixels, 2.0)[:-1])
 
 
 def test_responses_keep_order_probabilities_and_typed_errors():
@@ -63,4 +82,14 @@ def test_server_with_an_engine_process_answers_as_the_in_process_one(server, tin
         assert [r.get("predictions") for r in results[:1] + results[2:]] == [
             post(server, "/classify", {"image": (p.name, p.read_bytes(), "image/jpeg")}, {"top_k": "1"}).json()["predictions"]
             for p in photos]
+        # the Open Inference Protocol's preprocessed pixels travel to the engine as crops
+        pre = Preprocessor.from_card(ModelCard.load(tiny_package / "card.json"))
+        pixels = np.concatenate([pre(p.read_bytes()) for p in photos])
+        head = json.dumps({"inputs": [{"name": "pixels", "shape": list(pixels.shape), "datatype": "UINT8",
+                                       "parameters": {"binary_data_size": pixels.nbytes}}],
+                           "outputs": [{"name": "probabilities"}]}).encode()
+        answers = [httpx.post(f"{srv.url}/v2/models/tiny-cnn/infer", content=head + pixels.tobytes(),
+                              headers={"Inference-Header-Content-Length": str(len(head))}).json()
+                   for srv in (engine, server)]
+        assert answers[0] == answers[1] and answers[0]["outputs"][0]["shape"] == [len(photos), 3]
         assert "engine ready" in engine.output()

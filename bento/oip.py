@@ -1,0 +1,111 @@
+"""The Open Inference Protocol v2 routes (KServe v2, Triton's HTTP API), beside the service's own.
+
+``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
+``.../ready`` and ``POST .../infer``, where ``{name}`` is the card's name and ``{v}`` its
+version. Requests go through the same guard (body limit, admission), the same handler and
+pipeline (batching across requests and routes) and the same decode limits as ``/classify``.
+The messages are bento/oip_codec.py's. Errors are ``{"error": message}``: 400 for anything
+wrong in the request (v2 has no 422), 404 for another model's name, 413, 415 and 503 as on
+the other routes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+from starlette.datastructures import Headers
+
+from bento.handlers import Answer, RequestHandler, error_answer
+from bento.oip_codec import HEADER_LENGTH, encode_infer, model_metadata, parse_infer
+from sota_serve import __version__
+from sota_serve.admission import Ticket
+from sota_serve.errors import BadRequestError, MalformedRequestError, SotaServeError
+
+#: /v2/models/{name}[/versions/{version}][/ready | /infer]
+_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|infer))?$")
+PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+
+
+def _json(status: int, body: object) -> Answer:
+    return status, {}, json.dumps(body).encode()
+
+
+class NotFoundError(SotaServeError):
+    http_status = 404
+
+
+class OpenInference:
+    def __init__(self, handler: RequestHandler, *, backend: str, max_images: int,
+                 ready: Callable[[], bool]) -> None:
+        self.handler, self.card = handler, handler.card
+        self.platform = PLATFORMS.get(backend, backend)
+        self.max_images, self.ready = max_images, ready
+
+    @staticmethod
+    def is_infer(path: str) -> bool:
+        match = _MODEL_PATH.match(path)
+        return match is not None and match.group(3) == "infer"
+
+    @staticmethod
+    def loading(path: str) -> Answer:
+        """What ``GET path`` answers while the model is still loading: live, not ready."""
+        if path == "/v2/health/live":
+            return _json(200, {"live": True})
+        return _json(503, {"ready": False, "error": "the model is loading"})
+
+    def get(self, path: str) -> Answer | None:
+        """The answer to ``GET path`` under ``/v2``, or None when the path is not one of these."""
+        if path in ("/v2", "/v2/"):
+            return _json(200, {"name": "sota-serve", "version": __version__,
+                               "extensions": ["classification", "binary_tensor_data"]})
+        if path == "/v2/health/live":
+            return _json(200, {"live": True})
+        if path == "/v2/health/ready":
+            return self._readiness()
+        match = _MODEL_PATH.match(path)
+        if match is None or match.group(3) == "infer":
+            return None
+        try:
+            self._check_model(match.group(1), match.group(2))
+        except NotFoundError as e:
+            return error_answer(e)
+        if match.group(3) == "ready":
+            return self._readiness()
+        return _json(200, model_metadata(self.card, self.platform))
+
+    def _readiness(self) -> Answer:
+        ready = self.ready()
+        return _json(200 if ready else 503, {"ready": ready})
+
+    def _check_model(self, name: str, version: str | None) -> None:
+        if name != self.card.name:
+            raise NotFoundError(f"no model {name!r} here; this server serves {self.card.name!r}")
+        if version not in (None, self.card.version):
+            raise NotFoundError(f"model {name!r} has no version {version!r}; it is version {self.card.version!r}")
+
+    async def infer(self, path: str, headers: Headers, body: bytes, ticket: Ticket | None) -> Answer:
+        match = _MODEL_PATH.match(path)
+        assert match is not None, "OpenInference.infer on a path is_infer refused"
+        try:
+            self._check_model(match.group(1), match.group(2))
+            if headers.get("content-encoding", "identity") != "identity":
+                raise _Unsupported(f"Content-Encoding {headers['content-encoding']!r} is not supported;"
+                                   " send the request uncompressed")
+            length = headers.get(HEADER_LENGTH)
+            if length is not None and not length.isdigit():
+                raise MalformedRequestError(f"Inference-Header-Content-Length must be a number, got {length!r:.40}")
+            request = parse_infer(body, int(length) if length else None, self.handler.card,
+                                  max_images=self.max_images)
+            scores = await self.handler.scores(request.images, request.pixels, request.tta, ticket)
+            body, out_headers = encode_infer(request, scores, self.card)
+        except BadRequestError as e:  # v2 has no 422: a parameter out of range is a bad request
+            return error_answer(MalformedRequestError(str(e)))
+        except SotaServeError as e:
+            return error_answer(e)
+        return 200, out_headers, body
+
+
+class _Unsupported(SotaServeError):
+    http_status = 415

@@ -1,0 +1,187 @@
+// The page at "/": choose, drop or paste an image, see the top-k labels and where the crops of
+// the chosen TTA policy fall, and a summary of the model card. Plain DOM, nothing fetched from
+// anywhere but this server.
+"use strict";
+
+const config = JSON.parse(document.getElementById("config").textContent);
+const $ = (id) => document.getElementById(id);
+let current = null; // the chosen image file
+let generation = 0; // answers to superseded requests are dropped
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "style") node.style.cssText = v;
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function policy() {
+  const checked = document.querySelector('input[name="tta"]:checked');
+  return checked ? checked.value : config.default;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+// --- TTA choice ----------------------------------------------------------------------------
+
+function buildPolicies() {
+  for (const p of config.policies) {
+    const input = el("input", { type: "radio", name: "tta", value: p.name, id: `tta-${p.name}` });
+    input.checked = p.name === config.default;
+    input.addEventListener("change", () => { describePolicy(); if (current) classify(current); });
+    const text = p.name === "none" ? "off" : p.name.replace("_", "-");
+    $("tta-options").append(el("label", { for: `tta-${p.name}` }, input, el("span", {}, text)));
+  }
+  describePolicy();
+}
+
+function describePolicy() {
+  const p = config.policies.find((q) => q.name === policy());
+  const times = p.crops === 1 ? "one model call" : `${p.crops} model calls`;
+  const isDefault = p.name === config.default ? " This model's default." : "";
+  $("tta-help").textContent = `Resize the shortest edge to ${p.resize} px, then ${p.about} (${times} per image).${isDefault}`;
+}
+
+// --- classify ------------------------------------------------------------------------------
+
+async function classify(file) {
+  const mine = ++generation;
+  const tta = policy();
+  showError("");
+  $("status").textContent = `Classifying (tta ${tta}) ...`;
+  const form = new FormData();
+  form.append("image", file, file.name || "pasted-image");
+  form.append("tta", tta);
+  form.append("top_k", String(config.top_k));
+  let answer;
+  try {
+    const response = await fetch("/classify", { method: "POST", body: form });
+    const text = await response.text();
+    try { answer = JSON.parse(text); } catch { answer = { error: text || response.statusText }; }
+    if (!response.ok) {
+      const retry = response.headers.get("Retry-After");
+      throw new Error(`${answer.error || response.statusText} (HTTP ${response.status}${retry ? `, retry after ${retry} s` : ""})`);
+    }
+  } catch (e) {
+    if (mine !== generation) return;
+    $("status").textContent = "";
+    $("results").replaceChildren();
+    $("ood").hidden = true;
+    showError(e.message);
+    return;
+  }
+  if (mine !== generation) return;
+  showResults(answer);
+  drawCrops(answer.tta);
+}
+
+function showResults(answer) {
+  $("status").textContent = `${answer.model}, tta ${answer.tta}`;
+  $("results").replaceChildren(...answer.predictions.map((p) => {
+    const percent = (100 * p.score).toFixed(1);
+    return el("li", { "data-label": p.label, "data-score": String(p.score) },
+      el("div", { class: "row" }, el("span", { class: "label" }, p.label), el("span", {}, `${percent} %`)),
+      el("div", { class: "bar" }, el("span", { style: `width: ${percent}%` })));
+  }));
+  const ood = answer.ood;
+  $("ood").hidden = !(ood && ood.out_of_distribution);
+  if (ood && ood.out_of_distribution) {
+    $("ood").textContent = `This image does not look like the training images (distance ${ood.distance}, `
+      + `threshold ${ood.threshold.toFixed(2)}): the labels above are a guess outside what the model was measured on.`;
+  }
+}
+
+async function drawCrops(tta) {
+  const img = $("preview");
+  if (!img.complete || !img.naturalWidth) await new Promise((ok) => img.addEventListener("load", ok, { once: true }));
+  const W = img.naturalWidth, H = img.naturalHeight;
+  img.classList.toggle("small", Math.max(W, H) < 160); // upscaled: show pixels, not blur
+  const response = await fetch(`/crops?width=${W}&height=${H}&tta=${encodeURIComponent(tta)}`);
+  if (!response.ok) return; // the boxes are an illustration; the answer is already shown
+  const { windows } = await response.json();
+  const pct = (v, total) => `${(100 * v / total).toFixed(3)}%`;
+  $("boxes").replaceChildren(...windows.map((w, i) => el("div", {
+    class: w.mirrored ? "box mirrored" : "box",
+    title: `crop ${i + 1}${w.mirrored ? ", mirrored" : ""}`,
+    style: `left:${pct(w.left, W)};top:${pct(w.top, H)};width:${pct(w.width, W)};height:${pct(w.height, H)}`,
+  }, el("b", {}, w.mirrored ? `${i + 1}↔` : String(i + 1)))));
+}
+
+// --- choosing an image ---------------------------------------------------------------------
+
+function choose(file) {
+  if (!file) return;
+  current = file;
+  const img = $("preview");
+  if (img.src) URL.revokeObjectURL(img.src);
+  $("boxes").replaceChildren();
+  img.src = URL.createObjectURL(file);
+  $("view").hidden = false;
+  classify(file);
+}
+
+function wireInputs() {
+  $("file").addEventListener("change", (e) => choose(e.target.files[0]));
+  const drop = $("drop");
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const type of ["dragleave", "drop"]) drop.addEventListener(type, () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => { e.preventDefault(); choose(e.dataTransfer.files[0]); });
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); } });
+  document.addEventListener("paste", (e) => {
+    const item = [...(e.clipboardData?.items || [])].find((i) => i.kind === "file" && i.type.startsWith("image/"));
+    if (item) choose(item.getAsFile());
+  });
+}
+
+// --- the model card ------------------------------------------------------------------------
+
+function percent(value) {
+  return typeof value === "number" ? `${(100 * value).toFixed(2)} %` : null;
+}
+
+function summarize(card) {
+  const m = card.metrics || {};
+  const accuracy = [["plain", m.accuracy], ["flip", m.accuracy_flip], ["five-crop", m.accuracy_five_crop],
+    ["ten-crop", m.accuracy_ten_crop], ["fastai TTA", m.accuracy_fastai_tta]]
+    .filter(([, v]) => typeof v === "number").map(([name, v]) => `${name} ${percent(v)}`).join(" · ");
+  const parity = card.parity;
+  const norm = card.normalization;
+  const pre = card.preprocess;
+  const rows = [
+    ["Model", `${card.name} (version ${card.version})`],
+    ["Labels", `${card.labels.length}: ${card.labels.slice(0, 30).join(", ")}${card.labels.length > 30 ? " …" : ""}`],
+    ["Input", `${card.input.width}×${card.input.height} ${card.input.channels}, ${card.input.dtype}`],
+    ["Preprocessing", `${pre.exif_transpose ? "EXIF orientation, " : ""}shortest edge to ${pre.resize_shortest_edge} px (${pre.interpolation}), ${pre.crop} crop`],
+    ["Normalization", `mean [${norm.mean.map((v) => v.toFixed(3)).join(", ")}], std [${norm.std.map((v) => v.toFixed(3)).join(", ")}]${norm.in_graph ? ", inside the model" : ""}`],
+    ["Accuracy", accuracy ? `${accuracy}${m.valid_count ? ` (${m.valid_count} validation images)` : ""}` : "not recorded"],
+    ["Parity", parity ? `top-1 agreement ${percent(parity.top1_agreement)}, max |Δp| ${Number(parity.max_abs_diff).toExponential(1)} vs ${parity.reference || "the training framework"}${parity.passed === false ? " (FAILED)" : ""}` : "not recorded"],
+    ["Default TTA", card.tta.default],
+    ["Intended use", card.intended_use],
+    ["License", card.license],
+  ].filter(([, v]) => v);
+  $("card-summary").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+}
+
+async function loadCard() {
+  $("model-tag").textContent = config.model;
+  try {
+    const response = await fetch("/card");
+    if (!response.ok) throw new Error((await response.json()).error || response.statusText);
+    summarize(await response.json());
+  } catch (e) {
+    $("card-summary").replaceChildren(el("dd", {}, `The card could not be read: ${e.message}`));
+  }
+}
+
+buildPolicies();
+wireInputs();
+loadCard();

@@ -1,0 +1,122 @@
+"""The page for people at ``/``: its files and routes, and the page itself in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bento.page import ASSETS, PAGE_DIR
+from sota_serve.card import ModelCard
+from sota_serve.preprocess import Preprocessor
+from sota_serve.tta import POLICIES
+from tests.test_server import post
+
+ARTIFACTS = Path(os.environ.get("SOTA_SERVE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "build" / "test-artifacts"))
+BROWSER_HELP = ("no headless Chromium: install Debian's `chromium` and `chromium-driver`"
+                " (`apt-get install chromium chromium-driver`, as .ci/run does) to run the page in a browser")
+
+
+def test_the_page_works_offline():
+    """Everything it loads comes from this server: no CDN, no absolute URLs."""
+    for name in ASSETS.values():
+        text = (PAGE_DIR / name).read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), f"{name} loads from elsewhere"
+    html = (PAGE_DIR / "index.html").read_text()
+    assert 'name="viewport"' in html and "__CONFIG__" in html
+
+
+@pytest.mark.slow
+def test_page_routes(server, tiny_package):
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    config = json.loads(re.search(r'<script id="config" type="application/json">(.*?)</script>', page.text).group(1))
+    card = ModelCard.load(tiny_package / "card.json")
+    assert config["model"] == card.tag and config["default"] == card.tta.default
+    assert [p["name"] for p in config["policies"]] == list(POLICIES)  # the tiny card has them all
+    assert [p["crops"] for p in config["policies"]] == [1, 2, 5, 10]
+    for path, name in ASSETS.items():
+        if path != "/":
+            response = httpx.get(f"{server.url}{path}")
+            assert response.status_code == 200 and response.content == (PAGE_DIR / name).read_bytes()
+    assert httpx.get(f"{server.url}/page/page.js").headers["content-type"].startswith("text/javascript")
+    head = httpx.head(f"{server.url}/")
+    assert head.status_code == 200 and head.headers["content-type"].startswith("text/html") and not head.content
+    docs = httpx.get(f"{server.url}/docs")
+    assert docs.status_code == 200 and "swagger-ui" in docs.text and "googletagmanager" not in docs.text
+    assert httpx.get(f"{server.url}/static_content/swagger-ui.css").status_code == 200
+
+
+@pytest.mark.slow
+def test_crops_are_the_preprocessors_windows_on_the_original(server, tiny_package):
+    pre = Preprocessor.from_card(ModelCard.load(tiny_package / "card.json"))
+    for tta in POLICIES:
+        answer = httpx.get(f"{server.url}/crops", params={"width": 640, "height": 427, "tta": tta}).json()
+        assert answer["resize_shortest_edge"] == pre.edge(tta)
+        boxes = [(w["left"], w["top"], w["width"], w["height"], w["mirrored"]) for w in answer["windows"]]
+        want = pre.source_windows(640, 427, tta)
+        assert len(boxes) == len(want) == {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10}[tta]
+        for got, exp in zip(boxes, want, strict=True):
+            assert got[4] == exp[4] and all(abs(a - b) < 0.01 for a, b in zip(got[:4], exp[:4], strict=True))
+    # five-crop corners sit on the image's corners; each crop is crop/resize of the short side
+    five = pre.source_windows(640, 427, "five_crop")
+    assert five[0][:2] == (0, 0) and abs(five[3][0] + five[3][2] - 640) < 1e-6 and abs(five[3][1] + five[3][3] - 427) < 1e-6
+    assert abs(five[0][3] - 427 * 32 / 40) < 1e-6
+    for query, message in [({"width": 0, "height": 5}, "width"), ({"width": 5}, "height"),
+                           ({"width": 5, "height": 5, "tta": "twenty_crop"}, "unknown tta")]:
+        response = httpx.get(f"{server.url}/crops", params=query)
+        assert response.status_code in (400, 422) and message in response.json()["error"]
+
+
+def _browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the [test] extra")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip(BROWSER_HELP)
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=390,1200"):
+        options.add_argument(arg)  # a phone-sized viewport
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.mark.slow
+def test_page_in_a_real_browser_classifies_an_uploaded_digit(server, digit_files):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = digit_files[3]
+    want = post(server, "/classify", {"image": (image.name, image.read_bytes())}, {"top_k": 3}).json()
+    browser = _browser()
+    try:
+        browser.get(f"{server.url}/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#card-summary dd"))
+        assert "tiny-cnn" in browser.find_element(By.ID, "card-summary").text
+        browser.find_element(By.ID, "file").send_keys(str(image))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results li"))
+        shown = [li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "#results li")]
+        assert shown[:3] == [p["label"] for p in want["predictions"]]
+        # five-crop on: the page asks again and draws the five crops on the image
+        browser.find_element(By.CSS_SELECTOR, 'label[for="tta-five_crop"]').click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#boxes .box")) == 5)
+        wait.until(lambda b: "five_crop" in b.find_element(By.ID, "status").text)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "page.png"))
+        # an API error is shown as the API's message
+        bad = ARTIFACTS / "not-an-image.png"
+        bad.write_bytes(b"plain text, not a PNG")
+        browser.find_element(By.ID, "file").send_keys(str(bad))
+        wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
+        assert "not a recognised image" in browser.find_element(By.ID, "error").text
+        assert "HTTP 400" in browser.find_element(By.ID, "error").text
+    finally:
+        browser.quit()
