@@ -5,19 +5,23 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 DEMO ?= sota-demo
 
-.PHONY: install serve demo test test-fast lint bench clean
+.PHONY: install install-serve serve demo test test-fast lint bench clean
 
-$(BIN)/.installed: pyproject.toml
-	@echo "==> installing sota-serve and its dependencies into $(VENV) (torch, fastai, BentoML, ONNX Runtime: a few minutes the first time)"
+# One venv; each target installs the extras it needs (pyproject.toml): serving the demo needs
+# `serve` and, to train it the first time, `train`; the tests need everything.
+$(BIN)/.installed-%: pyproject.toml
+	@echo "==> installing sota-serve[$*] into $(VENV) (torch, fastai, BentoML, ONNX Runtime: a few minutes the first time)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[$*]'
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed-test
+
+install-serve: $(BIN)/.installed-serve,train
 
 # Train and import the demo model unless the BentoML store already has it.
-demo: install
+demo: install-serve
 	@$(BIN)/bentoml models get $(DEMO):latest >/dev/null 2>&1 \
 		|| { echo "==> training the demo model (handwritten digits, about 2 minutes on 2 cores), then evaluating and exporting it"; \
 		     $(BIN)/sota-serve demo --name $(DEMO); }

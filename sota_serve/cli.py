@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: top-level package a command may need -> the install extra that provides it (pyproject.toml)
+EXTRAS = {"torch": "torchscript", "torchvision": "torchscript", "fastai": "train", "sklearn": "train",
+          "matplotlib": "train", "bentoml": "serve", "litserve": "bench", "httpx": "bench"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # torch marks torch.jit deprecated; TorchScript is still the format this tool writes.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
@@ -165,6 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SotaServeError as e:
         print(f"sota-serve: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        if args.command in ("train", "demo", "export"):
+            extra = "train"  # torch alone would not do
+        print(f"sota-serve {args.command}: needs {e.name}, which this install lacks;"
+              f" install the `{extra}` extra: pip install 'sota-serve[{extra}]'", file=sys.stderr)
         return 2
 
 

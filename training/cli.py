@@ -58,10 +58,10 @@ def _demo(args: argparse.Namespace) -> int:
     card = train_package(load_recipe(preset="digits"), out)
     _summary(card, out)
     if not args.no_import:
-        from bento.store import import_package
+        from sota_serve.cli import main as sota_serve
 
-        model = import_package(out, name=args.name)
-        print(f"imported into the BentoML model store as {model.tag}")
+        # Through the CLI's `import` command (the serving part's), so training never imports it.
+        return sota_serve(["import", str(out), "--name", args.name])
     return 0
 
 

@@ -1,0 +1,60 @@
+"""A serving-only install (``pip install 'sota-serve[serve]'``): small, without torch or fastai,
+and it serves a package over HTTP and runs the core CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.server import Server
+from tests.test_server import post
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_BYTES = 1 << 30
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_serving_install_serves_without_torch_or_fastai(tmp_path, tiny_package, photos):
+    venv = tmp_path / "serve-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python, bin_dir = venv / "bin" / "python", venv / "bin"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", f"{ROOT}[serve]"],
+                             capture_output=True, text=True, timeout=840)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-4000:]
+    size = _size(venv)
+    assert size < MAX_BYTES, f"the serving install is {size / 2**20:.0f} MiB"
+    print(f"serving install: {size / 2**20:.0f} MiB")  # for the record (pytest -s)
+    for module in ("torch", "torchvision", "fastai", "sklearn"):
+        probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True)
+        assert probe.returncode != 0 and "No module named" in probe.stderr, f"{module} is installed"
+
+    cli = str(bin_dir / "sota-serve")
+    inspect = subprocess.run([cli, "inspect", str(tiny_package)], capture_output=True, text=True, cwd=tmp_path)
+    assert inspect.returncode == 0 and "tiny-cnn:1" in inspect.stdout, inspect.stderr
+    predict = subprocess.run([cli, "predict", str(tiny_package), str(photos[0]), "--json", "--tta", "five_crop"],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert predict.returncode == 0, predict.stderr
+    assert len(json.loads(predict.stdout)[0]["predictions"]) == 3
+    train = subprocess.run([cli, "train", "--preset", "digits"], capture_output=True, text=True, cwd=tmp_path)
+    assert train.returncode == 2 and "pip install 'sota-serve[train]'" in train.stderr
+
+    command = [str(bin_dir / "bentoml"), "serve", "bento.service:Classifier", "--port", "{port}", "--host", "127.0.0.1"]
+    with Server(tiny_package, command=command, home=tmp_path / "bentoml",
+                env={"SOTA_SERVE_DEVICE": "cpu", "PATH": f"{bin_dir}:/usr/bin:/bin"}) as server:
+        answer = post(server, "/classify", {"image": (photos[0].name, photos[0].read_bytes())}, {"tta": "five_crop"})
+        assert answer.status_code == 200 and answer.json()["tta"] == "five_crop"
+        want = json.loads(predict.stdout)[0]["predictions"]
+        got = answer.json()["predictions"]
+        assert [p["label"] for p in got] == [p["label"] for p in want]
+        assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(got, want, strict=True))
+        assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
