@@ -10,7 +10,7 @@ def _import(args: argparse.Namespace) -> int:
 
     formats = args.formats.split(",") if args.formats else None
     model = import_package(args.package, name=args.name, formats=formats)
-    print(f"imported {args.package} as {model.tag}")
+    print(f"imported into the BentoML model store as {model.tag}")
     return 0
 
 
