@@ -111,7 +111,7 @@ class RequestGuard:
                 form = self._check_files(headers, body, fields) if fields else []
             except _Reject as e:
                 return await _respond(send, e.status, {"error": e.message}, e.headers)
-            answer = await self._answer(scope["path"], headers, body, form, ticket)
+            answer = await self._answer(scope["path"], infer, headers, body, form, ticket)
             if answer is not None:
                 status, out_headers, data = answer
                 return await _respond_raw(send, status, data, out_headers)
@@ -120,12 +120,12 @@ class RequestGuard:
             if ticket is not None:
                 self.admission.leave(ticket)
 
-    async def _answer(self, path: str, headers: Headers, body: bytes, form: list[Part],
+    async def _answer(self, path: str, infer: bool, headers: Headers, body: bytes, form: list[Part],
                       ticket: Ticket | None) -> Answer | None:
         """The direct routes' answer, or None to hand the request to BentoML."""
         if self.routes is None:
             return None
-        if self.routes.is_infer(path):
+        if infer:
             return await self.routes.infer(path, headers, body, ticket)
         if self.routes.serves(path):
             return await self.routes.answer(path, form, ticket)

@@ -105,14 +105,15 @@ class RequestHandler:
         ticket = ticket or Ticket()
         deadline = ticket.admitted_at + self.deadline_s
         if pixels is not None:
-            tta, _, _ = self.params("none", 1)
+            tta = "none"  # pixels are single crops
             results = await self.pipeline.pixels(pixels, ticket, deadline)
         else:
             assert images is not None, "scores needs images or pixels"
             tta, k, _ = self.params(tta, 1)
             results = await self.pipeline.probabilities(images, tta, k, ticket, deadline)
+        probs = []
         for i, r in enumerate(results):
             if isinstance(r, ImageError):
                 raise type(r)(f"image {i} of {len(results)}: {r}")
-        scored = [r for r in results if not isinstance(r, ImageError)]
-        return Scores(tta, np.stack([r.probs for r in scored]).astype(np.float32, copy=False))
+            probs.append(r.probs)
+        return Scores(tta, np.stack(probs).astype(np.float32, copy=False))

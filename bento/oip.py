@@ -32,6 +32,9 @@ def _json(status: int, body: object) -> Answer:
     return status, {}, json.dumps(body).encode()
 
 
+_LIVE = _json(200, {"live": True})  # the process answers: live, whether or not the model is loaded
+
+
 class NotFoundError(SotaServeError):
     http_status = 404
 
@@ -52,7 +55,7 @@ class OpenInference:
     def loading(path: str) -> Answer:
         """What ``GET path`` answers while the model is still loading: live, not ready."""
         if path == "/v2/health/live":
-            return _json(200, {"live": True})
+            return _LIVE
         return _json(503, {"ready": False, "error": "the model is loading"})
 
     def get(self, path: str) -> Answer | None:
@@ -61,7 +64,7 @@ class OpenInference:
             return _json(200, {"name": "sota-serve", "version": __version__,
                                "extensions": ["classification", "binary_tensor_data"]})
         if path == "/v2/health/live":
-            return _json(200, {"live": True})
+            return _LIVE
         if path == "/v2/health/ready":
             return self._readiness()
         match = _MODEL_PATH.match(path)
@@ -96,8 +99,7 @@ class OpenInference:
             length = headers.get(HEADER_LENGTH)
             if length is not None and not length.isdigit():
                 raise MalformedRequestError(f"Inference-Header-Content-Length must be a number, got {length!r:.40}")
-            request = parse_infer(body, int(length) if length else None, self.handler.card,
-                                  max_images=self.max_images)
+            request = parse_infer(body, int(length) if length else None, self.card, max_images=self.max_images)
             scores = await self.handler.scores(request.images, request.pixels, request.tta, ticket)
             body, out_headers = encode_infer(request, scores, self.card)
         except BadRequestError as e:  # v2 has no 422: a parameter out of range is a bad request

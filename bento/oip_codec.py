@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, ValidationError
 from bento.handlers import Scores
 from sota_serve.card import ModelCard
 from sota_serve.errors import MalformedRequestError
+from sota_serve.predictions import top_k_indices
 
 HEADER_LENGTH = "inference-header-content-length"
 INPUTS = ("image", "pixels")
@@ -71,10 +72,6 @@ class Inference:
     tta: str | None
     classification: int  # 0: probabilities, else the top k as "score:index:label"
     binary: bool
-
-    @property
-    def count(self) -> int:
-        return len(self.images) if self.images is not None else len(self.pixels)  # type: ignore[arg-type]
 
 
 def parse_infer(body: bytes, header_length: int | None, card: ModelCard, *, max_images: int) -> Inference:
@@ -230,8 +227,8 @@ def encode_bytes(items: list[bytes]) -> bytes:
 def classification(probs: np.ndarray, labels: list[str], k: int) -> list[list[str]]:
     """Triton's classification strings, best first: ``"score:index:label"`` (score as C++
     ``std::to_string`` prints a float, six decimals)."""
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[f"{row[i]:f}:{i}:{labels[i]}" for i in idx] for row, idx in zip(probs, order, strict=True)]
+    return [[f"{row[i]:f}:{i}:{labels[i]}" for i in idx]
+            for row, idx in zip(probs, top_k_indices(probs, k), strict=True)]
 
 
 def encode_infer(inference: Inference, scores: Scores, card: ModelCard) -> tuple[bytes, dict[str, str]]:

@@ -66,7 +66,6 @@ class Classifier:
             pipeline = LocalPipeline.build(package, SETTINGS, PLAN, ADMISSION, observer=observe_batch)
         pre = Preprocessor.from_card(package.card)  # checks request parameters against the card
         self.handler = RequestHandler(package.card, pre, pipeline, deadline_s=SETTINGS.deadline_s)
-        self.ready = False
         oip = OpenInference(self.handler, backend=SETTINGS.backend, max_images=SETTINGS.max_batch_images,
                             ready=self.__is_ready__)
         ROUTES.bind(self.handler, describe(Classifier.openapi_spec.asdict(), package.card,

@@ -47,7 +47,11 @@ def check_top_k(top_k: int, num_classes: int) -> int:
     return min(top_k, num_classes)
 
 
+def top_k_indices(probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores along the last axis, highest first (stable on ties)."""
+    return np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+
+
 def top_k_predictions(probs: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
     """The ``k`` highest scores of one probability vector, highest first (stable on ties)."""
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [Prediction(label=labels[i], score=float(probs[i])) for i in order]
+    return [Prediction(label=labels[i], score=float(probs[i])) for i in top_k_indices(probs, k)]
