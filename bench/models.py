@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sota_serve.card import ModelCard, new_version
-from sota_serve.constants import IMAGENET_MEAN, IMAGENET_STD
+from sota_serve.card import ModelCard, classifier_card
+from sota_serve.constants import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from sota_serve.package import open_package
 from sota_serve.tta import POLICIES
 
@@ -59,23 +59,15 @@ def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int) -> P
 
     torch.manual_seed(0)
     model = build_model(arch, num_classes)
-    card = ModelCard.parse({
-        "schema_version": 1, "name": f"{arch}-{size}-random", "version": new_version(),
-        "labels": [f"class_{i}" for i in range(num_classes)],
-        "input": {"height": size, "width": size},
-        "preprocess": {"resize_shortest_edge": round(size / 0.875)},
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "tta": {"flip": {"resize_shortest_edge": round(size / 0.875)},
-                "five_crop": {"resize_shortest_edge": round(size / 0.8)},
-                "ten_crop": {"resize_shortest_edge": round(size / 0.8)}},
-        "architecture": arch,
-        "intended_use": "Benchmarking only: random weights.",
-    })
+    card = classifier_card(
+        name=f"{arch}-{size}-random", labels=[f"class_{i}" for i in range(num_classes)], size=size,
+        resize_edge=round(size / DEFAULT_CROP_PCT), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        tta_edge=round(size / 0.8), architecture=arch, intended_use="Benchmarking only: random weights.",
+    )
     check = np.random.default_rng(0).integers(0, 256, (2, 3, size, size), dtype=np.uint8)
     export_package(model, card, out, check_inputs=check)
     return out
 
 
 def architecture_of(card: ModelCard) -> str:
-    data = card.to_dict()
-    return data.get("architecture") or data.get("training", {}).get("recipe", {}).get("arch") or "tiny"
+    return card.arch or "tiny"

@@ -16,6 +16,7 @@ from bench.measure import decode_share, model_ceiling, offline_pipeline
 from bench.models import synthetic_package
 from bench.server import Server
 from bento.settings import Settings
+from sota_serve import formats
 from sota_serve.classifier import Classifier
 from sota_serve.device import resolve_device
 from sota_serve.package import open_package
@@ -36,7 +37,7 @@ class BenchConfig:
     processes: int | None = None  # load-generator processes (default: one per 4 cores)
     ceiling_seconds: float = 3.0
     batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64)
-    backends: tuple[str, ...] = ("onnx", "torchscript")
+    backends: tuple[str, ...] = formats.NAMES
     naive: bool = True
     litserve: bool = True
     http: bool = True
@@ -124,8 +125,8 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
     log.info("[%s] model ceiling", name)
     batch_sizes = cfg.batch_sizes + ((128, 256) if device == "cuda" and not cfg.quick else ())
     ceiling = model_ceiling(package, cfg.backends, batch_sizes, seconds=cfg.ceiling_seconds, device=device)
-    onnx_rows = [r for r in ceiling if r["backend"] == "onnx"]
-    best_bs = max(onnx_rows, key=lambda r: r["images_per_s"])["batch_size"]
+    served = [r for r in ceiling if r["backend"] == formats.DEFAULT]  # what the server runs
+    best_bs = max(served, key=lambda r: r["images_per_s"])["batch_size"]
 
     decode = Settings(decode=cfg.decode).decoder(device)
     log.info("[%s] offline pipeline (decode: %s)", name, decode)

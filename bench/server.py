@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from sota_serve import formats
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +29,7 @@ class Server:
         self,
         model: str | Path,
         *,
-        backend: str = "onnx",
+        backend: str = formats.DEFAULT,
         env: dict[str, str] | None = None,
         home: Path | None = None,
         target: str | None = None,

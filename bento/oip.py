@@ -19,13 +19,12 @@ from starlette.datastructures import Headers
 
 from bento.handlers import Answer, RequestHandler, error_answer
 from bento.oip_codec import HEADER_LENGTH, encode_infer, model_metadata, parse_infer
-from sota_serve import __version__
+from sota_serve import __version__, formats
 from sota_serve.admission import Ticket
 from sota_serve.errors import BadRequestError, MalformedRequestError, SotaServeError
 
 #: /v2/models/{name}[/versions/{version}][/ready | /infer]
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|infer))?$")
-PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 
 
 def _json(status: int, body: object) -> Answer:
@@ -43,7 +42,7 @@ class OpenInference:
     def __init__(self, handler: RequestHandler, *, backend: str, max_images: int,
                  ready: Callable[[], bool]) -> None:
         self.handler, self.card = handler, handler.card
-        self.platform = PLATFORMS.get(backend, backend)
+        self.platform = formats.get(backend).platform
         self.max_images, self.ready = max_images, ready
 
     @staticmethod

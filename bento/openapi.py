@@ -88,12 +88,8 @@ def _error(code: str) -> dict[str, Any]:
 
 def _about(card: ModelCard) -> str:
     inp, pre, norm = card.input, card.preprocess, card.normalization
-    extra = card.model_extra or {}  # free-form card keys (metrics, intended_use, limitations)
-    metrics = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
-    accuracy = ", ".join(f"{name} {100 * metrics[key]:.2f} %" for key, name in
-                         (("accuracy", "plain"), ("accuracy_flip", "flip"), ("accuracy_five_crop", "five-crop"),
-                          ("accuracy_ten_crop", "ten-crop"))
-                         if isinstance(metrics.get(key), int | float))
+    measured = card.metrics.accuracies(fastai=False) if card.metrics else []
+    accuracy = ", ".join(f"{name} {100 * value:.2f} %" for _, name, value in measured)
     lines = [
         f"Serves **{card.tag}**, an image classifier packaged by sota-serve.",
         "",
@@ -105,9 +101,9 @@ def _about(card: ModelCard) -> str:
         " inside the model.",
         f"- **Validation accuracy**: {accuracy or 'not recorded'}.",
     ]
-    for key, title in (("intended_use", "Intended use"), ("limitations", "Limitations")):
-        if isinstance(extra.get(key), str):
-            lines.append(f"- **{title}**: {extra[key]}")
+    for text, title in ((card.intended_use, "Intended use"), (card.limitations, "Limitations")):
+        if text:
+            lines.append(f"- **{title}**: {text}")
     if card.ood is not None:
         lines.append("- **Out-of-distribution check**: each answer's `ood` gives the distance of the"
                      " input's pixel statistics to the training images' and `out_of_distribution`"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sota_serve import formats
 from sota_serve.constants import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from sota_serve.device import Device, resolve_device
 from sota_serve.errors import SotaServeError
@@ -27,7 +28,7 @@ class Settings(BaseSettings):
 
     #: BentoML model tag, or a package directory
     model: str = DEFAULT_MODEL
-    backend: str = Field(default="onnx", pattern="^(onnx|torchscript)$")
+    backend: str = Field(default=formats.DEFAULT, pattern=f"^({'|'.join(formats.NAMES)})$")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
     #: worker processes; each loads the model, decodes and batches its own requests
     workers: int | None = Field(default=None, ge=1, le=64)

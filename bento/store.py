@@ -15,8 +15,6 @@ from sota_serve.package import ModelPackage, open_package
 
 def store_metadata(package: ModelPackage) -> tuple[dict[str, str], dict[str, object]]:
     card = package.card
-    data = card.to_dict()
-    metrics = data.get("metrics") or {}
     labels = {"task": card.task, "framework": "sota-serve", "card_version": card.version}
     metadata: dict[str, object] = {
         "card_name": card.name,
@@ -27,9 +25,8 @@ def store_metadata(package: ModelPackage) -> tuple[dict[str, str], dict[str, obj
         "std": list(card.normalization.std),
         "formats": list(package.backends),
     }
-    for key in ("accuracy", "accuracy_five_crop", "accuracy_fastai_tta"):
-        if isinstance(metrics.get(key), int | float):
-            metadata[key] = round(float(metrics[key]), 5)
+    if card.metrics:
+        metadata |= {key: round(value, 5) for key, value in card.metrics.headline().items()}
     return labels, metadata
 
 

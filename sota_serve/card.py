@@ -1,7 +1,16 @@
 """The model card, schema_version 1 (see the design notes): the source of truth of a package.
 
-Every required key of the design notes is a typed field here. Unknown *top-level* keys are
-kept (the schema may be extended by adding keys); the required sections are strict.
+Every required key of the design notes is a typed field here, and so is every section that
+sota-serve writes (``metrics``, ``parity``, ``export``, ``training``...). Unknown top-level
+keys, and unknown keys inside the record sections, are kept (the schema is extended by adding
+keys); the serving sections are strict. Nothing outside this module reads a card by string
+keys.
+
+A card has two parts. The *serving part* is what a runtime needs to reproduce predictions
+(labels, input, preprocessing, normalization, output, TTA, OOD, descriptions); it is what the
+model files embed, so their bytes (and sha256) do not change when measurements do. The
+*records* (``RECORD_SECTIONS``) say how the model was made and measured; they live in
+``card.json`` only.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from sota_serve.constants import INTERPOLATIONS
+from sota_serve import formats
+from sota_serve.constants import DEFAULT_CROP_PCT, INTERPOLATIONS
 from sota_serve.errors import CardError
 from sota_serve.tta import POLICIES, TTA
 
@@ -28,6 +38,9 @@ SCHEMA_VERSION = 1
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 _OPEN = ConfigDict(extra="allow", frozen=True)
+
+#: Sections that record how the model was made and measured: card.json only, not embedded.
+RECORD_SECTIONS: tuple[str, ...] = ("metrics", "parity", "export", "training", "figures")
 
 
 class InputSpec(BaseModel):
@@ -147,9 +160,177 @@ class ArtifactSpec(BaseModel):
         return v
 
 
+class EnsembleMember(BaseModel):
+    model_config = _OPEN
+
+    tag: str
+    #: sha256 of the member's artifacts, by format
+    sha256: dict[str, str]
+    weight: float = Field(gt=0)
+    #: the member's own validation accuracy (plain), from its card
+    accuracy: float | None = None
+    normalization: NormalizationSpec
+
+
+class EnsembleSpec(BaseModel):
+    """The members of an ensemble package: its graph runs each on the same uint8 pixels (each
+    with its own normalization, inside the graph) and returns ``sum(weight * probabilities)``.
+    Extension to the design notes."""
+
+    model_config = _STRICT
+
+    method: Literal["weighted-mean-probabilities"] = "weighted-mean-probabilities"
+    members: list[EnsembleMember] = Field(min_length=2)
+
+
+# --- records (card.json only) -----------------------------------------------------------
+
+
+class PolicyGain(BaseModel):
+    """A TTA policy against ``none`` on the held-out images (McNemar's test)."""
+
+    model_config = _OPEN
+
+    gain: float
+    wins: int
+    losses: int
+    significant: bool
+
+
+class PolicyMetrics(BaseModel):
+    model_config = _OPEN
+
+    accuracy: float | None = None
+    accuracy_held_out: float | None = None
+    model_calls_per_image: int | None = None
+    resize_shortest_edge: int | None = None
+    held_out_vs_none: PolicyGain | None = None
+    tune_accuracy_by_resize: dict[str, float] | None = None
+
+
+class TTAMetrics(BaseModel):
+    """Every TTA policy measured through the package, and how the default was chosen."""
+
+    model_config = _OPEN
+
+    policies: dict[str, PolicyMetrics] = Field(default_factory=dict)
+    default: str | None = None
+    tune_images: int | None = None
+    held_out_images: int | None = None
+    selection: str | None = None
+
+
+#: (accuracy key of ``metrics``, the name people read), in order of model calls per image.
+ACCURACY_NAMES: tuple[tuple[str, str], ...] = (
+    ("accuracy", "plain"), ("accuracy_flip", "flip"), ("accuracy_five_crop", "five-crop"),
+    ("accuracy_ten_crop", "ten-crop"), ("accuracy_fastai_tta", "fastai TTA"),
+)
+
+
+class Metrics(BaseModel):
+    """Validation figures, measured through the exported package (and fastai for reference)."""
+
+    model_config = _OPEN
+
+    accuracy: float | None = None
+    accuracy_fastai_pipeline: float | None = None
+    accuracy_flip: float | None = None
+    accuracy_five_crop: float | None = None
+    accuracy_ten_crop: float | None = None
+    accuracy_fastai_tta: float | None = None
+    valid_loss: float | None = None
+    valid_count: int | None = None
+    train_count: int | None = None
+    image_size: int | None = None
+    five_crop_resize: int | None = None
+    five_crop_by_resize: dict[str, float] | None = None
+    tta: TTAMetrics | None = None
+    #: ensembles: each member's accuracy (plain) on the same validation images, by tag
+    members: dict[str, float] | None = None
+
+    def accuracies(self, *, fastai: bool = True) -> list[tuple[str, str, float]]:
+        """(key, name, value) of each recorded accuracy, plain first."""
+        rows = [(key, name, getattr(self, key)) for key, name in ACCURACY_NAMES]
+        return [(k, n, v) for k, n, v in rows if v is not None and (fastai or k != "accuracy_fastai_tta")]
+
+    def headline(self) -> dict[str, float]:
+        """The three figures a listing shows: plain, five-crop and fastai's TTA accuracy."""
+        wanted = ("accuracy", "accuracy_five_crop", "accuracy_fastai_tta")
+        return {k: v for k, _, v in self.accuracies() if k in wanted}
+
+    def policy(self, policy: str) -> PolicyMetrics | None:
+        return self.tta.policies.get(policy) if self.tta else None
+
+
+class Parity(BaseModel):
+    """Validation images run through fastai's pipeline and through the exported package."""
+
+    model_config = _OPEN
+
+    images: int = Field(ge=0)
+    backend: str | None = None
+    reference: str | None = None
+    top1_agreement: float = Field(ge=0, le=1)
+    max_abs_diff: float = Field(ge=0)
+    passed: bool | None = None
+
+
+class ExportRecord(BaseModel):
+    """The eager module against each exported file, on the same inputs."""
+
+    model_config = _OPEN
+
+    formats: list[str] = Field(min_length=1)
+    onnx_opset: int | None = None
+    check_images: int | None = None
+    max_abs_diff: dict[str, float] = Field(default_factory=dict)
+    tolerance: float | None = None
+    torch: str | None = None
+    onnx: str | None = None
+
+
+class Epoch(BaseModel):
+    model_config = _OPEN
+
+    epoch: int
+    stage: int | None = None
+    size: int | None = None
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    accuracy: float | None = None
+    seconds: float | None = None
+
+
+class DatasetRecord(BaseModel):
+    model_config = _OPEN
+
+    name: str | None = None
+    classes: int | None = None
+    train: int | None = None
+    valid: int | None = None
+    fingerprint: str | None = None
+
+
+class TrainingRecord(BaseModel):
+    """How the model was trained. ``recipe`` is the recipe as given to ``sota-serve train``
+    (its schema is the training package's, so it stays a plain mapping here)."""
+
+    model_config = _OPEN
+
+    recipe: dict[str, Any] | None = None
+    history: list[Epoch] | None = None
+    seconds: float | None = None
+    device: str | None = None
+    versions: dict[str, str] | None = None
+    dataset: DatasetRecord | None = None
+
+    @property
+    def seed(self) -> int | None:
+        return (self.recipe or {}).get("seed")
+
+
 class ModelCard(BaseModel):
-    """Schema version 1. ``metrics``, ``training``, ``parity`` and other keys are free-form;
-    ``ood`` is typed when present."""
+    """Schema version 1: the required keys of the design notes, then optional sections."""
 
     model_config = _OPEN
 
@@ -164,7 +345,19 @@ class ModelCard(BaseModel):
     output: Literal["probabilities", "logits"] = "probabilities"
     tta: TTASpec = TTASpec()
     ood: OODSpec | None = None
-    artifacts: dict[Literal["onnx", "torchscript"], ArtifactSpec] = Field(default_factory=dict)
+    ensemble: EnsembleSpec | None = None
+    artifacts: dict[str, ArtifactSpec] = Field(default_factory=dict)
+    # Descriptions (embedded with the serving part).
+    architecture: str | None = None
+    intended_use: str | None = None
+    limitations: str | None = None
+    license: str | None = None
+    # Records (card.json only, see RECORD_SECTIONS).
+    metrics: Metrics | None = None
+    parity: Parity | None = None
+    export: ExportRecord | None = None
+    training: TrainingRecord | None = None
+    figures: dict[str, str] | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -174,6 +367,14 @@ class ModelCard(BaseModel):
                 f"schema_version {v} is not supported by this sota-serve (it reads {SCHEMA_VERSION});"
                 " upgrade sota-serve or re-export the package"
             )
+        return v
+
+    @field_validator("artifacts")
+    @classmethod
+    def _known_formats(cls, v: dict[str, ArtifactSpec]) -> dict[str, ArtifactSpec]:
+        unknown = sorted(set(v) - set(formats.NAMES))
+        if unknown:
+            raise ValueError(f"unknown format {', '.join(unknown)}; sota-serve reads {', '.join(formats.NAMES)}")
         return v
 
     @field_validator("labels")
@@ -219,14 +420,29 @@ class ModelCard(BaseModel):
     def num_classes(self) -> int:
         return len(self.labels)
 
+    @property
+    def arch(self) -> str | None:
+        """The network's architecture: the card's, else the training recipe's."""
+        recipe = self.training.recipe if self.training and self.training.recipe else {}
+        return self.architecture or recipe.get("arch")
+
     def to_dict(self, *, with_artifacts: bool = True) -> dict[str, Any]:
-        data = self.model_dump(mode="json")
+        """The JSON object; absent optional sections are left out rather than written null."""
+        data = self.model_dump(mode="json", exclude_none=True)
         if not with_artifacts:
             data.pop("artifacts", None)
         return data
 
     def to_json(self, *, with_artifacts: bool = True) -> str:
         return json.dumps(self.to_dict(with_artifacts=with_artifacts), indent=2, sort_keys=False)
+
+    def serving_json(self) -> str:
+        """What a model file embeds: the card without ``artifacts`` (a file cannot hold its own
+        hash) and without the records, so the file's bytes do not depend on measurements."""
+        data = self.to_dict(with_artifacts=False)
+        for key in RECORD_SECTIONS:
+            data.pop(key, None)
+        return json.dumps(data, indent=2, sort_keys=False)
 
     def with_updates(self, **changes: Any) -> ModelCard:
         """A validated copy with top-level keys replaced or added."""
@@ -261,6 +477,44 @@ class ModelCard(BaseModel):
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+
+def classifier_card(
+    *,
+    name: str,
+    labels: list[str],
+    size: int,
+    resize_edge: int,
+    mean: tuple[float, ...] | list[float],
+    std: tuple[float, ...] | list[float],
+    tta_edge: int | None = None,
+    version: str | None = None,
+    **sections: Any,
+) -> ModelCard:
+    """The card of a square-input classifier whose graph takes uint8 pixels and normalizes and
+    applies the softmax itself (what :func:`sota_serve.export.export_package` writes).
+
+    Every TTA policy is offered (``none`` the default): flip at ``resize_edge``, five- and
+    ten-crop at ``tta_edge`` (default: the crop at timm's 0.875 crop share). ``sections``:
+    any other card key (``ood``, ``architecture``, ``metrics``...).
+    """
+    tta_edge = tta_edge or round(size / DEFAULT_CROP_PCT)
+    return ModelCard.parse({
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "version": version or new_version(),
+        "task": "image-classification",
+        "labels": [str(label) for label in labels],
+        "input": {"height": size, "width": size, "channels": "RGB", "layout": "NCHW", "dtype": "uint8"},
+        "preprocess": {"exif_transpose": True, "resize_shortest_edge": resize_edge, "crop": "center",
+                       "interpolation": "bilinear"},
+        "normalization": {"mean": list(mean), "std": list(std), "pixel_scale": 255.0, "in_graph": True},
+        "output": "probabilities",
+        "tta": {"default": "none", "flip": {"resize_shortest_edge": resize_edge},
+                "five_crop": {"resize_shortest_edge": tta_edge},
+                "ten_crop": {"resize_shortest_edge": tta_edge}},
+        **sections,
+    })
 
 
 def new_version() -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sota_serve import formats
 from sota_serve.card import ModelCard
 from sota_serve.decode import DecodeLimits
 from sota_serve.device_preprocess import DevicePreprocessor, concat_rows
@@ -48,7 +49,7 @@ class Classifier:
         cls,
         path: str | Path,
         *,
-        backend: str = "onnx",
+        backend: str = formats.DEFAULT,
         device: str = "auto",
         intra_op_threads: int | None = None,
         limits: DecodeLimits | None = None,
@@ -58,9 +59,26 @@ class Classifier:
     ) -> Classifier:
         """``decode``: ``pillow`` (CPU), or ``torchvision`` (nvJPEG on the runtime's GPU, see
         :mod:`sota_serve.device_preprocess`)."""
+        return cls.from_package(open_package(path), backend=backend, device=device,
+                                intra_op_threads=intra_op_threads, limits=limits, jpeg_draft=jpeg_draft,
+                                batch_size=batch_size, decode=decode)
+
+    @classmethod
+    def from_package(
+        cls,
+        package: ModelPackage,
+        *,
+        backend: str = formats.DEFAULT,
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+        limits: DecodeLimits | None = None,
+        jpeg_draft: bool = False,
+        batch_size: int = 32,
+        decode: str = "pillow",
+    ) -> Classifier:
+        """As :meth:`open`, over an opened (or a draft, see ``package.draft_package``) package."""
         if decode not in DECODERS:
             raise BadRequestError(f"unknown decode {decode!r}; use one of {', '.join(DECODERS)}")
-        package = open_package(path)
         runtime = load_runtime(package, backend, device=device, intra_op_threads=intra_op_threads)
         pre = Preprocessor.from_card(package.card, limits=limits, jpeg_draft=jpeg_draft)
         device_pre = DevicePreprocessor(pre, runtime.device) if decode == "torchvision" else None

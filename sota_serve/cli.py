@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sota_serve import __version__
+from sota_serve import __version__, formats
 from sota_serve.errors import ImageError, SotaServeError
 from sota_serve.tta import CROPS_PER_IMAGE, POLICIES
 
@@ -36,8 +36,6 @@ def _inspect(args: argparse.Namespace) -> int:
         print(card.to_json())
         return 0
     norm, pre, inp = card.normalization, card.preprocess, card.input
-    metrics = card.to_dict().get("metrics") or {}
-    parity = card.to_dict().get("parity") or {}
     rows = [
         ("model", card.tag),
         ("source", f"{package.source} ({'sha256 verified' if package.verified else 'lone file, embedded card'})"),
@@ -51,14 +49,13 @@ def _inspect(args: argparse.Namespace) -> int:
         ("output", card.output),
         ("tta", f"default {card.tta.default}; policies {', '.join(card.tta.policies())}"),
         *tta_rows(card),
+        *ensemble_rows(card),
     ]
-    if metrics:
-        rows.append(("accuracy", "  ".join(
-            f"{k}={100 * metrics[k]:.2f}%" for k in ("accuracy", "accuracy_five_crop", "accuracy_fastai_tta")
-            if isinstance(metrics.get(k), int | float))))
-    if parity:
-        rows.append(("parity", f"top-1 agreement {100 * parity.get('top1_agreement', 0):.2f}% on"
-                               f" {parity.get('images')} images, max |p diff| {parity.get('max_abs_diff', 0):.2e}"))
+    if card.metrics and (headline := card.metrics.headline()):
+        rows.append(("accuracy", "  ".join(f"{k}={100 * v:.2f}%" for k, v in headline.items())))
+    if parity := card.parity:
+        rows.append(("parity", f"top-1 agreement {100 * parity.top1_agreement:.2f}% on"
+                               f" {parity.images} images, max |p diff| {parity.max_abs_diff:.2e}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -67,18 +64,32 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def tta_rows(card: ModelCard) -> list[tuple[str, str]]:
     """One row per TTA policy of the card: its cost, resize edge and measured accuracy."""
-    measured = ((card.to_dict().get("metrics") or {}).get("tta") or {}).get("policies") or {}
     rows = []
     edges = {"none": card.preprocess.resize_shortest_edge, **card.tta.edges()}
     for policy, edge in edges.items():
         k = CROPS_PER_IMAGE[policy]
         cells = [f"{k} model call{'s' if k > 1 else ''}/image", f"resize {edge}"]
-        m = measured.get(policy) or {}
-        if isinstance(m.get("accuracy"), int | float):
-            cells.append(f"accuracy {100 * m['accuracy']:.2f}%")
-        if isinstance(m.get("accuracy_held_out"), int | float):
-            cells.append(f"held-out {100 * m['accuracy_held_out']:.2f}%")
+        m = card.metrics.policy(policy) if card.metrics else None
+        if m is not None and m.accuracy is not None:
+            cells.append(f"accuracy {100 * m.accuracy:.2f}%")
+        if m is not None and m.accuracy_held_out is not None:
+            cells.append(f"held-out {100 * m.accuracy_held_out:.2f}%")
         rows.append((f"tta {policy}", ", ".join(cells)))
+    return rows
+
+
+def ensemble_rows(card: ModelCard) -> list[tuple[str, str]]:
+    if card.ensemble is None:
+        return []
+    measured = (card.metrics.members if card.metrics else None) or {}
+    rows = []
+    for i, m in enumerate(card.ensemble.members):
+        cells = [m.tag, f"weight {m.weight:.3f}"]
+        if m.tag in measured:
+            cells.append(f"accuracy {100 * measured[m.tag]:.2f}% on the ensemble's validation images")
+        elif m.accuracy is not None:
+            cells.append(f"accuracy {100 * m.accuracy:.2f}% (its own card)")
+        rows.append((f"member {i + 1}", ", ".join(cells)))
     return rows
 
 
@@ -135,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("package", help="package directory, .onnx or .pt file, or BentoML model-store tag"
                                    " (name[:version], e.g. sota-demo:latest)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
-    p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx", help="which exported file runs")
+    p.add_argument("--backend", choices=formats.NAMES, default=formats.DEFAULT, help="which exported file runs")
     p.add_argument("--tta", choices=POLICIES, default=None,
                    help="test-time augmentation: flip (center crop and its mirror), five_crop (corners"
                         " and center), ten_crop (those and their mirrors); default: the card's tta.default")
@@ -180,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sota-serve {args.command}: needs {e.name}, which this install lacks;"
               f" install the `{extra}` extra: pip install 'sota-serve[{extra}]'", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `sota-serve inspect ... | head`: the reader left, nothing to say
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

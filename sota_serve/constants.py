@@ -11,14 +11,9 @@ DEFAULT_CROP_PCT = 0.875
 #: Pillow filters the card may name in ``preprocess.interpolation``.
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
-#: Key under which the card is embedded in an ONNX file's metadata_props.
-ONNX_CARD_KEY = "sota_serve.card"
-#: Name of the extra file that carries the card inside a TorchScript archive.
-TORCHSCRIPT_CARD_FILE = "card.json"
-
+#: A package directory's card and its rendering; each format names its own file and says
+#: where it embeds the card (sota_serve.formats).
 CARD_FILE = "card.json"
-ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.pt"
 README_FILE = "README.md"
 
 #: Input limits (overridable per decoder). Pixels: about a 50-megapixel photo.

@@ -2,16 +2,20 @@
 
 The exported graphs take uint8 NCHW pixels and do the card's normalization and the softmax
 themselves, so a lone ``model.onnx`` predicts correctly with no knowledge of fastai's
-DataLoaders. After writing, the eager module, the ONNX file (ONNX Runtime) and the
-TorchScript file run the same inputs; the export is refused if they disagree.
+DataLoaders. After writing, the eager module and every exported file (each through its own
+runtime) run the same inputs; the export is refused if they disagree.
+
+Two steps, so that training can evaluate the exported files before their card is final:
+:func:`export_graphs` writes the files; :func:`write_package` embeds the card's serving part
+in each, hashes them and writes ``card.json`` and ``README.md``, once. :func:`export_package`
+does both.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,23 +23,17 @@ import onnx
 import torch
 from torch import nn
 
-from sota_serve.card import ArtifactSpec, ModelCard
-from sota_serve.constants import (
-    CARD_FILE,
-    ONNX_CARD_KEY,
-    ONNX_FILE,
-    README_FILE,
-    TORCHSCRIPT_CARD_FILE,
-    TORCHSCRIPT_FILE,
-)
+from sota_serve.card import ArtifactSpec, ExportRecord, ModelCard
+from sota_serve.constants import CARD_FILE, README_FILE
 from sota_serve.errors import ExportError
+from sota_serve.formats import NAMES as FORMAT_NAMES
+from sota_serve.formats import get as get_format
 from sota_serve.model_readme import render_readme
 from sota_serve.progress import progress
 
-ONNX_OPSET = 17
 #: Largest |p_eager - p_exported| accepted, per probability.
 DEFAULT_TOLERANCE = 1e-4
-FORMATS: tuple[str, ...] = ("onnx", "torchscript")
+FORMATS: tuple[str, ...] = FORMAT_NAMES
 
 
 class Normalize(nn.Module):
@@ -66,7 +64,15 @@ class ServingModule(nn.Module):
         return scores.softmax(dim=-1) if self.softmax else scores
 
 
-def export_package(
+@dataclass(frozen=True)
+class ExportedGraphs:
+    """Exported files, checked against the eager module, with no card embedded yet."""
+
+    files: dict[str, Path]
+    record: ExportRecord
+
+
+def export_graphs(
     model: nn.Module,
     card: ModelCard,
     out_dir: str | Path,
@@ -74,11 +80,11 @@ def export_package(
     formats: Sequence[str] = FORMATS,
     check_inputs: np.ndarray | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
-) -> ModelCard:
-    """Export ``model`` (an ``nn.Module`` taking normalized float NCHW) as a package.
+) -> ExportedGraphs:
+    """Export ``model`` (an ``nn.Module`` taking normalized float NCHW) in each of ``formats``.
 
     ``check_inputs``: uint8 (N, 3, H, W) crops used for the parity check (e.g. preprocessed
-    real photos); random pixels are added to them. Returns the card written to card.json.
+    real photos); random pixels are added to them.
     """
     if not card.normalization.in_graph:
         raise ExportError("sota-serve exports put normalization in the graph; set in_graph true")
@@ -92,46 +98,47 @@ def export_package(
     example = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
     files: dict[str, Path] = {}
+    notes: dict[str, object] = {}
     with torch.inference_mode(False), torch.no_grad():
-        if "onnx" in formats:
-            files["onnx"] = _export_onnx(wrapper, example, out / ONNX_FILE)
-        if "torchscript" in formats:
-            files["torchscript"] = _export_torchscript(wrapper, example, out / TORCHSCRIPT_FILE)
+        for name in (f for f in FORMATS if f in formats):  # registry order, whatever was asked
+            fmt = get_format(name)
+            files[name] = out / fmt.file_name
+            notes |= fmt.export(wrapper, example, files[name])
         inputs = _check_batch(check_inputs, (h, w))
         diffs = verify_export(wrapper, files, inputs, card, tolerance=tolerance)
-    exported = card.with_updates(
-        export={
-            "formats": list(files),
-            "onnx_opset": ONNX_OPSET if "onnx" in files else None,
-            "check_images": int(inputs.shape[0]),
-            "max_abs_diff": diffs,
-            "tolerance": tolerance,
-            "torch": torch.__version__.split("+")[0],
-            "onnx": onnx.__version__,
-        }
-    )
-    return write_card(out, exported, files)
+    record = ExportRecord(formats=list(files), check_images=int(inputs.shape[0]), max_abs_diff=diffs,
+                          tolerance=tolerance, torch=torch.__version__.split("+")[0],
+                          onnx=onnx.__version__, **notes)
+    return ExportedGraphs(files=files, record=record)
 
 
-def write_card(out_dir: str | Path, card: ModelCard, files: dict[str, Path] | None = None) -> ModelCard:
-    """Embed ``card`` in each artifact, hash them, write card.json and README.md.
+def export_package(
+    model: nn.Module,
+    card: ModelCard,
+    out_dir: str | Path,
+    *,
+    formats: Sequence[str] = FORMATS,
+    check_inputs: np.ndarray | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ModelCard:
+    """:func:`export_graphs`, then :func:`write_package` with the export record added.
+    Returns the card written to card.json."""
+    graphs = export_graphs(model, card, out_dir, formats=formats, check_inputs=check_inputs,
+                           tolerance=tolerance)
+    return write_package(out_dir, card.model_copy(update={"export": graphs.record}), graphs.files)
 
-    Call again after adding keys (metrics, parity...): the embedded copies and the hashes are
-    rewritten; the weights are untouched.
-    """
+
+def write_package(out_dir: str | Path, card: ModelCard, files: dict[str, Path]) -> ModelCard:
+    """Embed the serving part of ``card`` in each file, hash them, write card.json and
+    README.md. The files' bytes depend only on the model and the serving part, so recording
+    other measurements later leaves their sha256 unchanged."""
     out = Path(out_dir)
-    if files is None:
-        files = {b: out / spec.path for b, spec in card.artifacts.items()}
-    embedded = card.to_json(with_artifacts=False)  # a file can't hold its own hash
+    embedded = card.serving_json()
     artifacts: dict[str, ArtifactSpec] = {}
-    for backend, path in files.items():
-        if backend == "onnx":
-            _embed_onnx(path, embedded)
-        else:
-            _embed_torchscript(path, embedded)
-        artifacts[backend] = ArtifactSpec(path=path.name, sha256=_sha256(path))
-    final = card.model_copy(update={"artifacts": artifacts})
-    final = ModelCard.parse(final.to_dict())  # validate the whole card once more
+    for name, path in files.items():
+        get_format(name).embed_card(path, embedded)
+        artifacts[name] = ArtifactSpec(path=path.name, sha256=_sha256(path))
+    final = ModelCard.parse(card.model_copy(update={"artifacts": artifacts}).to_dict())  # validate once more
     final.save(out / CARD_FILE)
     (out / README_FILE).write_text(render_readme(final), encoding="utf-8")
     return final
@@ -145,73 +152,24 @@ def verify_export(
     *,
     tolerance: float,
 ) -> dict[str, float]:
-    """Run eager, ONNX Runtime and TorchScript on ``inputs``; max |diff| per format."""
-    from sota_serve.runtime.onnx import OnnxRuntime
-    from sota_serve.runtime.torchscript import TorchScriptRuntime
-
+    """Run eager and each exported file (through its runtime) on ``inputs``; max |diff| per format."""
     reference = wrapper(torch.from_numpy(inputs)).float()
     if card.output == "logits":
         reference = reference.softmax(-1)
     expected = reference.numpy()
-    runtimes = {"onnx": OnnxRuntime, "torchscript": TorchScriptRuntime}
     diffs: dict[str, float] = {}
-    for backend in progress(list(files), desc="export parity check"):
-        runtime = runtimes[backend](files[backend].read_bytes(), card, device="cpu")
+    for name in progress(list(files), desc="export parity check"):
+        runtime = get_format(name).open_runtime(files[name].read_bytes(), card, device="cpu",
+                                                  intra_op_threads=None)
         got = runtime.predict(inputs)
-        diffs[backend] = float(np.abs(got - expected).max())
-        if not np.isfinite(got).all() or diffs[backend] > tolerance:
+        diffs[name] = float(np.abs(got - expected).max())
+        if not np.isfinite(got).all() or diffs[name] > tolerance:
             raise ExportError(
-                f"the exported {backend} model disagrees with the eager model: max |p diff| ="
-                f" {diffs[backend]:.2e} > {tolerance:.0e} on {len(inputs)} inputs. The model may"
+                f"the exported {name} model disagrees with the eager model: max |p diff| ="
+                f" {diffs[name]:.2e} > {tolerance:.0e} on {len(inputs)} inputs. The model may"
                 " use an operation that does not export faithfully."
             )
     return diffs
-
-
-# --- formats -------------------------------------------------------------------------------
-
-
-def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    output = "probabilities" if getattr(wrapper, "softmax", True) else "logits"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
-        torch.onnx.export(
-            wrapper,
-            (example,),
-            str(path),
-            input_names=["pixels"],
-            output_names=[output],
-            dynamic_axes={"pixels": {0: "batch"}, output: {0: "batch"}},
-            opset_version=ONNX_OPSET,
-            do_constant_folding=True,
-            dynamo=False,  # one self-contained file; the dynamo exporter splits out weights
-        )
-    onnx.checker.check_model(str(path))
-    return path
-
-
-def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(wrapper, example, check_trace=False)
-    torch.jit.save(traced, str(path))
-    return path
-
-
-def _embed_onnx(path: Path, card_json: str) -> None:
-    model = onnx.load(str(path))
-    keep = [p for p in model.metadata_props if p.key != ONNX_CARD_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    model.metadata_props.add(key=ONNX_CARD_KEY, value=card_json)
-    onnx.save(model, str(path))
-
-
-def _embed_torchscript(path: Path, card_json: str) -> None:
-    module = torch.jit.load(str(path), map_location="cpu")
-    buffer = io.BytesIO()
-    torch.jit.save(module, buffer, _extra_files={TORCHSCRIPT_CARD_FILE: card_json})
-    path.write_bytes(buffer.getvalue())
 
 
 def _sha256(path: Path) -> str:
@@ -226,4 +184,3 @@ def _check_batch(check_inputs: np.ndarray | None, hw: tuple[int, int]) -> np.nda
     if check_inputs.dtype != np.uint8 or check_inputs.shape[1:] != (3, *hw):
         raise ExportError(f"check_inputs must be uint8 (N, 3, {hw[0]}, {hw[1]}), got {check_inputs.shape}")
     return np.concatenate([check_inputs, noise])
-

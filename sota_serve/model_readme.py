@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sota_serve.card import ModelCard
+from sota_serve.card import ModelCard, PolicyGain
 
 _MAX_LABELS = 60
 
@@ -29,83 +29,81 @@ _TTA_NAMES = {"none": "plain (center crop)", "flip": "flip TTA", "five_crop": "f
               "ten_crop": "ten-crop TTA"}
 
 
-def _metrics(card: dict[str, Any]) -> list[str]:
-    metrics = card.get("metrics")
-    if not metrics:
+def _metrics(card: ModelCard) -> list[str]:
+    metrics = card.metrics
+    if metrics is None:
         return []
-    tta = metrics.get("tta") if isinstance(metrics.get("tta"), dict) else {}
-    policies = tta.get("policies") or {}
-    out = ["## Metrics", "", f"Validation set: {metrics.get('valid_count', '?')} images.", ""]
-    if policies:
-        rows = [[_TTA_NAMES.get(p, p), m.get("model_calls_per_image", "-"), m.get("resize_shortest_edge", "-"),
-                 _pct(m.get("accuracy")), _pct(m.get("accuracy_held_out")),
-                 _gain(m.get("held_out_vs_none"))]
-                for p, m in policies.items()]
-        rows.append(["fastai `learn.tta()`", "-", "-", _pct(metrics.get("accuracy_fastai_tta")), "-", "-"])
+    tta = metrics.tta
+    out = ["## Metrics", "", f"Validation set: {_or(metrics.valid_count)} images.", ""]
+    if tta and tta.policies:
+        rows = [[_TTA_NAMES.get(p, p), _or(m.model_calls_per_image), _or(m.resize_shortest_edge),
+                 _pct(m.accuracy), _pct(m.accuracy_held_out), _gain(m.held_out_vs_none)]
+                for p, m in tta.policies.items()]
+        rows.append(["fastai `learn.tta()`", "-", "-", _pct(metrics.accuracy_fastai_tta), "-", "-"])
         out += [_table(["prediction", "model calls/image", "resize", "accuracy",
-                        f"held-out ({tta.get('held_out_images', '?')} images)", "held-out gain vs plain"], rows), ""]
-        out += [f"Default policy: `{tta.get('default', 'none')}`. Selection: {tta.get('selection', '-')}."
+                        f"held-out ({_or(tta.held_out_images, '?')} images)", "held-out gain vs plain"], rows), ""]
+        out += [f"Default policy: `{tta.default or 'none'}`. Selection: {_or(tta.selection)}."
                 " The held-out column is the unbiased one for policies whose resize edge was tuned.", ""]
     else:
         rows = [
-            ["plain (center crop)", _pct(metrics.get("accuracy"))],
-            [f"five-crop TTA (resize {metrics.get('five_crop_resize', '-')})", _pct(metrics.get("accuracy_five_crop"))],
-            ["fastai `learn.tta()`", _pct(metrics.get("accuracy_fastai_tta"))],
+            ["plain (center crop)", _pct(metrics.accuracy)],
+            [f"five-crop TTA (resize {_or(metrics.five_crop_resize)})", _pct(metrics.accuracy_five_crop)],
+            ["fastai `learn.tta()`", _pct(metrics.accuracy_fastai_tta)],
         ]
         out += [_table(["prediction", "accuracy"], rows), ""]
-        tried = metrics.get("five_crop_by_resize")
-        if isinstance(tried, dict) and len(tried) > 1:
-            out += [f"The five-crop resize edge ({metrics.get('five_crop_resize')}) was chosen among"
+        tried = metrics.five_crop_by_resize
+        if tried and len(tried) > 1:
+            out += [f"The five-crop resize edge ({metrics.five_crop_resize}) was chosen among"
                     f" {', '.join(str(k) for k in tried)} on this same validation set, so the five-crop"
                     " figure is slightly optimistic; the plain figure involves no such choice.", ""]
-    if "valid_loss" in metrics:
-        out += [f"Validation loss: {metrics['valid_loss']:.4f}", ""]
+    if metrics.valid_loss is not None:
+        out += [f"Validation loss: {metrics.valid_loss:.4f}", ""]
     return out
 
 
-def _gain(record: Any) -> str:
-    if not isinstance(record, dict):
+def _or(value: Any, default: str = "-") -> Any:
+    return default if value is None else value
+
+
+def _gain(record: PolicyGain | None) -> str:
+    if record is None:
         return "-"
-    verdict = "significant" if record.get("significant") else "within noise"
-    return (f"{100 * record.get('gain', 0):+.2f} pts ({record.get('wins')} won,"
-            f" {record.get('losses')} lost; {verdict})")
+    verdict = "significant" if record.significant else "within noise"
+    return f"{100 * record.gain:+.2f} pts ({record.wins} won, {record.losses} lost; {verdict})"
 
 
-def _history(card: dict[str, Any]) -> list[str]:
-    history = (card.get("training") or {}).get("history")
+def _history(card: ModelCard) -> list[str]:
+    history = card.training.history if card.training else None
     if not history:
         return []
     header = ["epoch", "stage", "size", "train loss", "valid loss", "accuracy", "seconds"]
     rows = [
-        [h.get("epoch"), h.get("stage"), h.get("size"), f"{h.get('train_loss', 0):.4f}",
-         f"{h.get('valid_loss', 0):.4f}", _pct(h.get("accuracy")), f"{h.get('seconds', 0):.1f}"]
+        [h.epoch, _or(h.stage), _or(h.size), f"{h.train_loss or 0:.4f}", f"{h.valid_loss or 0:.4f}",
+         _pct(h.accuracy), f"{h.seconds or 0:.1f}"]
         for h in history
     ]
     return ["## Training history", "", _table(header, rows), ""]
 
 
-def _figures(card: dict[str, Any]) -> list[str]:
-    figures = card.get("figures") or {}
-    return [f"![{name}]({path})\n" for name, path in figures.items()]
+def _figures(card: ModelCard) -> list[str]:
+    return [f"![{name}]({path})\n" for name, path in (card.figures or {}).items()]
 
 
-def _parity(card: dict[str, Any]) -> list[str]:
+def _parity(card: ModelCard) -> list[str]:
     out = []
-    parity = card.get("parity")
-    if parity:
+    if parity := card.parity:
         out += [
             "## Train/serve parity",
             "",
-            f"{parity.get('images')} validation images ran through fastai's own validation"
-            f" pipeline and through this package ({parity.get('backend', 'onnx')}): top-1"
-            f" agreement {_pct(parity.get('top1_agreement'))}, largest probability difference"
-            f" {parity.get('max_abs_diff', 0):.2e}.",
+            f"{parity.images} validation images ran through fastai's own validation"
+            f" pipeline and through this package ({parity.backend or 'onnx'}): top-1"
+            f" agreement {_pct(parity.top1_agreement)}, largest probability difference"
+            f" {parity.max_abs_diff:.2e}.",
             "",
         ]
-    export = card.get("export")
-    if export:
-        diffs = ", ".join(f"{k} {v:.1e}" for k, v in (export.get("max_abs_diff") or {}).items())
-        out += [f"Export check (eager vs exported, {export.get('check_images')} inputs): {diffs}.", ""]
+    if export := card.export:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in export.max_abs_diff.items())
+        out += [f"Export check (eager vs exported, {_or(export.check_images)} inputs): {diffs}.", ""]
     return out
 
 
@@ -113,17 +111,18 @@ def _yaml(value: Any) -> str:
     return json.dumps(value)  # a JSON scalar is a valid YAML flow scalar
 
 
-def _front_matter(card: ModelCard, data: dict[str, Any]) -> list[str]:
-    dataset = ((data.get("training") or {}).get("dataset") or {}).get("name")
-    metrics = data.get("metrics") or {}
-    results = [(name, metrics[key]) for key, name in (("accuracy", "accuracy (center crop)"),
-                                                      ("accuracy_flip", "accuracy (flip TTA)"),
-                                                      ("accuracy_five_crop", "accuracy (five-crop TTA)"),
-                                                      ("accuracy_ten_crop", "accuracy (ten-crop TTA)"))
-               if isinstance(metrics.get(key), int | float)]
+_FRONT_MATTER_NAMES = {"accuracy": "accuracy (center crop)", "accuracy_flip": "accuracy (flip TTA)",
+                       "accuracy_five_crop": "accuracy (five-crop TTA)",
+                       "accuracy_ten_crop": "accuracy (ten-crop TTA)"}
+
+
+def _front_matter(card: ModelCard) -> list[str]:
+    dataset = card.training.dataset.name if card.training and card.training.dataset else None
+    measured = card.metrics.accuracies(fastai=False) if card.metrics else []
+    results = [(_FRONT_MATTER_NAMES[key], value) for key, _, value in measured]
     tags = ["image-classification", "sota-serve", "fastai", *sorted(card.artifacts)]
     out = ["---", "library_name: sota-serve", "pipeline_tag: image-classification",
-           f"license: {_yaml(data.get('license') or 'other')}", "tags:", *[f"- {t}" for t in tags]]
+           f"license: {_yaml(card.license or 'other')}", "tags:", *[f"- {t}" for t in tags]]
     if dataset:
         out += ["datasets:", f"- {_yaml(dataset)}"]
     if results:
@@ -162,20 +161,19 @@ def _usage(card: ModelCard) -> list[str]:
     ]
 
 
-def _reproduce(data: dict[str, Any]) -> list[str]:
-    training = data.get("training") or {}
-    recipe = training.get("recipe")
-    if not recipe:
+def _reproduce(card: ModelCard) -> list[str]:
+    training = card.training
+    if training is None or not training.recipe:
         return []
-    dataset = training.get("dataset") or {}
-    versions = ", ".join(f"{k} {v}" for k, v in (training.get("versions") or {}).items())
+    recipe, dataset = training.recipe, training.dataset
+    versions = ", ".join(f"{k} {v}" for k, v in (training.versions or {}).items())
     out = ["## How to reproduce", ""]
     if dataset:
-        out += [f"Dataset: {dataset.get('name')}, {dataset.get('train')} training and"
-                f" {dataset.get('valid')} validation images, {dataset.get('classes')} classes"
-                f" (fingerprint `{str(dataset.get('fingerprint', ''))[:16]}`).", ""]
-    out += [f"Trained with `sota-serve train` on {training.get('device', '?')} in"
-            f" {training.get('seconds', '?')} s ({versions}), seed {recipe.get('seed', '?')}. The"
+        out += [f"Dataset: {dataset.name}, {dataset.train} training and"
+                f" {dataset.valid} validation images, {dataset.classes} classes"
+                f" (fingerprint `{(dataset.fingerprint or '')[:16]}`).", ""]
+    out += [f"Trained with `sota-serve train` on {_or(training.device, '?')} in"
+            f" {_or(training.seconds, '?')} s ({versions}), seed {_or(training.seed, '?')}. The"
             " recipe as recorded (`sota-serve train --help` shows how to pass one):", "",
             "```json", json.dumps(recipe, indent=2), "```", "",
             "Training on CPU is not bit-for-bit deterministic: a rerun lands within a few tenths"
@@ -218,12 +216,11 @@ def _tta_steps(card: ModelCard) -> list[str]:
 
 
 def render_readme(card: ModelCard) -> str:
-    data = card.to_dict()
     pre, norm, inp = card.preprocess, card.normalization, card.input
     labels = card.labels[:_MAX_LABELS]
     more = f" ... and {card.num_classes - _MAX_LABELS} more" if card.num_classes > _MAX_LABELS else ""
     lines = [
-        *_front_matter(card, data),
+        *_front_matter(card),
         f"# {card.name} ({card.version})",
         "",
         f"An image classifier over {card.num_classes} labels, packaged by sota-serve."
@@ -231,8 +228,8 @@ def render_readme(card: ModelCard) -> str:
         f" output {card.output}.",
         "",
         *_usage(card),
-        *_metrics(data),
-        *_figures(data),
+        *_metrics(card),
+        *_figures(card),
         "## Preprocessing",
         "",
         f"1. Decode; {'apply the EXIF orientation; ' if pre.exif_transpose else ''}convert to RGB.",
@@ -249,18 +246,18 @@ def render_readme(card: ModelCard) -> str:
            else "done by the caller: feed float32."),
         "",
         *_ood(card),
-        *_reproduce(data),
-        *_history(data),
-        *_parity(data),
+        *_reproduce(card),
+        *_history(card),
+        *_parity(card),
         "## Labels",
         "",
         ", ".join(f"`{label}`" for label in labels) + more,
         "",
         "## Intended use and limitations",
         "",
-        data.get("intended_use") or "Classify images like those of the training set.",
+        card.intended_use or "Classify images like those of the training set.",
         "",
-        data.get("limitations")
+        card.limitations
         or "Accuracy holds only for images like the validation set; other inputs get a label"
         " anyway (there is no 'none of these' class).",
         "",

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sota_serve import formats
 from sota_serve.card import ModelCard
-from sota_serve.constants import CARD_FILE, ONNX_CARD_KEY, TORCHSCRIPT_CARD_FILE
-from sota_serve.errors import CardError, IntegrityError, PackageError
-
-_SUFFIX_BACKEND = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
+from sota_serve.constants import CARD_FILE
+from sota_serve.errors import IntegrityError, PackageError
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -44,6 +42,7 @@ class ModelPackage:
 
     def read_artifact(self, backend: str) -> bytes:
         """The artifact's bytes, checked against the card's sha256 when it has one."""
+        fmt = formats.get(backend)
         if backend not in self.artifacts:
             raise PackageError(
                 f"{self.source}: the package has no {backend} artifact (it has:"
@@ -59,8 +58,7 @@ class ModelPackage:
             actual = hashlib.sha256(data).hexdigest()
             if actual != spec.sha256:
                 raise IntegrityError(_mismatch(path, spec.sha256, actual))
-        if backend == "onnx":
-            check_onnx_external_data(data, source=str(path))
+        fmt.check(data, source=str(path))
         return data
 
 
@@ -70,13 +68,14 @@ def open_package(path: str | Path) -> ModelPackage:
     if path.is_dir():
         return _open_dir(path)
     if path.is_file():
-        backend = _SUFFIX_BACKEND.get(path.suffix.lower())
-        if backend is None:
+        fmt = formats.for_file(path)
+        if fmt is None:
+            suffixes = ", ".join(s for f in formats.REGISTRY.values() for s in f.suffixes)
             raise PackageError(
-                f"{path}: not a model package; give a package directory, a .onnx or a .pt file"
+                f"{path}: not a model package; give a package directory or a model file ({suffixes})"
             )
         card = read_embedded_card(path)
-        return ModelPackage(card=card, artifacts={backend: path}, source=str(path))
+        return ModelPackage(card=card, artifacts={fmt.name: path}, source=str(path))
     stored = store_model_dir(str(path))
     if stored is not None:
         return _open_dir(stored)
@@ -139,55 +138,18 @@ def _mismatch(path: Path, expected: str, actual: str) -> str:
 
 
 def read_embedded_card(path: Path) -> ModelCard:
-    if _SUFFIX_BACKEND.get(path.suffix.lower()) == "onnx":
-        return _onnx_card(path)
-    return _torchscript_card(path)
+    """The card a lone model file carries (the serving part: no artifacts, no records)."""
+    fmt = formats.for_file(path)
+    if fmt is None:
+        raise PackageError(f"{path}: not a model file sota-serve knows ({', '.join(formats.NAMES)})")
+    return ModelCard.parse(fmt.read_card(path), source=f"{path} (embedded card)")
 
 
-def _onnx_card(path: Path) -> ModelCard:
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise PackageError(f"{path}: not a readable ONNX file ({e})") from e
-    props = {p.key: p.value for p in model.metadata_props}
-    if ONNX_CARD_KEY not in props:
-        raise CardError(
-            f"{path}: no sota-serve card in the ONNX metadata (key {ONNX_CARD_KEY!r}); export"
-            " it with sota-serve, or put it in a package directory with a card.json"
-        )
-    return ModelCard.parse(props[ONNX_CARD_KEY], source=f"{path} (embedded card)")
-
-
-def _torchscript_card(path: Path) -> ModelCard:
-    # A TorchScript file is a zip archive; reading the card from it runs no code.
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith(f"/extra/{TORCHSCRIPT_CARD_FILE}")]
-            if not names:
-                raise CardError(
-                    f"{path}: no sota-serve card in the TorchScript archive (extra file"
-                    f" {TORCHSCRIPT_CARD_FILE!r}); export it with sota-serve"
-                )
-            text = archive.read(names[0])
-    except zipfile.BadZipFile as e:
-        raise PackageError(f"{path}: not a TorchScript archive ({e})") from e
-    return ModelCard.parse(text, source=f"{path} (embedded card)")
-
-
-def check_onnx_external_data(data: bytes, *, source: str) -> None:
-    """Refuse ONNX graphs whose weights point at files: they could read any path."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    try:
-        model = onnx.load_from_string(data)
-    except Exception as e:
-        raise PackageError(f"{source}: not a readable ONNX file ({e})") from e
-    for tensor in model.graph.initializer:
-        if uses_external_data(tensor):
-            raise PackageError(
-                f"{source}: tensor {tensor.name!r} keeps its data in an external file; sota-serve"
-                " loads self-contained ONNX files only (re-export with the weights inside)"
-            )
+def draft_package(card: ModelCard, files: dict[str, Path], root: Path) -> ModelPackage:
+    """Freshly exported files with the card they will get, before ``card.json`` is written:
+    what training evaluates (nothing is hashed yet, so nothing is verified)."""
+    unknown = sorted(set(files) - set(formats.NAMES))
+    if unknown:
+        raise PackageError(f"unknown formats {unknown}; use {', '.join(formats.NAMES)}")
+    return ModelPackage(card=card.model_copy(update={"artifacts": {}}), artifacts=dict(files),
+                        root=root, source=f"{root} (draft)")

@@ -107,3 +107,97 @@ def test_tta_policies_in_the_card_and_its_readme():
 def test_bad_tta_sections_name_the_field(tta, message):
     with pytest.raises(CardError, match=re.escape(message)):
         ModelCard.parse(card_dict(tta=tta))
+
+
+# --- typed sections ----------------------------------------------------------------------
+
+def _full_card_dict() -> dict:
+    """Every section sota-serve writes, as training writes it (plus keys a newer version might add)."""
+    return card_dict(
+        architecture="xresnet18",
+        intended_use="digits", limitations="only digits", license="cc-by-4.0",
+        source={"kind": "fastai-learner", "file": "export.pkl"},
+        metrics={"accuracy": 0.98, "accuracy_fastai_pipeline": 0.98, "accuracy_flip": 0.95,
+                 "accuracy_five_crop": 0.99, "accuracy_ten_crop": 0.97, "accuracy_fastai_tta": 0.985,
+                 "valid_loss": 0.6, "valid_count": 360, "train_count": 1437, "image_size": 32,
+                 "five_crop_resize": 40, "five_crop_by_resize": {"40": 0.99, "44": 0.97},
+                 "tta": {"policies": {
+                     "none": {"accuracy": 0.98, "accuracy_held_out": 0.99, "model_calls_per_image": 1},
+                     "five_crop": {"accuracy": 0.99, "accuracy_held_out": 0.98, "model_calls_per_image": 5,
+                                   "resize_shortest_edge": 40,
+                                   "held_out_vs_none": {"gain": 0.0, "wins": 1, "losses": 1, "significant": False},
+                                   "tune_accuracy_by_resize": {"40": 0.99}}},
+                     "default": "none", "tune_images": 180, "held_out_images": 180, "selection": "rule"},
+                 "calibration_error": 0.03},
+        parity={"images": 360, "backend": "onnx", "reference": "fastai", "top1_agreement": 1.0,
+                "max_abs_diff": 9.2e-07, "passed": True},
+        export={"formats": ["onnx", "torchscript"], "onnx_opset": 17, "check_images": 20,
+                "max_abs_diff": {"onnx": 8.9e-07, "torchscript": 0.0}, "tolerance": 0.0001,
+                "torch": "2.14.1", "onnx": "1.23.2"},
+        training={"recipe": {"name": "r", "arch": "xresnet18", "seed": 42, "mixup": None},
+                  "history": [{"epoch": 1, "stage": 1, "size": 24, "train_loss": 1.6, "valid_loss": 4.9,
+                               "accuracy": 0.4, "seconds": 20.0, "lr": 0.01}],
+                  "seconds": 149.9, "device": "cpu", "versions": {"fastai": "2.8.12"},
+                  "dataset": {"name": "digits", "classes": 10, "train": 1437, "valid": 360,
+                              "fingerprint": "ab" * 32}},
+        figures={"training_curve": "training_curve.png"},
+    )
+
+
+def test_every_section_round_trips_through_its_model():
+    from sota_serve.card import ExportRecord, Metrics, Parity, TrainingRecord
+
+    data = _full_card_dict()
+    card = ModelCard.parse(data)
+    assert card.to_dict() == {**data, "artifacts": {}}  # every key: unknown ones (calibration_error, lr), nulls in the recipe
+    assert ModelCard.parse(card.to_json()) == card
+    sections = {"metrics": Metrics, "parity": Parity, "export": ExportRecord, "training": TrainingRecord}
+    for key, model in sections.items():
+        section = getattr(card, key)
+        assert isinstance(section, model), key
+        assert section.model_dump(mode="json", exclude_none=True) == data[key], key
+    assert card.metrics.headline() == {"accuracy": 0.98, "accuracy_five_crop": 0.99, "accuracy_fastai_tta": 0.985}
+    assert [n for _, n, _ in card.metrics.accuracies()] == ["plain", "flip", "five-crop", "ten-crop", "fastai TTA"]
+    assert card.metrics.policy("five_crop").held_out_vs_none.wins == 1
+    assert card.training.history[0].accuracy == 0.4 and card.training.seed == 42
+    assert card.arch == "xresnet18" and card.parity.top1_agreement == 1.0
+
+
+def test_absent_sections_are_left_out_not_null():
+    data = ModelCard.parse(card_dict()).to_dict()
+    for key in ("metrics", "parity", "export", "training", "figures", "ood", "license", "architecture"):
+        assert key not in data
+
+
+@pytest.mark.parametrize(("section", "value", "field"), [
+    ("parity", {"images": 10, "top1_agreement": 1.5, "max_abs_diff": 0.0}, "parity.top1_agreement"),
+    ("parity", {"images": 10, "max_abs_diff": 0.0}, "parity.top1_agreement"),
+    ("metrics", {"accuracy": "high"}, "metrics.accuracy"),
+    ("export", {"formats": []}, "export.formats"),
+    ("training", {"history": [{"stage": 1}]}, "training.history.0.epoch"),
+    ("artifacts", {"safetensors": {"path": "m.st", "sha256": "0" * 64}}, "unknown format safetensors"),
+])
+def test_bad_sections_are_refused_naming_the_field(section, value, field):
+    with pytest.raises(CardError, match=re.escape(field)):
+        ModelCard.parse(card_dict(**{section: value}))
+
+
+def test_serving_part_leaves_out_the_records():
+    card = ModelCard.parse(_full_card_dict())
+    serving = json.loads(card.serving_json())
+    assert not {"artifacts", "metrics", "parity", "export", "training", "figures"} & set(serving)
+    for key in ("labels", "input", "preprocess", "normalization", "tta", "intended_use", "license", "source"):
+        assert serving[key] == card.to_dict()[key]
+    assert ModelCard.parse(serving).labels == card.labels
+
+
+def test_classifier_card_factory():
+    from sota_serve.card import classifier_card
+
+    card = classifier_card(name="m", labels=[0, 1], size=32, resize_edge=36, mean=(0.5,) * 3,
+                           std=(0.25,) * 3, architecture="tiny")
+    assert card.labels == ["0", "1"] and card.input.dtype == "uint8" and card.normalization.in_graph
+    assert card.tta.edges() == {"flip": 36, "five_crop": 37, "ten_crop": 37}  # round(32 / 0.875)
+    assert card.arch == "tiny" and card.tta.default == "none"
+    with pytest.raises(CardError, match="resize_shortest_edge"):
+        classifier_card(name="m", labels=["a"], size=32, resize_edge=16, mean=(0.5,) * 3, std=(0.2,) * 3)

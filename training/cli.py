@@ -5,28 +5,34 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sota_serve.card import ModelCard
+
+from sota_serve.errors import SotaServeError
 
 DEMO_NAME = "sota-demo"
 DEMO_DIR = Path("packages") / DEMO_NAME
+
+
+class EnsembleArgumentError(SotaServeError, ValueError):
+    """``train --seeds/--ensemble`` asked for something impossible."""
 
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
-def _summary(card, out: Path) -> None:
-    data = card.to_dict()
-    m, p = data.get("metrics", {}), data.get("parity", {})
+def _summary(card: ModelCard, out: Path) -> None:
     print(f"package: {out} ({card.tag})")
-    if m:
-        policies = "  ".join(f"{name} {100 * m[key]:.2f}%" for key, name in (
-            ("accuracy", "plain"), ("accuracy_flip", "flip"), ("accuracy_five_crop", "five-crop"),
-            ("accuracy_ten_crop", "ten-crop"), ("accuracy_fastai_tta", "fastai TTA")) if key in m)
+    if card.metrics:
+        policies = "  ".join(f"{name} {100 * value:.2f}%" for _, name, value in card.metrics.accuracies())
         print(f"accuracy: {policies}")
         print(f"tta default: {card.tta.default}")
-    if p:
-        print(f"parity: top-1 agreement {100 * p['top1_agreement']:.2f}% on {p['images']} images,"
-              f" max |p diff| {p['max_abs_diff']:.2e}")
+    if p := card.parity:
+        print(f"parity: top-1 agreement {100 * p.top1_agreement:.2f}% on {p.images} images,"
+              f" max |p diff| {p.max_abs_diff:.2e}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -44,9 +50,46 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_mixup:
         recipe = recipe.model_copy(update={"mixup": None})
     out = Path(args.out or Path("packages") / recipe.name)
-    card = train_package(recipe, out)
-    _summary(card, out)
+    if args.seeds < 1 or (args.ensemble and args.seeds < 2):
+        raise EnsembleArgumentError("--seeds must be >= 1, and >= 2 with --ensemble")
+    if args.seeds == 1:
+        _summary(train_package(recipe, out), out)
+        return 0
+    members = []
+    for seed in range(recipe.seed, recipe.seed + args.seeds):  # one package per seed, beside `out`
+        member = out.with_name(f"{out.name}-seed{seed}")
+        seeded = recipe.model_copy(update={"seed": seed, "name": f"{recipe.name}-seed{seed}"})
+        _summary(train_package(seeded, member), member)
+        members.append(member)
+    if args.ensemble:
+        from training.ensemble import ensemble_packages
+
+        card = ensemble_packages(members, out, name=recipe.name, data=recipe.data)
+        _ensemble_summary(card, out)
     return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from training.ensemble import ensemble_packages
+
+    _logging()
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    card = ensemble_packages(args.packages, args.out, weights=weights, name=args.name, data=args.data)
+    _ensemble_summary(card, Path(args.out))
+    return 0
+
+
+def _ensemble_summary(card: ModelCard, out: Path) -> None:
+    print(f"package: {out} ({card.tag}), {len(card.ensemble.members)} members")
+    measured = card.metrics.members if card.metrics and card.metrics.members else {}
+    for m in card.ensemble.members:
+        own = f"{100 * measured[m.tag]:.2f}% here" if m.tag in measured else "not measured here"
+        print(f"  {m.tag}  weight {m.weight:.3f}  accuracy {own}")
+    if card.metrics:
+        print("ensemble accuracy: " + "  ".join(f"{n} {100 * v:.2f}%" for _, n, v in card.metrics.accuracies()))
+    if p := card.parity:
+        print(f"parity: top-1 agreement {100 * p.top1_agreement:.2f}% with the members' weighted mean on"
+              f" {p.images} images, max |p diff| {p.max_abs_diff:.2e}")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -90,7 +133,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--license", help="the model's license (SPDX id, e.g. apache-2.0), written to the card")
     p.add_argument("--out", help="package directory (default packages/NAME)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train N packages, seeds SEED..SEED+N-1, written to OUT-seedS")
+    p.add_argument("--ensemble", action="store_true", help="with --seeds: ensemble them into OUT")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("ensemble", help="average several packages of one task into one package")
+    p.add_argument("packages", nargs="+", help="member package directories (or model-store tags)")
+    p.add_argument("--out", required=True, help="the ensemble's package directory")
+    p.add_argument("--weights", help="one weight per member, e.g. 2,1,1 (default: equal)")
+    p.add_argument("--data", help="measure the ensemble and its members on this dataset's validation"
+                                  " images (image folder, 'digits', imagenette[-160|-320])")
+    p.add_argument("--name", help="model name in the card (default: the first member's + -ensembleN)")
+    p.set_defaults(func=_ensemble)
 
     p = sub.add_parser("demo", help="train the digits demo, write its package, import it as sota-demo")
     p.add_argument("--out", default=str(DEMO_DIR))

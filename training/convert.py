@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sota_serve.card import ModelCard, new_version
+from sota_serve.card import ModelCard, classifier_card
 from sota_serve.constants import IMAGENET_MEAN, IMAGENET_STD
 from sota_serve.errors import SotaServeError
 from sota_serve.export import export_package
@@ -89,19 +89,9 @@ def convert_learner(pkl: str | Path, out_dir: str | Path, *, trust: bool, name: 
     labels = [str(v) for v in dls.vocab]
     mean, std = _stats(dls)
     edge, crop = _sizes(dls)
-    card = ModelCard.parse({
-        "schema_version": 1,
-        "name": name or Path(pkl).stem.replace(" ", "-"),
-        "version": new_version(),
-        "labels": labels,
-        "input": {"height": crop, "width": crop},
-        "preprocess": {"resize_shortest_edge": edge, "crop": "center", "interpolation": "bilinear"},
-        "normalization": {"mean": mean, "std": std, "pixel_scale": 255.0, "in_graph": True},
-        "output": "probabilities",
-        "tta": {"default": "none", "flip": {"resize_shortest_edge": edge},
-                "five_crop": {"resize_shortest_edge": round(crop / 0.875)},
-                "ten_crop": {"resize_shortest_edge": round(crop / 0.875)}},
-        "source": {"kind": "fastai-learner", "file": Path(pkl).name},
-    })
+    card = classifier_card(
+        name=name or Path(pkl).stem.replace(" ", "-"), labels=labels, size=crop, resize_edge=edge,
+        mean=mean, std=std, source={"kind": "fastai-learner", "file": Path(pkl).name},
+    )
     model = learn.model.float().cpu().eval()
     return export_package(model, card, out_dir)

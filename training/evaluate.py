@@ -13,6 +13,7 @@ import numpy as np
 from fastai.learner import Learner
 
 from sota_serve import ood
+from sota_serve.card import Parity
 from sota_serve.classifier import Classifier
 from sota_serve.errors import SotaServeError
 from sota_serve.preprocess import Preprocessor
@@ -197,13 +198,13 @@ def calibrate_ood(pre: Preprocessor, train_files: Sequence[Path], valid_files: S
                     calibration_images=len(valid_files))
 
 
-def parity(fastai_probs: np.ndarray, served_probs: np.ndarray, backend: str) -> dict[str, Any]:
+def parity(fastai_probs: np.ndarray, served_probs: np.ndarray, backend: str) -> Parity:
     agree = float((fastai_probs.argmax(1) == served_probs.argmax(1)).mean())
-    return {
-        "images": int(len(fastai_probs)),
-        "backend": backend,
-        "reference": "fastai learn.get_preds on the validation DataLoader",
-        "top1_agreement": agree,
-        "max_abs_diff": float(np.abs(fastai_probs - served_probs).max()),
-        "passed": agree >= MIN_PARITY,
-    }
+    return Parity(
+        images=int(len(fastai_probs)),
+        backend=backend,
+        reference="fastai learn.get_preds on the validation DataLoader",
+        top1_agreement=agree,
+        max_abs_diff=float(np.abs(fastai_probs - served_probs).max()),
+        passed=agree >= MIN_PARITY,
+    )

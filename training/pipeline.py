@@ -5,13 +5,20 @@ from __future__ import annotations
 import logging
 import platform
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from sota_serve.card import ModelCard, new_version
+from sota_serve import formats
+from sota_serve.card import (
+    DatasetRecord,
+    Metrics,
+    ModelCard,
+    TrainingRecord,
+    classifier_card,
+)
 from sota_serve.classifier import Classifier
-from sota_serve.export import export_package, write_card
+from sota_serve.export import export_graphs, write_package
+from sota_serve.package import draft_package
 from sota_serve.preprocess import Preprocessor
 from training.datasets import ImageFolder, resolve_dataset
 from training.evaluate import (
@@ -35,22 +42,11 @@ _EXPORT_CHECK_IMAGES = 16
 
 
 def base_card(recipe: Recipe, folder: ImageFolder, mean, std, five_crop_edge: int) -> ModelCard:
-    size = recipe.final_size
-    return ModelCard.parse({
-        "schema_version": 1,
-        "name": recipe.name,
-        "version": new_version(),
-        "task": "image-classification",
-        "labels": list(folder.labels),
-        "input": {"height": size, "width": size, "channels": "RGB", "layout": "NCHW", "dtype": "uint8"},
-        "preprocess": {"exif_transpose": True, "resize_shortest_edge": recipe.resize_edge,
-                       "crop": "center", "interpolation": "bilinear"},
-        "normalization": {"mean": list(mean), "std": list(std), "pixel_scale": 255.0, "in_graph": True},
-        "output": "probabilities",
-        "tta": {"default": "none", "flip": {"resize_shortest_edge": recipe.resize_edge},
-                "five_crop": {"resize_shortest_edge": five_crop_edge},
-                "ten_crop": {"resize_shortest_edge": five_crop_edge}},
-    })
+    return classifier_card(
+        name=recipe.name, labels=list(folder.labels), size=recipe.final_size,
+        resize_edge=recipe.resize_edge, mean=mean, std=std, tta_edge=five_crop_edge,
+        architecture=recipe.arch, license=recipe.license,
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -78,11 +74,14 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     card = base_card(recipe, folder, mean, std, edges[0])
     pre = Preprocessor.from_card(card)
     check = np.concatenate([pre(p.read_bytes()) for p in valid_items[:_EXPORT_CHECK_IMAGES]])
-    card = export_package(export_model(result.learn), card, out, check_inputs=check)
+    graphs = export_graphs(export_model(result.learn), card, out, check_inputs=check)
 
-    clf = Classifier.open(out, backend="onnx", device="cpu")
+    # Evaluate the exported files before their card is final: the TTA edges, the default
+    # policy and the OOD fit measured here are part of what the files embed.
+    clf = Classifier.from_package(draft_package(card, graphs.files, out), backend=formats.DEFAULT,
+                                  device="cpu")
     served = package_probs(clf, valid_items, "none", "package eval")
-    agreement = parity(fa.probs, served, "onnx")
+    agreement = parity(fa.probs, served, formats.DEFAULT)
     tta = evaluate_tta(clf, valid_items, fa.targets, served, flip_edge=recipe.resize_edge, edges=edges)
     ood = calibrate_ood(clf.preprocessor, train_files, valid_items, list(clf.preprocessor.policies),
                         seed=recipe.seed)
@@ -93,33 +92,33 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
         "confusion_matrix": confusion_matrix_plot(
             fa.targets, served.argmax(1), card.labels, out / "confusion_matrix.png").name,
     }
-    card = write_card(out, card.with_updates(
+    card = write_package(out, card.with_updates(
         tta=tta.card_tta(),
         ood=ood,
-        metrics={
-            "accuracy": plain_acc,
-            "accuracy_fastai_pipeline": fa.accuracy,
+        export=graphs.record,
+        metrics=Metrics(
+            accuracy=plain_acc,
+            accuracy_fastai_pipeline=fa.accuracy,
             **tta.metrics(),
-            "five_crop_resize": tta.edges["five_crop"],
-            "five_crop_by_resize": {str(k): v for k, v in tta.searched["five_crop"].items()},
-            "accuracy_fastai_tta": fa.tta_accuracy,
-            "valid_loss": fa.loss,
-            "valid_count": len(valid_items),
-            "train_count": len(train_files),
-            "image_size": recipe.final_size,
-        },
-        training={
-            "recipe": recipe.model_dump(mode="json"),
-            "history": result.history,
-            "seconds": round(result.seconds, 1),
-            "device": result.device,
-            "versions": _versions(),
-            "dataset": _dataset_record(folder, len(train_files), len(valid_items)),
-        },
+            five_crop_resize=tta.edges["five_crop"],
+            five_crop_by_resize={str(k): v for k, v in tta.searched["five_crop"].items()},
+            accuracy_fastai_tta=fa.tta_accuracy,
+            valid_loss=fa.loss,
+            valid_count=len(valid_items),
+            train_count=len(train_files),
+            image_size=recipe.final_size,
+        ),
+        training=TrainingRecord(
+            recipe=recipe.model_dump(mode="json"),
+            history=result.history,
+            seconds=round(result.seconds, 1),
+            device=result.device,
+            versions=_versions(),
+            dataset=_dataset_record(folder, len(train_files), len(valid_items)),
+        ),
         parity=agreement,
         figures=figures,
         intended_use=f"Classify images like those of {folder.name} into {len(card.labels)} classes.",
-        **({"license": recipe.license} if recipe.license else {}),
         limitations=(
             f"Trained from scratch on {len(train_files)} images; accuracy is measured on"
             f" {len(valid_items)} held-out images of the same source and will be lower on other"
@@ -127,16 +126,16 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
             " each answer carries an out-of-distribution check (`ood`) that flags inputs whose"
             " pixel statistics are unlike the training images'."
         ),
-    ))
-    if agreement["top1_agreement"] < MIN_PARITY:
+    ), graphs.files)
+    if agreement.top1_agreement < MIN_PARITY:
         raise ParityError(
-            f"the package agrees with fastai on only {100 * agreement['top1_agreement']:.2f}% of"
+            f"the package agrees with fastai on only {100 * agreement.top1_agreement:.2f}% of"
             f" validation images (need {100 * MIN_PARITY:.0f}%); it was written to {out} for"
             " inspection but must not be served"
         )
     return card
 
 
-def _dataset_record(folder: ImageFolder, n_train: int, n_valid: int) -> dict[str, Any]:
-    return {"name": folder.name, "classes": len(folder.classes), "train": n_train,
-            "valid": n_valid, "fingerprint": folder.fingerprint()}
+def _dataset_record(folder: ImageFolder, n_train: int, n_valid: int) -> DatasetRecord:
+    return DatasetRecord(name=folder.name, classes=len(folder.classes), train=n_train,
+                         valid=n_valid, fingerprint=folder.fingerprint())

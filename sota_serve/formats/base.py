@@ -1,0 +1,61 @@
+"""What every model artifact format provides: the one interface the registry holds.
+
+Serving needs the first group (find the file, read its embedded card, check its bytes, open
+a runtime); writing a package needs the second (export a torch module, embed the card). The
+second group imports torch inside its methods, so serving an ONNX package never imports it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from sota_serve.card import ModelCard
+    from sota_serve.runtime.base import Runtime
+
+
+class ArtifactFormat(ABC):
+    #: the key in the card's ``artifacts`` and the ``--backend`` / ``SOTA_SERVE_BACKEND`` value
+    name: ClassVar[str]
+    #: the file name inside a package directory
+    file_name: ClassVar[str]
+    #: suffixes by which a lone file is recognised
+    suffixes: ClassVar[tuple[str, ...]]
+    #: the Open Inference Protocol / Triton platform name of the model
+    platform: ClassVar[str]
+
+    # --- serving ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def read_card(self, path: Path) -> str:
+        """The card JSON embedded in the file at ``path``, without running any of its code."""
+
+    def check(self, data: bytes, *, source: str) -> None:  # noqa: B027 - most formats need nothing
+        """Refuse bytes that are unsafe to load (the sha256 is checked before this)."""
+
+    @abstractmethod
+    def open_runtime(self, data: bytes, card: ModelCard, *, device: str,
+                     intra_op_threads: int | None) -> Runtime:
+        """A runtime over the verified bytes ``data``."""
+
+    # --- writing (imports torch) -----------------------------------------------------------
+
+    @abstractmethod
+    def export(self, module: Any, example: Any, path: Path) -> dict[str, Any]:
+        """Write the torch ``module`` (uint8 pixels in) traced on ``example`` to ``path``;
+        returns what the card's ``export`` record should note about this format."""
+
+    @abstractmethod
+    def embed_card(self, path: Path, card_json: str) -> None:
+        """Put ``card_json`` into the file, replacing any card it carries."""
+
+    @abstractmethod
+    def combine(self, members: list[bytes], weights: list[float], path: Path) -> None:
+        """Write to ``path`` one model that runs every member (verified bytes, uint8 pixels in,
+        probabilities out) on the same input and returns ``sum(w_i * p_i)``: an ensemble that
+        serves, batches and does TTA like any single model."""
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}: {self.file_name}>"
