@@ -323,6 +323,13 @@ class TrainingRecord(BaseModel):
     device: str | None = None
     versions: dict[str, str] | None = None
     dataset: DatasetRecord | None = None
+    #: transfer learning: the starting checkpoint (file, sha256, kind, architecture)
+    weights: dict[str, str] | None = None
+    #: tensors taken from it ("loaded") of the network's ("tensors")
+    transfer: dict[str, int] | None = None
+    schedule: str | None = None
+    #: per stage: the learning-rate finder's suggestion and the rate used
+    lr_find: list[dict[str, float]] | None = None
 
     @property
     def seed(self) -> int | None:

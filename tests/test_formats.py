@@ -73,7 +73,7 @@ def test_a_draft_package_runs_before_its_card_is_written(tmp_path, photos):
 
 
 #: A comparison with a format's name, or a mapping keyed by one: the branches the registry replaces.
-_BRANCH = re.compile(r"""(==|!=)\s*["'](onnx|torchscript)["']|["'](onnx|torchscript)["']\s*(==|!=|in\b)"""
+_BRANCH = re.compile(r"""(==|!=)\s*["'](onnx|torchscript)["']|["'](onnx|torchscript)["']\s*(==|!=|in\b|not in\b)"""
                      r"""|[{,]\s*["'](onnx|torchscript)["']\s*:""")
 
 

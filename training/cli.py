@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from sota_serve.card import ModelCard
 
 from sota_serve.errors import SotaServeError
+from training.recipe import ARCHS
 
 DEMO_NAME = "sota-demo"
 DEMO_DIR = Path("packages") / DEMO_NAME
@@ -44,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
         "data": args.data, "name": args.name, "arch": args.arch, "normalization": args.normalization,
         "seed": args.seed, "license": args.license, "label_smoothing": args.label_smoothing,
         "stages": parse_stages(args.stages) if args.stages else None,
-        "mixup": args.mixup,
+        "mixup": args.mixup, "weights": args.weights, "freeze_epochs": args.freeze_epochs, "lr_find": True if args.lr == "find" else None,
     }
     recipe = load_recipe(preset=args.preset, path=args.recipe, overrides=overrides)
     if args.no_mixup:
@@ -123,7 +124,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="recipe TOML file (overrides the preset)")
     p.add_argument("--data", help="image folder (train/ + val/), 'digits', or imagenette[-160|-320]")
     p.add_argument("--name", help="model name in the card")
-    p.add_argument("--arch", choices=("xresnet18", "xresnet34", "xresnet50"))
+    p.add_argument("--arch", choices=ARCHS)
+    p.add_argument("--weights", help="start from this local checkpoint: a state dict (.pth/.pt), a"
+                                     " .safetensors file or a sota-serve package of the same --arch")
+    p.add_argument("--freeze-epochs", type=int, help="with --weights: epochs that train the head alone"
+                                                       " before every layer trains (default 1)")
+    p.add_argument("--lr", choices=("find",), help="find: run fastai's lr_find before each stage"
+                                                   " and train at its suggestion")
     p.add_argument("--normalization", choices=("imagenet", "dataset"))
     p.add_argument("--stages", help="progressive resizing, e.g. 128:4:64:3e-3,224:5:64:1e-3"
                                     " (size:epochs[:batch_size[:lr]])")

@@ -31,9 +31,10 @@ from training.evaluate import (
     parity,
 )
 from training.recipe import Recipe
-from training.report import confusion_matrix_plot, training_curve
+from training.report import confusion_matrix_plot, lr_find_plot, training_curve
 from training.stats import recipe_stats
 from training.train import export_model, train
+from training.weights import SourceWeights, WeightsError, read_weights
 
 log = logging.getLogger("sota_serve.training")
 
@@ -63,9 +64,14 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     train_files, valid_files = folder.files("train"), folder.files("valid")
     log.info("dataset %s: %d train, %d valid images, %d classes", folder.name,
              len(train_files), len(valid_files), len(folder.classes))
-    mean, std = recipe_stats(recipe.normalization, folder, size=recipe.final_size,
-                             edge=recipe.resize_edge, sample=recipe.stats_sample, seed=recipe.seed)
-    result = train(recipe, folder, mean, std)
+    weights = read_weights(recipe.weights) if recipe.weights else None
+    recipe = _resolve_normalization(recipe, weights)
+    if recipe.normalization == "weights":
+        mean, std = weights.normalization.mean, weights.normalization.std  # type: ignore[union-attr]
+    else:
+        mean, std = recipe_stats(recipe.normalization, folder, size=recipe.final_size,
+                                 edge=recipe.resize_edge, sample=recipe.stats_sample, seed=recipe.seed)
+    result = train(recipe, folder, mean, std, weights)
     log.info("trained in %.1fs on %s; evaluating", result.seconds, result.device)
     fa = fastai_eval(result.learn)
     valid_items = [Path(p) for p in result.learn.dls.valid.items]  # the order of get_preds
@@ -92,6 +98,8 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
         "confusion_matrix": confusion_matrix_plot(
             fa.targets, served.argmax(1), card.labels, out / "confusion_matrix.png").name,
     }
+    if result.lr_finds:
+        figures["lr_find"] = lr_find_plot(result.lr_finds, out / "lr_find.png").name
     card = write_package(out, card.with_updates(
         tta=tta.card_tta(),
         ood=ood,
@@ -115,12 +123,16 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
             device=result.device,
             versions=_versions(),
             dataset=_dataset_record(folder, len(train_files), len(valid_items)),
+            weights=weights.record() if weights else None,
+            transfer=result.transfer,
+            schedule=result.schedule,
+            lr_find=[f.record() for f in result.lr_finds] or None,
         ),
         parity=agreement,
         figures=figures,
         intended_use=f"Classify images like those of {folder.name} into {len(card.labels)} classes.",
         limitations=(
-            f"Trained from scratch on {len(train_files)} images; accuracy is measured on"
+            f"Trained {'from ' + weights.file if weights else 'from scratch'} on {len(train_files)} images; accuracy is measured on"
             f" {len(valid_items)} held-out images of the same source and will be lower on other"
             " kinds of images. Every input gets one of the labels: there is no reject class, but"
             " each answer carries an out-of-distribution check (`ood`) that flags inputs whose"
@@ -134,6 +146,18 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
             " inspection but must not be served"
         )
     return card
+
+
+def _resolve_normalization(recipe: Recipe, weights: SourceWeights | None) -> Recipe:
+    """Weights that say which stats they were trained with keep them, unless the recipe names
+    other stats; ``weights`` stats need such weights."""
+    says = weights is not None and weights.normalization is not None
+    if says and "normalization" not in recipe.model_fields_set:
+        return recipe.model_copy(update={"normalization": "weights"})
+    if recipe.normalization == "weights" and not says:
+        raise WeightsError("normalization 'weights' needs weights that record their stats (a sota-serve"
+                           " package); for a plain checkpoint choose imagenet or dataset")
+    return recipe
 
 
 def _dataset_record(folder: ImageFolder, n_train: int, n_valid: int) -> DatasetRecord:

@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sota_serve.errors import SotaServeError
 
-ARCHS = ("xresnet18", "xresnet34", "xresnet50")
+#: fastai's xresnets (the book's) and torchvision's ResNets (whose published state dicts
+#: ``--weights`` reads); all are built with random weights, nothing is downloaded.
+ARCHS = ("xresnet18", "xresnet34", "xresnet50", "resnet18", "resnet34", "resnet50")
 IMAGENETTE_DATASETS = ("imagenette", "imagenette-160", "imagenette-320")
 
 
@@ -37,8 +39,17 @@ class Recipe(BaseModel):
     name: str = Field(default="model", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     #: an image folder with train/ and val/ (or valid/), "digits", or an Imagenette name
     data: str
-    arch: Literal["xresnet18", "xresnet34", "xresnet50"] = "xresnet18"
-    normalization: Literal["imagenet", "dataset"] = "imagenet"
+    arch: Literal["xresnet18", "xresnet34", "xresnet50", "resnet18", "resnet34", "resnet50"] = "xresnet18"
+    #: ``weights``: the stats the ``weights`` were trained with (a sota-serve package says);
+    #: the default when such weights are given and the recipe names none
+    normalization: Literal["imagenet", "dataset", "weights"] = "imagenet"
+    #: transfer learning: start from this local checkpoint (state dict, safetensors, or a
+    #: sota-serve package of the same architecture); every stage then runs fastai's
+    #: fine_tune (head alone for ``freeze_epochs``, then all layers with slice(lr/100, lr))
+    weights: str | None = None
+    freeze_epochs: int = Field(default=1, ge=0, le=100)
+    #: run fastai's lr_find before each stage and train at its suggestion (``--lr find``)
+    lr_find: bool = False
     #: training images sampled to compute ``dataset`` stats
     stats_sample: int = Field(default=512, ge=8)
     #: the first stage runs fit_one_cycle, later ones fine_tune (the book's schedule)

@@ -59,3 +59,19 @@ def confusion_matrix_plot(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def lr_find_plot(finds: Sequence[Any], path: Path) -> Path:
+    """Loss against learning rate for each stage's ``lr_find``, its suggestion marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for find in finds:
+        line, = ax.plot(find.lrs, find.losses, label=f"stage {find.stage}")
+        ax.axvline(find.suggested, color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="loss",
+           title="lr_find (dotted: the rate used)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

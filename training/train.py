@@ -17,17 +17,47 @@ from fastai.callback.mixup import MixUp
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropy
 from fastai.metrics import accuracy
-from fastai.torch_core import set_seed
+from fastai.torch_core import set_seed, trainable_params
 from fastai.vision.models.xresnet import xresnet18, xresnet34, xresnet50
 
 from sota_serve.progress import interactive
 from training.dataloaders import make_dataloaders
 from training.datasets import ImageFolder
 from training.recipe import Recipe
+from training.weights import SourceWeights, head_splitter, load_into
 
 log = logging.getLogger("sota_serve.training")
 
-_ARCHS = {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}
+_XRESNETS = {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}
+
+
+def build_model(arch: str, n_out: int) -> torch.nn.Module:
+    """``arch`` with random weights and an ``n_out``-way head."""
+    if arch in _XRESNETS:
+        return _XRESNETS[arch](n_out=n_out)
+    import torchvision
+
+    return getattr(torchvision.models, arch)(weights=None, num_classes=n_out)
+
+
+@dataclass
+class LRFind:
+    """fastai's learning-rate finder before one stage: the curve and what was used."""
+
+    stage: int
+    suggested: float
+    lrs: list[float]
+    losses: list[float]
+
+    def record(self) -> dict[str, Any]:
+        return {"stage": self.stage, "suggested_lr": self.suggested, "used_lr": self.suggested}
+
+
+def find_lr(learn: Learner, stage: int) -> LRFind:
+    suggestion = learn.lr_find(show_plot=False)
+    lrs = [float(x) for x in learn.recorder.lrs]
+    losses = [float(x) for x in learn.recorder.losses]
+    return LRFind(stage, float(suggestion.valley), lrs, losses)
 
 
 class History(Callback):
@@ -75,6 +105,11 @@ class TrainResult:
     device: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    #: the learning-rate finder's runs, one per stage, when the recipe asks for them
+    lr_finds: list[LRFind]
+    #: how much of the starting checkpoint was used ("loaded" of "tensors"), when there was one
+    transfer: dict[str, int] | None
+    schedule: str
 
 
 def _dls(recipe: Recipe, folder: ImageFolder, stage_index: int, mean, std, device: str):
@@ -96,8 +131,8 @@ def _dls(recipe: Recipe, folder: ImageFolder, stage_index: int, mean, std, devic
     )
 
 
-def train(recipe: Recipe, folder: ImageFolder, mean, std) -> TrainResult:
-    """Train from scratch; returns the Learner at the final stage's size."""
+def train(recipe: Recipe, folder: ImageFolder, mean, std, weights: SourceWeights | None = None) -> TrainResult:
+    """Train from scratch, or from ``weights``; returns the Learner at the final stage's size."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     set_seed(recipe.seed, reproducible=True)
     loss = (LabelSmoothingCrossEntropy(eps=recipe.label_smoothing) if recipe.label_smoothing
@@ -106,8 +141,12 @@ def train(recipe: Recipe, folder: ImageFolder, mean, std) -> TrainResult:
     if recipe.mixup:
         cbs.append(MixUp(recipe.mixup))
     dls = _dls(recipe, folder, 0, mean, std, device)
-    model = _ARCHS[recipe.arch](n_out=len(folder.classes))
-    learn = Learner(dls, model, loss_func=loss, metrics=accuracy, cbs=cbs)
+    model = build_model(recipe.arch, len(folder.classes))
+    transfer = load_into(model, weights, recipe.arch) if weights else None
+    # Body and head groups only for transfer: a from-scratch run keeps fastai's single group
+    # (its later fine_tune stages then train every layer at the stage's rate, as before).
+    learn = Learner(dls, model, loss_func=loss, metrics=accuracy, cbs=cbs,
+                    splitter=head_splitter if weights else trainable_params)
     if device == "cuda" and recipe.mixed_precision:
         learn = learn.to_fp16()
     if device == "cuda" and recipe.channels_last:
@@ -120,17 +159,30 @@ def train(recipe: Recipe, folder: ImageFolder, mean, std) -> TrainResult:
         if not interactive():  # fastai's bars and tables only on a terminal
             quiet.enter_context(learn.no_bar())
             quiet.enter_context(learn.no_logging())
-        history.recording = True
+        finds = []
         for i, stage in enumerate(recipe.stages):
             history.stage, history.size = i + 1, stage.size
             if i:
                 learn.dls = _dls(recipe, folder, i, mean, std, device)
-                learn.fine_tune(stage.epochs, stage.lr)
+            fine_tune = i > 0 or weights is not None
+            lr = stage.lr
+            if recipe.lr_find:
+                if fine_tune and recipe.freeze_epochs:
+                    learn.freeze()  # the rate of fine_tune's first, head-only phase
+                finds.append(find_lr(learn, i + 1))
+                lr = finds[-1].suggested
+                log.info("stage %d: lr_find suggests %.2e", i + 1, lr)
+            history.recording = True
+            if fine_tune:
+                learn.fine_tune(stage.epochs, lr, freeze_epochs=recipe.freeze_epochs)
             else:
-                learn.fit_one_cycle(stage.epochs, stage.lr)
-        history.recording = False
+                learn.fit_one_cycle(stage.epochs, lr)
+            history.recording = False
     seconds = time.perf_counter() - start
-    return TrainResult(learn, history.rows, seconds, device, tuple(mean), tuple(std))
+    first = "fine_tune" if weights is not None else "fit_one_cycle"
+    schedule = (f"stage 1: {first}, later stages: fine_tune; fine_tune trains the head alone for"
+                f" {recipe.freeze_epochs} epoch(s) at lr, then every layer with slice(lr/100, lr)")
+    return TrainResult(learn, history.rows, seconds, device, tuple(mean), tuple(std), finds, transfer, schedule)
 
 
 def export_model(learn: Learner) -> torch.nn.Module:
