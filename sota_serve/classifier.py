@@ -45,23 +45,9 @@ class Classifier:
     screen: Screen | None = None
 
     @classmethod
-    def open(
-        cls,
-        path: str | Path,
-        *,
-        backend: str = formats.DEFAULT,
-        device: str = "auto",
-        intra_op_threads: int | None = None,
-        limits: DecodeLimits | None = None,
-        jpeg_draft: bool = False,
-        batch_size: int = 32,
-        decode: str = "pillow",
-    ) -> Classifier:
-        """``decode``: ``pillow`` (CPU), or ``torchvision`` (nvJPEG on the runtime's GPU, see
-        :mod:`sota_serve.device_preprocess`)."""
-        return cls.from_package(open_package(path), backend=backend, device=device,
-                                intra_op_threads=intra_op_threads, limits=limits, jpeg_draft=jpeg_draft,
-                                batch_size=batch_size, decode=decode)
+    def open(cls, path: str | Path, **options: Any) -> Classifier:
+        """Open and verify the package at ``path``; ``options`` as for :meth:`from_package`."""
+        return cls.from_package(open_package(path), **options)
 
     @classmethod
     def from_package(
@@ -76,7 +62,9 @@ class Classifier:
         batch_size: int = 32,
         decode: str = "pillow",
     ) -> Classifier:
-        """As :meth:`open`, over an opened (or a draft, see ``package.draft_package``) package."""
+        """A classifier over an opened (or a draft, see ``package.draft_package``) package.
+        ``decode``: ``pillow`` (CPU), or ``torchvision`` (nvJPEG on the runtime's GPU, see
+        :mod:`sota_serve.device_preprocess`)."""
         if decode not in DECODERS:
             raise BadRequestError(f"unknown decode {decode!r}; use one of {', '.join(DECODERS)}")
         runtime = load_runtime(package, backend, device=device, intra_op_threads=intra_op_threads)

@@ -17,6 +17,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -112,19 +113,10 @@ def export_graphs(
     return ExportedGraphs(files=files, record=record)
 
 
-def export_package(
-    model: nn.Module,
-    card: ModelCard,
-    out_dir: str | Path,
-    *,
-    formats: Sequence[str] = FORMATS,
-    check_inputs: np.ndarray | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
-) -> ModelCard:
-    """:func:`export_graphs`, then :func:`write_package` with the export record added.
-    Returns the card written to card.json."""
-    graphs = export_graphs(model, card, out_dir, formats=formats, check_inputs=check_inputs,
-                           tolerance=tolerance)
+def export_package(model: nn.Module, card: ModelCard, out_dir: str | Path, **options: Any) -> ModelCard:
+    """:func:`export_graphs` (``options``: its keywords), then :func:`write_package` with the
+    export record added. Returns the card written to card.json."""
+    graphs = export_graphs(model, card, out_dir, **options)
     return write_package(out_dir, card.model_copy(update={"export": graphs.record}), graphs.files)
 
 
