@@ -28,6 +28,7 @@ from sota_serve.predictions import (
     top_k_predictions,
 )
 from sota_serve.preprocess import Preprocessor
+from sota_serve.progress import progress
 from sota_serve.runtime import Runtime, load_runtime
 
 DECODERS: tuple[str, ...] = ("pillow", "torchvision")
@@ -92,6 +93,14 @@ class Classifier:
         if not crops:
             return np.zeros((0, self.card.num_classes), dtype=np.float32)
         return self.predict_crops(concat_rows(crops), k)
+
+    def probabilities_of_files(self, files: Sequence[Path], tta: str | None = None, *,
+                               desc: str = "predict", step: int = 64) -> np.ndarray:
+        """(N, C) probabilities of image files, read ``step`` at a time (bounded memory, a
+        progress bar on long evaluations)."""
+        parts = [self.probabilities([f.read_bytes() for f in files[i : i + step]], tta)
+                 for i in progress(range(0, len(files), step), desc=desc)]
+        return np.concatenate(parts) if parts else self.probabilities([], tta)
 
     def predict_crops(self, crops: Any, crops_per_image: int = 1) -> np.ndarray:
         """Run preprocessed crops through the runtime in batches of ``batch_size`` images."""

@@ -146,12 +146,13 @@ def measure(draft: ModelPackage, members: Sequence[ModelPackage], weights: list[
     """``metrics`` (the ensemble plain and five-crop, each member plain, on the same images) and
     ``parity`` (the ensemble file against the weighted mean of its members' files)."""
     clf = Classifier.from_package(draft, device="cpu")
-    data = [f.read_bytes() for f in validation.files]
-    t = validation.targets
-    probs = _probs(clf, data, "none", "ensemble")
-    member_probs = [_probs(Classifier.from_package(m, device="cpu"), data, "none", m.card.tag) for m in members]
+    files, t = validation.files, validation.targets
+    probs = clf.probabilities_of_files(files, "none", desc="ensemble")
+    member_probs = [Classifier.from_package(m, device="cpu").probabilities_of_files(files, "none", desc=m.card.tag)
+                    for m in members]
     mean = sum(wi * p for wi, p in zip(weights, member_probs, strict=True))
-    five = _probs(clf, data, "five_crop", "ensemble five-crop") if "five_crop" in clf.preprocessor.policies else None
+    five = (clf.probabilities_of_files(files, "five_crop", desc="ensemble five-crop")
+            if "five_crop" in clf.preprocessor.policies else None)
     metrics = Metrics(
         accuracy=_accuracy(probs, t),
         accuracy_five_crop=_accuracy(five, t) if five is not None else None,
@@ -164,12 +165,6 @@ def measure(draft: ModelPackage, members: Sequence[ModelPackage], weights: list[
                     " own packages' probabilities", top1_agreement=agree, max_abs_diff=diff,
                     passed=diff <= TOLERANCE)
     return {"metrics": metrics, "parity": parity}
-
-
-def _probs(clf: Classifier, data: list[bytes], tta: str, desc: str) -> np.ndarray:
-    step = 64
-    return np.concatenate([clf.probabilities(data[i : i + step], tta)
-                           for i in progress(range(0, len(data), step), desc=desc)])
 
 
 def _accuracy(probs: np.ndarray, targets: np.ndarray) -> float:

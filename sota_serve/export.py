@@ -13,7 +13,6 @@ does both.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from sota_serve.errors import ExportError
 from sota_serve.formats import NAMES as FORMAT_NAMES
 from sota_serve.formats import get as get_format
 from sota_serve.model_readme import render_readme
+from sota_serve.package import sha256_file
 from sota_serve.progress import progress
 
 #: Largest |p_eager - p_exported| accepted, per probability.
@@ -129,7 +129,7 @@ def write_package(out_dir: str | Path, card: ModelCard, files: dict[str, Path]) 
     artifacts: dict[str, ArtifactSpec] = {}
     for name, path in files.items():
         get_format(name).embed_card(path, embedded)
-        artifacts[name] = ArtifactSpec(path=path.name, sha256=_sha256(path))
+        artifacts[name] = ArtifactSpec(path=path.name, sha256=sha256_file(path))
     final = ModelCard.parse(card.model_copy(update={"artifacts": artifacts}).to_dict())  # validate once more
     final.save(out / CARD_FILE)
     (out / README_FILE).write_text(render_readme(final), encoding="utf-8")
@@ -162,10 +162,6 @@ def verify_export(
                 " use an operation that does not export faithfully."
             )
     return diffs
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _check_batch(check_inputs: np.ndarray | None, hw: tuple[int, int]) -> np.ndarray:

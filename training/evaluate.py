@@ -57,12 +57,7 @@ def fastai_eval(learn: Learner) -> FastaiEval:
 
 
 def package_probs(clf: Classifier, files: Sequence[Path], tta: str, desc: str) -> np.ndarray:
-    step = 64
-    parts = [
-        clf.probabilities([f.read_bytes() for f in files[i : i + step]], tta)
-        for i in progress(range(0, len(files), step), desc=desc)
-    ]
-    return np.concatenate(parts)
+    return clf.probabilities_of_files(files, tta, desc=desc)
 
 
 def edge_search(

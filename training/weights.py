@@ -19,7 +19,7 @@ from torch import nn
 from sota_serve.card import NormalizationSpec
 from sota_serve.errors import SotaServeError
 from sota_serve.formats.torchscript import TORCHSCRIPT
-from sota_serve.package import open_package
+from sota_serve.package import open_package, sha256_file
 
 #: Below this share of the network's tensors found in the file, it is not a checkpoint of it.
 MIN_MATCHED = 0.5
@@ -51,7 +51,7 @@ def read_weights(path: str | Path) -> SourceWeights:
         return _from_package(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file or package directory")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -96,8 +96,8 @@ def load_into(model: nn.Module, weights: SourceWeights, arch: str) -> dict[str, 
     layer) starts fresh, as in fastai's ``vision_learner``: it is the new task's. Returns
     counts for the card."""
     own = model.state_dict()
-    head_name = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    head = {f"{head_name}.{p}" for p, _ in model.get_submodule(head_name).named_parameters()}
+    head_name, head_module = _head(model)
+    head = {f"{head_name}.{p}" for p, _ in head_module.named_parameters()}
     matched = {k: v for k, v in weights.state.items()
                if k in own and k not in head and own[k].shape == v.shape}
     if len(matched) < MIN_MATCHED * len(own):
@@ -112,7 +112,12 @@ def load_into(model: nn.Module, weights: SourceWeights, arch: str) -> dict[str, 
 def head_splitter(model: nn.Module) -> list[list[nn.Parameter]]:
     """Two parameter groups, body and head (the last Linear layer): fastai's ``freeze`` trains
     the head alone, ``slice(lo, hi)`` gives the body the lower rate."""
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    _, head = _head(model)
     head_ids = {id(p) for p in head.parameters()}
     body = [p for p in model.parameters() if id(p) not in head_ids]
     return [body, list(head.parameters())]
+
+
+def _head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The classifier head: the last Linear layer, with its name in the state dict."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
