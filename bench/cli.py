@@ -15,7 +15,7 @@ def _bench(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     common = {"out": Path(args.out), "naive": not args.no_naive, "litserve": not args.no_litserve,
               "http": not args.no_http, "jpeg_draft": args.jpeg_draft, "images": args.images,
-              "processes": args.processes, "decode": args.decode,
+              "processes": args.processes, "decode": args.decode, "precision": args.precision,
               "server_env": dict(kv.split("=", 1) for kv in args.env)}
     cfg = BenchConfig.quick_mode(**common) if args.quick else BenchConfig(**common)
     if args.models:
@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale")
     p.add_argument("--decode", default="pillow", choices=("pillow", "torchvision"),
                    help="where uploads are decoded (SOTA_SERVE_DECODE)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16"),
+                   help="the model file served, offline and by LitServe too (SOTA_SERVE_PRECISION);"
+                        " auto: fp16 on a GPU when the card's fp16 agreement holds")
     p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="a setting for the served model (repeatable), e.g. SOTA_SERVE_WORKERS=16")
 

@@ -19,14 +19,15 @@ from sota_serve.predictions import top_k_predictions
 
 
 class PackageAPI(ls.LitAPI):
-    def __init__(self, package: str, tta: str, **kwargs) -> None:
+    def __init__(self, package: str, tta: str, precision: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
-        self.package_dir, self.tta = package, tta
+        self.package_dir, self.tta, self.precision = package, tta, precision
 
     def setup(self, device: str) -> None:
         from sota_serve.classifier import Classifier
 
-        self.clf = Classifier.open(self.package_dir, device="cuda" if device.startswith("cuda") else "cpu")
+        self.clf = Classifier.open(self.package_dir, device="cuda" if device.startswith("cuda") else "cpu",
+                                   precision=self.precision)
         self.k = self.clf.preprocessor.crops_per_image(self.tta)
 
     def decode_request(self, request) -> np.ndarray:
@@ -52,11 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("package")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tta", default="none")
+    p.add_argument("--precision", default="auto", help="as sota-serve's (auto: fp16 on a GPU when the card allows)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-timeout", type=float, default=0.01)
     p.add_argument("--workers-per-device", type=int, default=1)
     args = p.parse_args(argv)
-    api = PackageAPI(args.package, args.tta, max_batch_size=args.max_batch_size,
+    api = PackageAPI(args.package, args.tta, args.precision, max_batch_size=args.max_batch_size,
                      batch_timeout=args.batch_timeout, api_path="/classify")
     server = ls.LitServer(api, accelerator="auto", workers_per_device=args.workers_per_device, timeout=120)
     server.run(port=args.port, host="127.0.0.1", generate_client_file=False)

@@ -30,21 +30,22 @@ def _timed(fn, *, seconds: float, min_runs: int = 3, max_runs: int = 200) -> lis
 
 def model_ceiling(
     package: ModelPackage, backends: Sequence[str], batch_sizes: Sequence[int], *, seconds: float,
-    device: str = "auto",
+    device: str = "auto", precisions: Sequence[str] = ("fp32",),
 ) -> list[dict[str, Any]]:
-    """The runtime alone on preprocessed uint8 batches: images/s per batch size."""
+    """The runtime alone on preprocessed uint8 batches: images/s per batch size, for each
+    backend at each of ``precisions`` the package has."""
     rows = []
     shape = (3, package.card.input.height, package.card.input.width)
     for backend in backends:
-        if backend not in package.backends:
-            continue
-        runtime = load_runtime(package, backend, device=device)
-        for bs in progress(batch_sizes, desc=f"ceiling {backend}"):
-            x = np.random.default_rng(0).integers(0, 256, (bs, *shape), dtype=np.uint8)
-            times = _timed(lambda x=x, rt=runtime: rt.predict(x), seconds=seconds)
-            median = statistics.median(times)
-            rows.append({"backend": backend, "device": runtime.device, "batch_size": bs,
-                         "median_s": median, "images_per_s": bs / median, "runs": len(times)})
+        for precision in (p for p in precisions if p in package.precisions(backend)):
+            runtime = load_runtime(package, backend, device=device, precision=precision)
+            for bs in progress(batch_sizes, desc=f"ceiling {backend} {precision}"):
+                x = np.random.default_rng(0).integers(0, 256, (bs, *shape), dtype=np.uint8)
+                times = _timed(lambda x=x, rt=runtime: rt.predict(x), seconds=seconds)
+                median = statistics.median(times)
+                rows.append({"backend": backend, "precision": precision, "device": runtime.device,
+                             "batch_size": bs, "median_s": median, "images_per_s": bs / median,
+                             "runs": len(times)})
     return rows
 
 

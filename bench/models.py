@@ -48,9 +48,10 @@ def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int) -> P
     """A package of ``arch`` with seeded random weights (speed does not depend on the weights)."""
     if (out / "card.json").exists():
         try:
-            if len(open_package(out).card.tta.policies()) == len(POLICIES):
+            existing = open_package(out)
+            if len(existing.card.tta.policies()) == len(POLICIES) and "fp16" in existing.precisions("onnx"):
                 return out
-            log.info("rebuilding %s: its card predates some TTA policies", out)
+            log.info("rebuilding %s: its card predates some TTA policies or fp16", out)
         except Exception:  # stale or partial: rebuild
             log.info("rebuilding %s", out)
     import torch
@@ -65,7 +66,9 @@ def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int) -> P
         tta_edge=round(size / 0.8), architecture=arch, intended_use="Benchmarking only: random weights.",
     )
     check = np.random.default_rng(0).integers(0, 256, (2, 3, size, size), dtype=np.uint8)
-    export_package(model, card, out, check_inputs=check)
+    # fp16 files too, for GPU runs (--precision fp16: random weights give near-uniform
+    # probabilities, whose top-1 flips easily, so auto may keep fp32)
+    export_package(model, card, out, check_inputs=check, fp16=True)
     return out
 
 

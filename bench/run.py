@@ -20,6 +20,7 @@ from sota_serve import formats
 from sota_serve.classifier import Classifier
 from sota_serve.device import resolve_device
 from sota_serve.package import open_package
+from sota_serve.precision import choose
 from sota_serve.tta import CROPS_PER_IMAGE
 
 log = logging.getLogger("sota_serve.bench")
@@ -45,6 +46,9 @@ class BenchConfig:
     #: where uploads are decoded, server and offline alike (SOTA_SERVE_DECODE)
     decode: str = "pillow"
     server_env: dict[str, str] = field(default_factory=dict)
+    #: the model artifact's precision for the server, the offline pipeline and LitServe alike
+    #: (SOTA_SERVE_PRECISION); the ceiling measures it and fp32
+    precision: str = "auto"
     #: TTA policies measured (offline, HTTP, LitServe); "none" always comes first
     policies: tuple[str, ...] = ("none", "five_crop")
 
@@ -124,14 +128,16 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
     device = resolve_device(os.environ.get("SOTA_SERVE_DEVICE", "auto"))
     log.info("[%s] model ceiling", name)
     batch_sizes = cfg.batch_sizes + ((128, 256) if device == "cuda" and not cfg.quick else ())
-    ceiling = model_ceiling(package, cfg.backends, batch_sizes, seconds=cfg.ceiling_seconds, device=device)
-    served = [r for r in ceiling if r["backend"] == formats.DEFAULT]  # what the server runs
+    served_precision = choose(package.card, package.artifacts, formats.DEFAULT, device, cfg.precision)
+    ceiling = model_ceiling(package, cfg.backends, batch_sizes, seconds=cfg.ceiling_seconds, device=device,
+                            precisions=sorted({"fp32", served_precision}))
+    served = [r for r in ceiling if r["backend"] == formats.DEFAULT and r["precision"] == served_precision]
     best_bs = max(served, key=lambda r: r["images_per_s"])["batch_size"]
 
     decode = Settings(decode=cfg.decode).decoder(device)
-    log.info("[%s] offline pipeline (decode: %s)", name, decode)
+    log.info("[%s] offline pipeline (decode: %s, %s)", name, decode, served_precision)
     clf = Classifier.open(package_dir, device=device, jpeg_draft=cfg.jpeg_draft, batch_size=best_bs,
-                          decode=decode)
+                          decode=decode, precision=served_precision)
     data = [p.read_bytes() for p in images]
     threads = os.cpu_count() or 1
     policies = ["none", *(p for p in cfg.policies if p != "none")]
@@ -146,7 +152,7 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
     http: list[dict[str, Any]] = []
     if cfg.http:
         env = {"SOTA_SERVE_JPEG_DRAFT": "1" if cfg.jpeg_draft else "0", "SOTA_SERVE_DECODE": decode,
-               **cfg.server_env}
+               "SOTA_SERVE_PRECISION": served_precision, **cfg.server_env}
         with Server(package_dir, env=env) as server:
             for tta in policies:
                 for c in cfg.concurrency:
@@ -155,7 +161,7 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
                                  **cfg.load(f"{server.url}/classify", images, c, tta)})
         if cfg.litserve:
             for tta in policies:
-                with Server.litserve(package_dir, tta=tta,
+                with Server.litserve(package_dir, tta=tta, precision=served_precision,
                                      max_batch_size=max(1, best_bs // CROPS_PER_IMAGE[tta])) as server:
                     for c in cfg.concurrency:
                         log.info("[%s] HTTP litserve tta=%s concurrency=%d", name, tta, c)
@@ -169,7 +175,7 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
                                  **cfg.load(f"{server.url}/classify", images, c, None)})
     return {"model": name, "package": str(package_dir), "card": package.card.tag,
             "input": f"{package.card.input.width}x{package.card.input.height}",
-            "best_batch_size": best_bs, "decode": decode, "ceiling": ceiling, "offline": offline,
+            "best_batch_size": best_bs, "decode": decode, "precision": served_precision, "ceiling": ceiling, "offline": offline,
             "time_per_image_single_thread": breakdown, "http": http,
             "ratios": _ratios(offline, http)}
 
@@ -206,7 +212,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "machine": _machine(),
         "config": {"quick": cfg.quick, "concurrency": list(cfg.concurrency), "seconds": cfg.seconds,
                    "image_set": cfg.images, "images": [p.name for p in images], "jpeg_draft": cfg.jpeg_draft,
-                   "decode": cfg.decode, "server_env": cfg.server_env,
+                   "decode": cfg.decode, "precision": cfg.precision, "server_env": cfg.server_env,
                    "loadgen_processes": cfg.processes or "auto"},
         "models": models,
     }

@@ -66,10 +66,11 @@ class Server:
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.output()[-4000:]}")
 
     @classmethod
-    def litserve(cls, model: str | Path, *, tta: str = "none", max_batch_size: int = 32) -> Server:
+    def litserve(cls, model: str | Path, *, tta: str = "none", max_batch_size: int = 32,
+                 precision: str = "auto") -> Server:
         """The LitServe peer (bench/litserve_peer.py) on the same package."""
         command = [sys.executable, "-m", "bench.litserve_peer", str(model), "--port", "{port}",
-                   "--tta", tta, "--max-batch-size", str(max_batch_size)]
+                   "--tta", tta, "--max-batch-size", str(max_batch_size), "--precision", precision]
         return cls(model, command=command, ready_path="/health")
 
     def output(self) -> str:

@@ -73,7 +73,8 @@ class Engine:
         admission = Admission(max_wait_s=float("inf"), max_in_flight=1 << 30, decode_threads=PLAN.decode_threads)
         self.pipeline = LocalPipeline.build(package, SETTINGS, PLAN, admission, observer=observe_batch)
         _INSTANCE["engine"] = self
-        log.info("engine ready: %s on %s, decode %s", package.card.tag, PLAN.device, self.pipeline.decode)
+        log.info("engine ready: %s on %s, %s, decode %s", package.card.tag, PLAN.device,
+                 self.pipeline.precision, self.pipeline.decode)
 
     async def infer(self, body: bytes) -> bytes:
         try:

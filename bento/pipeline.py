@@ -63,13 +63,16 @@ class LocalPipeline:
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
         #: pillow or torchvision (Settings.decode), for the logs
         self.decode = "torchvision" if isinstance(decoder, DevicePreprocessor) else "pillow"
+        #: the model artifact's precision (fp32/fp16), for the logs
+        self.precision = batcher.runtime.precision
 
     @classmethod
     def build(cls, package: ModelPackage, settings: Settings, plan: Plan, admission: Admission,
               observer: BatchObserver | None = None) -> LocalPipeline:
         """Load the model on the plan's device, warm it up, and wire decoder and batcher."""
         card = package.card
-        runtime = load_runtime(package, settings.backend, device=plan.device, intra_op_threads=plan.threads)
+        runtime = load_runtime(package, settings.backend, device=plan.device, intra_op_threads=plan.threads,
+                               precision=settings.precision)
         ks = sorted({CROPS_PER_IMAGE[p] for p in card.tta.policies()})
         max_crops = {1: plan.max_batch_size, **{k: plan.max_batch_size_tta * k for k in ks[1:]}}
         # Warm up every batch shape the device will see, so readiness means "fast", not just

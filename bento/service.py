@@ -71,7 +71,8 @@ class Classifier:
         ROUTES.bind(self.handler, describe(Classifier.openapi_spec.asdict(), package.card,
                                            max_batch_images=SETTINGS.max_batch_images), oip)
         self.ready = True
-        where = "the engine process" if PLAN.engine else f"this worker, decode {pipeline.decode}"  # type: ignore[union-attr]
+        where = ("the engine process" if PLAN.engine else  # type: ignore[union-attr]
+                 f"this worker, {pipeline.precision}, decode {pipeline.decode}")
         log.info("ready: serving %s on %s, model in %s (%s)", package.card.tag, PLAN.device, where, PLAN)
 
     def __is_ready__(self) -> bool:

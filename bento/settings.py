@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sota_serve import formats
+from sota_serve import formats, precision
 from sota_serve.constants import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from sota_serve.device import Device, resolve_device
 from sota_serve.errors import SotaServeError
@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     model: str = DEFAULT_MODEL
     backend: str = Field(default=formats.DEFAULT, pattern=f"^({'|'.join(formats.NAMES)})$")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
+    #: auto: the package's fp16 artifact on a GPU when its agreement with fp32 holds (the
+    #: card's ``fp16`` record), fp32 otherwise; fp32 / fp16: that artifact or a clear error
+    precision: str = Field(default="auto", pattern=f"^({'|'.join(precision.CHOICES)})$")
     #: worker processes; each loads the model, decodes and batches its own requests
     workers: int | None = Field(default=None, ge=1, le=64)
     #: decode/preprocess threads per worker (Pillow releases the GIL)

@@ -11,6 +11,7 @@ import bentoml
 from sota_serve.constants import CARD_FILE
 from sota_serve.errors import PackageError
 from sota_serve.package import ModelPackage, open_package
+from sota_serve.precision import split_key
 
 
 def store_metadata(package: ModelPackage) -> tuple[dict[str, str], dict[str, object]]:
@@ -35,7 +36,8 @@ def import_package(path: str | Path, *, name: str | None = None,
     """Verify ``path`` and copy its files into the store as ``name`` (default: the card's).
 
     ``formats`` keeps only those artifacts (e.g. ``["onnx"]``): a Bento built on the model then
-    carries no TorchScript file it will not run (the demo's is half of its 86 MiB).
+    carries no TorchScript file it will not run (the demo's is half of its 86 MiB). A format
+    name keeps its fp16 file too; an artifact key (``onnx-fp16``) keeps just that file.
     """
     package = open_package(path)
     if package.root is None:
@@ -46,8 +48,8 @@ def import_package(path: str | Path, *, name: str | None = None,
         if unknown or not formats:
             raise PackageError(f"{path}: formats {', '.join(unknown) or '(none)'} not in the package,"
                                f" which has {', '.join(card.artifacts)}")
-        card = card.with_updates(artifacts={b: a.model_dump() for b, a in card.artifacts.items()
-                                            if b in formats})
+        card = card.with_updates(artifacts={k: a.model_dump() for k, a in card.artifacts.items()
+                                            if k in formats or split_key(k)[0] in formats})
     dropped = {a.path for b, a in package.card.artifacts.items() if b not in card.artifacts}
     labels, metadata = store_metadata(package)
     metadata["formats"] = list(card.artifacts)

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from sota_serve import formats
+from sota_serve import precision
 from sota_serve.constants import DEFAULT_CROP_PCT, INTERPOLATIONS
 from sota_serve.errors import CardError
 from sota_serve.tta import POLICIES, TTA
@@ -40,7 +40,7 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 _OPEN = ConfigDict(extra="allow", frozen=True)
 
 #: Sections that record how the model was made and measured: card.json only, not embedded.
-RECORD_SECTIONS: tuple[str, ...] = ("metrics", "parity", "export", "training", "figures")
+RECORD_SECTIONS: tuple[str, ...] = ("metrics", "parity", "fp16", "export", "training", "figures")
 
 
 class InputSpec(BaseModel):
@@ -275,12 +275,34 @@ class Parity(BaseModel):
     passed: bool | None = None
 
 
+class Fp16Parity(BaseModel):
+    """Each fp16 artifact against its fp32 sibling on the same images (see
+    :mod:`sota_serve.precision`); ``precision auto`` serves fp16 on a GPU only where it holds."""
+
+    model_config = _OPEN
+
+    images: int = Field(ge=0)
+    #: "validation" (training) or "export check" (photos and random pixels)
+    source: str
+    #: where the fp16 files ran for this measurement (cuDNN's fp16 kernels differ from the CPU's)
+    device: str
+    min_top1_agreement: float = Field(ge=0, le=1)
+    #: by format name
+    top1_agreement: dict[str, float]
+    max_abs_diff: dict[str, float]
+
+    def holds(self, backend: str) -> bool:
+        return self.images > 0 and self.top1_agreement.get(backend, 0.0) >= self.min_top1_agreement
+
+
 class ExportRecord(BaseModel):
     """The eager module against each exported file, on the same inputs."""
 
     model_config = _OPEN
 
     formats: list[str] = Field(min_length=1)
+    #: precisions written per format (fp32 always; fp16 with --fp16)
+    precisions: list[str] | None = None
     onnx_opset: int | None = None
     check_images: int | None = None
     max_abs_diff: dict[str, float] = Field(default_factory=dict)
@@ -362,6 +384,7 @@ class ModelCard(BaseModel):
     # Records (card.json only, see RECORD_SECTIONS).
     metrics: Metrics | None = None
     parity: Parity | None = None
+    fp16: Fp16Parity | None = None
     export: ExportRecord | None = None
     training: TrainingRecord | None = None
     figures: dict[str, str] | None = None
@@ -379,9 +402,8 @@ class ModelCard(BaseModel):
     @field_validator("artifacts")
     @classmethod
     def _known_formats(cls, v: dict[str, ArtifactSpec]) -> dict[str, ArtifactSpec]:
-        unknown = sorted(set(v) - set(formats.NAMES))
-        if unknown:
-            raise ValueError(f"unknown format {', '.join(unknown)}; sota-serve reads {', '.join(formats.NAMES)}")
+        for key in v:
+            precision.split_key(key)  # "onnx", "torchscript", or either with "-fp16"
         return v
 
     @field_validator("labels")

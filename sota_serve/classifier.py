@@ -62,13 +62,15 @@ class Classifier:
         jpeg_draft: bool = False,
         batch_size: int = 32,
         decode: str = "pillow",
+        precision: str = "auto",
     ) -> Classifier:
         """A classifier over an opened (or a draft, see ``package.draft_package``) package.
         ``decode``: ``pillow`` (CPU), or ``torchvision`` (nvJPEG on the runtime's GPU, see
-        :mod:`sota_serve.device_preprocess`)."""
+        :mod:`sota_serve.device_preprocess`); ``precision``: see :func:`load_runtime`."""
         if decode not in DECODERS:
             raise BadRequestError(f"unknown decode {decode!r}; use one of {', '.join(DECODERS)}")
-        runtime = load_runtime(package, backend, device=device, intra_op_threads=intra_op_threads)
+        runtime = load_runtime(package, backend, device=device, intra_op_threads=intra_op_threads,
+                               precision=precision)
         pre = Preprocessor.from_card(package.card, limits=limits, jpeg_draft=jpeg_draft)
         device_pre = DevicePreprocessor(pre, runtime.device) if decode == "torchvision" else None
         return cls(package, runtime, pre, batch_size, device_pre, Screen.from_card(package.card))

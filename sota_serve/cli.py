@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sota_serve import __version__, formats
+from sota_serve import __version__, formats, precision
 from sota_serve.errors import ImageError, SotaServeError
 from sota_serve.tta import CROPS_PER_IMAGE, POLICIES
 
@@ -39,7 +39,7 @@ def _inspect(args: argparse.Namespace) -> int:
     rows = [
         ("model", card.tag),
         ("source", f"{package.source} ({'sha256 verified' if package.verified else 'lone file, embedded card'})"),
-        ("formats", ", ".join(package.backends)),
+        ("formats", ", ".join(f"{b} ({', '.join(package.precisions(b))})" for b in package.backends)),
         ("labels", f"{card.num_classes}: {', '.join(card.labels[:20])}{' ...' if card.num_classes > 20 else ''}"),
         ("input", f"{inp.width}x{inp.height} {inp.channels} {inp.dtype} {inp.layout}"),
         ("preprocess", f"exif_transpose={pre.exif_transpose}, resize shortest edge {pre.resize_shortest_edge}"
@@ -56,6 +56,12 @@ def _inspect(args: argparse.Namespace) -> int:
     if parity := card.parity:
         rows.append(("parity", f"top-1 agreement {100 * parity.top1_agreement:.2f}% on"
                                f" {parity.images} images, max |p diff| {parity.max_abs_diff:.2e}"))
+    if half := card.fp16:
+        for backend, agree in half.top1_agreement.items():
+            verdict = "serves on GPU (auto)" if half.holds(backend) else "below the bar: fp32 serves"
+            rows.append((f"fp16 {backend}", f"top-1 agreement with fp32 {100 * agree:.2f}% on {half.images}"
+                                            f" {half.source} images ({half.device}), max |p diff|"
+                                            f" {half.max_abs_diff[backend]:.2e}; {verdict}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -96,7 +102,8 @@ def ensemble_rows(card: ModelCard) -> list[tuple[str, str]]:
 def _predict(args: argparse.Namespace) -> int:
     from sota_serve.classifier import Classifier
 
-    clf = Classifier.open(args.package, backend=args.backend, device=args.device, jpeg_draft=args.jpeg_draft)
+    clf = Classifier.open(args.package, backend=args.backend, device=args.device, jpeg_draft=args.jpeg_draft,
+                          precision=args.precision)
     images: list[bytes] = []
     for name in args.images:
         try:
@@ -147,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    " (name[:version], e.g. sota-demo:latest)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     p.add_argument("--backend", choices=formats.NAMES, default=formats.DEFAULT, help="which exported file runs")
+    p.add_argument("--precision", choices=precision.CHOICES, default="auto",
+                   help="fp32, fp16 (the package's fp16 file), or auto: fp16 on a GPU when the card's"
+                        " fp16 agreement holds (default: auto)")
     p.add_argument("--tta", choices=POLICIES, default=None,
                    help="test-time augmentation: flip (center crop and its mirror), five_crop (corners"
                         " and center), ten_crop (those and their mirrors); default: the card's tta.default")

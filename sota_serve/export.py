@@ -13,6 +13,7 @@ does both.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ import onnx
 import torch
 from torch import nn
 
-from sota_serve.card import ArtifactSpec, ExportRecord, ModelCard
+from sota_serve import precision
+from sota_serve.card import ArtifactSpec, ExportRecord, Fp16Parity, ModelCard
 from sota_serve.constants import CARD_FILE, README_FILE
 from sota_serve.errors import ExportError
 from sota_serve.formats import NAMES as FORMAT_NAMES
@@ -34,6 +36,9 @@ from sota_serve.progress import progress
 
 #: Largest |p_eager - p_exported| accepted, per probability.
 DEFAULT_TOLERANCE = 1e-4
+#: The same for fp16 files against the fp32 eager module: loose, only to catch a broken
+#: export; whether fp16 is good enough to serve is the top-1 agreement in the card's ``fp16``.
+FP16_TOLERANCE = 0.05
 FORMATS: tuple[str, ...] = FORMAT_NAMES
 
 
@@ -51,26 +56,35 @@ class Normalize(nn.Module):
 
 
 class ServingModule(nn.Module):
-    """uint8 pixels -> normalized float -> classifier -> probabilities (or logits)."""
+    """uint8 pixels -> normalized float -> classifier -> probabilities (or logits).
 
-    def __init__(self, model: nn.Module, card: ModelCard) -> None:
+    ``half``: the classifier runs in fp16 on a half copy of its weights; normalization and
+    softmax stay fp32 (a softmax over fp16 scores would round small probabilities to 0), so
+    the file's inputs and outputs are those of the fp32 one."""
+
+    def __init__(self, model: nn.Module, card: ModelCard, *, half: bool = False) -> None:
         super().__init__()
         norm = card.normalization
         self.normalize = Normalize(norm.mean, norm.std, norm.pixel_scale)
-        self.model = model
+        self.model = copy.deepcopy(model).half() if half else model
+        self.half = half
         self.softmax = card.output == "probabilities"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        scores = self.model(self.normalize(pixels)).float()
+        x = self.normalize(pixels)
+        scores = self.model(x.half() if self.half else x).float()
         return scores.softmax(dim=-1) if self.softmax else scores
 
 
 @dataclass(frozen=True)
 class ExportedGraphs:
-    """Exported files, checked against the eager module, with no card embedded yet."""
+    """Exported files (by artifact key: ``onnx``, ``onnx-fp16``...), checked against the eager
+    module, with no card embedded yet; ``fp16``: the fp16 files against the fp32 ones on the
+    export check's inputs (training replaces it with the validation set's figure)."""
 
     files: dict[str, Path]
     record: ExportRecord
+    fp16: Fp16Parity | None = None
 
 
 def export_graphs(
@@ -79,10 +93,12 @@ def export_graphs(
     out_dir: str | Path,
     *,
     formats: Sequence[str] = FORMATS,
+    fp16: bool = False,
     check_inputs: np.ndarray | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> ExportedGraphs:
-    """Export ``model`` (an ``nn.Module`` taking normalized float NCHW) in each of ``formats``.
+    """Export ``model`` (an ``nn.Module`` taking normalized float NCHW) in each of ``formats``,
+    and with ``fp16`` a half-precision file beside each.
 
     ``check_inputs``: uint8 (N, 3, H, W) crops used for the parity check (e.g. preprocessed
     real photos); random pixels are added to them.
@@ -94,7 +110,8 @@ def export_graphs(
         raise ExportError(f"formats must be a non-empty subset of {FORMATS}, got {list(formats)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    wrapper = ServingModule(model, card).eval().cpu()
+    precisions = list(precision.PRECISIONS if fp16 else (precision.REFERENCE,))
+    wrappers = {p: ServingModule(model, card, half=p == "fp16").eval().cpu() for p in precisions}
     h, w = card.input.height, card.input.width
     example = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
@@ -102,22 +119,31 @@ def export_graphs(
     notes: dict[str, object] = {}
     with torch.inference_mode(False), torch.no_grad():
         for name in (f for f in FORMATS if f in formats):  # registry order, whatever was asked
-            fmt = get_format(name)
-            files[name] = out / fmt.file_name
-            notes |= fmt.export(wrapper, example, files[name])
+            for p in precisions:
+                key = precision.artifact_key(name, p)
+                files[key] = out / precision.file_name(name, p)
+                notes |= get_format(name).export(wrappers[p], example, files[key])
         inputs = _check_batch(check_inputs, (h, w))
-        diffs = verify_export(wrapper, files, inputs, card, tolerance=tolerance)
-    record = ExportRecord(formats=list(files), check_images=int(inputs.shape[0]), max_abs_diff=diffs,
-                          tolerance=tolerance, torch=torch.__version__.split("+")[0],
-                          onnx=onnx.__version__, **notes)
-    return ExportedGraphs(files=files, record=record)
+        outputs = verify_export(wrappers[precision.REFERENCE], files, inputs, card, tolerance=tolerance)
+    diffs = {key: diff for key, (diff, _) in outputs.items()}
+    record = ExportRecord(formats=[f for f in FORMATS if f in formats], precisions=precisions,
+                          check_images=int(inputs.shape[0]), max_abs_diff=diffs, tolerance=tolerance,
+                          torch=torch.__version__.split("+")[0], onnx=onnx.__version__, **notes)
+    half = None
+    if fp16:
+        probs = {key: p for key, (_, p) in outputs.items()}
+        half = precision.agreement({f: probs[f] for f in record.formats},
+                                   {f: probs[precision.artifact_key(f, "fp16")] for f in record.formats},
+                                   source="export check", device="cpu")
+    return ExportedGraphs(files=files, record=record, fp16=half)
 
 
 def export_package(model: nn.Module, card: ModelCard, out_dir: str | Path, **options: Any) -> ModelCard:
     """:func:`export_graphs` (``options``: its keywords), then :func:`write_package` with the
     export record added. Returns the card written to card.json."""
     graphs = export_graphs(model, card, out_dir, **options)
-    return write_package(out_dir, card.model_copy(update={"export": graphs.record}), graphs.files)
+    return write_package(out_dir, card.model_copy(update={"export": graphs.record, "fp16": graphs.fp16}),
+                         graphs.files)
 
 
 def write_package(out_dir: str | Path, card: ModelCard, files: dict[str, Path]) -> ModelCard:
@@ -127,9 +153,9 @@ def write_package(out_dir: str | Path, card: ModelCard, files: dict[str, Path]) 
     out = Path(out_dir)
     embedded = card.serving_json()
     artifacts: dict[str, ArtifactSpec] = {}
-    for name, path in files.items():
-        get_format(name).embed_card(path, embedded)
-        artifacts[name] = ArtifactSpec(path=path.name, sha256=sha256_file(path))
+    for key, path in files.items():
+        get_format(precision.split_key(key)[0]).embed_card(path, embedded)
+        artifacts[key] = ArtifactSpec(path=path.name, sha256=sha256_file(path))
     final = ModelCard.parse(card.model_copy(update={"artifacts": artifacts}).to_dict())  # validate once more
     final.save(out / CARD_FILE)
     (out / README_FILE).write_text(render_readme(final), encoding="utf-8")
@@ -143,25 +169,31 @@ def verify_export(
     card: ModelCard,
     *,
     tolerance: float,
-) -> dict[str, float]:
-    """Run eager and each exported file (through its runtime) on ``inputs``; max |diff| per format."""
+) -> dict[str, tuple[float, np.ndarray]]:
+    """Run the fp32 eager ``wrapper`` and each exported file (through its runtime, by artifact
+    key) on ``inputs``: max |diff| and the file's probabilities, per key. fp16 files are held
+    to :data:`FP16_TOLERANCE` (only a broken export fails it)."""
     reference = wrapper(torch.from_numpy(inputs)).float()
     if card.output == "logits":
         reference = reference.softmax(-1)
     expected = reference.numpy()
-    diffs: dict[str, float] = {}
-    for name in progress(list(files), desc="export parity check"):
-        runtime = get_format(name).open_runtime(files[name].read_bytes(), card, device="cpu",
-                                                  intra_op_threads=None)
+    results: dict[str, tuple[float, np.ndarray]] = {}
+    for key in progress(list(files), desc="export parity check"):
+        backend, p = precision.split_key(key)
+        runtime = get_format(backend).open_runtime(files[key].read_bytes(), card, device="cpu",
+                                                    intra_op_threads=None)
         got = runtime.predict(inputs)
-        diffs[name] = float(np.abs(got - expected).max())
-        if not np.isfinite(got).all() or diffs[name] > tolerance:
+        diff = float(np.abs(got - expected).max())
+        limit = tolerance if p == precision.REFERENCE else max(tolerance, FP16_TOLERANCE)
+        if not np.isfinite(got).all() or diff > limit:
+            hint = (" In fp16 it may overflow; export without --fp16." if p != precision.REFERENCE
+                    else " The model may use an operation that does not export faithfully.")
             raise ExportError(
-                f"the exported {name} model disagrees with the eager model: max |p diff| ="
-                f" {diffs[name]:.2e} > {tolerance:.0e} on {len(inputs)} inputs. The model may"
-                " use an operation that does not export faithfully."
+                f"the exported {key} model disagrees with the eager model: max |p diff| ="
+                f" {diff:.2e} > {limit:.0e} on {len(inputs)} inputs.{hint}"
             )
-    return diffs
+        results[key] = (diff, got)
+    return results
 
 
 def _check_batch(check_inputs: np.ndarray | None, hw: tuple[int, int]) -> np.ndarray:

@@ -104,6 +104,19 @@ def _parity(card: ModelCard) -> list[str]:
     if export := card.export:
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in export.max_abs_diff.items())
         out += [f"Export check (eager vs exported, {_or(export.check_images)} inputs): {diffs}.", ""]
+    if half := card.fp16:
+        out += [
+            "## fp16",
+            "",
+            f"Each fp16 file against its fp32 sibling on {half.images} {half.source} images, run on"
+            f" {half.device}. `precision auto` serves fp16 on a GPU where top-1 agreement is at least"
+            f" {_pct(half.min_top1_agreement)}; on a CPU fp32 always serves (fp16 is slower there).",
+            "",
+            _table(["format", "top-1 agreement", "max prob. difference", "on a GPU (auto)"],
+                   [[b, _pct(a), f"{half.max_abs_diff[b]:.2e}", "fp16" if half.holds(b) else "fp32"]
+                    for b, a in half.top1_agreement.items()]),
+            "",
+        ]
     return out
 
 

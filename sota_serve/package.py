@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sota_serve import formats
+from sota_serve import formats, precision
 from sota_serve.card import ModelCard
 from sota_serve.constants import CARD_FILE
 from sota_serve.errors import IntegrityError, PackageError
@@ -30,6 +30,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 @dataclass(frozen=True)
 class ModelPackage:
     card: ModelCard
+    #: by artifact key: ``onnx``, ``torchscript``, ``onnx-fp16``... (see :mod:`sota_serve.precision`)
     artifacts: dict[str, Path]
     root: Path | None = None
     #: True when the bytes are checked against hashes from a card.json.
@@ -38,22 +39,27 @@ class ModelPackage:
 
     @property
     def backends(self) -> tuple[str, ...]:
-        return tuple(self.artifacts)
+        """The formats it can serve (each at fp32, some also at fp16)."""
+        return tuple(f for f in formats.NAMES if self.precisions(f))
 
-    def read_artifact(self, backend: str) -> bytes:
-        """The artifact's bytes, checked against the card's sha256 when it has one."""
-        fmt = formats.get(backend)
-        if backend not in self.artifacts:
+    def precisions(self, backend: str) -> tuple[str, ...]:
+        return tuple(p for p in precision.PRECISIONS if precision.artifact_key(backend, p) in self.artifacts)
+
+    def read_artifact(self, key: str) -> bytes:
+        """The bytes of the artifact ``key`` (a format name for fp32, ``onnx-fp16``...),
+        checked against the card's sha256 when it has one."""
+        fmt = formats.get(_format_of(key))
+        if key not in self.artifacts:
             raise PackageError(
-                f"{self.source}: the package has no {backend} artifact (it has:"
+                f"{self.source}: the package has no {key} artifact (it has:"
                 f" {', '.join(self.artifacts) or 'none'}); pick another backend"
             )
-        path = self.artifacts[backend]
+        path = self.artifacts[key]
         try:
             data = path.read_bytes()
         except OSError as e:
             raise PackageError(f"cannot read {path}: {e.strerror}") from e
-        spec = self.card.artifacts.get(backend)  # type: ignore[call-overload]
+        spec = self.card.artifacts.get(key)  # type: ignore[call-overload]
         if spec is not None:
             actual = hashlib.sha256(data).hexdigest()
             if actual != spec.sha256:
@@ -75,7 +81,8 @@ def open_package(path: str | Path) -> ModelPackage:
                 f"{path}: not a model package; give a package directory or a model file ({suffixes})"
             )
         card = read_embedded_card(path)
-        return ModelPackage(card=card, artifacts={fmt.name: path}, source=str(path))
+        key = precision.artifact_key(fmt.name, precision.of_file(path))
+        return ModelPackage(card=card, artifacts={key: path}, source=str(path))
     stored = store_model_dir(str(path))
     if stored is not None:
         return _open_dir(stored)
@@ -127,6 +134,13 @@ def _open_dir(root: Path) -> ModelPackage:
     return ModelPackage(card=card, artifacts=artifacts, root=root, verified=True, source=str(root))
 
 
+def _format_of(key: str) -> str:
+    try:
+        return precision.split_key(key)[0]
+    except ValueError as e:
+        raise PackageError(str(e)) from None
+
+
 def _mismatch(path: Path, expected: str, actual: str) -> str:
     return (
         f"{path}: sha256 {actual[:16]}... does not match the card's {expected[:16]}...; the"
@@ -148,8 +162,7 @@ def read_embedded_card(path: Path) -> ModelCard:
 def draft_package(card: ModelCard, files: dict[str, Path], root: Path) -> ModelPackage:
     """Freshly exported files with the card they will get, before ``card.json`` is written:
     what training evaluates (nothing is hashed yet, so nothing is verified)."""
-    unknown = sorted(set(files) - set(formats.NAMES))
-    if unknown:
-        raise PackageError(f"unknown formats {unknown}; use {', '.join(formats.NAMES)}")
+    for key in files:
+        _format_of(key)
     return ModelPackage(card=card.model_copy(update={"artifacts": {}}), artifacts=dict(files),
                         root=root, source=f"{root} (draft)")

@@ -34,7 +34,7 @@ def _train(folder: Path, out: Path, *extra: str) -> dict:
 @pytest.fixture(scope="module")
 def trained(small_digits_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "pkg"
-    _train(small_digits_folder, out, "--normalization", "imagenet")
+    _train(small_digits_folder, out, "--normalization", "imagenet", "--fp16")
     return out
 
 
@@ -75,6 +75,21 @@ def test_train_writes_a_complete_package_with_imagenet_stats(trained):
     assert "ten-crop TTA" in readme and "Training history" in readme and "parity" in readme
     for png in ("training_curve.png", "confusion_matrix.png"):
         assert Image.open(trained / png).size[0] > 100
+
+
+def test_fp16_files_are_measured_on_the_validation_set(trained, digit_files):
+    card = open_package(trained).card
+    assert set(card.artifacts) == {"onnx", "onnx-fp16", "torchscript", "torchscript-fp16"}
+    half = card.fp16
+    assert half.source == "validation" and half.images == card.metrics.valid_count == 36
+    assert half.device == card.training.device
+    assert set(half.top1_agreement) == {"onnx", "torchscript"}
+    assert all(a >= 0.97 for a in half.top1_agreement.values()), half  # 36 images: one flip is 2.8 %
+    assert all(d < 0.05 for d in half.max_abs_diff.values()), half
+    images = [f.read_bytes() for f in digit_files[:24]]
+    full = Classifier.open(trained, device="cpu").probabilities(images)
+    fp16 = Classifier.open(trained, device="cpu", precision="fp16").probabilities(images)
+    assert (full.argmax(1) == fp16.argmax(1)).mean() >= 0.95
 
 
 def test_photos_sent_to_a_digit_model_are_flagged_out_of_distribution(trained, small_digits_folder, photos):

@@ -46,6 +46,7 @@ def _train(args: argparse.Namespace) -> int:
         "seed": args.seed, "license": args.license, "label_smoothing": args.label_smoothing,
         "stages": parse_stages(args.stages) if args.stages else None,
         "mixup": args.mixup, "weights": args.weights, "freeze_epochs": args.freeze_epochs, "lr_find": True if args.lr == "find" else None,
+        "fp16": True if args.fp16 else None,
     }
     recipe = load_recipe(preset=args.preset, path=args.recipe, overrides=overrides)
     if args.no_mixup:
@@ -113,7 +114,7 @@ def _export(args: argparse.Namespace) -> int:
     from training.convert import convert_learner
 
     _logging()
-    card = convert_learner(args.learner, args.out, trust=args.trust, name=args.name)
+    card = convert_learner(args.learner, args.out, trust=args.trust, name=args.name, fp16=args.fp16)
     _summary(card, Path(args.out))
     return 0
 
@@ -132,6 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", choices=("find",), help="find: run fastai's lr_find before each stage"
                                                    " and train at its suggestion")
     p.add_argument("--normalization", choices=("imagenet", "dataset"))
+    p.add_argument("--fp16", action="store_true",
+                   help="also export fp16 files, with their agreement with fp32 on the validation set")
     p.add_argument("--stages", help="progressive resizing, e.g. 128:4:64:3e-3,224:5:64:1e-3"
                                     " (size:epochs[:batch_size[:lr]])")
     p.add_argument("--mixup", type=float, help="MixUp alpha")
@@ -166,4 +169,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name")
     p.add_argument("--trust", action="store_true",
                    help="required: the file is a pickle and loading it runs its code")
+    p.add_argument("--fp16", action="store_true",
+                   help="also export fp16 files (their agreement with fp32 is measured on the export check's images)")
     p.set_defaults(func=_export)

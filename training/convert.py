@@ -73,7 +73,8 @@ def _sizes(dls: Any) -> tuple[int, int]:
     return edge, crop
 
 
-def convert_learner(pkl: str | Path, out_dir: str | Path, *, trust: bool, name: str | None = None) -> ModelCard:
+def convert_learner(pkl: str | Path, out_dir: str | Path, *, trust: bool, name: str | None = None,
+                    fp16: bool = False) -> ModelCard:
     if not trust:
         raise ConversionError(
             f"{pkl} is a pickle: loading it runs any code it contains. Pass --trust (trust=True)"
@@ -94,4 +95,4 @@ def convert_learner(pkl: str | Path, out_dir: str | Path, *, trust: bool, name: 
         mean=mean, std=std, source={"kind": "fastai-learner", "file": Path(pkl).name},
     )
     model = learn.model.float().cpu().eval()
-    return export_package(model, card, out_dir)
+    return export_package(model, card, out_dir, fp16=fp16)

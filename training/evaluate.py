@@ -12,10 +12,11 @@ import fastai.callback.progress  # noqa: F401  (patches Learner.no_bar)
 import numpy as np
 from fastai.learner import Learner
 
-from sota_serve import ood
-from sota_serve.card import Parity
+from sota_serve import ood, precision
+from sota_serve.card import Fp16Parity, Parity
 from sota_serve.classifier import Classifier
 from sota_serve.errors import SotaServeError
+from sota_serve.package import ModelPackage
 from sota_serve.preprocess import Preprocessor
 from sota_serve.progress import interactive, progress
 from sota_serve.tta import CROPS_PER_IMAGE
@@ -191,6 +192,19 @@ def calibrate_ood(pre: Preprocessor, train_files: Sequence[Path], valid_files: S
     fits = {p: ood.fit_policy(fit[p], calibration[p], percentile=percentile) for p in policies}
     return ood.spec(fits, percentile=percentile, fit_images=len(fit_files),
                     calibration_images=len(valid_files))
+
+
+def fp16_parity(draft: ModelPackage, files: Sequence[Path], *, device: str) -> Fp16Parity:
+    """Each format's fp16 file against its fp32 file on the validation images, plain, both on
+    ``device`` (the training device: on a GPU that is where fp16 will serve)."""
+    reference, half = {}, {}
+    for backend in draft.backends:
+        if "fp16" not in draft.precisions(backend):
+            continue
+        for p, into in (("fp32", reference), ("fp16", half)):
+            clf = Classifier.from_package(draft, backend=backend, device=device, precision=p)
+            into[backend] = package_probs(clf, files, "none", f"{backend} {p}")
+    return precision.agreement(reference, half, source="validation", device=device)
 
 
 def parity(fastai_probs: np.ndarray, served_probs: np.ndarray, backend: str) -> Parity:

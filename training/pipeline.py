@@ -27,6 +27,7 @@ from training.evaluate import (
     calibrate_ood,
     evaluate_tta,
     fastai_eval,
+    fp16_parity,
     package_probs,
     parity,
 )
@@ -80,18 +81,19 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     card = base_card(recipe, folder, mean, std, edges[0])
     pre = Preprocessor.from_card(card)
     check = np.concatenate([pre(p.read_bytes()) for p in valid_items[:_EXPORT_CHECK_IMAGES]])
-    graphs = export_graphs(export_model(result.learn), card, out, check_inputs=check)
+    graphs = export_graphs(export_model(result.learn), card, out, check_inputs=check, fp16=recipe.fp16)
 
     # Evaluate the exported files before their card is final: the TTA edges, the default
     # policy and the OOD fit measured here are part of what the files embed.
-    clf = Classifier.from_package(draft_package(card, graphs.files, out), backend=formats.DEFAULT,
-                                  device="cpu")
+    draft = draft_package(card, graphs.files, out)
+    clf = Classifier.from_package(draft, backend=formats.DEFAULT, device="cpu", precision="fp32")
     served = package_probs(clf, valid_items, "none", "package eval")
     agreement = parity(fa.probs, served, formats.DEFAULT)
     tta = evaluate_tta(clf, valid_items, fa.targets, served, flip_edge=recipe.resize_edge, edges=edges)
     ood = calibrate_ood(clf.preprocessor, train_files, valid_items, list(clf.preprocessor.policies),
                         seed=recipe.seed)
     plain_acc = float((served.argmax(1) == fa.targets).mean())
+    half = fp16_parity(draft, valid_items, device=result.device) if recipe.fp16 else None
 
     figures = {
         "training_curve": training_curve(result.history, out / "training_curve.png").name,
@@ -129,6 +131,7 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
             lr_find=[f.record() for f in result.lr_finds] or None,
         ),
         parity=agreement,
+        fp16=half,
         figures=figures,
         intended_use=f"Classify images like those of {folder.name} into {len(card.labels)} classes.",
         limitations=(

@@ -69,6 +69,9 @@ class Recipe(BaseModel):
     #: the trained model's license (SPDX id or Hugging Face license name), written to the card
     license: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
     mixed_precision: bool = True
+    #: also export an fp16 file per format, with its agreement with fp32 measured on the
+    #: validation set (``precision auto`` serves it on a GPU when it holds)
+    fp16: bool = False
     channels_last: bool = True
     num_workers: int | None = Field(default=None, ge=0)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sota_serve import formats
+from sota_serve import precision as _precision
+from sota_serve.device import resolve_device
 from sota_serve.runtime.base import Runtime
 
 if TYPE_CHECKING:
@@ -23,11 +25,18 @@ def load_runtime(
     *,
     device: str = "auto",
     intra_op_threads: int | None = None,
+    precision: str = "auto",
 ) -> Runtime:
-    """Open ``package``'s artifact for ``backend``; its bytes are sha256-checked first."""
+    """Open ``package``'s artifact for ``backend`` at ``precision`` (``auto``: fp16 on a GPU
+    when the package has it and its agreement with fp32 holds, see :mod:`sota_serve.precision`);
+    its bytes are sha256-checked first."""
     fmt = formats.get(backend)
-    model = package.read_artifact(backend)  # verified bytes: the exact bytes that run
-    return fmt.open_runtime(model, package.card, device=device, intra_op_threads=intra_op_threads)
+    resolved = resolve_device(device)
+    chosen = _precision.choose(package.card, package.artifacts, backend, resolved, precision)
+    model = package.read_artifact(_precision.artifact_key(backend, chosen))  # the exact bytes that run
+    runtime = fmt.open_runtime(model, package.card, device=resolved, intra_op_threads=intra_op_threads)
+    runtime.precision = chosen
+    return runtime
 
 
 __all__ = ["BACKENDS", "Runtime", "load_runtime"]

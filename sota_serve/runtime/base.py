@@ -26,6 +26,8 @@ class Runtime(ABC):
     """
 
     backend: ClassVar[str]
+    #: the artifact's precision (``fp32``/``fp16``), set by ``load_runtime``
+    precision: str = "fp32"
 
     def __init__(self, card: ModelCard, device: Device) -> None:
         self.card = card

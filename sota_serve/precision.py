@@ -1,0 +1,118 @@
+"""Numeric precision of a model artifact: fp32, the reference, and an fp16 variant beside it.
+
+An fp16 artifact is the same network with its weights and activations in half precision; its
+input (uint8 pixels), its normalization and its softmax stay in fp32, so it serves, batches and
+does TTA exactly like the fp32 file. In a package it sits beside the fp32 file under the
+artifact key ``<format>-fp16`` (``model.fp16.onnx``, ``model.fp16.pt``), and the card's ``fp16``
+record says how far it agrees with fp32 (top-1 agreement and largest probability difference,
+per format, on the validation set when training made it).
+
+Which one serves (``precision="auto"``): fp16 on a CUDA device when the package has it and its
+agreement holds, fp32 otherwise. On a CPU fp16 is slower, not faster (measured: ONNX Runtime
+1.8x, torch 25x slower on the demo model), so ``auto`` never picks it there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from sota_serve import formats
+from sota_serve.errors import PackageError, RuntimeBackendError
+
+if TYPE_CHECKING:
+    from sota_serve.card import Fp16Parity, ModelCard
+
+Precision = Literal["fp32", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+#: What ``--precision`` / ``SOTA_SERVE_PRECISION`` accept.
+CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
+REFERENCE = "fp32"
+#: ``auto`` serves fp16 only when it agrees with fp32 on at least this share of top-1 labels.
+MIN_AGREEMENT = 0.99
+
+
+def artifact_key(backend: str, precision: str) -> str:
+    """The card's ``artifacts`` key: ``onnx`` for fp32, ``onnx-fp16`` for fp16."""
+    return backend if precision == REFERENCE else f"{backend}-{precision}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``(format name, precision)`` of an ``artifacts`` key; unknown keys raise ValueError."""
+    backend, _, precision = key.partition("-")
+    precision = precision or REFERENCE
+    if backend not in formats.NAMES or precision not in PRECISIONS or key != artifact_key(backend, precision):
+        known = [artifact_key(f, p) for f in formats.NAMES for p in PRECISIONS]
+        raise ValueError(f"unknown artifact {key!r}; sota-serve reads {', '.join(known)}")
+    return backend, precision
+
+
+def file_name(backend: str, precision: str) -> str:
+    """``model.onnx`` / ``model.fp16.onnx``: the format's file name with the precision before
+    its suffix, so a lone fp16 file is still recognised by its suffix."""
+    base = formats.get(backend).file_name
+    if precision == REFERENCE:
+        return base
+    stem, dot, suffix = base.rpartition(".")
+    return f"{stem}.{precision}{dot}{suffix}"
+
+
+def of_file(path: Path) -> str:
+    """The precision of a lone model file, from its name (``model.fp16.onnx``)."""
+    return next((p for p in PRECISIONS if p != REFERENCE and path.name.endswith(f".{p}{path.suffix}")),
+                REFERENCE)
+
+
+def choose(card: ModelCard, available: Iterable[str], backend: str, device: str, requested: str) -> str:
+    """The precision to serve ``backend`` at on ``device`` (already resolved: cpu or cuda),
+    among the ``available`` artifact keys."""
+    if requested not in CHOICES:
+        raise RuntimeBackendError(f"unknown precision {requested!r}; use one of {', '.join(CHOICES)}")
+    keys = set(available)
+    have = [p for p in PRECISIONS if artifact_key(backend, p) in keys]
+    if not have:
+        raise PackageError(f"the package has no {backend} artifact (it has: {', '.join(sorted(keys))});"
+                           " pick another backend")
+    if requested != "auto":
+        if requested not in have:
+            raise PackageError(
+                f"the package has no {requested} {backend} artifact (it has: {', '.join(sorted(keys))});"
+                " export with --fp16 to add one, or serve with precision auto or fp32"
+            )
+        return requested
+    if device == "cuda" and "fp16" in have and card.fp16 is not None and card.fp16.holds(backend):
+        return "fp16"
+    # a lone fp16 file serves as what it is
+    return REFERENCE if REFERENCE in have else have[0]
+
+
+def agreement(
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    *,
+    source: str,
+    device: str,
+    min_agreement: float = MIN_AGREEMENT,
+) -> Fp16Parity:
+    """The ``fp16`` record: each format's fp16 probabilities (``candidate``, by format name)
+    against its fp32 ones (``reference``) on the same images."""
+    from sota_serve.card import Fp16Parity
+
+    top1: dict[str, float] = {}
+    diff: dict[str, float] = {}
+    images = 0
+    for backend, half in candidate.items():
+        full = reference[backend]
+        if half.shape != full.shape:
+            raise ValueError(f"{backend}: fp16 gave {half.shape}, fp32 {full.shape}")
+        images = len(full)
+        if not np.isfinite(half).all():  # overflow: nothing agrees (probabilities differ by <= 1)
+            top1[backend], diff[backend] = 0.0, 1.0
+        elif images:
+            top1[backend] = float((half.argmax(1) == full.argmax(1)).mean())
+            diff[backend] = float(np.abs(half - full).max())
+    return Fp16Parity(images=images, source=source, device=device, min_top1_agreement=min_agreement,
+                      top1_agreement=top1, max_abs_diff=diff)
