@@ -203,3 +203,20 @@ def test_server_serves_fp16_when_asked(fp16_package, photos, tmp_path):
     want = expected[0].predictions[0]
     assert got["label"] == want.label and abs(got["score"] - want.score) < 1e-5
     assert "fp16, decode pillow" in log
+
+
+def test_channels_last_computes_what_nchw_does(fp16_package, photos):
+    """The layout CUDA uses for TorchScript (cuDNN's NHWC kernels), checked here on the CPU."""
+    from sota_serve.runtime.torchscript import TorchScriptRuntime
+
+    package = open_package(fp16_package)
+    crops = np.concatenate([Preprocessor.from_card(package.card)(p.read_bytes(), "five_crop") for p in photos])
+    for key in ("torchscript", "torchscript-fp16"):
+        data = package.read_artifact(key)
+        nchw = TorchScriptRuntime(data, package.card, device="cpu", channels_last=False)
+        nhwc = TorchScriptRuntime(data, package.card, device="cpu", channels_last=True)
+        assert nhwc.channels_last and not nchw.channels_last
+        assert all(p.is_contiguous(memory_format=torch.channels_last)
+                   for p in nhwc.module.parameters() if p.dim() == 4)
+        np.testing.assert_allclose(nhwc.predict(crops, crops_per_image=5), nchw.predict(crops, crops_per_image=5),
+                                   atol=2e-3 if key.endswith("fp16") else 1e-5)

@@ -35,7 +35,11 @@ class TorchScriptRuntime(Runtime):
         *,
         device: str = "auto",
         intra_op_threads: int | None = None,
+        channels_last: bool | None = None,
     ) -> None:
+        """``channels_last``: default on CUDA, where cuDNN's fast (fp16 tensor-core)
+        convolutions want NHWC (xresnet50 in torch fp16 channels-last ran ~2x ORT fp32 on an
+        H100, BENCHMARKS.md)."""
         super().__init__(card, resolve_device(device))
         if intra_op_threads:
             torch.set_num_threads(intra_op_threads)
@@ -45,12 +49,17 @@ class TorchScriptRuntime(Runtime):
         except Exception as e:
             raise RuntimeBackendError(f"torch.jit.load cannot load the model: {e}") from e
         self.module.eval()
+        self.channels_last = self.device == "cuda" if channels_last is None else channels_last
+        if self.channels_last:  # 4-d weights to NHWC: every convolution then runs and returns NHWC
+            self.module = self.module.to(memory_format=torch.channels_last)
         self._softmax = card.output == "logits"
         self.pad_batches = self.device == "cuda"
 
     def _run(self, x: Any, crops_per_image: int) -> np.ndarray:
         with torch.inference_mode():
             batch = torch.as_tensor(x).to(self._torch_device, non_blocking=True)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
             scores = self.module(batch).float()
             if self._softmax:
                 scores = scores.softmax(dim=-1)
