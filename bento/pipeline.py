@@ -63,8 +63,11 @@ class LocalPipeline:
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
         #: pillow or torchvision (Settings.decode), for the logs
         self.decode = "torchvision" if isinstance(decoder, DevicePreprocessor) else "pillow"
-        #: the model artifact's precision (fp32/fp16), for the logs
-        self.precision = batcher.runtime.precision
+
+    @property
+    def precision(self) -> str:
+        """The model artifact's precision (fp32/fp16), for the logs."""
+        return self.batcher.runtime.precision
 
     @classmethod
     def build(cls, package: ModelPackage, settings: Settings, plan: Plan, admission: Admission,
