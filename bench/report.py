@@ -19,14 +19,18 @@ def _x(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x"
 
 
+def _ceiling(model: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the model-ceiling table (results before fp16 files were fp32)."""
+    return (["backend", "precision", "device", "batch", "img/s", "ms/batch"],
+            [[r["backend"], r.get("precision", "fp32"), r["device"], r["batch_size"], r["images_per_s"],
+              1000 * r["median_s"]] for r in model["ceiling"]])
+
+
 def render(results: dict[str, Any]) -> str:
     out = []
     for model in results["models"]:
         name = model["model"]
-        out.append(_table(f"[{name}] model ceiling (runtime alone, uint8 batches)",
-                          ["backend", "device", "batch", "img/s", "ms/batch"],
-                          [[r["backend"], r["device"], r["batch_size"], r["images_per_s"], 1000 * r["median_s"]]
-                           for r in model["ceiling"]]))
+        out.append(_table(f"[{name}] model ceiling (runtime alone, uint8 batches)", *_ceiling(model)))
         decode = model.get("decode", "pillow")
         out.append(_table(f"[{name}] offline pipeline (decode with {decode} + preprocess + model, no HTTP)",
                           ["tta", "batch", "threads", "img/s"],
@@ -102,9 +106,7 @@ def markdown(results: dict[str, Any]) -> str:
     out = []
     for model in results["models"]:
         out += [f"### {model['model']} ({model['input']})", "", "Model ceiling (runtime alone):", "",
-                _md(["backend", "device", "batch", "img/s", "ms/batch"],
-                    [[r["backend"], r["device"], r["batch_size"], r["images_per_s"], 1000 * r["median_s"]]
-                     for r in model["ceiling"]]), "", "Offline pipeline (decode + preprocess + model):", "",
+                _md(*_ceiling(model)), "", "Offline pipeline (decode + preprocess + model):", "",
                 _md(["tta", "batch", "threads", "img/s"],
                     [[r["tta"], r["batch_size"], r["threads"], r["images_per_s"]] for r in model["offline"]]),
                 "", "Single-threaded time per image: " + "; ".join(
