@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -46,3 +48,15 @@ def gradient_image(w: int = 97, h: int = 71, mode: str = "RGB") -> Image.Image:
     y, x = np.mgrid[0:h, 0:w]
     rgb = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x * y) % 256)], -1)
     return Image.fromarray(rgb.astype(np.uint8), "RGB").convert(mode)
+
+
+def tampered_copy(package: Path, into: Path, file: str) -> Path:
+    """A copy of ``package`` in ``into`` with one byte of ``file`` flipped (its sha256 no
+    longer matches the card's)."""
+
+    copy = into / "pkg"
+    shutil.copytree(package, copy)
+    data = bytearray((copy / file).read_bytes())
+    data[-10] ^= 0xFF
+    (copy / file).write_bytes(bytes(data))
+    return copy

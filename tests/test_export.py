@@ -16,7 +16,7 @@ from sota_serve.export import Normalize, ServingModule, export_package
 from sota_serve.package import open_package
 from sota_serve.preprocess import Preprocessor
 from sota_serve.runtime import load_runtime
-from tests.helpers import card_dict, encode, gradient_image, tiny_cnn
+from tests.helpers import card_dict, encode, gradient_image, tampered_copy, tiny_cnn
 
 
 def _inputs(card, photos):
@@ -81,13 +81,8 @@ def test_graph_takes_uint8_and_embeds_card(tiny_package):
 
 
 def test_tampered_artifact_is_refused(tiny_package, tmp_path):
-    copy = tmp_path / "pkg"
-    shutil.copytree(tiny_package, copy)
-    data = bytearray((copy / "model.onnx").read_bytes())
-    data[-10] ^= 0xFF
-    (copy / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="does not match"):
-        open_package(copy)
+        open_package(tampered_copy(tiny_package, tmp_path, "model.onnx"))
 
 
 def test_swapped_after_open_is_refused_at_load(tiny_package, tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -25,7 +24,7 @@ from sota_serve.errors import ExportError, IntegrityError, PackageError, Runtime
 from sota_serve.export import export_package
 from sota_serve.package import open_package
 from sota_serve.preprocess import Preprocessor
-from tests.helpers import card_dict, tiny_cnn
+from tests.helpers import card_dict, tampered_copy, tiny_cnn
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +125,8 @@ def test_keys_and_file_names():
 
 
 def test_a_tampered_fp16_file_is_refused(fp16_package, tmp_path):
-    copy = tmp_path / "pkg"
-    shutil.copytree(fp16_package, copy)
-    data = bytearray((copy / "model.fp16.onnx").read_bytes())
-    data[-10] ^= 0xFF
-    (copy / "model.fp16.onnx").write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="model.fp16.onnx"):
-        open_package(copy)
+        open_package(tampered_copy(fp16_package, tmp_path, "model.fp16.onnx"))
 
 
 def test_a_lone_fp16_file_serves_as_fp16(fp16_package, photos):
