@@ -53,7 +53,6 @@ def gradient_image(w: int = 97, h: int = 71, mode: str = "RGB") -> Image.Image:
 def tampered_copy(package: Path, into: Path, file: str) -> Path:
     """A copy of ``package`` in ``into`` with one byte of ``file`` flipped (its sha256 no
     longer matches the card's)."""
-
     copy = into / "pkg"
     shutil.copytree(package, copy)
     data = bytearray((copy / file).read_bytes())
