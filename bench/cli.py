@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from sota_serve.precision import CHOICES
+
 
 def _bench(args: argparse.Namespace) -> int:
     from bench.report import render, write
@@ -58,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale")
     p.add_argument("--decode", default="pillow", choices=("pillow", "torchvision"),
                    help="where uploads are decoded (SOTA_SERVE_DECODE)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16"),
+    p.add_argument("--precision", default="auto", choices=CHOICES,
                    help="the model file served, offline and by LitServe too (SOTA_SERVE_PRECISION);"
                         " auto: fp16 on a GPU when the card's fp16 agreement holds")
     p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",

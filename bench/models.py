@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sota_serve import formats
 from sota_serve.card import ModelCard, classifier_card
 from sota_serve.constants import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from sota_serve.package import open_package
@@ -49,7 +50,7 @@ def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int) -> P
     if (out / "card.json").exists():
         try:
             existing = open_package(out)
-            if len(existing.card.tta.policies()) == len(POLICIES) and "fp16" in existing.precisions("onnx"):
+            if len(existing.card.tta.policies()) == len(POLICIES) and "fp16" in existing.precisions(formats.DEFAULT):
                 return out
             log.info("rebuilding %s: its card predates some TTA policies or fp16", out)
         except Exception:  # stale or partial: rebuild

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -194,17 +194,20 @@ def calibrate_ood(pre: Preprocessor, train_files: Sequence[Path], valid_files: S
                     calibration_images=len(valid_files))
 
 
-def fp16_parity(draft: ModelPackage, files: Sequence[Path], *, device: str) -> Fp16Parity:
+def fp16_parity(draft: ModelPackage, files: Sequence[Path], *, device: str,
+                known: Mapping[str, np.ndarray] | None = None) -> Fp16Parity:
     """Each format's fp16 file against its fp32 file on the validation images, plain, both on
-    ``device`` (the training device: on a GPU that is where fp16 will serve)."""
-    reference, half = {}, {}
+    ``device`` (the training device: on a GPU that is where fp16 will serve). ``known``: fp32
+    probabilities of ``files`` already computed on ``device``, by format, not run again."""
+    reference, half = dict(known or {}), {}
     for backend in draft.backends:
         if "fp16" not in draft.precisions(backend):
             continue
         for p, into in (("fp32", reference), ("fp16", half)):
-            clf = Classifier.from_package(draft, backend=backend, device=device, precision=p)
-            into[backend] = package_probs(clf, files, "none", f"{backend} {p}")
-    return precision.agreement(reference, half, source="validation", device=device)
+            if backend not in into:
+                clf = Classifier.from_package(draft, backend=backend, device=device, precision=p)
+                into[backend] = package_probs(clf, files, "none", f"{backend} {p}")
+    return precision.agreement({b: reference[b] for b in half}, half, source="validation", device=device)
 
 
 def parity(fastai_probs: np.ndarray, served_probs: np.ndarray, backend: str) -> Parity:

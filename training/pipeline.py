@@ -93,7 +93,9 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     ood = calibrate_ood(clf.preprocessor, train_files, valid_items, list(clf.preprocessor.policies),
                         seed=recipe.seed)
     plain_acc = float((served.argmax(1) == fa.targets).mean())
-    half = fp16_parity(draft, valid_items, device=result.device) if recipe.fp16 else None
+    # the plain fp32 ONNX probabilities above were computed on the CPU: reused when training ran there
+    known = {formats.DEFAULT: served} if result.device == "cpu" else None
+    half = fp16_parity(draft, valid_items, device=result.device, known=known) if recipe.fp16 else None
 
     figures = {
         "training_curve": training_curve(result.history, out / "training_curve.png").name,
