@@ -10,7 +10,6 @@ timed beside it as the reference for what batching decode across requests could 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from bench.images import image_set
+from bench.report import dumps
 from sota_serve.device import resolve_device
 from sota_serve.device_preprocess import DevicePreprocessor
 from sota_serve.preprocess import Preprocessor
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print("parity vs Pillow:", result["parity_vs_pillow"])
     out = Path(args.out) / f"decode-probe-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(dumps(result))
     print(f"wrote {out}")
     return 0
 

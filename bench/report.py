@@ -3,20 +3,44 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 
 def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
-    cells = [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    cells = [[_cell(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
     lines = [f"\n{title}", "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(lines)
 
 
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 def _x(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{ratio:.2f}x"
+    return "-" if ratio is None or not math.isfinite(ratio) else f"{ratio:.2f}x"
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float as None (no peer, no rows: nothing measured)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps(results: Any) -> str:
+    """Strict JSON (RFC 8259 has no NaN; jq and JavaScript refuse it): a ratio without its
+    peer, or a percentile without requests, is written as null."""
+    return json.dumps(_finite(results), indent=2, allow_nan=False) + "\n"
 
 
 def _ceiling(model: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -46,17 +70,17 @@ def render(results: dict[str, Any]) -> str:
                               [[t, v["model_calls_per_image"], v["offline_img_per_s"], _x(v["offline_vs_none"]),
                                 v["http_req_per_s"], _x(v["http_vs_none"]), _x(v["to_litserve"])]
                                for t, v in r["per_policy"].items()]))
-        out.append(f"\n[{name}] ratios: vs LitServe {r['to_litserve']:.2f}x plain, "
-                   f"{r['to_litserve_five_crop']:.2f}x five-crop (target >= 1.3); "
-                   f"http/offline {r['http_to_offline']:.2f}, five-crop {r['http_to_offline_five_crop']:.2f}"
-                   f" (target >= 0.9); vs naive {r['to_naive']:.2f}x")
+        out.append(f"\n[{name}] ratios: vs LitServe {_x(r['to_litserve'])} plain, "
+                   f"{_x(r['to_litserve_five_crop'])} five-crop (target >= 1.3); "
+                   f"http/offline {_x(r['http_to_offline'])}, five-crop {_x(r['http_to_offline_five_crop'])}"
+                   f" (target >= 0.9); vs naive {_x(r['to_naive'])}")
     return "\n".join(out)
 
 
 def write(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    json_path.write_text(dumps(results))
     written = [json_path]
     plot = _plot(results, out_dir / f"{stem}.png")
     if plot:
@@ -96,7 +120,7 @@ def _plot(results: dict[str, Any], path: Path) -> Path | None:
 
 
 def _md(header: list[str], rows: list[list[Any]]) -> str:
-    fmt = [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    fmt = [[_cell(c) for c in row] for row in rows]
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                      + ["| " + " | ".join(r) + " |" for r in fmt])
 
@@ -117,11 +141,11 @@ def markdown(results: dict[str, Any]) -> str:
                     [[r["service"], r["tta"], r["concurrency"], r["throughput"], r["p50_ms"], r["p95_ms"],
                       r["p99_ms"], r.get("shed_503", 0), r["errors"]] for r in model["http"]]), ""]
         r = model["ratios"]
-        out += [f"Ratios: sota-serve / LitServe **{r.get('to_litserve', float('nan')):.2f}x** plain,"
-                f" **{r.get('to_litserve_five_crop', float('nan')):.2f}x** five-crop (best error-free level of"
-                f" each); HTTP / offline **{r['http_to_offline']:.2f}**, five-crop"
-                f" **{r['http_to_offline_five_crop']:.2f}**; sota-serve / naive at <= the naive peer's p99"
-                f" **{r['to_naive']:.2f}x**.", ""]
+        out += [f"Ratios: sota-serve / LitServe **{_x(r.get('to_litserve'))}** plain,"
+                f" **{_x(r.get('to_litserve_five_crop'))}** five-crop (best error-free level of"
+                f" each); HTTP / offline **{_x(r.get('http_to_offline'))}**, five-crop"
+                f" **{_x(r.get('http_to_offline_five_crop'))}**; sota-serve / naive at <= the naive peer's p99"
+                f" **{_x(r.get('to_naive'))}**.", ""]
     return "\n".join(out)
 
 

@@ -10,7 +10,6 @@ py-spy is on the PATH or next to this Python.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 
 from bench.images import image_set
 from bench.load import closed_loop
+from bench.report import dumps
 from bench.server import Server
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                seconds=args.seconds, tta=args.tta, env=env, out=args.out, name=args.name,
                profile=args.profile, processes=args.processes)
     path = args.out / f"scaling-{args.name}.json"
-    path.write_text(json.dumps({"package": str(args.package), "env": env, "rows": rows}, indent=2))
+    path.write_text(dumps({"package": str(args.package), "env": env, "rows": rows}))
     print(f"wrote {path}")
     return 0
 

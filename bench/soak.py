@@ -19,6 +19,7 @@ import httpx
 import psutil
 
 from bench.images import bench_images, png_header
+from bench.report import dumps
 from bench.run import BenchConfig, package_for
 from bench.server import Server
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in result.items() if k != "series"}, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(dumps(result))
     if series:
         _plot(series, out.with_suffix(".png"))
     return 0 if ready == 200 and not any(k.startswith("unexpected") for k in counts) else 1

@@ -5,17 +5,18 @@ import json
 import pytest
 
 from bench.cli import main_args
+from bench.report import dumps, markdown, render
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     policies = ["none", "flip", "five_crop", "ten_crop"]
     assert main_args(["--quick", "--out", str(tmp_path), "--name", "quick", "--tta", ",".join(policies)]) == 0
     out = capsys.readouterr().out
     assert "model ceiling" in out and "offline pipeline" in out and "HTTP under closed-loop load" in out
     assert "cost of each TTA policy" in out
-    results = json.loads((tmp_path / "quick.json").read_text())
+    text = (tmp_path / "quick.json").read_text()
+    results = json.loads(text, parse_constant=_refuse)  # strict JSON: no NaN or Infinity
     for key in ("ratio_http_to_offline", "ratio_http_to_offline_five_crop", "ratio_to_naive", "machine",
                 "http_img_per_s_plain", "http_img_per_s_five_crop", "ceiling_img_per_s", "ratio_to_litserve"):
         assert key in results
@@ -29,3 +30,26 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert all(v["offline_img_per_s"] > 0 and v["http_req_per_s"] > 0 for v in per_policy.values())
     assert all(r["errors"] == 0 and r["ok"] > 0 for r in model["http"])
     assert (tmp_path / "quick.png").stat().st_size > 1000
+
+
+def _refuse(constant: str) -> None:
+    raise AssertionError(f"the results JSON holds {constant}, which strict JSON parsers refuse")
+
+
+def test_results_without_a_peer_are_strict_json_and_still_render():
+    """--no-naive / --no-litserve leave ratios with nothing to divide by: they are written as
+    null (not NaN, which jq and JavaScript refuse) and shown as "-"."""
+    nan = float("nan")
+    ratios = {"to_litserve": 1.34, "to_litserve_five_crop": nan, "http_to_offline": 0.9,
+              "http_to_offline_five_crop": nan, "to_naive": nan, "per_policy": {}}
+    model = {"model": "demo", "input": "64x64", "ceiling": [], "offline": [],
+             "time_per_image_single_thread": {},
+             "http": [{"service": "sota-serve", "tta": "none", "concurrency": 1, "throughput": 0.0,
+                       "p50_ms": nan, "p95_ms": nan, "p99_ms": nan, "errors": 0}],
+             "ratios": ratios}
+    text = dumps({"ratio_to_naive": nan, "models": [model]})
+    back = json.loads(text, parse_constant=_refuse)
+    assert back["ratio_to_naive"] is None and back["models"][0]["ratios"]["to_litserve"] == 1.34
+    assert back["models"][0]["http"][0]["p99_ms"] is None
+    for shown in (render({"models": [model]}), markdown(back)):
+        assert "1.34x" in shown and "nan" not in shown.lower() and "None" not in shown
