@@ -16,6 +16,7 @@ statistics. The card records the fit, the threshold and the measured flag rates.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -32,25 +33,44 @@ _GRID = 4
 def features(crops: Any) -> np.ndarray:
     """(k, 3, H, W) uint8 crops (numpy, or a torch tensor on any device) -> (23,) float64.
 
-    The k crops of a TTA policy are averaged first: the statistics describe the image.
-    About 0.1 ms for a 64 px crop, 1 ms at 224 px (block sums, no Python loop over pixels).
+    The k crops of a TTA policy are averaged first: the statistics describe the image. Every
+    sum is taken exactly over the integer pixel values and scaled once at the end. About
+    0.08 ms for a 64 px crop and 0.5 ms at 224 px, where float64 arithmetic took 2-2.6 ms, as
+    much CPU as resizing the upload; the two agree to 1e-15.
     """
-    if not isinstance(crops, np.ndarray):  # a torch tensor: reduce on its device, copy 3xHxW
-        x = crops.float().mean(0).cpu().numpy().astype(np.float64)
+    k, _, h, w = crops.shape
+    if not isinstance(crops, np.ndarray):  # a torch tensor: sum its crops on its device, copy 3xHxW
+        total = crops.sum(0, dtype=_torch_int32(crops)).cpu().numpy()
     else:
-        x = crops.mean(0, dtype=np.float64) if crops.shape[0] > 1 else crops[0].astype(np.float64)
-    x /= 255.0  # (3, H, W)
-    gray = x.mean(0)
-    h, w = gray.shape
+        total = crops[0] if k == 1 else crops.sum(0, dtype=np.uint16)  # <= 10 * 255
+    n = h * w
+    scale = 255.0 * k  # integer sums -> the mean of the crops' pixels / 255
+    # int32 temporaries, not float64: at 224 px a float64 copy is 1.2 MB, which malloc maps
+    # fresh (and page-faults through) on every call; that cost more than the arithmetic.
+    x = total.reshape(3, n).astype(np.int32)
+    s1 = x.sum(1, dtype=np.int64)
+    s2 = np.einsum("ij,ij->i", x, x, dtype=np.int64)
+    means = s1 / (n * scale)
+    spreads = np.sqrt(np.maximum(s2 * n - s1 * s1, 0)) / (n * scale)  # exact until the root
+    rows, cols, counts = _grid(h, w)
+    gray = x.sum(0, dtype=np.int32).reshape(h, w)
+    thumb = np.add.reduceat(np.add.reduceat(gray, rows, axis=0), cols, axis=1) / (counts * 3 * scale)
+    colour = (np.abs(x[0] - x[1]).sum(dtype=np.int64) + np.abs(x[1] - x[2]).sum(dtype=np.int64)) / (n * scale)
+    return np.concatenate([thumb.ravel(), means, spreads, [colour]])
+
+
+@lru_cache(maxsize=32)
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thumbnail's cells: first row and column of each, and the pixels in each."""
     rows = np.linspace(0, h, _GRID + 1).astype(int)
     cols = np.linspace(0, w, _GRID + 1).astype(int)
-    sums = np.add.reduceat(np.add.reduceat(gray, rows[:-1], axis=0), cols[:-1], axis=1)
-    thumb = sums / np.outer(np.diff(rows), np.diff(cols))
-    flat = x.reshape(3, -1)
-    means = flat.mean(1)
-    spreads = flat.std(1)
-    colour = np.abs(x[0] - x[1]).mean() + np.abs(x[1] - x[2]).mean()
-    return np.concatenate([thumb.ravel(), means, spreads, [colour]])
+    return rows[:-1], cols[:-1], np.outer(np.diff(rows), np.diff(cols)).astype(np.float64)
+
+
+def _torch_int32(tensor: Any) -> Any:
+    import torch  # only a device decode path hands over tensors, and it has torch
+
+    return torch.int32
 
 
 class Detector:
