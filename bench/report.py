@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
+def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     cells = [[_cell(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
     lines = [f"\n{title}", "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
@@ -54,18 +54,18 @@ def render(results: dict[str, Any]) -> str:
     out = []
     for model in results["models"]:
         name = model["model"]
-        out.append(_table(f"[{name}] model ceiling (runtime alone, uint8 batches)", *_ceiling(model)))
+        out.append(table(f"[{name}] model ceiling (runtime alone, uint8 batches)", *_ceiling(model)))
         decode = model.get("decode", "pillow")
-        out.append(_table(f"[{name}] offline pipeline (decode with {decode} + preprocess + model, no HTTP)",
+        out.append(table(f"[{name}] offline pipeline (decode with {decode} + preprocess + model, no HTTP)",
                           ["tta", "batch", "threads", "img/s"],
                           [[r["tta"], r["batch_size"], r["threads"], r["images_per_s"]] for r in model["offline"]]))
         rows = [[r["service"], r["tta"], r["concurrency"], r["throughput"], r["p50_ms"], r["p95_ms"],
                  r["p99_ms"], r.get("shed_503", 0), r["errors"]] for r in model["http"]]
-        out.append(_table(f"[{name}] HTTP under closed-loop load",
+        out.append(table(f"[{name}] HTTP under closed-loop load",
                           ["service", "tta", "conc", "req/s", "p50 ms", "p95 ms", "p99 ms", "503", "errors"], rows))
         r = model["ratios"]
         if len(r.get("per_policy", {})) > 1:
-            out.append(_table(f"[{name}] cost of each TTA policy (best error-free HTTP level)",
+            out.append(table(f"[{name}] cost of each TTA policy (best error-free HTTP level)",
                               ["tta", "calls/img", "offline img/s", "vs none", "HTTP req/s", "vs none", "vs LitServe"],
                               [[t, v["model_calls_per_image"], v["offline_img_per_s"], _x(v["offline_vs_none"]),
                                 v["http_req_per_s"], _x(v["http_vs_none"]), _x(v["to_litserve"])]

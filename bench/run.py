@@ -180,7 +180,7 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
             "ratios": _ratios(offline, http)}
 
 
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     import bentoml
     import onnxruntime
     import PIL
@@ -209,7 +209,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "ratio_http_to_offline_five_crop": primary.get("http_to_offline_five_crop"),
         "ratio_to_naive": primary.get("to_naive"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine_info(),
         "config": {"quick": cfg.quick, "concurrency": list(cfg.concurrency), "seconds": cfg.seconds,
                    "image_set": cfg.images, "images": [p.name for p in images], "jpeg_draft": cfg.jpeg_draft,
                    "decode": cfg.decode, "precision": cfg.precision, "server_env": cfg.server_env,

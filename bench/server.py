@@ -78,7 +78,18 @@ class Server:
         self.log.seek(0)
         return self.log.read()
 
+    def pause(self) -> None:
+        """Stop every process of the server (SIGSTOP), warm state kept: an idle LitServe
+        polls its queues at ~0.18 of a core, which would be taken from the server measured."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()  # a stopped process group would not act on SIGTERM
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:

@@ -53,3 +53,19 @@ def test_results_without_a_peer_are_strict_json_and_still_render():
     assert back["models"][0]["http"][0]["p99_ms"] is None
     for shown in (render({"models": [model]}), markdown(back)):
         assert "1.34x" in shown and "nan" not in shown.lower() and "None" not in shown
+
+
+@pytest.mark.slow
+def test_alternating_rounds_against_litserve(tmp_path, capsys):
+    """bench.ab: both servers answer every round; the ratio is per round and its median."""
+    from bench.ab import main
+
+    argv = ["--model", "tiny", "--tta", "none", "--concurrency", "4", "--rounds", "2", "--seconds", "1",
+            "--warmup", "0.5", "--out", str(tmp_path), "--name", "ab"]
+    assert main(argv) == 0
+    assert "ratio" in capsys.readouterr().out
+    result = json.loads((tmp_path / "ab.json").read_text(), parse_constant=_refuse)
+    none = result["policies"]["none"]
+    assert [len(none["rounds"][s]) for s in ("sota-serve", "litserve")] == [2, 2]
+    assert all(r["throughput"] > 0 and r["errors"] == 0 for rs in none["rounds"].values() for r in rs)
+    assert none["median_ratio"] == pytest.approx(sorted(none["ratios"])[0] / 2 + sorted(none["ratios"])[1] / 2)

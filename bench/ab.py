@@ -1,0 +1,129 @@
+"""sota-serve against LitServe in alternating rounds: a ratio that survives a drifting machine.
+
+On a shared 2-core machine the same server's throughput moves by 20-30 % between runs minutes
+apart (the plain ratio to LitServe came out 1.60x, 1.34x and 1.15x on three days). A full
+``python -m bench`` measures each server once, minutes apart. This starts both (one LitServe
+peer per TTA policy, since its policy is fixed at start), warms them up, then alternates short
+closed-loop rounds, A B B A ..., each server alone on the machine (the others are paused with
+SIGSTOP: an idle LitServe polls at ~0.18 of a core), and reports each round's req/s and the median of the
+per-round ratios, so a slow minute costs both servers alike. Prints a table; writes JSON.
+
+``python -m bench.ab --model demo --tta none,five_crop --concurrency 32 --rounds 4``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.images import image_set
+from bench.load import closed_loop
+from bench.report import dumps, table
+from bench.run import BenchConfig, machine_info, package_for
+from bench.server import Server
+from sota_serve.progress import progress
+from sota_serve.tta import CROPS_PER_IMAGE
+
+
+def _round(server: Server, servers: list[Server], images: list[Path], tta: str | None, concurrency: int,
+           seconds: float, processes: int | None) -> dict[str, Any]:
+    """One closed-loop round on ``server`` while the other ``servers`` are paused."""
+    for s in servers:
+        if s is not server:
+            s.pause()
+    server.resume()
+    url = f"{server.url}/classify"
+    r = closed_loop(url, images, data={"tta": tta} if tta else None, concurrency=concurrency,
+                    seconds=seconds, processes=processes)
+    return {k: r[k] for k in ("throughput", "p50_ms", "p99_ms", "shed_503", "errors", "requests")}
+
+
+def compare(package: Path, images: list[Path], *, policies: list[str], concurrency: int, rounds: int,
+            seconds: float, warmup_s: float, processes: int | None, batch_size: int,
+            env: dict[str, str]) -> dict[str, Any]:
+    ours = Server(package, env=env)
+    peers = {tta: Server.litserve(package, tta=tta, max_batch_size=max(1, batch_size // CROPS_PER_IMAGE[tta]))
+             for tta in policies}
+    servers = [ours, *peers.values()]
+    try:
+        for s in servers:
+            s.wait_ready()
+        out: dict[str, Any] = {}
+        for tta in policies:
+            targets = {"sota-serve": (ours, tta), "litserve": (peers[tta], None)}
+            for server, param in targets.values():  # warm-up, not recorded
+                _round(server, servers, images, param, concurrency, warmup_s, processes)
+            rows: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            for i in progress(range(rounds), desc=f"A/B {tta}"):
+                # Alternate who goes first, so neither always follows the other's tail.
+                order = list(targets) if i % 2 == 0 else list(reversed(targets))
+                for name in order:
+                    server, param = targets[name]
+                    rows[name].append(_round(server, servers, images, param, concurrency, seconds, processes))
+            ratios = [a["throughput"] / b["throughput"] if b["throughput"] else float("nan")
+                      for a, b in zip(rows["sota-serve"], rows["litserve"], strict=True)]
+            out[tta] = {"rounds": rows, "ratios": ratios, "median_ratio": statistics.median(ratios),
+                        "median_req_per_s": {n: statistics.median(r["throughput"] for r in rs)
+                                             for n, rs in rows.items()}}
+        return out
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = []
+    for tta, r in result["policies"].items():
+        rows = [[name, *(x["throughput"] for x in rs), r["median_req_per_s"][name]] for name, rs in r["rounds"].items()]
+        rows.append(["ratio", *(f"{x:.2f}x" for x in r["ratios"]), f"{r['median_ratio']:.2f}x"])
+        errors = sum(x["errors"] for rs in r["rounds"].values() for x in rs)
+        shed = sum(x["shed_503"] for rs in r["rounds"].values() for x in rs)
+        header = ["", *(f"round {i + 1}" for i in range(len(r["ratios"]))), "median"]
+        lines.append(table(f"[{result['model']}] tta={tta}, {result['concurrency']} clients, req/s"
+                            f" ({errors} errors, {shed} shed with 503)", header, rows))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="demo", help="demo, xresnet50, tiny, or a package directory")
+    p.add_argument("--tta", default="none,five_crop", help="comma list of policies")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=10.0, help="per round and server")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of unrecorded load per server first")
+    p.add_argument("--processes", type=int, help="load-generator processes (default: one per 4 cores)")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="LitServe's batch, in crops (divided by the crops per image of the policy)")
+    p.add_argument("--images", default="imagenet", choices=("imagenet", "mix"))
+    p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
+                   help="a setting for sota-serve (repeatable)")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--name", help="file stem (default: ab-<device>-<model>)")
+    args = p.parse_args(argv)
+    cfg = BenchConfig(images=args.images)
+    package = package_for(args.model, cfg)
+    if package is None:
+        return 1
+    images = image_set(cfg.images, cfg.cache / "images")
+    policies = args.tta.split(",")
+    result = {"model": args.model, "package": str(package), "concurrency": args.concurrency,
+              "seconds": args.seconds, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "machine": machine_info(), "server_env": dict(kv.split("=", 1) for kv in args.env),
+              "policies": compare(package, images, policies=policies, concurrency=args.concurrency,
+                                  rounds=args.rounds, seconds=args.seconds, warmup_s=args.warmup,
+                                  processes=args.processes, batch_size=args.max_batch_size,
+                                  env=dict(kv.split("=", 1) for kv in args.env))}
+    print(render(result))
+    out = Path(args.out) / f"{args.name or 'ab-' + result['machine']['device'] + '-' + Path(args.model).name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dumps(result))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
