@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.images import image_set
 from bench.load import closed_loop
-from bench.report import dumps, table
+from bench.report import table, write_json
 from bench.run import BenchConfig, machine_info, package_for
 from bench.server import Server
 from sota_serve.progress import progress
@@ -110,18 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     images = image_set(cfg.images, cfg.cache / "images")
     policies = args.tta.split(",")
+    env = dict(kv.split("=", 1) for kv in args.env)
+    device = machine_info()["device"]
     result = {"model": args.model, "package": str(package), "concurrency": args.concurrency,
               "seconds": args.seconds, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": machine_info(), "server_env": dict(kv.split("=", 1) for kv in args.env),
+              "machine": machine_info(), "server_env": env,
               "policies": compare(package, images, policies=policies, concurrency=args.concurrency,
                                   rounds=args.rounds, seconds=args.seconds, warmup_s=args.warmup,
                                   processes=args.processes, batch_size=args.max_batch_size,
-                                  env=dict(kv.split("=", 1) for kv in args.env))}
+                                  env=env)}
     print(render(result))
-    out = Path(args.out) / f"{args.name or 'ab-' + result['machine']['device'] + '-' + Path(args.model).name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(dumps(result))
-    print(f"wrote {out}")
+    write_json(result, Path(args.out) / f"{args.name or f'ab-{device}-{Path(args.model).name}'}.json")
     return 0
 
 

@@ -31,8 +31,7 @@ def _bench(args: argparse.Namespace) -> int:
     results = run(cfg)
     print(render(results))
     stem = args.name or ("quick" if args.quick else f"bench-{results['machine']['device']}")
-    for path in write(results, cfg.out, stem):
-        print(f"wrote {path}")
+    write(results, cfg.out, stem)
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bench.images import image_set
-from bench.report import dumps
+from bench.report import write_json
 from sota_serve.device import resolve_device
 from sota_serve.device_preprocess import DevicePreprocessor
 from sota_serve.preprocess import Preprocessor
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, rate in result["img_per_s"].items():
         print(f"{name:42s} {rate:9,.0f} img/s")
     print("parity vs Pillow:", result["parity_vs_pillow"])
-    out = Path(args.out) / f"decode-probe-{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(dumps(result))
-    print(f"wrote {out}")
+    write_json(result, Path(args.out) / f"decode-probe-{device}.json")
     return 0
 
 

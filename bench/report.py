@@ -77,13 +77,19 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def write_json(results: Any, path: Path) -> Path:
+    """``results`` as strict JSON at ``path`` (its folder made); prints and returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dumps(results))
+    print(f"wrote {path}")
+    return path
+
+
 def write(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(dumps(results))
-    written = [json_path]
+    written = [write_json(results, out_dir / f"{stem}.json")]
     plot = _plot(results, out_dir / f"{stem}.png")
     if plot:
+        print(f"wrote {plot}")
         written.append(plot)
     return written
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.images import image_set
 from bench.load import closed_loop
-from bench.report import dumps
+from bench.report import write_json
 from bench.server import Server
 
 
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.package, [int(w) for w in args.workers.split(",")], concurrency=args.concurrency,
                seconds=args.seconds, tta=args.tta, env=env, out=args.out, name=args.name,
                profile=args.profile, processes=args.processes)
-    path = args.out / f"scaling-{args.name}.json"
-    path.write_text(dumps({"package": str(args.package), "env": env, "rows": rows}))
-    print(f"wrote {path}")
+    write_json({"package": str(args.package), "env": env, "rows": rows}, args.out / f"scaling-{args.name}.json")
     return 0
 
 

@@ -19,7 +19,7 @@ import httpx
 import psutil
 
 from bench.images import bench_images, png_header
-from bench.report import dumps
+from bench.report import write_json
 from bench.run import BenchConfig, package_for
 from bench.server import Server
 
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               "rss_growth_second_half_pct": round(100 * (after - half) / half, 2),
               "ready_after": ready, "series": series}
     print(json.dumps({k: v for k, v in result.items() if k != "series"}, indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(dumps(result))
+    out = write_json(result, Path(args.out))
     if series:
         _plot(series, out.with_suffix(".png"))
     return 0 if ready == 200 and not any(k.startswith("unexpected") for k in counts) else 1
