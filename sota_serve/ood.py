@@ -40,7 +40,9 @@ def features(crops: Any) -> np.ndarray:
     """
     k, _, h, w = crops.shape
     if not isinstance(crops, np.ndarray):  # a torch tensor: sum its crops on its device, copy 3xHxW
-        total = crops.sum(0, dtype=_torch_int32(crops)).cpu().numpy()
+        import torch  # only a device decode path hands over tensors, and it has torch
+
+        total = crops.sum(0, dtype=torch.int32).cpu().numpy()
     else:
         total = crops[0] if k == 1 else crops.sum(0, dtype=np.uint16)  # <= 10 * 255
     n = h * w
@@ -65,12 +67,6 @@ def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = np.linspace(0, h, _GRID + 1).astype(int)
     cols = np.linspace(0, w, _GRID + 1).astype(int)
     return rows[:-1], cols[:-1], np.outer(np.diff(rows), np.diff(cols)).astype(np.float64)
-
-
-def _torch_int32(tensor: Any) -> Any:
-    import torch  # only a device decode path hands over tensors, and it has torch
-
-    return torch.int32
 
 
 class Detector:
