@@ -3,10 +3,12 @@
 On a shared 2-core machine the same server's throughput moves by 20-30 % between runs minutes
 apart (the plain ratio to LitServe came out 1.60x, 1.34x and 1.15x on three days). A full
 ``python -m bench`` measures each server once, minutes apart. This starts both (one LitServe
-peer per TTA policy, since its policy is fixed at start), warms them up, then alternates short
-closed-loop rounds, A B B A ..., each server alone on the machine (the others are paused with
+peer per TTA policy, since its policy is fixed at start), warms them up, then runs short
+closed-loop rounds, every server once per round in a rotating order, each server alone on the machine (the others are paused with
 SIGSTOP: an idle LitServe polls at ~0.18 of a core), and reports each round's req/s and the median of the
-per-round ratios, so a slow minute costs both servers alike. Prints a table; writes JSON.
+per-round ratios, so a slow minute costs both servers alike. LitServe runs model calls at
+once only from several worker processes: each ``--litserve-workers`` figure is a peer of its
+own, and a round's ratio is against the best of them. Prints a table; writes JSON.
 
 ``python -m bench.ab --model demo --tta none,five_crop --concurrency 32 --rounds 4``
 """
@@ -14,6 +16,7 @@ per-round ratios, so a slow minute costs both servers alike. Prints a table; wri
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,31 +44,42 @@ def _round(server: Server, servers: list[Server], images: list[Path], tta: str |
     return {k: r[k] for k in ("throughput", "p50_ms", "p99_ms", "shed_503", "errors", "requests")}
 
 
+def _peer_name(workers: int) -> str:
+    return "litserve" if workers == 1 else f"litserve ({workers} workers)"
+
+
 def compare(package: Path, images: list[Path], *, policies: list[str], concurrency: int, rounds: int,
             seconds: float, warmup_s: float, processes: int | None, batch_size: int,
-            env: dict[str, str]) -> dict[str, Any]:
+            env: dict[str, str], litserve_workers: tuple[int, ...] = (1,)) -> dict[str, Any]:
+    """Per policy: each round runs every server once (the order rotates between rounds); a
+    round's ratio is sota-serve's req/s over the best LitServe configuration's in that round."""
     ours = Server(package, env=env)
-    peers = {tta: Server.litserve(package, tta=tta, max_batch_size=max(1, batch_size // CROPS_PER_IMAGE[tta]))
-             for tta in policies}
+    peers = {(tta, w): Server.litserve(package, tta=tta, workers=w,
+                                       max_batch_size=max(1, batch_size // CROPS_PER_IMAGE[tta]))
+             for tta in policies for w in litserve_workers}
     servers = [ours, *peers.values()]
     try:
         for s in servers:
             s.wait_ready()
         out: dict[str, Any] = {}
         for tta in policies:
-            targets = {"sota-serve": (ours, tta), "litserve": (peers[tta], None)}
+            targets = {"sota-serve": (ours, tta), **{_peer_name(w): (peers[tta, w], None) for w in litserve_workers}}
+            names = list(targets)
             for server, param in targets.values():  # warm-up, not recorded
                 _round(server, servers, images, param, concurrency, warmup_s, processes)
             rows: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
             for i in progress(range(rounds), desc=f"A/B {tta}"):
-                # Alternate who goes first, so neither always follows the other's tail.
-                order = list(targets) if i % 2 == 0 else list(reversed(targets))
-                for name in order:
+                # Rotate who goes first, so that nobody always follows the same server's tail.
+                for name in names[i % len(names):] + names[: i % len(names)]:
                     server, param = targets[name]
                     rows[name].append(_round(server, servers, images, param, concurrency, seconds, processes))
-            ratios = [a["throughput"] / b["throughput"] if b["throughput"] else float("nan")
-                      for a, b in zip(rows["sota-serve"], rows["litserve"], strict=True)]
+            by_peer = {name: [a["throughput"] / b["throughput"] if b["throughput"] else float("nan")
+                              for a, b in zip(rows["sota-serve"], rows[name], strict=True)]
+                       for name in names[1:]}
+            ratios = [min(r) for r in zip(*by_peer.values(), strict=True)]  # against the round's best peer
             out[tta] = {"rounds": rows, "ratios": ratios, "median_ratio": statistics.median(ratios),
+                        "ratios_by_peer": by_peer,
+                        "median_ratio_by_peer": {n: statistics.median(r) for n, r in by_peer.items()},
                         "median_req_per_s": {n: statistics.median(r["throughput"] for r in rs)
                                              for n, rs in rows.items()}}
         return out
@@ -78,7 +92,8 @@ def render(result: dict[str, Any]) -> str:
     lines = []
     for tta, r in result["policies"].items():
         rows = [[name, *(x["throughput"] for x in rs), r["median_req_per_s"][name]] for name, rs in r["rounds"].items()]
-        rows.append(["ratio", *(f"{x:.2f}x" for x in r["ratios"]), f"{r['median_ratio']:.2f}x"])
+        label = "ratio" if len(r.get("ratios_by_peer", {})) < 2 else "ratio to best"
+        rows.append([label, *(f"{x:.2f}x" for x in r["ratios"]), f"{r['median_ratio']:.2f}x"])
         errors = sum(x["errors"] for rs in r["rounds"].values() for x in rs)
         shed = sum(x["shed_503"] for rs in r["rounds"].values() for x in rs)
         header = ["", *(f"round {i + 1}" for i in range(len(r["ratios"]))), "median"]
@@ -98,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, help="load-generator processes (default: one per 4 cores)")
     p.add_argument("--max-batch-size", type=int, default=32,
                    help="LitServe's batch, in crops (divided by the crops per image of the policy)")
+    p.add_argument("--litserve-workers", default=None,
+                   help="comma list of LitServe workers_per_device, each a peer (default: 1 and one per core)")
     p.add_argument("--images", default="imagenet", choices=("imagenet", "mix"))
     p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="a setting for sota-serve (repeatable)")
@@ -111,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     images = image_set(cfg.images, cfg.cache / "images")
     policies = args.tta.split(",")
     env = dict(kv.split("=", 1) for kv in args.env)
+    workers = (tuple(int(w) for w in args.litserve_workers.split(",")) if args.litserve_workers
+               else tuple(sorted({1, os.cpu_count() or 1})))
     device = machine_info()["device"]
     result = {"model": args.model, "package": str(package), "concurrency": args.concurrency,
               "seconds": args.seconds, "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               "policies": compare(package, images, policies=policies, concurrency=args.concurrency,
                                   rounds=args.rounds, seconds=args.seconds, warmup_s=args.warmup,
                                   processes=args.processes, batch_size=args.max_batch_size,
-                                  env=env)}
+                                  env=env, litserve_workers=workers)}
     print(render(result))
     write_json(result, Path(args.out) / f"{args.name or f'ab-{device}-{Path(args.model).name}'}.json")
     return 0

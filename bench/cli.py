@@ -28,6 +28,8 @@ def _bench(args: argparse.Namespace) -> int:
         cfg.seconds = args.seconds
     if args.tta:
         cfg.policies = tuple(args.tta.split(","))
+    if args.litserve_workers:
+        cfg.litserve_workers = tuple(int(w) for w in args.litserve_workers.split(","))
     results = run(cfg)
     print(render(results))
     stem = args.name or ("quick" if args.quick else f"bench-{results['machine']['device']}")
@@ -52,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="file stem of the results (default: bench-<device>)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive BentoML peer")
     p.add_argument("--no-litserve", action="store_true", help="skip the LitServe peer")
+    p.add_argument("--litserve-workers", help="comma list of LitServe workers_per_device to try (default:"
+                                              " 1 and one per core on a CPU, 1 and 4 on a GPU); ratios use the best")
     p.add_argument("--images", default="imagenet", choices=("imagenet", "mix"),
                    help="imagenet: 400-640 px JPEGs (~55 KB); mix: 300-4000 px photos")
     p.add_argument("--processes", type=int, help="load-generator processes (default: one per 4 cores)")

@@ -29,50 +29,70 @@ def _timed(fn, *, seconds: float, min_runs: int = 3, max_runs: int = 200) -> lis
     return times
 
 
+def _concurrent_rate(fn, images_per_call: int, calls_at_once: int, *, seconds: float) -> tuple[float, float, int]:
+    """(images/s, median seconds per call, calls) with ``calls_at_once`` threads calling ``fn``."""
+    if calls_at_once == 1:
+        times = _timed(fn, seconds=seconds)
+        median = statistics.median(times)
+        return images_per_call / median, median, len(times)
+    with ThreadPoolExecutor(calls_at_once) as pool:
+        per_thread = list(pool.map(lambda _: _timed(fn, seconds=seconds), range(calls_at_once)))
+    times = [t for ts in per_thread for t in ts]
+    # Each thread's calls ran back to back: the slowest thread's total is the wall time.
+    wall = max(sum(ts) for ts in per_thread)
+    return images_per_call * len(times) / wall, statistics.median(times), len(times)
+
+
 def model_ceiling(
     package: ModelPackage, backends: Sequence[str], batch_sizes: Sequence[int], *, seconds: float,
-    device: str = "auto", precisions: Sequence[str] = ("fp32",),
+    device: str = "auto", precisions: Sequence[str] = ("fp32",), splits: Sequence[tuple[int, int]] = ((1, 0),),
 ) -> list[dict[str, Any]]:
     """The runtime alone on preprocessed uint8 batches: images/s per batch size, for each
-    backend at each of ``precisions`` the package has."""
+    backend at each of ``precisions`` the package has, and for each split of the cores in
+    ``splits``: (model calls at once, intra-op threads per call; 0: the runtime's default)."""
     rows = []
     shape = (3, package.card.input.height, package.card.input.width)
     for backend in backends:
         for precision in (p for p in precisions if p in package.precisions(backend)):
-            runtime = load_runtime(package, backend, device=device, precision=precision)
-            for bs in progress(batch_sizes, desc=f"ceiling {backend} {precision}"):
-                x = np.random.default_rng(0).integers(0, 256, (bs, *shape), dtype=np.uint8)
-                times = _timed(lambda x=x, rt=runtime: rt.predict(x), seconds=seconds)
-                median = statistics.median(times)
-                rows.append({"backend": backend, "precision": precision, "device": runtime.device,
-                             "batch_size": bs, "median_s": median, "images_per_s": bs / median,
-                             "runs": len(times)})
+            for calls, threads in splits:
+                runtime = load_runtime(package, backend, device=device, precision=precision,
+                                       intra_op_threads=threads or None)
+                for bs in progress(batch_sizes, desc=f"ceiling {backend} {precision} {calls}x{threads or 'auto'}"):
+                    x = np.random.default_rng(0).integers(0, 256, (bs, *shape), dtype=np.uint8)
+                    rate, median, runs = _concurrent_rate(lambda x=x, rt=runtime: rt.predict(x), bs, calls,
+                                                          seconds=seconds)
+                    rows.append({"backend": backend, "precision": precision, "device": runtime.device,
+                                 "model_threads": calls, "threads": threads or None, "batch_size": bs,
+                                 "median_s": median, "images_per_s": rate, "runs": runs})
     return rows
 
 
 def offline_pipeline(
-    clf: Classifier, images: Sequence[bytes], *, tta: str, batch_size: int, threads: int, seconds: float
+    clf: Classifier, images: Sequence[bytes], *, tta: str, batch_size: int, threads: int, seconds: float,
+    model_threads: int = 1,
 ) -> dict[str, Any]:
     """Decode + preprocess + model, no HTTP: the best this process does, as a batch job would.
 
     ``images`` repeat as one long stream: a thread pool decodes (on the device when ``clf``
     decodes there) up to two batches ahead while the model runs full batches of
-    ``batch_size`` images. The clock starts after the first batch (warm-up) and runs for
-    ``seconds`` and at least three batches, so the figure is the steady state: decoding
-    overlapped with the model, every model call a full batch. (Timing whole passes over the
-    nine bench images, as this did before, ran the model on one partial batch per pass.)
+    ``batch_size`` images, up to ``model_threads`` calls at once (as the server runs them).
+    The clock starts after the first batch (warm-up) and runs for ``seconds`` and at least
+    three batches, so the figure is the steady state: decoding overlapped with the model,
+    every model call a full batch. (Timing whole passes over the nine bench images, as this
+    did before, ran the model on one partial batch per pass.)
     """
     k = clf.preprocessor.crops_per_image(tta)
     ahead: deque[Future[Any]] = deque()
+    running: deque[Future[Any]] = deque()
     fed = 0
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(threads) as pool, ThreadPoolExecutor(model_threads) as model:
 
         def feed() -> None:
             nonlocal fed
             ahead.append(pool.submit(clf.crops, images[fed % len(images)], tta))
             fed += 1
 
-        for _ in range(2 * batch_size + threads):
+        for _ in range((1 + model_threads) * batch_size + threads):
             feed()
         start, done, batches = 0.0, 0, 0
         while True:
@@ -80,7 +100,10 @@ def offline_pipeline(
             for _ in range(batch_size):
                 batch.append(ahead.popleft().result())
                 feed()
-            clf.runtime.predict(concat_rows(batch), crops_per_image=k)
+            running.append(model.submit(clf.runtime.predict, concat_rows(batch), crops_per_image=k))
+            if len(running) < model_threads:
+                continue
+            running.popleft().result()
             batches += 1
             if batches == 1:
                 start = time.perf_counter()
@@ -89,10 +112,10 @@ def offline_pipeline(
             elapsed = time.perf_counter() - start
             if elapsed >= seconds and batches >= 4:
                 break
-        for f in ahead:
+        for f in [*ahead, *running]:
             f.cancel()
-    return {"tta": tta, "batch_size": batch_size, "threads": threads, "images": done,
-            "seconds": elapsed, "images_per_s": done / elapsed, "batches": batches - 1}
+    return {"tta": tta, "batch_size": batch_size, "threads": threads, "model_threads": model_threads,
+            "images": done, "seconds": elapsed, "images_per_s": done / elapsed, "batches": batches - 1}
 
 
 def decode_share(clf: Classifier, images: Sequence[bytes], tta: str) -> dict[str, float]:

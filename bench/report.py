@@ -43,11 +43,26 @@ def dumps(results: Any) -> str:
     return json.dumps(_finite(results), indent=2, allow_nan=False) + "\n"
 
 
+def _split(r: dict[str, Any]) -> str:
+    """"calls at once x intra-op threads" (results before model threads ran one call)."""
+    return f"{r.get('model_threads', 1)} x {r.get('threads') or 'all'}"
+
+
+def _service(r: dict[str, Any]) -> str:
+    return f"{r['service']} ({r['workers']} workers)" if r.get("workers", 1) > 1 else r["service"]
+
+
 def _ceiling(model: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Header and rows of the model-ceiling table (results before fp16 files were fp32)."""
-    return (["backend", "precision", "device", "batch", "img/s", "ms/batch"],
-            [[r["backend"], r.get("precision", "fp32"), r["device"], r["batch_size"], r["images_per_s"],
+    return (["backend", "precision", "device", "calls x threads", "batch", "img/s", "ms/batch"],
+            [[r["backend"], r.get("precision", "fp32"), r["device"], _split(r), r["batch_size"], r["images_per_s"],
               1000 * r["median_s"]] for r in model["ceiling"]])
+
+
+def _offline(model: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    return (["tta", "batch", "decode threads", "model calls", "img/s"],
+            [[r["tta"], r["batch_size"], r["threads"], r.get("model_threads", 1), r["images_per_s"]]
+             for r in model["offline"]])
 
 
 def render(results: dict[str, Any]) -> str:
@@ -57,9 +72,8 @@ def render(results: dict[str, Any]) -> str:
         out.append(table(f"[{name}] model ceiling (runtime alone, uint8 batches)", *_ceiling(model)))
         decode = model.get("decode", "pillow")
         out.append(table(f"[{name}] offline pipeline (decode with {decode} + preprocess + model, no HTTP)",
-                          ["tta", "batch", "threads", "img/s"],
-                          [[r["tta"], r["batch_size"], r["threads"], r["images_per_s"]] for r in model["offline"]]))
-        rows = [[r["service"], r["tta"], r["concurrency"], r["throughput"], r["p50_ms"], r["p95_ms"],
+                          *_offline(model)))
+        rows = [[_service(r), r["tta"], r["concurrency"], r["throughput"], r["p50_ms"], r["p95_ms"],
                  r["p99_ms"], r.get("shed_503", 0), r["errors"]] for r in model["http"]]
         out.append(table(f"[{name}] HTTP under closed-loop load",
                           ["service", "tta", "conc", "req/s", "p50 ms", "p95 ms", "p99 ms", "503", "errors"], rows))
@@ -107,7 +121,7 @@ def _plot(results: dict[str, Any], path: Path) -> Path | None:
     for (ax1, ax2), model in zip(axes, models, strict=True):
         series: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in model["http"]:
-            series.setdefault((r["service"], r["tta"]), []).append(r)
+            series.setdefault((_service(r), r["tta"]), []).append(r)
         for (service, tta), rows in series.items():
             xs = [r["concurrency"] for r in rows]
             label = f"{service} ({tta})"
@@ -137,14 +151,13 @@ def markdown(results: dict[str, Any]) -> str:
     for model in results["models"]:
         out += [f"### {model['model']} ({model['input']})", "", "Model ceiling (runtime alone):", "",
                 _md(*_ceiling(model)), "", "Offline pipeline (decode + preprocess + model):", "",
-                _md(["tta", "batch", "threads", "img/s"],
-                    [[r["tta"], r["batch_size"], r["threads"], r["images_per_s"]] for r in model["offline"]]),
+                _md(*_offline(model)),
                 "", "Single-threaded time per image: " + "; ".join(
                     f"{tta}: decode {v['decode_ms']:.1f} ms, crops {v['preprocess_ms']:.1f} ms, model {v['model_ms']:.1f} ms"
                     for tta, v in model["time_per_image_single_thread"].items()), "",
                 "HTTP, closed-loop load:", "",
                 _md(["service", "tta", "concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "503", "other non-200"],
-                    [[r["service"], r["tta"], r["concurrency"], r["throughput"], r["p50_ms"], r["p95_ms"],
+                    [[_service(r), r["tta"], r["concurrency"], r["throughput"], r["p50_ms"], r["p95_ms"],
                       r["p99_ms"], r.get("shed_503", 0), r["errors"]] for r in model["http"]]), ""]
         r = model["ratios"]
         out += [f"Ratios: sota-serve / LitServe **{_x(r.get('to_litserve'))}** plain,"

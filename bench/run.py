@@ -51,6 +51,21 @@ class BenchConfig:
     precision: str = "auto"
     #: TTA policies measured (offline, HTTP, LitServe); "none" always comes first
     policies: tuple[str, ...] = ("none", "five_crop")
+    #: LitServe inference processes (workers_per_device) tried, each with its share of the
+    #: cores; the ratios use the best. None: 1 and one per core on a CPU, 1 and 4 on a GPU
+    litserve_workers: tuple[int, ...] | None = None
+
+    def settings(self, device: str) -> Settings:
+        """The server's settings with ``server_env`` applied, so the offline pipeline splits
+        the cores as the server does."""
+        given = {k.removeprefix("SOTA_SERVE_").lower(): v for k, v in self.server_env.items()
+                 if k.startswith("SOTA_SERVE_")}
+        return Settings(**{**given, "device": device})
+
+    def peers(self, device: str) -> tuple[int, ...]:
+        if self.litserve_workers:
+            return self.litserve_workers
+        return tuple(sorted({1, 4 if device == "cuda" else os.cpu_count() or 1}))
 
     @classmethod
     def quick_mode(cls, **kwargs: Any) -> BenchConfig:
@@ -97,6 +112,7 @@ def _ratios(offline: list[dict[str, Any]], http: list[dict[str, Any]]) -> dict[s
         "to_litserve": ours["throughput"] / lit["throughput"] if ours and lit else nan,
         "to_litserve_five_crop": ours5["throughput"] / lit5["throughput"] if ours5 and lit5 else nan,
         "litserve_best_concurrency": lit["concurrency"] if lit else None,
+        "litserve_best_workers": lit.get("workers", 1) if lit else None,
         "to_naive": at_naive_p99["throughput"] / naive["throughput"] if naive and at_naive_p99 else nan,
         "naive_best_concurrency": naive["concurrency"] if naive else None,
         "naive_best_p99_ms": naive["p99_ms"] if naive else None,
@@ -129,22 +145,28 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
     log.info("[%s] model ceiling", name)
     batch_sizes = cfg.batch_sizes + ((128, 256) if device == "cuda" and not cfg.quick else ())
     served_precision = choose(package.card, package.artifacts, formats.DEFAULT, device, cfg.precision)
+    plan = cfg.settings(device).plan()
+    # The server's split of the cores, and one call over all cores (the runtime's default).
+    split = (plan.model_threads, plan.threads)
+    splits = [(1, 0), split] if split[0] > 1 else [(1, 0)]
     ceiling = model_ceiling(package, cfg.backends, batch_sizes, seconds=cfg.ceiling_seconds, device=device,
-                            precisions=sorted({"fp32", served_precision}))
-    served = [r for r in ceiling if r["backend"] == formats.DEFAULT and r["precision"] == served_precision]
+                            precisions=sorted({"fp32", served_precision}), splits=splits)
+    served = [r for r in ceiling if r["backend"] == formats.DEFAULT and r["precision"] == served_precision
+              and (r["model_threads"], r["threads"] or 0) == splits[-1]]
     best_bs = max(served, key=lambda r: r["images_per_s"])["batch_size"]
 
     decode = Settings(decode=cfg.decode).decoder(device)
-    log.info("[%s] offline pipeline (decode: %s, %s)", name, decode, served_precision)
+    log.info("[%s] offline pipeline (decode: %s, %s, %d model calls at once)", name, decode, served_precision,
+             splits[-1][0])
     clf = Classifier.open(package_dir, device=device, jpeg_draft=cfg.jpeg_draft, batch_size=best_bs,
-                          decode=decode, precision=served_precision)
+                          decode=decode, precision=served_precision, intra_op_threads=splits[-1][1] or None)
     data = [p.read_bytes() for p in images]
     threads = os.cpu_count() or 1
     policies = ["none", *(p for p in cfg.policies if p != "none")]
     for policy in policies:
         clf.preprocessor.crops_per_image(policy)  # refuse a policy the card lacks before measuring
     offline = [offline_pipeline(clf, data, tta=tta, batch_size=max(1, best_bs // CROPS_PER_IMAGE[tta]),
-                                threads=threads, seconds=cfg.seconds / 2)
+                                threads=threads, seconds=cfg.seconds / 2, model_threads=splits[-1][0])
                for tta in policies]
     breakdown = {tta: decode_share(clf, data, tta) for tta in policies}
     del clf
@@ -161,12 +183,13 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
                                  **cfg.load(f"{server.url}/classify", images, c, tta)})
         if cfg.litserve:
             for tta in policies:
-                with Server.litserve(package_dir, tta=tta, precision=served_precision,
-                                     max_batch_size=max(1, best_bs // CROPS_PER_IMAGE[tta])) as server:
-                    for c in cfg.concurrency:
-                        log.info("[%s] HTTP litserve tta=%s concurrency=%d", name, tta, c)
-                        http.append({"service": "litserve", "tta": tta,
-                                     **cfg.load(f"{server.url}/classify", images, c, None)})
+                for workers in cfg.peers(device):
+                    with Server.litserve(package_dir, tta=tta, precision=served_precision, workers=workers,
+                                         max_batch_size=max(1, best_bs // CROPS_PER_IMAGE[tta])) as server:
+                        for c in cfg.concurrency:
+                            log.info("[%s] HTTP litserve (%d workers) tta=%s concurrency=%d", name, workers, tta, c)
+                            http.append({"service": "litserve", "workers": workers, "tta": tta,
+                                         **cfg.load(f"{server.url}/classify", images, c, None)})
         if cfg.naive:
             with Server(package_dir, target="bench.naive_service:NaiveClassifier") as server:
                 for c in cfg.concurrency:

@@ -67,10 +67,12 @@ class Server:
 
     @classmethod
     def litserve(cls, model: str | Path, *, tta: str = "none", max_batch_size: int = 32,
-                 precision: str = "auto") -> Server:
-        """The LitServe peer (bench/litserve_peer.py) on the same package."""
+                 precision: str = "auto", workers: int = 1) -> Server:
+        """The LitServe peer (bench/litserve_peer.py) on the same package, with ``workers``
+        inference processes that share the cores."""
         command = [sys.executable, "-m", "bench.litserve_peer", str(model), "--port", "{port}",
-                   "--tta", tta, "--max-batch-size", str(max_batch_size), "--precision", precision]
+                   "--tta", tta, "--max-batch-size", str(max_batch_size), "--precision", precision,
+                   "--workers-per-device", str(workers)]
         return cls(model, command=command, ready_path="/health")
 
     def output(self) -> str:

@@ -70,7 +70,8 @@ class Engine:
         package = open_package(model_dir(self.model))
         self.classes = package.card.num_classes
         # The workers admit requests; this one only tracks the costs it measures.
-        admission = Admission(max_wait_s=float("inf"), max_in_flight=1 << 30, decode_threads=PLAN.decode_threads)
+        admission = Admission(max_wait_s=float("inf"), max_in_flight=1 << 30, decode_threads=PLAN.decode_threads,
+                              model_threads=PLAN.model_threads)
         self.pipeline = LocalPipeline.build(package, SETTINGS, PLAN, admission, observer=observe_batch)
         _INSTANCE["engine"] = self
         log.info("engine ready: %s on %s, %s, decode %s", package.card.tag, PLAN.device,

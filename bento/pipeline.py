@@ -85,7 +85,7 @@ class LocalPipeline:
             runtime.warmup(plan.max_batch_size_tta, k)
         admission.seconds_per_crop.add(_seconds_per_crop(runtime, plan.max_batch_size))
         batcher = DynamicBatcher(runtime, max_crops=max_crops, observer=observer,
-                                 seconds_per_crop=admission.seconds_per_crop)
+                                 seconds_per_crop=admission.seconds_per_crop, model_threads=plan.model_threads)
         limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels,
                               max_aspect_ratio=settings.max_aspect_ratio)
         pre = Preprocessor.from_card(card, limits=limits, jpeg_draft=settings.jpeg_draft)

@@ -39,7 +39,7 @@ FILE_FIELDS = {"/classify": "image", "/classify_batch": "images"}
 ROUTES = DirectRoutes(FILE_FIELDS)
 # One per worker process (each imports this module): the guard and the handler share it.
 ADMISSION = Admission(max_wait_s=SETTINGS.max_wait_s, max_in_flight=SETTINGS.max_in_flight,
-                      decode_threads=PLAN.decode_threads, on_shed=count_shed)
+                      decode_threads=PLAN.decode_threads, model_threads=PLAN.model_threads, on_shed=count_shed)
 
 
 # Per-request overheads measured on 2 cores (demo model, 32 clients), both settings, off by

@@ -1,8 +1,9 @@
 """Service settings, read once from ``SOTA_SERVE_*`` environment variables.
 
 Knobs left unset are sized to the machine (:meth:`Settings.plan`): one worker process that
-owns all cores on a CPU, several workers sharing one GPU (each decodes on its own cores; on
-an H100, 8 workers served 1.5x what 4 did), batch sizes from the device.
+owns all cores on a CPU, running one single-threaded model call per core at once; several
+workers sharing one GPU (each decodes on its own cores; on an H100, 8 workers served 1.5x
+what 4 did), one model call at a time each; batch sizes from the device.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ class Settings(BaseSettings):
     workers: int | None = Field(default=None, ge=1, le=64)
     #: decode/preprocess threads per worker (Pillow releases the GIL)
     decode_threads: int | None = Field(default=None, ge=1, le=256)
-    #: ORT / torch intra-op threads per worker
+    #: ORT / torch intra-op threads per model call
     threads: int | None = Field(default=None, ge=1, le=256)
+    #: model calls (batches) that run at once per worker, each on its own thread; on a CPU,
+    #: one single-threaded call per core outran one call over all cores (BENCHMARKS.md)
+    model_threads: int | None = Field(default=None, ge=1, le=64)
     #: images per device call (plain); five-crop calls hold max_batch_size_tta images = 5x crops
     max_batch_size: int | None = Field(default=None, ge=1, le=1024)
     max_batch_size_tta: int | None = Field(default=None, ge=1, le=256)
@@ -79,16 +83,33 @@ class Settings(BaseSettings):
         workers = self.workers or (max(1, min(8, cores // 2)) if device == "cuda" else 1)
         per_worker = max(1, cores // workers)
         engine = self.engine == "on"
+        model_threads, threads = self._model_threads(device, per_worker)
         return Plan(
             device=device,
             engine=engine,
             workers=workers,
             # The engine decodes for every worker: it gets the cores' worth of threads.
             decode_threads=self.decode_threads or (cores if engine else per_worker),
-            threads=self.threads or (1 if device == "cuda" else per_worker),
+            threads=threads,
+            model_threads=model_threads,
             max_batch_size=self.max_batch_size or (128 if device == "cuda" else 32),
             max_batch_size_tta=self.max_batch_size_tta or (32 if device == "cuda" else 8),
         )
+
+    def _model_threads(self, device: Device, cores: int) -> tuple[int, int]:
+        """(model calls at once, intra-op threads per call) for a worker with ``cores``.
+
+        A GPU runs one call at a time per worker (its kernels queue on one stream anyway).
+        A CPU's cores go to calls rather than to intra-op threads unless told otherwise.
+        """
+        if device == "cuda":
+            return self.model_threads or 1, self.threads or 1
+        if self.model_threads and self.threads:
+            return self.model_threads, self.threads
+        if self.threads:
+            return max(1, cores // self.threads), self.threads
+        model_threads = self.model_threads or cores
+        return model_threads, max(1, cores // model_threads)
 
     def decoder(self, device: Device) -> str:
         """``pillow`` or ``torchvision``, for the process that runs the model (asked there
@@ -112,7 +133,10 @@ class Plan:
     engine: bool
     workers: int
     decode_threads: int
+    #: intra-op threads per model call
     threads: int
+    #: model calls at once per worker
+    model_threads: int
     max_batch_size: int
     max_batch_size_tta: int
 

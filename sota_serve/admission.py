@@ -13,7 +13,8 @@ The estimate has two parts, both from measured costs:
   more predictably than per image) times the bytes admitted and not yet decoded. The size of
   a request is known at the door from its ``Content-Length``, so a burst is accounted for
   the moment it arrives, before any of it has been decoded;
-- the model: seconds per crop times the crops queued or running;
+- the model: seconds per crop times the crops queued or running, divided by the model calls
+  that run at once (the batcher's ``model_threads``);
 
 and the drain time is the larger of the two, since the stages run at the same time.
 
@@ -46,11 +47,12 @@ class Ticket:
 
 
 class Admission:
-    def __init__(self, *, max_wait_s: float, max_in_flight: int, decode_threads: int,
+    def __init__(self, *, max_wait_s: float, max_in_flight: int, decode_threads: int, model_threads: int = 1,
                  seconds_per_crop: Ewma | None = None, seconds_per_byte: Ewma | None = None,
                  on_shed: Callable[[str], None] | None = None) -> None:
         self.on_shed = on_shed
         self.max_wait_s, self.max_in_flight, self.decode_threads = max_wait_s, max_in_flight, decode_threads
+        self.model_threads = model_threads
         self.seconds_per_crop = seconds_per_crop or Ewma()
         self.seconds_per_byte = seconds_per_byte or Ewma()
         self.in_flight = 0
@@ -72,7 +74,7 @@ class Admission:
         five-crop load at 512 clients while the true queue was 6.6 s, under the 10 s bound).
         """
         decode = (self.seconds_per_byte.value or 0.0) * self.pending_bytes / max(1, self.decode_threads)
-        model = (self.seconds_per_crop.value or 0.0) * self.pending_crops
+        model = (self.seconds_per_crop.value or 0.0) * self.pending_crops / max(1, self.model_threads)
         return max(decode, model)
 
     def retry_after(self) -> int:

@@ -1,9 +1,13 @@
 """Dynamic batching inside one process: concurrent callers' crops go to the device together.
 
 Callers ``await batcher.submit(crops, k, deadline)`` from an asyncio loop. One dispatcher task
-takes whatever is queued when the model is free (up to ``max_crops`` for its group size) and runs it as one
-``runtime.predict`` call in a dedicated thread, so the event loop keeps accepting requests
-while the device works. Nothing waits for a batch to fill: at low load a request runs at
+takes whatever is queued when a model thread is free (up to ``max_crops`` for its group size) and runs it as one
+``runtime.predict`` call on that thread, so the event loop keeps accepting requests
+while the device works. ``model_threads`` calls may run at once on one runtime (ORT sessions
+and TorchScript modules are safe to call concurrently): on a CPU, one single-threaded call
+per core beats one call spread over the cores by intra-op threads, whose every operator
+ends in a barrier that waits for the slowest core (measured on 2 cores: 1.2-1.4x for the
+demo and xresnet50 at batch 4-64; BENCHMARKS.md). Nothing waits for a batch to fill: at low load a request runs at
 once (batch of one), under load the queue that builds up while the model is busy becomes the
 next batch (continuous batching). Requests of each TTA group size k (1 plain, 2 flip, 5, 10)
 queue apart, since one device call averages one group size; the queue whose oldest request is
@@ -62,17 +66,22 @@ class Ewma:
 
 class DynamicBatcher:
     def __init__(self, runtime: Runtime, *, max_crops: int | Mapping[int, int],
-                 observer: BatchObserver | None = None, seconds_per_crop: Ewma | None = None) -> None:
-        """``max_crops``: crops per device call, one figure or one per group size k."""
+                 observer: BatchObserver | None = None, seconds_per_crop: Ewma | None = None,
+                 model_threads: int = 1) -> None:
+        """``max_crops``: crops per device call, one figure or one per group size k.
+        ``model_threads``: device calls that may run at once."""
         caps = max_crops.values() if isinstance(max_crops, Mapping) else [max_crops]
         if min(caps) < 1:
             raise ValueError(f"max_crops must be >= 1, got {max_crops}")
+        if model_threads < 1:
+            raise ValueError(f"model_threads must be >= 1, got {model_threads}")
         self.runtime, self.max_crops, self.observer = runtime, max_crops, observer
+        self.model_threads = model_threads
         self._queues: dict[int, deque[_Item]] = {}
         self._wakeup = asyncio.Event()
-        # One thread owns the model: ORT/torch parallelize inside a call, and calls never overlap.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="sota-model")
+        self._model_pool = ThreadPoolExecutor(model_threads, thread_name_prefix="sota-model")
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self.seconds_per_crop = seconds_per_crop or Ewma()
         self.batches = 0
 
@@ -128,35 +137,44 @@ class DynamicBatcher:
         return batch
 
     async def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
+        # A batch is taken only when a model thread is free: until then the queue grows, and
+        # becomes the next (larger) batch.
+        free = asyncio.Semaphore(self.model_threads)
         while True:
+            await free.acquire()
             batch = self._next_batch()
-            if not batch:
+            while not batch:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                continue
-            k = batch[0].k
-            x = concat_rows([it.crops for it in batch])
-            started = time.perf_counter()
-            try:
-                probs = await loop.run_in_executor(self._model_thread, self._predict, x, k)
-            except Exception as e:  # a model failure fails this batch only, typed for the caller
-                log.exception("model call failed for a batch of %d crops", x.shape[0])
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(e)
-                continue
-            elapsed = time.perf_counter() - started
-            self.seconds_per_crop.add(elapsed / x.shape[0])
-            self.batches += 1
-            if self.observer:
-                self.observer(k, x.shape[0] // k, x.shape[0], elapsed)
-            row = 0
+                batch = self._next_batch()
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            task.add_done_callback(lambda _: free.release())
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        k = batch[0].k
+        x = concat_rows([it.crops for it in batch])
+        started = time.perf_counter()
+        try:
+            probs = await asyncio.get_running_loop().run_in_executor(self._model_pool, self._predict, x, k)
+        except Exception as e:  # a model failure fails this batch only, typed for the caller
+            log.exception("model call failed for a batch of %d crops", x.shape[0])
             for it in batch:
-                n = it.images
                 if not it.future.done():
-                    it.future.set_result(probs[row : row + n])
-                row += n
+                    it.future.set_exception(e)
+            return
+        elapsed = time.perf_counter() - started
+        self.seconds_per_crop.add(elapsed / x.shape[0])
+        self.batches += 1
+        if self.observer:
+            self.observer(k, x.shape[0] // k, x.shape[0], elapsed)
+        row = 0
+        for it in batch:
+            n = it.images
+            if not it.future.done():
+                it.future.set_result(probs[row : row + n])
+            row += n
 
     def _predict(self, x: Any, k: int) -> np.ndarray:
         return self.runtime.predict(x, crops_per_image=k)
@@ -164,4 +182,6 @@ class DynamicBatcher:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        for task in list(self._running):
+            task.cancel()
+        self._model_pool.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import numpy as np
@@ -26,11 +27,20 @@ class CountingRuntime:
 
     def __init__(self, runtime, delay_s: float = 0.0) -> None:
         self.runtime, self.delay_s, self.calls = runtime, delay_s, []
+        self.active = self.most_at_once = 0
+        self._lock = threading.Lock()
 
     def predict(self, x: np.ndarray, *, crops_per_image: int = 1) -> np.ndarray:
-        self.calls.append((x.shape[0], crops_per_image))
-        time.sleep(self.delay_s)  # holds the model thread, so that later requests queue up
-        return self.runtime.predict(x, crops_per_image=crops_per_image)
+        with self._lock:
+            self.calls.append((x.shape[0], crops_per_image))
+            self.active += 1
+            self.most_at_once = max(self.most_at_once, self.active)
+        try:
+            time.sleep(self.delay_s)  # holds the model thread, so that later requests queue up
+            return self.runtime.predict(x, crops_per_image=crops_per_image)
+        finally:
+            with self._lock:
+                self.active -= 1
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +147,30 @@ def test_a_failing_batch_fails_its_requests_only(runtime, crops):
     assert _run(main()).shape == (1, 3)
 
 
+@pytest.mark.parametrize("model_threads", [1, 2, 3])
+def test_model_threads_run_that_many_batches_at_once_and_stay_exact(tiny_package, crops, model_threads):
+    """One ORT session called from several threads at once (single-threaded calls, as the
+    server runs them on a CPU): every request still gets its own exact rows."""
+    five, plain = crops
+    runtime = load_runtime(open_package(tiny_package), "onnx", device="cpu", intra_op_threads=1)
+    counting = CountingRuntime(runtime, delay_s=0.03)
+
+    async def main():
+        batcher = DynamicBatcher(counting, max_crops={1: 4, 5: 10}, model_threads=model_threads)
+        deadline = time.monotonic() + 30
+        jobs = [batcher.submit(plain[i % 3][None], 1, deadline) if i % 4 else
+                batcher.submit(five[i % 3], 5, deadline) for i in range(40)]
+        return await asyncio.gather(*jobs)
+
+    results = _run(main())
+    expected_plain, expected_five = runtime.predict(plain), runtime.predict(five.reshape(-1, *plain.shape[1:]),
+                                                                               crops_per_image=5)
+    for i, probs in enumerate(results):
+        np.testing.assert_allclose(probs[0], (expected_five if i % 4 == 0 else expected_plain)[i % 3], atol=1e-6)
+    assert counting.most_at_once == model_threads
+    assert sum(n // k for n, k in counting.calls) == 40
+
+
 def test_model_time_per_crop_is_measured(runtime, crops):
     _, plain = crops
     batcher_holder = {}
@@ -167,6 +201,19 @@ def test_admission_sheds_when_the_queue_cannot_drain_in_time():
         adm.computed(ticket)
         adm.leave(ticket)
     assert adm.enter(0) and adm.shed == 1
+
+
+def test_admission_counts_model_calls_that_run_at_once():
+    """Two model threads drain the same queue in half the time: twice the crops get in."""
+    admitted = {}
+    for model_threads in (1, 2):
+        adm = Admission(max_wait_s=1.0, max_in_flight=1000, decode_threads=2, model_threads=model_threads)
+        adm.seconds_per_crop.add(0.1)  # per crop and call; calls overlap
+        with pytest.raises(OverloadedError):
+            while True:
+                adm.charge(adm.enter(0), 1)
+        admitted[model_threads] = adm.in_flight
+    assert admitted == {1: 11, 2: 21}
 
 
 def test_admission_caps_requests_in_flight_whatever_the_estimates():

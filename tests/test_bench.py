@@ -1,6 +1,7 @@
 """The benchmark's quick mode runs end to end (no timing is asserted)."""
 
 import json
+import os
 
 import pytest
 
@@ -11,7 +12,8 @@ from bench.report import dumps, markdown, render
 @pytest.mark.slow
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     policies = ["none", "flip", "five_crop", "ten_crop"]
-    assert main_args(["--quick", "--out", str(tmp_path), "--name", "quick", "--tta", ",".join(policies)]) == 0
+    argv = ["--quick", "--out", str(tmp_path), "--name", "quick", "--tta", ",".join(policies), "--litserve-workers", "2"]
+    assert main_args(argv) == 0
     out = capsys.readouterr().out
     assert "model ceiling" in out and "offline pipeline" in out and "HTTP under closed-loop load" in out
     assert "cost of each TTA policy" in out
@@ -23,6 +25,13 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert results["http_img_per_s_plain"] > 0 and results["ceiling_img_per_s"] > 0
     model = results["models"][0]
     assert {r["service"] for r in model["http"]} == {"sota-serve", "naive", "litserve"}
+    assert {r["workers"] for r in model["http"] if r["service"] == "litserve"} == {2}
+    assert model["ratios"]["litserve_best_workers"] == 2
+    # The ceiling is measured as the server splits the cores, and as one call over all of them.
+    cores = os.cpu_count() or 1
+    assert {(r["model_threads"], r["threads"]) for r in model["ceiling"]} == (
+        {(1, None), (cores, 1)} if cores > 1 else {(1, None)})
+    assert {r["model_threads"] for r in model["offline"]} == {cores}
     assert {r["tta"] for r in model["http"] if r["service"] == "sota-serve"} == set(policies)
     per_policy = model["ratios"]["per_policy"]
     assert list(per_policy) == policies
@@ -57,15 +66,20 @@ def test_results_without_a_peer_are_strict_json_and_still_render():
 
 @pytest.mark.slow
 def test_alternating_rounds_against_litserve(tmp_path, capsys):
-    """bench.ab: both servers answer every round; the ratio is per round and its median."""
+    """bench.ab: every server answers every round; a round's ratio is against the best LitServe
+    configuration of that round, and the headline is the median of those."""
     from bench.ab import main
 
     argv = ["--model", "tiny", "--tta", "none", "--concurrency", "4", "--rounds", "2", "--seconds", "1",
-            "--warmup", "0.5", "--out", str(tmp_path), "--name", "ab"]
+            "--warmup", "0.5", "--litserve-workers", "1,2", "--out", str(tmp_path), "--name", "ab"]
     assert main(argv) == 0
-    assert "ratio" in capsys.readouterr().out
+    assert "ratio to best" in capsys.readouterr().out
     result = json.loads((tmp_path / "ab.json").read_text(), parse_constant=_refuse)
     none = result["policies"]["none"]
-    assert [len(none["rounds"][s]) for s in ("sota-serve", "litserve")] == [2, 2]
+    peers = ("litserve", "litserve (2 workers)")
+    assert [len(none["rounds"][s]) for s in ("sota-serve", *peers)] == [2, 2, 2]
     assert all(r["throughput"] > 0 and r["errors"] == 0 for rs in none["rounds"].values() for r in rs)
-    assert none["median_ratio"] == pytest.approx(sorted(none["ratios"])[0] / 2 + sorted(none["ratios"])[1] / 2)
+    by_peer = none["ratios_by_peer"]
+    assert sorted(by_peer) == sorted(peers)
+    assert none["ratios"] == [min(a, b) for a, b in zip(*by_peer.values(), strict=True)]
+    assert none["median_ratio"] == pytest.approx(sum(none["ratios"]) / 2)

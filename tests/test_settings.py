@@ -7,11 +7,25 @@ from bento.settings import Settings, load_settings
 from sota_serve.errors import SotaServeError
 
 
-def test_cpu_plan_gives_one_worker_all_cores(monkeypatch):
+def test_cpu_plan_gives_one_worker_all_cores_as_single_threaded_model_calls(monkeypatch):
     monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 8)
     plan = Settings(device="cpu").plan()
-    assert (plan.device, plan.workers, plan.decode_threads, plan.threads) == ("cpu", 1, 8, 8)
+    assert (plan.device, plan.workers, plan.decode_threads) == ("cpu", 1, 8)
+    assert (plan.model_threads, plan.threads) == (8, 1)
     assert (plan.max_batch_size, plan.max_batch_size_tta) == (32, 8)
+
+
+@pytest.mark.parametrize(("given", "split"), [
+    ({"threads": 4}, (2, 4)),  # intra-op threads given: the cores left go to calls at once
+    ({"model_threads": 2}, (2, 4)),  # calls given: the cores are divided among them
+    ({"model_threads": 1}, (1, 8)),  # one call over all cores (the design before model threads)
+    ({"model_threads": 3, "threads": 3}, (3, 3)),  # both given: as given, even oversubscribed
+    ({"threads": 16}, (1, 16)),
+])
+def test_cpu_cores_split_between_model_calls_and_intra_op_threads(monkeypatch, given, split):
+    monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 8)
+    plan = Settings(device="cpu", **given).plan()
+    assert (plan.model_threads, plan.threads) == split
 
 
 def test_gpu_plan_shares_the_device_between_workers(monkeypatch):
@@ -19,7 +33,7 @@ def test_gpu_plan_shares_the_device_between_workers(monkeypatch):
     monkeypatch.setattr(settings_module, "resolve_device", lambda requested: "cuda")
     monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 16)
     plan = Settings().plan()
-    assert (plan.device, plan.workers, plan.decode_threads, plan.threads) == ("cuda", 8, 2, 1)
+    assert (plan.device, plan.workers, plan.decode_threads, plan.threads, plan.model_threads) == ("cuda", 8, 2, 1, 1)
     assert (plan.max_batch_size, plan.max_batch_size_tta) == (128, 32)
 
 
