@@ -44,27 +44,39 @@ def _round(server: Server, servers: list[Server], images: list[Path], tta: str |
     return {k: r[k] for k in ("throughput", "p50_ms", "p99_ms", "shed_503", "errors", "requests")}
 
 
+def _ratios(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[float]:
+    return [a["throughput"] / b["throughput"] if b["throughput"] else float("nan")
+            for a, b in zip(ours, theirs, strict=True)]
+
+
 def _peer_name(workers: int) -> str:
     return "litserve" if workers == 1 else f"litserve ({workers} workers)"
 
 
 def compare(package: Path, images: list[Path], *, policies: list[str], concurrency: int, rounds: int,
             seconds: float, warmup_s: float, processes: int | None, batch_size: int,
-            env: dict[str, str], litserve_workers: tuple[int, ...] = (1,)) -> dict[str, Any]:
+            env: dict[str, str], litserve_workers: tuple[int, ...] = (1,),
+            baseline_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Per policy: each round runs every server once (the order rotates between rounds); a
-    round's ratio is sota-serve's req/s over the best LitServe configuration's in that round."""
+    round's ratio is sota-serve's req/s over the best LitServe configuration's in that round.
+    ``baseline_env``: a second sota-serve with these settings (on top of ``env``) runs in the
+    same rounds, and ``ratios_to_baseline`` says what the first one's settings gain."""
     ours = Server(package, env=env)
+    baseline = Server(package, env={**env, **baseline_env}) if baseline_env else None
+    base_name = "sota-serve (" + ", ".join(f"{k}={v}" for k, v in (baseline_env or {}).items()) + ")"
     peers = {(tta, w): Server.litserve(package, tta=tta, workers=w,
                                        max_batch_size=max(1, batch_size // CROPS_PER_IMAGE[tta]))
              for tta in policies for w in litserve_workers}
-    servers = [ours, *peers.values()]
+    servers = [ours, *([baseline] if baseline else []), *peers.values()]
     try:
         for s in servers:
             s.wait_ready()
         out: dict[str, Any] = {}
         for tta in policies:
-            targets = {"sota-serve": (ours, tta), **{_peer_name(w): (peers[tta, w], None) for w in litserve_workers}}
+            targets = {"sota-serve": (ours, tta), **({base_name: (baseline, tta)} if baseline else {}),
+                       **{_peer_name(w): (peers[tta, w], None) for w in litserve_workers}}
             names = list(targets)
+            peer_names = [_peer_name(w) for w in litserve_workers]
             for server, param in targets.values():  # warm-up, not recorded
                 _round(server, servers, images, param, concurrency, warmup_s, processes)
             rows: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
@@ -73,15 +85,17 @@ def compare(package: Path, images: list[Path], *, policies: list[str], concurren
                 for name in names[i % len(names):] + names[: i % len(names)]:
                     server, param = targets[name]
                     rows[name].append(_round(server, servers, images, param, concurrency, seconds, processes))
-            by_peer = {name: [a["throughput"] / b["throughput"] if b["throughput"] else float("nan")
-                              for a, b in zip(rows["sota-serve"], rows[name], strict=True)]
-                       for name in names[1:]}
+            by_peer = {name: _ratios(rows["sota-serve"], rows[name]) for name in peer_names}
             ratios = [min(r) for r in zip(*by_peer.values(), strict=True)]  # against the round's best peer
             out[tta] = {"rounds": rows, "ratios": ratios, "median_ratio": statistics.median(ratios),
                         "ratios_by_peer": by_peer,
                         "median_ratio_by_peer": {n: statistics.median(r) for n, r in by_peer.items()},
                         "median_req_per_s": {n: statistics.median(r["throughput"] for r in rs)
                                              for n, rs in rows.items()}}
+            if baseline:
+                to_base = _ratios(rows["sota-serve"], rows[base_name])
+                out[tta] |= {"baseline": base_name, "ratios_to_baseline": to_base,
+                             "median_ratio_to_baseline": statistics.median(to_base)}
         return out
     finally:
         for s in servers:
@@ -94,6 +108,9 @@ def render(result: dict[str, Any]) -> str:
         rows = [[name, *(x["throughput"] for x in rs), r["median_req_per_s"][name]] for name, rs in r["rounds"].items()]
         label = "ratio" if len(r.get("ratios_by_peer", {})) < 2 else "ratio to best"
         rows.append([label, *(f"{x:.2f}x" for x in r["ratios"]), f"{r['median_ratio']:.2f}x"])
+        if "ratios_to_baseline" in r:
+            rows.append(["ratio to baseline", *(f"{x:.2f}x" for x in r["ratios_to_baseline"]),
+                         f"{r['median_ratio_to_baseline']:.2f}x"])
         errors = sum(x["errors"] for rs in r["rounds"].values() for x in rs)
         shed = sum(x["shed_503"] for rs in r["rounds"].values() for x in rs)
         header = ["", *(f"round {i + 1}" for i in range(len(r["ratios"]))), "median"]
@@ -118,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", default="imagenet", choices=("imagenet", "mix"))
     p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="a setting for sota-serve (repeatable)")
+    p.add_argument("--baseline-env", action="append", default=[], metavar="SOTA_SERVE_X=V",
+                   help="run a second sota-serve with this setting too (repeatable), in the same rounds")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", help="file stem (default: ab-<device>-<model>)")
     args = p.parse_args(argv)
@@ -134,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "package": str(package), "concurrency": args.concurrency,
               "seconds": args.seconds, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": machine_info(), "server_env": env,
+              "baseline_env": dict(kv.split("=", 1) for kv in args.baseline_env),
               "policies": compare(package, images, policies=policies, concurrency=args.concurrency,
                                   rounds=args.rounds, seconds=args.seconds, warmup_s=args.warmup,
                                   processes=args.processes, batch_size=args.max_batch_size,
-                                  env=env, litserve_workers=workers)}
+                                  env=env, litserve_workers=workers,
+                                  baseline_env=dict(kv.split("=", 1) for kv in args.baseline_env))}
     print(render(result))
     write_json(result, Path(args.out) / f"{args.name or f'ab-{device}-{Path(args.model).name}'}.json")
     return 0

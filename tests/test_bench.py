@@ -71,13 +71,17 @@ def test_alternating_rounds_against_litserve(tmp_path, capsys):
     from bench.ab import main
 
     argv = ["--model", "tiny", "--tta", "none", "--concurrency", "4", "--rounds", "2", "--seconds", "1",
-            "--warmup", "0.5", "--litserve-workers", "1,2", "--out", str(tmp_path), "--name", "ab"]
+            "--warmup", "0.5", "--litserve-workers", "1,2", "--baseline-env", "SOTA_SERVE_MODEL_THREADS=1",
+            "--out", str(tmp_path), "--name", "ab"]
     assert main(argv) == 0
-    assert "ratio to best" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "ratio to best" in shown and "ratio to baseline" in shown
     result = json.loads((tmp_path / "ab.json").read_text(), parse_constant=_refuse)
     none = result["policies"]["none"]
     peers = ("litserve", "litserve (2 workers)")
-    assert [len(none["rounds"][s]) for s in ("sota-serve", *peers)] == [2, 2, 2]
+    baseline = "sota-serve (SOTA_SERVE_MODEL_THREADS=1)"
+    assert none["baseline"] == baseline and len(none["ratios_to_baseline"]) == 2
+    assert [len(none["rounds"][s]) for s in ("sota-serve", baseline, *peers)] == [2, 2, 2, 2]
     assert all(r["throughput"] > 0 and r["errors"] == 0 for rs in none["rounds"].values() for r in rs)
     by_peer = none["ratios_by_peer"]
     assert sorted(by_peer) == sorted(peers)
