@@ -5,8 +5,9 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,22 @@ def _concurrent_rate(fn, images_per_call: int, calls_at_once: int, *, seconds: f
     return images_per_call * len(times) / wall, statistics.median(times), len(times)
 
 
+@contextmanager
+def _torch_threads_kept(backends: Sequence[str]) -> Iterator[None]:
+    """torch's intra-op thread count is per process: a TorchScript runtime opened with one
+    thread would leave every later torch call in this process (training, in a test run) on one."""
+    if "torchscript" not in backends:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def model_ceiling(
     package: ModelPackage, backends: Sequence[str], batch_sizes: Sequence[int], *, seconds: float,
     device: str = "auto", precisions: Sequence[str] = ("fp32",), splits: Sequence[tuple[int, int]] = ((1, 0),),
@@ -52,6 +69,14 @@ def model_ceiling(
     ``splits``: (model calls at once, intra-op threads per call; 0: the runtime's default)."""
     rows = []
     shape = (3, package.card.input.height, package.card.input.width)
+    with _torch_threads_kept(backends):
+        _ceilings(package, backends, batch_sizes, seconds, device, precisions, splits, shape, rows)
+    return rows
+
+
+def _ceilings(package: ModelPackage, backends: Sequence[str], batch_sizes: Sequence[int], seconds: float,
+              device: str, precisions: Sequence[str], splits: Sequence[tuple[int, int]], shape: tuple[int, ...],
+              rows: list[dict[str, Any]]) -> None:
     for backend in backends:
         for precision in (p for p in precisions if p in package.precisions(backend)):
             for calls, threads in splits:
@@ -64,7 +89,6 @@ def model_ceiling(
                     rows.append({"backend": backend, "precision": precision, "device": runtime.device,
                                  "model_threads": calls, "threads": threads or None, "batch_size": bs,
                                  "median_s": median, "images_per_s": rate, "runs": runs})
-    return rows
 
 
 def offline_pipeline(

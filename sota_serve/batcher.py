@@ -6,8 +6,8 @@ takes whatever is queued when a model thread is free (up to ``max_crops`` for it
 while the device works. ``model_threads`` calls may run at once on one runtime (ORT sessions
 and TorchScript modules are safe to call concurrently): on a CPU, one single-threaded call
 per core beats one call spread over the cores by intra-op threads, whose every operator
-ends in a barrier that waits for the slowest core (measured on 2 cores: 1.2-1.4x for the
-demo and xresnet50 at batch 4-64; BENCHMARKS.md). Nothing waits for a batch to fill: at low load a request runs at
+ends in a barrier that waits for the slowest core (measured on 2 cores, the server on the
+demo model: 1.10x five-crop, 1.02x plain; BENCHMARKS.md). Nothing waits for a batch to fill: at low load a request runs at
 once (batch of one), under load the queue that builds up while the model is busy becomes the
 next batch (continuous batching). Requests of each TTA group size k (1 plain, 2 flip, 5, 10)
 queue apart, since one device call averages one group size; the queue whose oldest request is

@@ -12,8 +12,12 @@ from bench.report import dumps, markdown, render
 @pytest.mark.slow
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     policies = ["none", "flip", "five_crop", "ten_crop"]
+    import torch
+
+    threads = torch.get_num_threads()
     argv = ["--quick", "--out", str(tmp_path), "--name", "quick", "--tta", ",".join(policies), "--litserve-workers", "2"]
     assert main_args(argv) == 0
+    assert torch.get_num_threads() == threads  # the single-threaded TorchScript ceiling leaves torch as it was
     out = capsys.readouterr().out
     assert "model ceiling" in out and "offline pipeline" in out and "HTTP under closed-loop load" in out
     assert "cost of each TTA policy" in out

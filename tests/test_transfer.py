@@ -66,8 +66,11 @@ def test_fine_tuning_from_a_state_dict_beats_scratch_at_equal_epochs(source, oth
     assert "slice(lr/100, lr)" in record.schedule and "from xresnet18-digits01234.pth" in transfer.limitations
     print(f"\nscratch:  {[(h.valid_loss, h.accuracy) for h in scratch.training.history]}"
           f"\ntransfer: {[(h.valid_loss, h.accuracy) for h in record.history]}")
-    assert transfer.training.history[-1].valid_loss < scratch.training.history[-1].valid_loss
-    assert transfer.metrics.accuracy >= scratch.metrics.accuracy
+    # After every epoch, the head-only one included, the loaded body gives a lower validation
+    # loss. Accuracy is not compared: at two epochs on 225 images both models sit near chance
+    # (0.2 for 5 classes) and their order flips between runs (0.16 vs 0.2 is 3 images of 75).
+    for t, s in zip(transfer.training.history, scratch.training.history, strict=True):
+        assert t.valid_loss < s.valid_loss, (t, s)
 
 
 def test_a_package_as_weights_brings_its_stats_and_lr_find_picks_the_rates(source, other_digits, tmp_path):
