@@ -154,12 +154,12 @@ class DynamicBatcher:
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         k = batch[0].k
-        x = concat_rows([it.crops for it in batch])
         started = time.perf_counter()
         try:
+            x = concat_rows([it.crops for it in batch])
             probs = await asyncio.get_running_loop().run_in_executor(self._model_pool, self._predict, x, k)
         except Exception as e:  # a model failure fails this batch only, typed for the caller
-            log.exception("model call failed for a batch of %d crops", x.shape[0])
+            log.exception("model call failed for a batch of %d crops", sum(it.crops.shape[0] for it in batch))
             for it in batch:
                 if not it.future.done():
                     it.future.set_exception(e)
