@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -45,19 +46,17 @@ def _concurrent_rate(fn, images_per_call: int, calls_at_once: int, *, seconds: f
 
 
 @contextmanager
-def _torch_threads_kept(backends: Sequence[str]) -> Iterator[None]:
+def _torch_threads_kept() -> Iterator[None]:
     """torch's intra-op thread count is per process: a TorchScript runtime opened with one
-    thread would leave every later torch call in this process (training, in a test run) on one."""
-    if "torchscript" not in backends:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
+    thread would leave every later torch call in this process (training, in a test run) on one.
+    Nothing to keep when torch was not imported yet: nothing in the process used it."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        if torch is not None:
+            torch.set_num_threads(before)
 
 
 def model_ceiling(
@@ -69,7 +68,7 @@ def model_ceiling(
     ``splits``: (model calls at once, intra-op threads per call; 0: the runtime's default)."""
     rows = []
     shape = (3, package.card.input.height, package.card.input.width)
-    with _torch_threads_kept(backends):
+    with _torch_threads_kept():
         _ceilings(package, backends, batch_sizes, seconds, device, precisions, splits, shape, rows)
     return rows
 
