@@ -4,11 +4,12 @@ On a shared 2-core machine the same server's throughput moves by 20-30 % between
 apart (the plain ratio to LitServe came out 1.60x, 1.34x and 1.15x on three days). A full
 ``python -m bench`` measures each server once, minutes apart. This starts both (one LitServe
 peer per TTA policy, since its policy is fixed at start), warms them up, then runs short
-closed-loop rounds, every server once per round in a rotating order, each server alone on the machine (the others are paused with
-SIGSTOP: an idle LitServe polls at ~0.18 of a core), and reports each round's req/s and the median of the
-per-round ratios, so a slow minute costs both servers alike. LitServe runs model calls at
-once only from several worker processes: each ``--litserve-workers`` figure is a peer of its
-own, and a round's ratio is against the best of them. Prints a table; writes JSON.
+closed-loop rounds, every server once per round in a rotating order, each server alone on the
+machine (the others are paused with SIGSTOP: an idle LitServe polls at ~0.18 of a core), and
+reports each round's req/s and the median of the per-round ratios, so a slow minute costs
+both servers alike. LitServe runs model calls at once only from several worker processes:
+each ``--litserve-workers`` figure is a peer of its own, and a round's ratio is against the
+best of them. Prints a table; writes JSON.
 
 ``python -m bench.ab --model demo --tta none,five_crop --concurrency 32 --rounds 4``
 """
@@ -16,7 +17,6 @@ own, and a round's ratio is against the best of them. Prints a table; writes JSO
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.images import image_set
 from bench.load import closed_loop
-from bench.report import table, write_json
+from bench.report import service_label, table, write_json
 from bench.run import BenchConfig, machine_info, package_for
 from bench.server import Server
 from sota_serve.progress import progress
@@ -49,10 +49,6 @@ def _ratios(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[fl
             for a, b in zip(ours, theirs, strict=True)]
 
 
-def _peer_name(workers: int) -> str:
-    return "litserve" if workers == 1 else f"litserve ({workers} workers)"
-
-
 def compare(package: Path, images: list[Path], *, policies: list[str], concurrency: int, rounds: int,
             seconds: float, warmup_s: float, processes: int | None, batch_size: int,
             env: dict[str, str], litserve_workers: tuple[int, ...] = (1,),
@@ -74,9 +70,9 @@ def compare(package: Path, images: list[Path], *, policies: list[str], concurren
         out: dict[str, Any] = {}
         for tta in policies:
             targets = {"sota-serve": (ours, tta), **({base_name: (baseline, tta)} if baseline else {}),
-                       **{_peer_name(w): (peers[tta, w], None) for w in litserve_workers}}
+                       **{service_label("litserve", w): (peers[tta, w], None) for w in litserve_workers}}
             names = list(targets)
-            peer_names = [_peer_name(w) for w in litserve_workers]
+            peer_names = [service_label("litserve", w) for w in litserve_workers]
             for server, param in targets.values():  # warm-up, not recorded
                 _round(server, servers, images, param, concurrency, warmup_s, processes)
             rows: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
@@ -131,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32,
                    help="LitServe's batch, in crops (divided by the crops per image of the policy)")
     p.add_argument("--litserve-workers", default=None,
-                   help="comma list of LitServe workers_per_device, each a peer (default: 1 and one per core)")
+                   help="comma list of LitServe workers_per_device, each a peer (default: 1 and one per core"
+                        " on a CPU, 1 and 4 on a GPU)")
     p.add_argument("--images", default="imagenet", choices=("imagenet", "mix"))
     p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="a setting for sota-serve (repeatable)")
@@ -147,18 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     images = image_set(cfg.images, cfg.cache / "images")
     policies = args.tta.split(",")
     env = dict(kv.split("=", 1) for kv in args.env)
-    workers = (tuple(int(w) for w in args.litserve_workers.split(",")) if args.litserve_workers
-               else tuple(sorted({1, os.cpu_count() or 1})))
+    baseline_env = dict(kv.split("=", 1) for kv in args.baseline_env)
+    if args.litserve_workers:
+        cfg.litserve_workers = tuple(int(w) for w in args.litserve_workers.split(","))
     device = machine_info()["device"]
     result = {"model": args.model, "package": str(package), "concurrency": args.concurrency,
               "seconds": args.seconds, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": machine_info(), "server_env": env,
-              "baseline_env": dict(kv.split("=", 1) for kv in args.baseline_env),
+              "baseline_env": baseline_env,
               "policies": compare(package, images, policies=policies, concurrency=args.concurrency,
                                   rounds=args.rounds, seconds=args.seconds, warmup_s=args.warmup,
                                   processes=args.processes, batch_size=args.max_batch_size,
-                                  env=env, litserve_workers=workers,
-                                  baseline_env=dict(kv.split("=", 1) for kv in args.baseline_env))}
+                                  env=env, litserve_workers=cfg.peers(device), baseline_env=baseline_env)}
     print(render(result))
     write_json(result, Path(args.out) / f"{args.name or f'ab-{device}-{Path(args.model).name}'}.json")
     return 0

@@ -48,8 +48,13 @@ def _split(r: dict[str, Any]) -> str:
     return f"{r.get('model_threads', 1)} x {r.get('threads') or 'all'}"
 
 
+def service_label(service: str, workers: int = 1) -> str:
+    """A server's name in tables: ``litserve``, ``litserve (2 workers)``."""
+    return f"{service} ({workers} workers)" if workers > 1 else service
+
+
 def _service(r: dict[str, Any]) -> str:
-    return f"{r['service']} ({r['workers']} workers)" if r.get("workers", 1) > 1 else r["service"]
+    return service_label(r["service"], r.get("workers", 1))
 
 
 def _ceiling(model: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

@@ -146,27 +146,27 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
     batch_sizes = cfg.batch_sizes + ((128, 256) if device == "cuda" and not cfg.quick else ())
     served_precision = choose(package.card, package.artifacts, formats.DEFAULT, device, cfg.precision)
     plan = cfg.settings(device).plan()
-    # The server's split of the cores, and one call over all cores (the runtime's default).
-    split = (plan.model_threads, plan.threads)
-    splits = [(1, 0), split] if split[0] > 1 else [(1, 0)]
+    # The server's split of the cores (model calls at once, threads per call; 0 threads: the
+    # runtime's default, one call over all cores), measured beside one call over all cores.
+    calls, threads_per_call = (plan.model_threads, plan.threads) if plan.model_threads > 1 else (1, 0)
+    splits = sorted({(1, 0), (calls, threads_per_call)})
     ceiling = model_ceiling(package, cfg.backends, batch_sizes, seconds=cfg.ceiling_seconds, device=device,
                             precisions=sorted({"fp32", served_precision}), splits=splits)
     served = [r for r in ceiling if r["backend"] == formats.DEFAULT and r["precision"] == served_precision
-              and (r["model_threads"], r["threads"] or 0) == splits[-1]]
+              and (r["model_threads"], r["threads"] or 0) == (calls, threads_per_call)]
     best_bs = max(served, key=lambda r: r["images_per_s"])["batch_size"]
 
     decode = Settings(decode=cfg.decode).decoder(device)
-    log.info("[%s] offline pipeline (decode: %s, %s, %d model calls at once)", name, decode, served_precision,
-             splits[-1][0])
+    log.info("[%s] offline pipeline (decode: %s, %s, %d model calls at once)", name, decode, served_precision, calls)
     clf = Classifier.open(package_dir, device=device, jpeg_draft=cfg.jpeg_draft, batch_size=best_bs,
-                          decode=decode, precision=served_precision, intra_op_threads=splits[-1][1] or None)
+                          decode=decode, precision=served_precision, intra_op_threads=threads_per_call or None)
     data = [p.read_bytes() for p in images]
     threads = os.cpu_count() or 1
     policies = ["none", *(p for p in cfg.policies if p != "none")]
     for policy in policies:
         clf.preprocessor.crops_per_image(policy)  # refuse a policy the card lacks before measuring
     offline = [offline_pipeline(clf, data, tta=tta, batch_size=max(1, best_bs // CROPS_PER_IMAGE[tta]),
-                                threads=threads, seconds=cfg.seconds / 2, model_threads=splits[-1][0])
+                                threads=threads, seconds=cfg.seconds / 2, model_threads=calls)
                for tta in policies]
     breakdown = {tta: decode_share(clf, data, tta) for tta in policies}
     del clf
