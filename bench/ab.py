@@ -27,6 +27,7 @@ from bench.load import closed_loop
 from bench.report import service_label, table, write_json
 from bench.run import BenchConfig, machine_info, package_for
 from bench.server import Server
+from sota_serve.precision import CHOICES
 from sota_serve.progress import progress
 from sota_serve.tta import CROPS_PER_IMAGE
 
@@ -52,15 +53,17 @@ def _ratios(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[fl
 def compare(package: Path, images: list[Path], *, policies: list[str], concurrency: int, rounds: int,
             seconds: float, warmup_s: float, processes: int | None, batch_size: int,
             env: dict[str, str], litserve_workers: tuple[int, ...] = (1,),
-            baseline_env: dict[str, str] | None = None) -> dict[str, Any]:
+            baseline_env: dict[str, str] | None = None, litserve_precision: str = "auto") -> dict[str, Any]:
     """Per policy: each round runs every server once (the order rotates between rounds); a
     round's ratio is sota-serve's req/s over the best LitServe configuration's in that round.
     ``baseline_env``: a second sota-serve with these settings (on top of ``env``) runs in the
-    same rounds, and ``ratios_to_baseline`` says what the first one's settings gain."""
+    same rounds, and ``ratios_to_baseline`` says what the first one's settings gain.
+    ``litserve_precision``: the artifact LitServe serves (``auto`` chooses as sota-serve does,
+    so by default both run the same file and only the serving design differs)."""
     ours = Server(package, env=env)
     baseline = Server(package, env={**env, **baseline_env}) if baseline_env else None
     base_name = "sota-serve (" + ", ".join(f"{k}={v}" for k, v in (baseline_env or {}).items()) + ")"
-    peers = {(tta, w): Server.litserve(package, tta=tta, workers=w,
+    peers = {(tta, w): Server.litserve(package, tta=tta, workers=w, precision=litserve_precision,
                                        max_batch_size=max(1, batch_size // CROPS_PER_IMAGE[tta]))
              for tta in policies for w in litserve_workers}
     servers = [ours, *([baseline] if baseline else []), *peers.values()]
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--litserve-workers", default=None,
                    help="comma list of LitServe workers_per_device, each a peer (default: 1 and one per core"
                         " on a CPU, 1 and 4 on a GPU)")
+    p.add_argument("--litserve-precision", default="auto", choices=CHOICES,
+                   help="the artifact LitServe serves; auto: the one sota-serve's auto picks, so that only"
+                        " the serving design differs; fp32: what serving model.onnx as it is gives")
     p.add_argument("--images", default="imagenet", choices=("imagenet", "mix"))
     p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="a setting for sota-serve (repeatable)")
@@ -151,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "package": str(package), "concurrency": args.concurrency,
               "seconds": args.seconds, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": machine_info(), "server_env": env,
-              "baseline_env": baseline_env,
+              "baseline_env": baseline_env, "litserve_precision": args.litserve_precision,
               "policies": compare(package, images, policies=policies, concurrency=args.concurrency,
                                   rounds=args.rounds, seconds=args.seconds, warmup_s=args.warmup,
                                   processes=args.processes, batch_size=args.max_batch_size,
-                                  env=env, litserve_workers=cfg.peers(device), baseline_env=baseline_env)}
+                                  env=env, litserve_workers=cfg.peers(device), baseline_env=baseline_env,
+                                  litserve_precision=args.litserve_precision)}
     print(render(result))
     write_json(result, Path(args.out) / f"{args.name or f'ab-{device}-{Path(args.model).name}'}.json")
     return 0

@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where uploads are decoded (SOTA_SERVE_DECODE)")
     p.add_argument("--precision", default="auto", choices=CHOICES,
                    help="the model file served, offline and by LitServe too (SOTA_SERVE_PRECISION);"
-                        " auto: fp16 on a GPU when the card's fp16 agreement holds")
+                        " auto: fp16 on a GPU, int8 on a CPU, when the card's agreement record holds")
     p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="a setting for the served model (repeatable), e.g. SOTA_SERVE_WORKERS=16")
 

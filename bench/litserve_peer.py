@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("package")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tta", default="none")
-    p.add_argument("--precision", default="auto", help="as sota-serve's (auto: fp16 on a GPU when the card allows)")
+    p.add_argument("--precision", default="auto", help="as sota-serve's (auto: fp16 on a GPU, int8 on a CPU, when the card allows)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-timeout", type=float, default=0.01)
     p.add_argument("--workers-per-device", type=int, default=1,

@@ -45,14 +45,18 @@ def build_model(arch: str, num_classes: int):
     return {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}[arch](n_out=num_classes).eval()
 
 
-def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int) -> Path:
-    """A package of ``arch`` with seeded random weights (speed does not depend on the weights)."""
+def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int,
+                      calibration: list[Path] | None = None) -> Path:
+    """A package of ``arch`` with seeded random weights (speed does not depend on the weights);
+    with ``calibration`` (image files) an int8 file too, its ranges set on them."""
     if (out / "card.json").exists():
         try:
             existing = open_package(out)
-            if len(existing.card.tta.policies()) == len(POLICIES) and "fp16" in existing.precisions(formats.DEFAULT):
+            have = existing.precisions(formats.DEFAULT)
+            if (len(existing.card.tta.policies()) == len(POLICIES) and "fp16" in have
+                    and (calibration is None or "int8" in have)):
                 return out
-            log.info("rebuilding %s: its card predates some TTA policies or fp16", out)
+            log.info("rebuilding %s: its card predates some TTA policies, fp16 or int8", out)
         except Exception:  # stale or partial: rebuild
             log.info("rebuilding %s", out)
     import torch
@@ -67,9 +71,15 @@ def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int) -> P
         tta_edge=round(size / 0.8), architecture=arch, intended_use="Benchmarking only: random weights.",
     )
     check = np.random.default_rng(0).integers(0, 256, (2, 3, size, size), dtype=np.uint8)
-    # fp16 files too, for GPU runs (--precision fp16: random weights give near-uniform
-    # probabilities, whose top-1 flips easily, so auto may keep fp32)
-    export_package(model, card, out, check_inputs=check, fp16=True)
+    crops = None
+    if calibration:
+        from sota_serve.preprocess import Preprocessor
+
+        pre = Preprocessor.from_card(card)
+        crops = np.concatenate([pre(p.read_bytes(), tta) for p in calibration for tta in ("none", "five_crop")])
+    # fp16 files too, for GPU runs, and int8 for CPU runs (--precision fp16 / int8: random
+    # weights give near-uniform probabilities, whose top-1 flips easily, so auto may keep fp32)
+    export_package(model, card, out, check_inputs=check, fp16=True, int8=crops is not None, calibration=crops)
     return out
 
 

@@ -80,8 +80,9 @@ class BenchConfig:
 def package_for(name: str, cfg: BenchConfig) -> Path | None:
     if name == "tiny":
         return synthetic_package(cfg.cache / "tiny-32", arch="tiny", size=32, num_classes=3)
-    if name == "xresnet50":
-        return synthetic_package(cfg.cache / "xresnet50-224", arch="xresnet50", size=224, num_classes=1000)
+    if name == "xresnet50":  # int8 calibrated on the bench's ImageNet-sized photos
+        return synthetic_package(cfg.cache / "xresnet50-224", arch="xresnet50", size=224, num_classes=1000,
+                                 calibration=image_set("imagenet", cfg.cache / "images"))
     if name == "demo":
         path = Path("packages/sota-demo")
         if not (path / "card.json").exists():

@@ -66,7 +66,7 @@ class LocalPipeline:
 
     @property
     def precision(self) -> str:
-        """The model artifact's precision (fp32/fp16), for the logs."""
+        """The model artifact's precision (fp32/fp16/int8), for the logs."""
         return self.batcher.runtime.precision
 
     @classmethod

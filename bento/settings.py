@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     model: str = DEFAULT_MODEL
     backend: str = Field(default=formats.DEFAULT, pattern=f"^({'|'.join(formats.NAMES)})$")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
-    #: auto: the package's fp16 artifact on a GPU when its agreement with fp32 holds (the
-    #: card's ``fp16`` record), fp32 otherwise; fp32 / fp16: that artifact or a clear error
+    #: auto: the package's fp16 artifact on a GPU, its int8 artifact on a CPU, when its
+    #: agreement with fp32 holds (the card's ``fp16`` / ``int8`` record), fp32 otherwise;
+    #: fp32 / fp16 / int8: that artifact or a clear error
     precision: str = Field(default="auto", pattern=f"^({'|'.join(precision.CHOICES)})$")
     #: worker processes; each loads the model, decodes and batches its own requests
     workers: int | None = Field(default=None, ge=1, le=64)

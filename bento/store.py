@@ -37,7 +37,7 @@ def import_package(path: str | Path, *, name: str | None = None,
 
     ``formats`` keeps only those artifacts (e.g. ``["onnx"]``): a Bento built on the model then
     carries no TorchScript file it will not run (the demo's is half of its 86 MiB). A format
-    name keeps its fp16 file too; an artifact key (``onnx-fp16``) keeps just that file.
+    name keeps its fp16 and int8 files too; an artifact key (``onnx-fp16``) keeps just that file.
     """
     package = open_package(path)
     if package.root is None:

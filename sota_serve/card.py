@@ -40,7 +40,7 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 _OPEN = ConfigDict(extra="allow", frozen=True)
 
 #: Sections that record how the model was made and measured: card.json only, not embedded.
-RECORD_SECTIONS: tuple[str, ...] = ("metrics", "parity", "fp16", "export", "training", "figures")
+RECORD_SECTIONS: tuple[str, ...] = ("metrics", "parity", "fp16", "int8", "export", "training", "figures")
 
 
 class InputSpec(BaseModel):
@@ -275,16 +275,17 @@ class Parity(BaseModel):
     passed: bool | None = None
 
 
-class Fp16Parity(BaseModel):
-    """Each fp16 artifact against its fp32 sibling on the same images (see
-    :mod:`sota_serve.precision`); ``precision auto`` serves fp16 on a GPU only where it holds."""
+class PrecisionParity(BaseModel):
+    """Each fp16 (or int8) artifact against its fp32 sibling on the same images (see
+    :mod:`sota_serve.precision`): the card's ``fp16`` and ``int8`` records. ``precision auto``
+    serves fp16 on a GPU, int8 on a CPU, only where it holds."""
 
     model_config = _OPEN
 
     images: int = Field(ge=0)
     #: "validation" (training) or "export check" (photos and random pixels)
     source: str
-    #: where the fp16 files ran for this measurement (cuDNN's fp16 kernels differ from the CPU's)
+    #: where the files ran for this measurement (cuDNN's fp16 kernels differ from the CPU's)
     device: str
     min_top1_agreement: float = Field(ge=0, le=1)
     #: by format name
@@ -295,13 +296,18 @@ class Fp16Parity(BaseModel):
         return self.images > 0 and self.top1_agreement.get(backend, 0.0) >= self.min_top1_agreement
 
 
+#: The earlier name of :class:`PrecisionParity`, from when fp16 was the only variant.
+Fp16Parity = PrecisionParity
+
+
 class ExportRecord(BaseModel):
     """The eager module against each exported file, on the same inputs."""
 
     model_config = _OPEN
 
     formats: list[str] = Field(min_length=1)
-    #: precisions written per format (fp32 always; fp16 with --fp16)
+    #: precisions written (fp32 always; fp16 with --fp16 for every format; int8 with --int8 for
+    #: the formats that have it, ONNX)
     precisions: list[str] | None = None
     onnx_opset: int | None = None
     check_images: int | None = None
@@ -309,6 +315,9 @@ class ExportRecord(BaseModel):
     tolerance: float | None = None
     torch: str | None = None
     onnx: str | None = None
+    #: int8: how many preprocessed images set the activation ranges, and the layers kept in fp32
+    int8_calibration_images: int | None = None
+    int8_fp32_layers: list[str] | None = None
 
 
 class Epoch(BaseModel):
@@ -384,7 +393,8 @@ class ModelCard(BaseModel):
     # Records (card.json only, see RECORD_SECTIONS).
     metrics: Metrics | None = None
     parity: Parity | None = None
-    fp16: Fp16Parity | None = None
+    fp16: PrecisionParity | None = None
+    int8: PrecisionParity | None = None
     export: ExportRecord | None = None
     training: TrainingRecord | None = None
     figures: dict[str, str] | None = None
@@ -403,7 +413,7 @@ class ModelCard(BaseModel):
     @classmethod
     def _known_formats(cls, v: dict[str, ArtifactSpec]) -> dict[str, ArtifactSpec]:
         for key in v:
-            precision.split_key(key)  # "onnx", "torchscript", or either with "-fp16"
+            precision.split_key(key)  # "onnx", "torchscript", either with "-fp16", "onnx-int8"
         return v
 
     @field_validator("labels")
@@ -454,6 +464,10 @@ class ModelCard(BaseModel):
         """The network's architecture: the card's, else the training recipe's."""
         recipe = self.training.recipe if self.training and self.training.recipe else {}
         return self.architecture or recipe.get("arch")
+
+    def parity_of(self, variant: str) -> PrecisionParity | None:
+        """The agreement record of the ``fp16`` or ``int8`` artifacts with fp32, if measured."""
+        return {"fp16": self.fp16, "int8": self.int8}.get(variant)
 
     def to_dict(self, *, with_artifacts: bool = True) -> dict[str, Any]:
         """The JSON object; absent optional sections are left out rather than written null."""

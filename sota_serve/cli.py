@@ -56,12 +56,13 @@ def _inspect(args: argparse.Namespace) -> int:
     if parity := card.parity:
         rows.append(("parity", f"top-1 agreement {100 * parity.top1_agreement:.2f}% on"
                                f" {parity.images} images, max |p diff| {parity.max_abs_diff:.2e}"))
-    if half := card.fp16:
-        for backend, agree in half.top1_agreement.items():
-            verdict = "serves on GPU (auto)" if half.holds(backend) else "below the bar: fp32 serves"
-            rows.append((f"fp16 {backend}", f"top-1 agreement with fp32 {100 * agree:.2f}% on {half.images}"
-                                            f" {half.source} images ({half.device}), max |p diff|"
-                                            f" {half.max_abs_diff[backend]:.2e}; {verdict}"))
+    for variant, device in (("fp16", "GPU"), ("int8", "CPU")):
+        if record := card.parity_of(variant):
+            for backend, agree in record.top1_agreement.items():
+                verdict = f"serves on {device} (auto)" if record.holds(backend) else "below the bar: fp32 serves"
+                rows.append((f"{variant} {backend}", f"top-1 agreement with fp32 {100 * agree:.2f}% on"
+                                                     f" {record.images} {record.source} images ({record.device}),"
+                                                     f" max |p diff| {record.max_abs_diff[backend]:.2e}; {verdict}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -155,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     p.add_argument("--backend", choices=formats.NAMES, default=formats.DEFAULT, help="which exported file runs")
     p.add_argument("--precision", choices=precision.CHOICES, default="auto",
-                   help="fp32, fp16 (the package's fp16 file), or auto: fp16 on a GPU when the card's"
-                        " fp16 agreement holds (default: auto)")
+                   help="fp32, fp16 or int8 (the package's file of that precision), or auto: fp16 on a"
+                        " GPU, int8 on a CPU, when the card's agreement record for it holds (default: auto)")
     p.add_argument("--tta", choices=POLICIES, default=None,
                    help="test-time augmentation: flip (center crop and its mirror), five_crop (corners"
                         " and center), ten_crop (those and their mirrors); default: the card's tta.default")

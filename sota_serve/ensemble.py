@@ -145,11 +145,12 @@ def measure(draft: ModelPackage, members: Sequence[ModelPackage], weights: list[
             validation: Validation) -> dict:
     """``metrics`` (the ensemble plain and five-crop, each member plain, on the same images) and
     ``parity`` (the ensemble file against the weighted mean of its members' files)."""
-    clf = Classifier.from_package(draft, device="cpu")
+    # fp32 throughout: the combined file is made of the members' fp32 files
+    clf = Classifier.from_package(draft, device="cpu", precision="fp32")
     files, t = validation.files, validation.targets
     probs = clf.probabilities_of_files(files, "none", desc="ensemble")
-    member_probs = [Classifier.from_package(m, device="cpu").probabilities_of_files(files, "none", desc=m.card.tag)
-                    for m in members]
+    member_probs = [Classifier.from_package(m, device="cpu", precision="fp32").probabilities_of_files(
+                        files, "none", desc=m.card.tag) for m in members]
     mean = sum(wi * p for wi, p in zip(weights, member_probs, strict=True))
     five = (clf.probabilities_of_files(files, "five_crop", desc="ensemble five-crop")
             if "five_crop" in clf.preprocessor.policies else None)
@@ -184,6 +185,8 @@ def _max_diff(draft: ModelPackage, members: Sequence[ModelPackage], weights: lis
               x: np.ndarray) -> float:
     from sota_serve.runtime import load_runtime
 
-    got = load_runtime(draft, fmt, device="cpu").predict(x)
-    want = sum(w * load_runtime(m, fmt, device="cpu").predict(x) for w, m in zip(weights, members, strict=True))
+    # the fp32 files: they are what the combined file is made of (auto would pick int8 on a CPU)
+    got = load_runtime(draft, fmt, device="cpu", precision="fp32").predict(x)
+    want = sum(w * load_runtime(m, fmt, device="cpu", precision="fp32").predict(x)
+               for w, m in zip(weights, members, strict=True))
     return float(np.abs(got - want).max())

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from sota_serve import precision
-from sota_serve.card import ArtifactSpec, ExportRecord, Fp16Parity, ModelCard
+from sota_serve.card import ArtifactSpec, ExportRecord, ModelCard, PrecisionParity
 from sota_serve.constants import CARD_FILE, README_FILE
 from sota_serve.errors import ExportError
 from sota_serve.formats import NAMES as FORMAT_NAMES
+from sota_serve.formats import REGISTRY as FORMAT_REGISTRY
 from sota_serve.formats import get as get_format
 from sota_serve.model_readme import render_readme
 from sota_serve.package import sha256_file
@@ -40,6 +41,11 @@ DEFAULT_TOLERANCE = 1e-4
 #: export; whether fp16 is good enough to serve is the top-1 agreement in the card's ``fp16``.
 FP16_TOLERANCE = 0.05
 FORMATS: tuple[str, ...] = FORMAT_NAMES
+#: int8 files are held to no bound against the eager module, only to finite output: on the
+#: check's random pixels, far outside the calibrated ranges, they legitimately differ. The
+#: card's ``int8`` agreement on real images decides whether ``auto`` serves them.
+#: Calibration images per quantizer call.
+CALIBRATION_BATCH = 32
 
 
 class Normalize(nn.Module):
@@ -78,13 +84,15 @@ class ServingModule(nn.Module):
 
 @dataclass(frozen=True)
 class ExportedGraphs:
-    """Exported files (by artifact key: ``onnx``, ``onnx-fp16``...), checked against the eager
-    module, with no card embedded yet; ``fp16``: the fp16 files against the fp32 ones on the
-    export check's inputs (training replaces it with the validation set's figure)."""
+    """Exported files (by artifact key: ``onnx``, ``onnx-fp16``, ``onnx-int8``...), checked
+    against the eager module, with no card embedded yet; ``fp16`` / ``int8``: those files
+    against the fp32 ones on the export check's inputs (training replaces them with the
+    validation set's figures)."""
 
     files: dict[str, Path]
     record: ExportRecord
-    fp16: Fp16Parity | None = None
+    fp16: PrecisionParity | None = None
+    int8: PrecisionParity | None = None
 
 
 def export_graphs(
@@ -94,12 +102,17 @@ def export_graphs(
     *,
     formats: Sequence[str] = FORMATS,
     fp16: bool = False,
+    int8: bool = False,
+    calibration: np.ndarray | None = None,
     check_inputs: np.ndarray | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> ExportedGraphs:
     """Export ``model`` (an ``nn.Module`` taking normalized float NCHW) in each of ``formats``,
-    and with ``fp16`` a half-precision file beside each.
+    with ``fp16`` a half-precision file beside each, and with ``int8`` an int8 file beside
+    each fp32 file whose format has one (ONNX).
 
+    ``calibration``: uint8 (N, 3, H, W) crops of real images, preprocessed as the card says
+    (a few hundred training images), from which the int8 activation ranges are set.
     ``check_inputs``: uint8 (N, 3, H, W) crops used for the parity check (e.g. preprocessed
     real photos); random pixels are added to them.
     """
@@ -108,9 +121,18 @@ def export_graphs(
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ExportError(f"formats must be a non-empty subset of {FORMATS}, got {list(formats)}")
+    chosen = [f for f in FORMATS if f in formats]  # registry order, whatever was asked
+    quantized = [f for f in chosen if "int8" in get_format(f).precisions] if int8 else []
+    if int8 and not quantized:
+        int8_formats = [f.name for f in FORMAT_REGISTRY.values() if "int8" in f.precisions]
+        raise ExportError(f"int8 is written for {', '.join(int8_formats)} only;"
+                          f" add one to formats (got {', '.join(chosen)})")
+    if int8 and (calibration is None or len(calibration) == 0):
+        raise ExportError("int8 export needs calibration images: a few hundred real images,"
+                          " preprocessed as the card says (training passes its training images)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    precisions = list(precision.PRECISIONS if fp16 else (precision.REFERENCE,))
+    precisions = [precision.REFERENCE, "fp16"] if fp16 else [precision.REFERENCE]
     wrappers = {p: ServingModule(model, card, half=p == "fp16").eval().cpu() for p in precisions}
     h, w = card.input.height, card.input.width
     example = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -118,32 +140,41 @@ def export_graphs(
     files: dict[str, Path] = {}
     notes: dict[str, object] = {}
     with torch.inference_mode(False), torch.no_grad():
-        for name in (f for f in FORMATS if f in formats):  # registry order, whatever was asked
+        for name in chosen:
             for p in precisions:
                 key = precision.artifact_key(name, p)
                 files[key] = out / precision.file_name(name, p)
                 notes |= get_format(name).export(wrappers[p], example, files[key])
+        for name in quantized:
+            key = precision.artifact_key(name, "int8")
+            files[key] = out / precision.file_name(name, "int8")
+            batches = [calibration[i:i + CALIBRATION_BATCH]  # type: ignore[index]
+                       for i in range(0, len(calibration), CALIBRATION_BATCH)]  # type: ignore[arg-type]
+            notes |= get_format(name).quantize(files[name], batches, files[key])
         inputs = _check_batch(check_inputs, (h, w))
         outputs = verify_export(wrappers[precision.REFERENCE], files, inputs, card, tolerance=tolerance)
     diffs = {key: diff for key, (diff, _) in outputs.items()}
-    record = ExportRecord(formats=[f for f in FORMATS if f in formats], precisions=precisions,
+    record = ExportRecord(formats=chosen, precisions=precisions + (["int8"] if quantized else []),
                           check_images=int(inputs.shape[0]), max_abs_diff=diffs, tolerance=tolerance,
                           torch=torch.__version__.split("+")[0], onnx=onnx.__version__, **notes)
-    half = None
-    if fp16:
-        probs = {key: p for key, (_, p) in outputs.items()}
-        half = precision.agreement({f: probs[f] for f in record.formats},
-                                   {f: probs[precision.artifact_key(f, "fp16")] for f in record.formats},
+    probs = {key: p for key, (_, p) in outputs.items()}
+
+    def agreement(variant: str) -> PrecisionParity:
+        keys = {f: precision.artifact_key(f, variant) for f in chosen}
+        return precision.agreement({f: probs[f] for f in keys if keys[f] in probs},
+                                   {f: probs[k] for f, k in keys.items() if k in probs},
                                    source="export check", device="cpu")
-    return ExportedGraphs(files=files, record=record, fp16=half)
+
+    return ExportedGraphs(files=files, record=record, fp16=agreement("fp16") if fp16 else None,
+                          int8=agreement("int8") if quantized else None)
 
 
 def export_package(model: nn.Module, card: ModelCard, out_dir: str | Path, **options: Any) -> ModelCard:
     """:func:`export_graphs` (``options``: its keywords), then :func:`write_package` with the
     export record added. Returns the card written to card.json."""
     graphs = export_graphs(model, card, out_dir, **options)
-    return write_package(out_dir, card.model_copy(update={"export": graphs.record, "fp16": graphs.fp16}),
-                         graphs.files)
+    return write_package(out_dir, card.model_copy(update={"export": graphs.record, "fp16": graphs.fp16,
+                                                          "int8": graphs.int8}), graphs.files)
 
 
 def write_package(out_dir: str | Path, card: ModelCard, files: dict[str, Path]) -> ModelCard:
@@ -172,7 +203,7 @@ def verify_export(
 ) -> dict[str, tuple[float, np.ndarray]]:
     """Run the fp32 eager ``wrapper`` and each exported file (through its runtime, by artifact
     key) on ``inputs``: max |diff| and the file's probabilities, per key. fp16 files are held
-    to :data:`FP16_TOLERANCE` (only a broken export fails it)."""
+    to :data:`FP16_TOLERANCE` (only a broken export fails it), int8 files to finite output."""
     reference = wrapper(torch.from_numpy(inputs)).float()
     if card.output == "logits":
         reference = reference.softmax(-1)
@@ -184,9 +215,9 @@ def verify_export(
                                                     intra_op_threads=None)
         got = runtime.predict(inputs)
         diff = float(np.abs(got - expected).max())
-        limit = tolerance if p == precision.REFERENCE else max(tolerance, FP16_TOLERANCE)
+        limit = {precision.REFERENCE: tolerance, "fp16": max(tolerance, FP16_TOLERANCE)}.get(p, float("inf"))
         if not np.isfinite(got).all() or diff > limit:
-            hint = (" In fp16 it may overflow; export without --fp16." if p != precision.REFERENCE
+            hint = (f" In {p} it may overflow; export without --{p}." if p != precision.REFERENCE
                     else " The model may use an operation that does not export faithfully.")
             raise ExportError(
                 f"the exported {key} model disagrees with the eager model: max |p diff| ="

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sota_serve.card import ModelCard, PolicyGain
+from sota_serve.card import ModelCard, PolicyGain, PrecisionParity
 
 _MAX_LABELS = 60
 
@@ -105,19 +105,30 @@ def _parity(card: ModelCard) -> list[str]:
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in export.max_abs_diff.items())
         out += [f"Export check (eager vs exported, {_or(export.check_images)} inputs): {diffs}.", ""]
     if half := card.fp16:
-        out += [
-            "## fp16",
-            "",
-            f"Each fp16 file against its fp32 sibling on {half.images} {half.source} images, run on"
-            f" {half.device}. `precision auto` serves fp16 on a GPU where top-1 agreement is at least"
-            f" {_pct(half.min_top1_agreement)}; on a CPU fp32 always serves (fp16 is slower there).",
-            "",
-            _table(["format", "top-1 agreement", "max prob. difference", "on a GPU (auto)"],
-                   [[b, _pct(a), f"{half.max_abs_diff[b]:.2e}", "fp16" if half.holds(b) else "fp32"]
-                    for b, a in half.top1_agreement.items()]),
-            "",
-        ]
+        out += _variant_section(half, "fp16", "a GPU", "on a CPU fp32 or int8 serves (fp16 is slower there)")
+    if int8 := card.int8:
+        fp32_layers = ", ".join(f"`{n}`" for n in (export.int8_fp32_layers or [])) if export else ""
+        out += _variant_section(int8, "int8", "a CPU", "on a GPU fp32 or fp16 serves", extra=(
+            f" Statically quantized by ONNX Runtime: weights per channel, activations per tensor,"
+            f" ranges from {_or(export.int8_calibration_images if export else None)} preprocessed"
+            f" training images; kept in fp32: the normalization, the softmax and {fp32_layers or 'no layer'}."))
     return out
+
+
+def _variant_section(record: PrecisionParity, variant: str, device: str, otherwise: str,
+                     extra: str = "") -> list[str]:
+    return [
+        f"## {variant}",
+        "",
+        f"Each {variant} file against its fp32 sibling on {record.images} {record.source} images, run on"
+        f" {record.device}. `precision auto` serves {variant} on {device} where top-1 agreement is at"
+        f" least {_pct(record.min_top1_agreement)}; {otherwise}.{extra}",
+        "",
+        _table(["format", "top-1 agreement", "max prob. difference", f"on {device} (auto)"],
+               [[b, _pct(a), f"{record.max_abs_diff[b]:.2e}", variant if record.holds(b) else "fp32"]
+                for b, a in record.top1_agreement.items()]),
+        "",
+    ]
 
 
 def _yaml(value: Any) -> str:

@@ -1,4 +1,4 @@
-"""Numeric precision of a model artifact: fp32, the reference, and an fp16 variant beside it.
+"""Numeric precision of a model artifact: fp32, the reference, and fp16 / int8 variants beside it.
 
 An fp16 artifact is the same network with its weights and activations in half precision; its
 input (uint8 pixels), its normalization and its softmax stay in fp32, so it serves, batches and
@@ -7,9 +7,18 @@ artifact key ``<format>-fp16`` (``model.fp16.onnx``, ``model.fp16.pt``), and the
 record says how far it agrees with fp32 (top-1 agreement and largest probability difference,
 per format, on the validation set when training made it).
 
-Which one serves (``precision="auto"``): fp16 on a CUDA device when the package has it and its
-agreement holds, fp32 otherwise. On a CPU fp16 gains nothing (demo model, batch 64, 2 cores:
-ONNX Runtime 360 against 365 img/s, torch 26x slower), so ``auto`` never picks it there.
+An int8 artifact (ONNX only, ``model.int8.onnx``, key ``onnx-int8``) is the fp32 graph
+statically quantized by ONNX Runtime: weights per channel and activations per tensor in 8 bits,
+scales calibrated on real preprocessed images, the first convolution and the classifier layer
+kept in fp32 (see :mod:`sota_serve.formats.onnx_int8`). Its input and output are those of the
+fp32 file. The card's ``int8`` record is the same kind of agreement record as ``fp16``.
+
+Which one serves (``precision="auto"``): on a CUDA device fp16 when the package has it and its
+agreement holds; on a CPU int8 when the package has it and its agreement holds; fp32
+otherwise. On a CPU fp16 gains nothing (demo model, batch 64, 2 cores: ONNX Runtime 360
+against 365 img/s, torch 26x slower), while int8 runs the demo model 2.2-2.5x faster
+(one thread, batch 16: 336-368 against 145 img/s). On a GPU ONNX Runtime's CUDA provider has
+few int8 kernels, so ``auto`` never picks int8 there.
 """
 
 from __future__ import annotations
@@ -24,19 +33,21 @@ from sota_serve import formats
 from sota_serve.errors import PackageError, RuntimeBackendError
 
 if TYPE_CHECKING:
-    from sota_serve.card import Fp16Parity, ModelCard
+    from sota_serve.card import ModelCard, PrecisionParity
 
-Precision = Literal["fp32", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 #: What ``--precision`` / ``SOTA_SERVE_PRECISION`` accept.
 CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
 REFERENCE = "fp32"
-#: ``auto`` serves fp16 only when it agrees with fp32 on at least this share of top-1 labels.
+#: ``auto`` serves fp16 / int8 only when it agrees with fp32 on at least this share of top-1 labels.
 MIN_AGREEMENT = 0.99
+#: The precision ``auto`` prefers on each kind of device, when the package has it and it agrees.
+PREFERRED: dict[str, str] = {"cuda": "fp16", "cpu": "int8"}
 
 
 def artifact_key(backend: str, precision: str) -> str:
-    """The card's ``artifacts`` key: ``onnx`` for fp32, ``onnx-fp16`` for fp16."""
+    """The card's ``artifacts`` key: ``onnx`` for fp32, ``onnx-fp16`` for fp16, ``onnx-int8``..."""
     return backend if precision == REFERENCE else f"{backend}-{precision}"
 
 
@@ -44,14 +55,15 @@ def split_key(key: str) -> tuple[str, str]:
     """``(format name, precision)`` of an ``artifacts`` key; unknown keys raise ValueError."""
     backend, _, precision = key.partition("-")
     precision = precision or REFERENCE
-    if backend not in formats.NAMES or precision not in PRECISIONS or key != artifact_key(backend, precision):
-        known = [artifact_key(f, p) for f in formats.NAMES for p in PRECISIONS]
+    if (backend not in formats.NAMES or precision not in formats.get(backend).precisions
+            or key != artifact_key(backend, precision)):
+        known = [artifact_key(f.name, p) for f in formats.REGISTRY.values() for p in f.precisions]
         raise ValueError(f"unknown artifact {key!r}; sota-serve reads {', '.join(known)}")
     return backend, precision
 
 
 def file_name(backend: str, precision: str) -> str:
-    """``model.onnx`` / ``model.fp16.onnx``: the format's file name with the precision before
+    """``model.onnx`` / ``model.fp16.onnx`` / ``model.int8.onnx``: the format's file name with the precision before
     its suffix, so a lone fp16 file is still recognised by its suffix."""
     base = formats.get(backend).file_name
     if precision == REFERENCE:
@@ -61,7 +73,7 @@ def file_name(backend: str, precision: str) -> str:
 
 
 def of_file(path: Path) -> str:
-    """The precision of a lone model file, from its name (``model.fp16.onnx``)."""
+    """The precision of a lone model file, from its name (``model.fp16.onnx``, ``model.int8.onnx``)."""
     return next((p for p in PRECISIONS if p != REFERENCE and path.name.endswith(f".{p}{path.suffix}")),
                 REFERENCE)
 
@@ -80,12 +92,13 @@ def choose(card: ModelCard, available: Iterable[str], backend: str, device: str,
         if requested not in have:
             raise PackageError(
                 f"the package has no {requested} {backend} artifact (it has: {', '.join(sorted(keys))});"
-                " export with --fp16 to add one, or serve with precision auto or fp32"
+                f" export with --{requested} to add one, or serve with precision auto or fp32"
             )
         return requested
-    if device == "cuda" and "fp16" in have and card.fp16 is not None and card.fp16.holds(backend):
-        return "fp16"
-    # a lone fp16 file serves as what it is
+    preferred = PREFERRED.get(device)
+    if preferred in have and (record := card.parity_of(preferred)) is not None and record.holds(backend):
+        return preferred
+    # a lone fp16 or int8 file serves as what it is
     return REFERENCE if REFERENCE in have else have[0]
 
 
@@ -96,10 +109,10 @@ def agreement(
     source: str,
     device: str,
     min_agreement: float = MIN_AGREEMENT,
-) -> Fp16Parity:
-    """The ``fp16`` record: each format's fp16 probabilities (``candidate``, by format name)
-    against its fp32 ones (``reference``) on the same images."""
-    from sota_serve.card import Fp16Parity
+) -> PrecisionParity:
+    """The ``fp16`` or ``int8`` record: each format's probabilities at that precision
+    (``candidate``, by format name) against its fp32 ones (``reference``) on the same images."""
+    from sota_serve.card import PrecisionParity
 
     top1: dict[str, float] = {}
     diff: dict[str, float] = {}
@@ -107,12 +120,12 @@ def agreement(
     for backend, half in candidate.items():
         full = reference[backend]
         if half.shape != full.shape:
-            raise ValueError(f"{backend}: fp16 gave {half.shape}, fp32 {full.shape}")
+            raise ValueError(f"{backend}: the variant gave {half.shape}, fp32 {full.shape}")
         images = len(full)
         if not np.isfinite(half).all():  # overflow: nothing agrees (probabilities differ by <= 1)
             top1[backend], diff[backend] = 0.0, 1.0
         elif images:
             top1[backend] = float((half.argmax(1) == full.argmax(1)).mean())
             diff[backend] = float(np.abs(half - full).max())
-    return Fp16Parity(images=images, source=source, device=device, min_top1_agreement=min_agreement,
+    return PrecisionParity(images=images, source=source, device=device, min_top1_agreement=min_agreement,
                       top1_agreement=top1, max_abs_diff=diff)

@@ -176,7 +176,7 @@ def test_absent_sections_are_left_out_not_null():
     ("export", {"formats": []}, "export.formats"),
     ("training", {"history": [{"stage": 1}]}, "training.history.0.epoch"),
     ("artifacts", {"safetensors": {"path": "m.st", "sha256": "0" * 64}}, "unknown artifact 'safetensors'"),
-        ("artifacts", {"onnx-int8": {"path": "m.onnx", "sha256": "0" * 64}}, "onnx-fp16"),
+        ("artifacts", {"torchscript-int8": {"path": "m.pt", "sha256": "0" * 64}}, "onnx-fp16"),
         ("fp16", {"images": 3, "source": "validation", "device": "cpu"}, "fp16.min_top1_agreement"),
 ])
 def test_bad_sections_are_refused_naming_the_field(section, value, field):

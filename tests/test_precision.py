@@ -111,15 +111,15 @@ def test_choose_refuses_what_is_not_there():
         precision.choose(card, {"onnx", "torchscript-fp16"}, "onnx", "cuda", "fp16")
     with pytest.raises(PackageError, match="no torchscript artifact"):
         precision.choose(card, {"onnx"}, "torchscript", "cpu", "auto")
-    with pytest.raises(RuntimeBackendError, match="unknown precision 'int8'"):
-        precision.choose(card, {"onnx"}, "onnx", "cpu", "int8")
+    with pytest.raises(RuntimeBackendError, match="unknown precision 'bf16'"):
+        precision.choose(card, {"onnx"}, "onnx", "cpu", "bf16")
 
 
 def test_keys_and_file_names():
     assert precision.artifact_key("onnx", "fp32") == "onnx"
     assert precision.split_key("torchscript-fp16") == ("torchscript", "fp16")
     assert precision.file_name("torchscript", "fp16") == "model.fp16.pt"
-    for bad in ("onnx-fp32", "onnx-int8", "tflite", "onnx-"):
+    for bad in ("onnx-fp32", "onnx-bf16", "torchscript-int8", "tflite", "onnx-"):
         with pytest.raises(ValueError, match="unknown artifact"):
             precision.split_key(bad)
 

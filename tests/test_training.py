@@ -79,7 +79,7 @@ def test_train_writes_a_complete_package_with_imagenet_stats(trained):
 
 def test_fp16_files_are_measured_on_the_validation_set(trained, digit_files):
     card = open_package(trained).card
-    assert set(card.artifacts) == {"onnx", "onnx-fp16", "torchscript", "torchscript-fp16"}
+    assert set(card.artifacts) == {"onnx", "onnx-fp16", "onnx-int8", "torchscript", "torchscript-fp16"}
     half = card.fp16
     assert half.source == "validation" and half.images == card.metrics.valid_count == 36
     assert half.device == card.training.device
@@ -90,6 +90,20 @@ def test_fp16_files_are_measured_on_the_validation_set(trained, digit_files):
     full = Classifier.open(trained, device="cpu").probabilities(images)
     fp16 = Classifier.open(trained, device="cpu", precision="fp16").probabilities(images)
     assert (full.argmax(1) == fp16.argmax(1)).mean() >= 0.95
+
+
+def test_int8_file_is_calibrated_on_training_images_and_measured_on_the_cpu(trained, digit_files):
+    """Written by default: ranges from the training images, agreement on the validation set."""
+    card = open_package(trained).card
+    int8 = card.int8
+    assert int8.source == "validation" and int8.device == "cpu" and int8.images == card.metrics.valid_count
+    assert set(int8.top1_agreement) == {"onnx"}
+    assert int8.top1_agreement["onnx"] >= 0.97 and int8.max_abs_diff["onnx"] < 0.1, int8
+    assert card.export.int8_calibration_images == card.metrics.train_count  # fewer than 256: all of them
+    images = [f.read_bytes() for f in digit_files[:24]]
+    full = Classifier.open(trained, device="cpu", precision="fp32").probabilities(images)
+    int8_probs = Classifier.open(trained, device="cpu", precision="int8").probabilities(images)
+    assert (full.argmax(1) == int8_probs.argmax(1)).mean() >= 0.95
 
 
 def test_photos_sent_to_a_digit_model_are_flagged_out_of_distribution(trained, small_digits_folder, photos):
@@ -168,6 +182,7 @@ def test_fastai_learner_converter_round_trip(small_digits_folder, tmp_path):
     assert np.allclose(card.normalization.mean, imagenet_stats[0])
 
     clf = Classifier.open(tmp_path / "pkg", device="cpu")
+    assert clf.runtime.precision == "fp32" and "onnx-int8" not in card.artifacts
     files = sorted((small_digits_folder / "val").rglob("*.png"))
     ours = clf.probabilities([f.read_bytes() for f in files])
     for f, p in zip(files, ours, strict=True):
@@ -175,6 +190,16 @@ def test_fastai_learner_converter_round_trip(small_digits_folder, tmp_path):
             _, idx, probs = learn.predict(PILImage.create(f))
         assert int(idx) == int(p.argmax())
         assert np.abs(probs.numpy() - p).max() < 1e-3
+
+    # with a folder of images to calibrate on, an int8 file too, close to fp32
+    card = convert_learner(tmp_path / "learner.pkl", tmp_path / "pkg8", trust=True,
+                           calibration=small_digits_folder / "train")
+    assert "onnx-int8" in card.artifacts and card.export.int8_calibration_images > 0
+    int8 = Classifier.open(tmp_path / "pkg8", device="cpu", precision="int8").probabilities(
+        [f.read_bytes() for f in files])
+    assert (int8.argmax(1) == ours.argmax(1)).mean() >= 0.9
+    with pytest.raises(SotaServeError, match="no images found"):
+        convert_learner(tmp_path / "learner.pkl", tmp_path / "pkg9", trust=True, calibration=tmp_path / "pkg8" / "none")
 
 
 def test_demo_reaches_target_accuracy_and_imports(tmp_path):
@@ -188,6 +213,8 @@ def test_demo_reaches_target_accuracy_and_imports(tmp_path):
     card = json.loads((out / "card.json").read_text())
     assert card["metrics"]["accuracy"] >= 0.985, card["metrics"]
     assert card["parity"]["top1_agreement"] >= 0.99
+    # the int8 file the server picks on a CPU agrees with fp32 on the validation set
+    assert card["int8"]["top1_agreement"]["onnx"] >= 0.99 and card["int8"]["source"] == "validation"
     assert card["license"] == "cc-by-4.0" and "license: \"cc-by-4.0\"" in (out / "README.md").read_text()
     assert card["ood"]["policies"]["none"]["valid_flag_rate"] <= 0.02
     assert "imported into the BentoML model store as sota-demo:" in done.stdout

@@ -34,6 +34,12 @@ def _summary(card: ModelCard, out: Path) -> None:
     if p := card.parity:
         print(f"parity: top-1 agreement {100 * p.top1_agreement:.2f}% on {p.images} images,"
               f" max |p diff| {p.max_abs_diff:.2e}")
+    for variant, where in (("fp16", "GPUs"), ("int8", "CPUs")):
+        if (record := card.parity_of(variant)) is not None:
+            for backend, agree in record.top1_agreement.items():
+                verdict = f"served on {where}" if record.holds(backend) else "below the bar, not served"
+                print(f"{variant} {backend}: top-1 agreement with fp32 {100 * agree:.2f}% on {record.images}"
+                      f" {record.source} images, max |p diff| {record.max_abs_diff[backend]:.2e}; {verdict}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -47,6 +53,7 @@ def _train(args: argparse.Namespace) -> int:
         "stages": parse_stages(args.stages) if args.stages else None,
         "mixup": args.mixup, "weights": args.weights, "freeze_epochs": args.freeze_epochs, "lr_find": True if args.lr == "find" else None,
         "fp16": True if args.fp16 else None,
+        "int8": False if args.no_int8 else None,
     }
     recipe = load_recipe(preset=args.preset, path=args.recipe, overrides=overrides)
     if args.no_mixup:
@@ -114,7 +121,8 @@ def _export(args: argparse.Namespace) -> int:
     from training.convert import convert_learner
 
     _logging()
-    card = convert_learner(args.learner, args.out, trust=args.trust, name=args.name, fp16=args.fp16)
+    card = convert_learner(args.learner, args.out, trust=args.trust, name=args.name, fp16=args.fp16,
+                           calibration=args.calibration)
     _summary(card, Path(args.out))
     return 0
 
@@ -135,6 +143,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalization", choices=("imagenet", "dataset"))
     p.add_argument("--fp16", action="store_true",
                    help="also export fp16 files, with their agreement with fp32 on the validation set")
+    p.add_argument("--no-int8", action="store_true",
+                   help="skip the int8 ONNX file (written by default: calibrated on training images, its"
+                        " agreement with fp32 measured on the validation set; served on CPUs when it holds)")
     p.add_argument("--stages", help="progressive resizing, e.g. 128:4:64:3e-3,224:5:64:1e-3"
                                     " (size:epochs[:batch_size[:lr]])")
     p.add_argument("--mixup", type=float, help="MixUp alpha")
@@ -171,4 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="required: the file is a pickle and loading it runs its code")
     p.add_argument("--fp16", action="store_true",
                    help="also export fp16 files (their agreement with fp32 is measured on the export check's images)")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="also export an int8 ONNX file, its activation ranges set on up to 256 images"
+                        " under DIR (like the training images; agreement measured on the export check's images)")
     p.set_defaults(func=_export)

@@ -73,8 +73,23 @@ def _sizes(dls: Any) -> tuple[int, int]:
     return edge, crop
 
 
+def calibration_folder(folder: str | Path, card: ModelCard, *, count: int = 256, seed: int = 0) -> np.ndarray:
+    """Up to ``count`` images found under ``folder`` (a seeded sample), preprocessed as ``card``
+    says: what sets the int8 activation ranges of a converted Learner."""
+    from sota_serve.preprocess import Preprocessor
+    from training.datasets import IMAGE_SUFFIXES
+    from training.pipeline import calibration_crops
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ConversionError(f"--calibration {folder}: no images found (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    return calibration_crops(Preprocessor.from_card(card), files, seed=seed, count=count)
+
+
 def convert_learner(pkl: str | Path, out_dir: str | Path, *, trust: bool, name: str | None = None,
-                    fp16: bool = False) -> ModelCard:
+                    fp16: bool = False, calibration: str | Path | None = None) -> ModelCard:
+    """The Learner as a package; with ``calibration`` (a folder of images like the training
+    ones) also an int8 ONNX file whose ranges come from them."""
     if not trust:
         raise ConversionError(
             f"{pkl} is a pickle: loading it runs any code it contains. Pass --trust (trust=True)"
@@ -95,4 +110,5 @@ def convert_learner(pkl: str | Path, out_dir: str | Path, *, trust: bool, name: 
         mean=mean, std=std, source={"kind": "fastai-learner", "file": Path(pkl).name},
     )
     model = learn.model.float().cpu().eval()
-    return export_package(model, card, out_dir, fp16=fp16)
+    crops = calibration_folder(calibration, card) if calibration is not None else None
+    return export_package(model, card, out_dir, fp16=fp16, int8=crops is not None, calibration=crops)

@@ -13,7 +13,7 @@ import numpy as np
 from fastai.learner import Learner
 
 from sota_serve import ood, precision
-from sota_serve.card import Fp16Parity, Parity
+from sota_serve.card import Parity, PrecisionParity
 from sota_serve.classifier import Classifier
 from sota_serve.errors import SotaServeError
 from sota_serve.package import ModelPackage
@@ -194,20 +194,22 @@ def calibrate_ood(pre: Preprocessor, train_files: Sequence[Path], valid_files: S
                     calibration_images=len(valid_files))
 
 
-def fp16_parity(draft: ModelPackage, files: Sequence[Path], *, device: str,
-                known: Mapping[str, np.ndarray] | None = None) -> Fp16Parity:
-    """Each format's fp16 file against its fp32 file on the validation images, plain, both on
-    ``device`` (the training device: on a GPU that is where fp16 will serve). ``known``: fp32
-    probabilities of ``files`` already computed on ``device``, by format, not run again."""
-    reference, half = dict(known or {}), {}
+def variant_parity(draft: ModelPackage, files: Sequence[Path], variant: str, *, device: str,
+                   known: Mapping[str, np.ndarray] | None = None) -> PrecisionParity:
+    """Each format's ``variant`` (fp16 or int8) file against its fp32 file on the validation
+    images, plain, both on ``device`` (where the variant will serve: the training device for
+    fp16, the CPU for int8). ``known``: fp32 probabilities of ``files`` already computed on
+    ``device``, by format, not run again."""
+    reference, candidate = dict(known or {}), {}
     for backend in draft.backends:
-        if "fp16" not in draft.precisions(backend):
+        if variant not in draft.precisions(backend):
             continue
-        for p, into in (("fp32", reference), ("fp16", half)):
+        for p, into in ((precision.REFERENCE, reference), (variant, candidate)):
             if backend not in into:
                 clf = Classifier.from_package(draft, backend=backend, device=device, precision=p)
                 into[backend] = package_probs(clf, files, "none", f"{backend} {p}")
-    return precision.agreement({b: reference[b] for b in half}, half, source="validation", device=device)
+    return precision.agreement({b: reference[b] for b in candidate}, candidate, source="validation",
+                               device=device)
 
 
 def parity(fastai_probs: np.ndarray, served_probs: np.ndarray, backend: str) -> Parity:

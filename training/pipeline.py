@@ -27,9 +27,9 @@ from training.evaluate import (
     calibrate_ood,
     evaluate_tta,
     fastai_eval,
-    fp16_parity,
     package_probs,
     parity,
+    variant_parity,
 )
 from training.recipe import Recipe
 from training.report import confusion_matrix_plot, lr_find_plot, training_curve
@@ -41,6 +41,16 @@ log = logging.getLogger("sota_serve.training")
 
 #: Validation images preprocessed into the export check (plus random pixels).
 _EXPORT_CHECK_IMAGES = 16
+#: Training images (a seeded sample) whose preprocessed crops set the int8 activation ranges.
+_CALIBRATION_IMAGES = 256
+
+
+def calibration_crops(pre: Preprocessor, files: list[Path], *, seed: int,
+                      count: int = _CALIBRATION_IMAGES) -> np.ndarray:
+    """uint8 (N, 3, H, W): a seeded sample of ``files`` through the card's plain preprocessing."""
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(files), size=min(count, len(files)), replace=False)
+    return np.concatenate([pre(files[i].read_bytes()) for i in sorted(picked)])
 
 
 def base_card(recipe: Recipe, folder: ImageFolder, mean, std, five_crop_edge: int) -> ModelCard:
@@ -81,7 +91,9 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     card = base_card(recipe, folder, mean, std, edges[0])
     pre = Preprocessor.from_card(card)
     check = np.concatenate([pre(p.read_bytes()) for p in valid_items[:_EXPORT_CHECK_IMAGES]])
-    graphs = export_graphs(export_model(result.learn), card, out, check_inputs=check, fp16=recipe.fp16)
+    calibration = calibration_crops(pre, train_files, seed=recipe.seed) if recipe.int8 else None
+    graphs = export_graphs(export_model(result.learn), card, out, check_inputs=check, fp16=recipe.fp16,
+                           int8=recipe.int8, calibration=calibration)
 
     # Evaluate the exported files before their card is final: the TTA edges, the default
     # policy and the OOD fit measured here are part of what the files embed.
@@ -95,7 +107,10 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     plain_acc = float((served.argmax(1) == fa.targets).mean())
     # the plain fp32 ONNX probabilities above were computed on the CPU: reused when training ran there
     known = {formats.DEFAULT: served} if result.device == "cpu" else None
-    half = fp16_parity(draft, valid_items, device=result.device, known=known) if recipe.fp16 else None
+    half = variant_parity(draft, valid_items, "fp16", device=result.device, known=known) if recipe.fp16 else None
+    # int8 serves on CPUs: measured there, against the fp32 CPU probabilities above
+    int8 = (variant_parity(draft, valid_items, "int8", device="cpu", known={formats.DEFAULT: served})
+            if recipe.int8 else None)
 
     figures = {
         "training_curve": training_curve(result.history, out / "training_curve.png").name,
@@ -134,6 +149,7 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
         ),
         parity=agreement,
         fp16=half,
+        int8=int8,
         figures=figures,
         intended_use=f"Classify images like those of {folder.name} into {len(card.labels)} classes.",
         limitations=(

@@ -8,6 +8,7 @@ second group imports torch inside its methods, so serving an ONNX package never 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,6 +26,8 @@ class ArtifactFormat(ABC):
     suffixes: ClassVar[tuple[str, ...]]
     #: the Open Inference Protocol / Triton platform name of the model
     platform: ClassVar[str]
+    #: the precisions it can be written at (see :mod:`sota_serve.precision`)
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -56,6 +59,16 @@ class ArtifactFormat(ABC):
         """Write to ``path`` one model that runs every member (verified bytes, uint8 pixels in,
         probabilities out) on the same input and returns ``sum(w_i * p_i)``: an ensemble that
         serves, batches and does TTA like any single model."""
+
+    def quantize(self, fp32: Path, calibration: Sequence[Any], path: Path) -> dict[str, Any]:
+        """Write to ``path`` an int8 model made from the fp32 file ``fp32``, its activation
+        ranges calibrated on ``calibration`` (uint8 NCHW batches the card's preprocessing made);
+        returns what the card's ``export`` record should note. Only formats that list ``int8``
+        in :attr:`precisions` have it."""
+        from sota_serve.errors import ExportError
+
+        raise ExportError(f"{self.name} has no int8 export; int8 is written for"
+                          " formats whose runtimes have int8 kernels (onnx)")
 
     def __repr__(self) -> str:
         return f"<format {self.name}: {self.file_name}>"

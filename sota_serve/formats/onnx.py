@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ class OnnxFormat(ArtifactFormat):
     file_name = "model.onnx"
     suffixes = (".onnx",)
     platform = "onnxruntime_onnx"
+    precisions = ("fp32", "fp16", "int8")
 
     def read_card(self, path: Path) -> str:
         import onnx
@@ -92,6 +94,10 @@ class OnnxFormat(ArtifactFormat):
         model.metadata_props.add(key=CARD_KEY, value=card_json)
         onnx.save(model, str(path))
 
+    def quantize(self, fp32: Path, calibration: Sequence[Any], path: Path) -> dict[str, Any]:
+        from sota_serve.formats.onnx_int8 import quantize
+
+        return quantize(fp32, calibration, path)
 
     def combine(self, members: list[bytes], weights: list[float], path: Path) -> None:
         import onnx

@@ -27,8 +27,9 @@ def load_runtime(
     intra_op_threads: int | None = None,
     precision: str = "auto",
 ) -> Runtime:
-    """Open ``package``'s artifact for ``backend`` at ``precision`` (``auto``: fp16 on a GPU
-    when the package has it and its agreement with fp32 holds, see :mod:`sota_serve.precision`);
+    """Open ``package``'s artifact for ``backend`` at ``precision`` (``auto``: fp16 on a GPU,
+    int8 on a CPU, when the package has it and its agreement with fp32 holds, see
+    :mod:`sota_serve.precision`);
     its bytes are sha256-checked first."""
     fmt = formats.get(backend)
     resolved = resolve_device(device)

@@ -26,7 +26,7 @@ class Runtime(ABC):
     """
 
     backend: ClassVar[str]
-    #: the artifact's precision (``fp32``/``fp16``), set by ``load_runtime``
+    #: the artifact's precision (``fp32``/``fp16``/``int8``), set by ``load_runtime``
     precision: str = "fp32"
 
     def __init__(self, card: ModelCard, device: Device) -> None:
