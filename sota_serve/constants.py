@@ -21,3 +21,5 @@ DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
 #: Long side / short side; panoramas up to 20:1 pass.
 DEFAULT_MAX_ASPECT_RATIO = 20.0
+#: The suffixes of the image files looked for in folders (datasets, calibration images).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})

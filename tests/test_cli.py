@@ -58,7 +58,7 @@ def test_errors_exit_2_with_message(args, capsys):
 
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "sota_serve.cli", "--help"], capture_output=True, text=True)
-    for command in ("inspect", "predict", "train", "demo", "export", "import", "bench"):
+    for command in ("inspect", "predict", "quantize", "train", "demo", "export", "import", "bench"):
         assert command in out.stdout
 
 

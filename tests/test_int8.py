@@ -174,3 +174,43 @@ def test_server_serves_int8_on_a_cpu_by_default(int8_package, photos, tmp_path):
     want = expected[0].predictions[0]
     assert got["label"] == want.label and abs(got["score"] - want.score) < 1e-5
     assert "int8, decode pillow" in log
+
+
+def test_quantize_adds_int8_to_an_existing_package_and_leaves_its_files_alone(tiny_package, digit_files,
+                                                                               photos, tmp_path, capsys):
+    """``sota-serve quantize``: for packages written before int8 (or with --no-int8)."""
+    import shutil
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_package, pkg)
+    before = {k: a.sha256 for k, a in open_package(pkg).card.artifacts.items()}
+    assert "onnx-int8" not in before
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for f in [*digit_files, *photos]:
+        shutil.copy(f, folder / f.name)
+    assert cli(["quantize", str(pkg), "--calibration", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote model.int8.onnx; top-1 agreement with fp32" in out
+
+    package = open_package(pkg)  # every sha256, the new file's included
+    card = package.card
+    assert {k: a.sha256 for k, a in card.artifacts.items() if k in before} == before  # untouched
+    assert package.precisions("onnx") == ("fp32", "int8") and card.export.precisions == ["fp32", "int8"]
+    # 43 images: 21 set the ranges, the other 22 measure the agreement
+    assert card.export.int8_calibration_images == 21
+    assert card.int8.source == "held-out calibration images" and card.int8.images == 22
+    assert card.int8.device == "cpu" and set(card.int8.top1_agreement) == {"onnx"}
+    assert card.ood == open_package(tiny_package).card.ood  # the rest of the card is kept
+    assert "## int8" in (pkg / "README.md").read_text()
+    # the embedded card is the package's serving card, as in every other file
+    assert json.loads(get_format("onnx").read_card(pkg / "model.int8.onnx")) == json.loads(card.serving_json())
+    int8 = Classifier.open(pkg, device="cpu", precision="int8").probabilities([photos[0].read_bytes()])
+    full = Classifier.open(pkg, device="cpu", precision="fp32").probabilities([photos[0].read_bytes()])
+    assert np.abs(int8 - full).max() < 0.1
+
+    # no images: a clear error, exit 2, nothing written
+    (tmp_path / "empty").mkdir()
+    assert cli(["quantize", str(tiny_package), "--calibration", str(tmp_path / "empty")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert "onnx-int8" not in open_package(tiny_package).card.artifacts

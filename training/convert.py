@@ -73,17 +73,13 @@ def _sizes(dls: Any) -> tuple[int, int]:
     return edge, crop
 
 
-def calibration_folder(folder: str | Path, card: ModelCard, *, count: int = 256, seed: int = 0) -> np.ndarray:
-    """Up to ``count`` images found under ``folder`` (a seeded sample), preprocessed as ``card``
-    says: what sets the int8 activation ranges of a converted Learner."""
+def calibration_folder(folder: str | Path, card: ModelCard, *, seed: int = 0) -> np.ndarray:
+    """A seeded sample of the images under ``folder``, preprocessed as ``card`` says: what sets
+    the int8 activation ranges of a converted Learner."""
+    from sota_serve.calibration import CALIBRATION_IMAGES, crops, image_files, sample
     from sota_serve.preprocess import Preprocessor
-    from training.datasets import IMAGE_SUFFIXES
-    from training.pipeline import calibration_crops
 
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ConversionError(f"--calibration {folder}: no images found (JPEG, PNG, WebP, BMP, GIF, TIFF)")
-    return calibration_crops(Preprocessor.from_card(card), files, seed=seed, count=count)
+    return crops(Preprocessor.from_card(card), sample(image_files(folder), CALIBRATION_IMAGES, seed=seed))
 
 
 def convert_learner(pkl: str | Path, out_dir: str | Path, *, trust: bool, name: str | None = None,

@@ -7,9 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sota_serve.constants import IMAGE_SUFFIXES
 from sota_serve.errors import SotaServeError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 # Imagenette's class folders are ImageNet wnids; the card carries readable labels.
 IMAGENETTE_LABELS = {

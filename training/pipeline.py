@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sota_serve import formats
+from sota_serve.calibration import CALIBRATION_IMAGES, crops, sample
 from sota_serve.card import (
     DatasetRecord,
     Metrics,
@@ -41,16 +42,6 @@ log = logging.getLogger("sota_serve.training")
 
 #: Validation images preprocessed into the export check (plus random pixels).
 _EXPORT_CHECK_IMAGES = 16
-#: Training images (a seeded sample) whose preprocessed crops set the int8 activation ranges.
-_CALIBRATION_IMAGES = 256
-
-
-def calibration_crops(pre: Preprocessor, files: list[Path], *, seed: int,
-                      count: int = _CALIBRATION_IMAGES) -> np.ndarray:
-    """uint8 (N, 3, H, W): a seeded sample of ``files`` through the card's plain preprocessing."""
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(files), size=min(count, len(files)), replace=False)
-    return np.concatenate([pre(files[i].read_bytes()) for i in sorted(picked)])
 
 
 def base_card(recipe: Recipe, folder: ImageFolder, mean, std, five_crop_edge: int) -> ModelCard:
@@ -91,7 +82,9 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     card = base_card(recipe, folder, mean, std, edges[0])
     pre = Preprocessor.from_card(card)
     check = np.concatenate([pre(p.read_bytes()) for p in valid_items[:_EXPORT_CHECK_IMAGES]])
-    calibration = calibration_crops(pre, train_files, seed=recipe.seed) if recipe.int8 else None
+    # int8 ranges from a seeded sample of the training images
+    calibration = (crops(pre, sample(train_files, CALIBRATION_IMAGES, seed=recipe.seed))
+                   if recipe.int8 else None)
     graphs = export_graphs(export_model(result.learn), card, out, check_inputs=check, fp16=recipe.fp16,
                            int8=recipe.int8, calibration=calibration)
 

@@ -1,0 +1,40 @@
+"""Calibration images for int8: real images through the card's own preprocessing.
+
+One implementation for training (a sample of the training images), for converting a fastai
+Learner (``sota-serve export --calibration DIR``) and for quantizing an existing package
+(``sota-serve quantize``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sota_serve.constants import IMAGE_SUFFIXES
+from sota_serve.errors import BadRequestError
+from sota_serve.preprocess import Preprocessor
+
+#: How many images set the activation ranges (a few hundred is what ONNX Runtime suggests).
+CALIBRATION_IMAGES = 256
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Every image file under ``folder``, sorted; a clear error when there is none."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise BadRequestError(f"{folder}: no images found (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    return files
+
+
+def sample(files: Sequence[Path], count: int, *, seed: int) -> list[Path]:
+    """A seeded sample of ``count`` of ``files`` (all of them when there are fewer), in order."""
+    picked = np.random.default_rng(seed).choice(len(files), size=min(count, len(files)), replace=False)
+    return [files[i] for i in sorted(picked)]
+
+
+def crops(pre: Preprocessor, files: Sequence[Path]) -> np.ndarray:
+    """uint8 (N, 3, H, W): each file through the card's plain preprocessing."""
+    return np.concatenate([pre(f.read_bytes()) for f in files])

@@ -1,0 +1,82 @@
+"""``sota-serve quantize``: add an int8 file to a package that has none (packages exported
+before int8 existed, or with ``--no-int8``), without torch and without retraining.
+
+The images given are split, seeded: up to 256 set the activation ranges, up to 256 others
+measure the int8 file's agreement with fp32 (the card's ``int8`` record, source
+``held-out calibration images``). The existing files are left byte for byte as they are;
+the new file gets the same embedded serving card, its sha256 goes into ``card.json``, and
+the package README is rendered again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sota_serve import calibration, formats, precision
+from sota_serve.card import ArtifactSpec, ExportRecord, ModelCard
+from sota_serve.classifier import Classifier
+from sota_serve.constants import CARD_FILE, README_FILE
+from sota_serve.errors import PackageError
+from sota_serve.model_readme import render_readme
+from sota_serve.package import ModelPackage, draft_package, open_package, sha256_file
+from sota_serve.preprocess import Preprocessor
+
+#: Fewer images than this and the agreement is measured on the calibration images themselves.
+MIN_HELD_OUT = 20
+BATCH = 32
+
+
+def _split(files: Sequence[Path], seed: int) -> tuple[list[Path], list[Path], str]:
+    """(calibration files, agreement files, the agreement's source)."""
+    shuffled = calibration.sample(files, len(files), seed=seed)
+    if len(files) < 2 * MIN_HELD_OUT:
+        return shuffled[: calibration.CALIBRATION_IMAGES], shuffled, "calibration images"
+    half = min(calibration.CALIBRATION_IMAGES, len(files) // 2)
+    return shuffled[:half], shuffled[half: half + calibration.CALIBRATION_IMAGES], "held-out calibration images"
+
+
+def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0) -> ModelCard:
+    """Quantize each fp32 file of the package whose format has int8; returns the new card."""
+    package = open_package(package_dir)  # every existing file's sha256 is checked first
+    if package.root is None or package.card.ensemble is not None:
+        raise PackageError(f"{package_dir}: quantize a package directory (not a lone file or an ensemble)")
+    root, card = package.root, package.card
+    targets = [f for f in package.backends
+               if "int8" in formats.get(f).precisions and precision.REFERENCE in package.precisions(f)]
+    if not targets:
+        raise PackageError(f"{package_dir}: no fp32 file of a format with int8 ({', '.join(package.artifacts)})")
+    calib_files, check_files, source = _split(images, seed)
+    pre = Preprocessor.from_card(card)
+    pixels = calibration.crops(pre, calib_files)
+    batches = [pixels[i: i + BATCH] for i in range(0, len(pixels), BATCH)]
+
+    new: dict[str, Path] = {}
+    notes: dict[str, object] = {}
+    embedded = card.serving_json()
+    for name in targets:
+        fmt = formats.get(name)
+        new[precision.artifact_key(name, "int8")] = path = root / precision.file_name(name, "int8")
+        notes |= fmt.quantize(package.artifacts[name], batches, path)
+        fmt.embed_card(path, embedded)
+
+    draft = draft_package(card, {**package.artifacts, **new}, root)
+    reference = {name: _probs(draft, name, precision.REFERENCE, check_files) for name in targets}
+    candidate = {name: _probs(draft, name, "int8", check_files) for name in targets}
+    record = precision.agreement(reference, candidate, source=source, device="cpu")
+
+    artifacts = {**card.artifacts, **{k: ArtifactSpec(path=p.name, sha256=sha256_file(p)) for k, p in new.items()}}
+    export = card.export or ExportRecord(formats=list(package.backends))
+    written = sorted({precision.split_key(k)[1] for k in artifacts}, key=precision.PRECISIONS.index)
+    final = ModelCard.parse(card.model_copy(update={
+        "artifacts": artifacts, "int8": record,
+        "export": export.model_copy(update={"precisions": written, **notes}),
+    }).to_dict())
+    final.save(root / CARD_FILE)
+    (root / README_FILE).write_text(render_readme(final), encoding="utf-8")
+    return final
+
+
+def _probs(draft: ModelPackage, backend: str, at: str, files: Sequence[Path]):
+    clf = Classifier.from_package(draft, backend=backend, device="cpu", precision=at)
+    return clf.probabilities_of_files(files, "none", desc=f"{backend} {at}")
