@@ -59,3 +59,23 @@ def tampered_copy(package: Path, into: Path, file: str) -> Path:
     data[-10] ^= 0xFF
     (copy / file).write_bytes(bytes(data))
     return copy
+
+
+def served_like_offline(package: Path, photo: Path, home: Path, *, precision: str, env: dict[str, str]) -> None:
+    """A real ``bentoml serve`` of ``package`` with ``env`` answers ``photo`` as the offline
+    classifier at ``precision`` does, and its log names that precision."""
+    import httpx
+
+    from bench.server import Server
+    from sota_serve.classifier import Classifier
+
+    expected = Classifier.open(package, device="cpu", precision=precision).classify([photo.read_bytes()])
+    with Server(package, home=home, env={"SOTA_SERVE_DEVICE": "cpu", **env}) as server:
+        r = httpx.post(f"{server.url}/classify", files={"image": ("a.jpg", io.BytesIO(photo.read_bytes()))},
+                       timeout=30)
+        log = server.output()
+    assert r.status_code == 200, r.text
+    got = r.json()["predictions"][0]
+    want = expected[0].predictions[0]
+    assert got["label"] == want.label and abs(got["score"] - want.score) < 1e-5
+    assert f"{precision}, decode pillow" in log

@@ -3,7 +3,6 @@ real photos, and served on a CPU by ``precision auto`` where their agreement hol
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -19,7 +18,7 @@ from sota_serve.export import export_package
 from sota_serve.formats import get as get_format
 from sota_serve.package import open_package
 from sota_serve.preprocess import Preprocessor
-from tests.helpers import card_dict, tampered_copy, tiny_cnn
+from tests.helpers import card_dict, served_like_offline, tampered_copy, tiny_cnn
 
 
 def _crops(card: ModelCard, photos) -> np.ndarray:
@@ -160,20 +159,7 @@ def test_the_store_keeps_a_formats_int8_file(int8_package, tmp_path, monkeypatch
 def test_server_serves_int8_on_a_cpu_by_default(int8_package, photos, tmp_path):
     """A real ``bentoml serve`` with no precision setting: on a CPU it serves the int8 file
     (its log says so) and answers what the offline int8 classifier does."""
-    import httpx
-
-    from bench.server import Server
-
-    expected = Classifier.open(int8_package, device="cpu", precision="int8").classify([photos[0].read_bytes()])
-    with Server(int8_package, home=tmp_path / "home", env={"SOTA_SERVE_DEVICE": "cpu"}) as server:
-        r = httpx.post(f"{server.url}/classify", files={"image": ("a.jpg", io.BytesIO(photos[0].read_bytes()))},
-                       timeout=30)
-        log = server.output()
-    assert r.status_code == 200, r.text
-    got = r.json()["predictions"][0]
-    want = expected[0].predictions[0]
-    assert got["label"] == want.label and abs(got["score"] - want.score) < 1e-5
-    assert "int8, decode pillow" in log
+    served_like_offline(int8_package, photos[0], tmp_path / "home", precision="int8", env={})
 
 
 def test_quantize_adds_int8_to_an_existing_package_and_leaves_its_files_alone(tiny_package, digit_files,

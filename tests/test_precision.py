@@ -7,7 +7,6 @@ serve is checked on ``precision.choose`` with the device given.
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -24,7 +23,7 @@ from sota_serve.errors import ExportError, IntegrityError, PackageError, Runtime
 from sota_serve.export import export_package
 from sota_serve.package import open_package
 from sota_serve.preprocess import Preprocessor
-from tests.helpers import card_dict, tampered_copy, tiny_cnn
+from tests.helpers import card_dict, served_like_offline, tampered_copy, tiny_cnn
 
 
 @pytest.fixture(scope="module")
@@ -182,21 +181,8 @@ def test_the_store_keeps_a_formats_fp16_file(fp16_package, tmp_path, monkeypatch
 def test_server_serves_fp16_when_asked(fp16_package, photos, tmp_path):
     """A real ``bentoml serve`` with SOTA_SERVE_PRECISION=fp16 (on the CPU here): it logs the
     precision and answers what the offline fp16 classifier does."""
-    import httpx
-
-    from bench.server import Server
-
-    expected = Classifier.open(fp16_package, device="cpu", precision="fp16").classify([photos[0].read_bytes()])
-    with Server(fp16_package, home=tmp_path / "home",
-                env={"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_PRECISION": "fp16"}) as server:
-        r = httpx.post(f"{server.url}/classify", files={"image": ("a.jpg", io.BytesIO(photos[0].read_bytes()))},
-                       timeout=30)
-        log = server.output()
-    assert r.status_code == 200, r.text
-    got = r.json()["predictions"][0]
-    want = expected[0].predictions[0]
-    assert got["label"] == want.label and abs(got["score"] - want.score) < 1e-5
-    assert "fp16, decode pillow" in log
+    served_like_offline(fp16_package, photos[0], tmp_path / "home", precision="fp16",
+                        env={"SOTA_SERVE_PRECISION": "fp16"})
 
 
 def test_channels_last_computes_what_nchw_does(fp16_package, photos):
