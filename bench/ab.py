@@ -26,7 +26,7 @@ from bench.images import image_set
 from bench.load import closed_loop
 from bench.report import service_label, table, write_json
 from bench.run import BenchConfig, machine_info, package_for
-from bench.server import Server
+from bench.server import Server, env_settings
 from sota_serve.precision import CHOICES
 from sota_serve.progress import progress
 from sota_serve.tta import CROPS_PER_IMAGE
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     images = image_set(cfg.images, cfg.cache / "images")
     policies = args.tta.split(",")
-    env = dict(kv.split("=", 1) for kv in args.env)
-    baseline_env = dict(kv.split("=", 1) for kv in args.baseline_env)
+    env = env_settings(args.env)
+    baseline_env = env_settings(args.baseline_env)
     if args.litserve_workers:
         cfg.litserve_workers = tuple(int(w) for w in args.litserve_workers.split(","))
     device = machine_info()["device"]

@@ -12,13 +12,14 @@ from sota_serve.precision import CHOICES
 def _bench(args: argparse.Namespace) -> int:
     from bench.report import render, write
     from bench.run import BenchConfig, run
+    from bench.server import env_settings
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     common = {"out": Path(args.out), "naive": not args.no_naive, "litserve": not args.no_litserve,
               "http": not args.no_http, "jpeg_draft": args.jpeg_draft, "images": args.images,
               "processes": args.processes, "decode": args.decode, "precision": args.precision,
-              "server_env": dict(kv.split("=", 1) for kv in args.env)}
+              "server_env": env_settings(args.env)}
     cfg = BenchConfig.quick_mode(**common) if args.quick else BenchConfig(**common)
     if args.models:
         cfg.models = tuple(args.models.split(","))

@@ -19,7 +19,7 @@ from typing import Any
 from bench.images import image_set
 from bench.load import closed_loop
 from bench.report import write_json
-from bench.server import Server
+from bench.server import Server, env_settings
 
 
 def _py_spy() -> str | None:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    env = dict(kv.split("=", 1) for kv in args.env)
+    env = env_settings(args.env)
     rows = run(args.package, [int(w) for w in args.workers.split(",")], concurrency=args.concurrency,
                seconds=args.seconds, tta=args.tta, env=env, out=args.out, name=args.name,
                profile=args.profile, processes=args.processes)

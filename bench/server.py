@@ -18,6 +18,14 @@ from sota_serve import formats
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def env_settings(pairs: list[str]) -> dict[str, str]:
+    """``["SOTA_SERVE_X=V", ...]`` (the benchmarks' repeatable ``--env``) as a dict."""
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise SystemExit(f"--env takes NAME=VALUE, got {', '.join(bad)}")
+    return dict(kv.split("=", 1) for kv in pairs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
