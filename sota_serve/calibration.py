@@ -18,6 +18,8 @@ from sota_serve.preprocess import Preprocessor
 
 #: How many images set the activation ranges (a few hundred is what ONNX Runtime suggests).
 CALIBRATION_IMAGES = 256
+#: Images per calibration run of the model (memory, not accuracy: the ranges are min/max).
+BATCH = 32
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -38,3 +40,8 @@ def sample(files: Sequence[Path], count: int, *, seed: int) -> list[Path]:
 def crops(pre: Preprocessor, files: Sequence[Path]) -> np.ndarray:
     """uint8 (N, 3, H, W): each file through the card's plain preprocessing."""
     return np.concatenate([pre(f.read_bytes()) for f in files])
+
+
+def batches(pixels: np.ndarray, size: int = BATCH) -> list[np.ndarray]:
+    """``pixels`` in runs of ``size``: what a format's ``quantize`` takes."""
+    return [pixels[i: i + size] for i in range(0, len(pixels), size)]

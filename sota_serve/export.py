@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sota_serve import precision
+from sota_serve.calibration import batches
 from sota_serve.card import ArtifactSpec, ExportRecord, ModelCard, PrecisionParity
 from sota_serve.constants import CARD_FILE, README_FILE
 from sota_serve.errors import ExportError
@@ -41,11 +42,6 @@ DEFAULT_TOLERANCE = 1e-4
 #: export; whether fp16 is good enough to serve is the top-1 agreement in the card's ``fp16``.
 FP16_TOLERANCE = 0.05
 FORMATS: tuple[str, ...] = FORMAT_NAMES
-#: int8 files are held to no bound against the eager module, only to finite output: on the
-#: check's random pixels, far outside the calibrated ranges, they legitimately differ. The
-#: card's ``int8`` agreement on real images decides whether ``auto`` serves them.
-#: Calibration images per quantizer call.
-CALIBRATION_BATCH = 32
 
 
 class Normalize(nn.Module):
@@ -148,9 +144,7 @@ def export_graphs(
         for name in quantized:
             key = precision.artifact_key(name, "int8")
             files[key] = out / precision.file_name(name, "int8")
-            batches = [calibration[i:i + CALIBRATION_BATCH]  # type: ignore[index]
-                       for i in range(0, len(calibration), CALIBRATION_BATCH)]  # type: ignore[arg-type]
-            notes |= get_format(name).quantize(files[name], batches, files[key])
+            notes |= get_format(name).quantize(files[name], batches(calibration), files[key])  # type: ignore[arg-type]
         inputs = _check_batch(check_inputs, (h, w))
         outputs = verify_export(wrappers[precision.REFERENCE], files, inputs, card, tolerance=tolerance)
     diffs = {key: diff for key, (diff, _) in outputs.items()}
@@ -215,6 +209,9 @@ def verify_export(
                                                     intra_op_threads=None)
         got = runtime.predict(inputs)
         diff = float(np.abs(got - expected).max())
+        # int8: no bound, only finite output. On the check's random pixels, far outside the
+        # calibrated ranges, it legitimately differs; the card's int8 agreement on real images
+        # decides whether auto serves it.
         limit = {precision.REFERENCE: tolerance, "fp16": max(tolerance, FP16_TOLERANCE)}.get(p, float("inf"))
         if not np.isfinite(got).all() or diff > limit:
             hint = (f" In {p} it may overflow; export without --{p}." if p != precision.REFERENCE

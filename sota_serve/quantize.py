@@ -22,9 +22,9 @@ from sota_serve.model_readme import render_readme
 from sota_serve.package import ModelPackage, draft_package, open_package, sha256_file
 from sota_serve.preprocess import Preprocessor
 
-#: Fewer images than this and the agreement is measured on the calibration images themselves.
+#: Fewer images than twice this, and the agreement is measured on all of them, the
+#: calibration images included (too few to hold any out).
 MIN_HELD_OUT = 20
-BATCH = 32
 
 
 def _split(files: Sequence[Path], seed: int) -> tuple[list[Path], list[Path], str]:
@@ -48,8 +48,7 @@ def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0) 
         raise PackageError(f"{package_dir}: no fp32 file of a format with int8 ({', '.join(package.artifacts)})")
     calib_files, check_files, source = _split(images, seed)
     pre = Preprocessor.from_card(card)
-    pixels = calibration.crops(pre, calib_files)
-    batches = [pixels[i: i + BATCH] for i in range(0, len(pixels), BATCH)]
+    batches = calibration.batches(calibration.crops(pre, calib_files))
 
     new: dict[str, Path] = {}
     notes: dict[str, object] = {}
