@@ -17,7 +17,7 @@ Which one serves (``precision="auto"``): on a CUDA device fp16 when the package 
 agreement holds; on a CPU int8 when the package has it and its agreement holds; fp32
 otherwise. On a CPU fp16 gains nothing (demo model, batch 64, 2 cores: ONNX Runtime 360
 against 365 img/s, torch 26x slower), while int8 runs the demo model 2.2-2.5x faster
-(one thread, batch 16: 336-368 against 145 img/s). On a GPU ONNX Runtime's CUDA provider has
+(one thread, batch 16: 336-399 against 145-178 img/s). On a GPU ONNX Runtime's CUDA provider has
 few int8 kernels, so ``auto`` never picks int8 there.
 """
 
