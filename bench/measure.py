@@ -66,16 +66,14 @@ def model_ceiling(
     """The runtime alone on preprocessed uint8 batches: images/s per batch size, for each
     backend at each of ``precisions`` the package has, and for each split of the cores in
     ``splits``: (model calls at once, intra-op threads per call; 0: the runtime's default)."""
-    rows = []
-    shape = (3, package.card.input.height, package.card.input.width)
     with _torch_threads_kept():
-        _ceilings(package, backends, batch_sizes, seconds, device, precisions, splits, shape, rows)
-    return rows
+        return _ceilings(package, backends, batch_sizes, seconds, device, precisions, splits)
 
 
 def _ceilings(package: ModelPackage, backends: Sequence[str], batch_sizes: Sequence[int], seconds: float,
-              device: str, precisions: Sequence[str], splits: Sequence[tuple[int, int]], shape: tuple[int, ...],
-              rows: list[dict[str, Any]]) -> None:
+              device: str, precisions: Sequence[str], splits: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+    rows = []
+    shape = (3, package.card.input.height, package.card.input.width)
     for backend in backends:
         for precision in (p for p in precisions if p in package.precisions(backend)):
             for calls, threads in splits:
@@ -88,6 +86,7 @@ def _ceilings(package: ModelPackage, backends: Sequence[str], batch_sizes: Seque
                     rows.append({"backend": backend, "precision": precision, "device": runtime.device,
                                  "model_threads": calls, "threads": threads or None, "batch_size": bs,
                                  "median_s": median, "images_per_s": rate, "runs": runs})
+    return rows
 
 
 def offline_pipeline(

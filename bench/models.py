@@ -72,11 +72,11 @@ def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int,
     )
     check = np.random.default_rng(0).integers(0, 256, (2, 3, size, size), dtype=np.uint8)
     crops = None
-    if calibration:
+    if calibration:  # few photos: their five crops too
+        from sota_serve.calibration import crops as calibration_crops
         from sota_serve.preprocess import Preprocessor
 
-        pre = Preprocessor.from_card(card)
-        crops = np.concatenate([pre(p.read_bytes(), tta) for p in calibration for tta in ("none", "five_crop")])
+        crops = calibration_crops(Preprocessor.from_card(card), calibration, ("none", "five_crop"))
     # fp16 files too, for GPU runs, and int8 for CPU runs (--precision fp16 / int8: random
     # weights give near-uniform probabilities, whose top-1 flips easily, so auto may keep fp32)
     export_package(model, card, out, check_inputs=check, fp16=True, int8=crops is not None, calibration=crops)

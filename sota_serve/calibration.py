@@ -37,9 +37,10 @@ def sample(files: Sequence[Path], count: int, *, seed: int) -> list[Path]:
     return [files[i] for i in sorted(picked)]
 
 
-def crops(pre: Preprocessor, files: Sequence[Path]) -> np.ndarray:
-    """uint8 (N, 3, H, W): each file through the card's plain preprocessing."""
-    return np.concatenate([pre(f.read_bytes()) for f in files])
+def crops(pre: Preprocessor, files: Sequence[Path], policies: Sequence[str] = ("none",)) -> np.ndarray:
+    """uint8 (N, 3, H, W): each file through the card's preprocessing, the crops of each of
+    ``policies`` (plain by default)."""
+    return np.concatenate([pre(f.read_bytes(), tta) for f in files for tta in policies])
 
 
 def batches(pixels: np.ndarray, size: int = BATCH) -> list[np.ndarray]:

@@ -283,7 +283,8 @@ class PrecisionParity(BaseModel):
     model_config = _OPEN
 
     images: int = Field(ge=0)
-    #: "validation" (training) or "export check" (photos and random pixels)
+    #: what ``images`` were: "validation" (training), "export check" (photos and random
+    #: pixels), "held-out calibration" or "calibration" (``sota-serve quantize``)
     source: str
     #: where the files ran for this measurement (cuDNN's fp16 kernels differ from the CPU's)
     device: str
@@ -294,6 +295,11 @@ class PrecisionParity(BaseModel):
 
     def holds(self, backend: str) -> bool:
         return self.images > 0 and self.top1_agreement.get(backend, 0.0) >= self.min_top1_agreement
+
+    def describe(self, backend: str) -> str:
+        """One line for people: ``backend``'s agreement, on what, where."""
+        return (f"top-1 agreement with fp32 {100 * self.top1_agreement[backend]:.2f}% on {self.images}"
+                f" {self.source} images ({self.device}), max |p diff| {self.max_abs_diff[backend]:.2e}")
 
 
 #: The earlier name of :class:`PrecisionParity`, from when fp16 was the only variant.

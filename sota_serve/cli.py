@@ -58,11 +58,9 @@ def _inspect(args: argparse.Namespace) -> int:
                                f" {parity.images} images, max |p diff| {parity.max_abs_diff:.2e}"))
     for variant, device in (("fp16", "GPU"), ("int8", "CPU")):
         if record := card.parity_of(variant):
-            for backend, agree in record.top1_agreement.items():
+            for backend in record.top1_agreement:
                 verdict = f"serves on {device} (auto)" if record.holds(backend) else "below the bar: fp32 serves"
-                rows.append((f"{variant} {backend}", f"top-1 agreement with fp32 {100 * agree:.2f}% on"
-                                                     f" {record.images} {record.source} images ({record.device}),"
-                                                     f" max |p diff| {record.max_abs_diff[backend]:.2e}; {verdict}"))
+                rows.append((f"{variant} {backend}", f"{record.describe(backend)}; {verdict}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -144,11 +142,9 @@ def _quantize(args: argparse.Namespace) -> int:
     card = add_int8(args.package, image_files(args.calibration), seed=args.seed)
     record = card.int8
     assert record is not None
-    for backend, agree in record.top1_agreement.items():
+    for backend in record.top1_agreement:
         verdict = "auto serves it on CPUs" if record.holds(backend) else "below the bar: auto keeps fp32"
-        print(f"{args.package}: wrote {card.artifacts[f'{backend}-int8'].path}; top-1 agreement with fp32"
-              f" {100 * agree:.2f}% on {record.images} {record.source}, max |p diff|"
-              f" {record.max_abs_diff[backend]:.2e}; {verdict}")
+        print(f"{args.package}: wrote {card.artifacts[f'{backend}-int8'].path}; {record.describe(backend)}; {verdict}")
     return 0
 
 

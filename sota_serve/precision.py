@@ -23,7 +23,7 @@ few int8 kernels, so ``auto`` never picks int8 there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -34,6 +34,7 @@ from sota_serve.errors import PackageError, RuntimeBackendError
 
 if TYPE_CHECKING:
     from sota_serve.card import ModelCard, PrecisionParity
+    from sota_serve.package import ModelPackage
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
@@ -129,3 +130,22 @@ def agreement(
             diff[backend] = float(np.abs(half - full).max())
     return PrecisionParity(images=images, source=source, device=device, min_top1_agreement=min_agreement,
                       top1_agreement=top1, max_abs_diff=diff)
+
+
+def measure(package: ModelPackage, files: Sequence[Path], variant: str, *, device: str, source: str,
+            known: Mapping[str, np.ndarray] | None = None) -> PrecisionParity:
+    """The ``fp16`` or ``int8`` record of ``package`` (a draft is fine): each format's
+    ``variant`` file against its fp32 file on the image ``files``, plain, both on ``device``
+    (where the variant serves: a GPU for fp16, the CPU for int8). ``known``: fp32
+    probabilities of ``files`` already computed on ``device``, by format, not run again."""
+    from sota_serve.classifier import Classifier
+
+    reference, candidate = dict(known or {}), {}
+    for backend in package.backends:
+        if variant not in package.precisions(backend):
+            continue
+        for p, into in ((REFERENCE, reference), (variant, candidate)):
+            if backend not in into:
+                clf = Classifier.from_package(package, backend=backend, device=device, precision=p)
+                into[backend] = clf.probabilities_of_files(files, "none", desc=f"{backend} {p}")
+    return agreement({b: reference[b] for b in candidate}, candidate, source=source, device=device)

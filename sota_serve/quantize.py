@@ -3,7 +3,7 @@ before int8 existed, or with ``--no-int8``), without torch and without retrainin
 
 The images given are split, seeded: up to 256 set the activation ranges, up to 256 others
 measure the int8 file's agreement with fp32 (the card's ``int8`` record, source
-``held-out calibration images``). The existing files are left byte for byte as they are;
+``held-out calibration``). The existing files are left byte for byte as they are;
 the new file gets the same embedded serving card, its sha256 goes into ``card.json``, and
 the package README is rendered again.
 """
@@ -15,11 +15,10 @@ from pathlib import Path
 
 from sota_serve import calibration, formats, precision
 from sota_serve.card import ArtifactSpec, ExportRecord, ModelCard
-from sota_serve.classifier import Classifier
 from sota_serve.constants import CARD_FILE, README_FILE
 from sota_serve.errors import PackageError
 from sota_serve.model_readme import render_readme
-from sota_serve.package import ModelPackage, draft_package, open_package, sha256_file
+from sota_serve.package import draft_package, open_package, sha256_file
 from sota_serve.preprocess import Preprocessor
 
 #: Fewer images than twice this, and the agreement is measured on all of them, the
@@ -31,9 +30,9 @@ def _split(files: Sequence[Path], seed: int) -> tuple[list[Path], list[Path], st
     """(calibration files, agreement files, the agreement's source)."""
     shuffled = calibration.sample(files, len(files), seed=seed)
     if len(files) < 2 * MIN_HELD_OUT:
-        return shuffled[: calibration.CALIBRATION_IMAGES], shuffled, "calibration images"
+        return shuffled[: calibration.CALIBRATION_IMAGES], shuffled, "calibration"
     half = min(calibration.CALIBRATION_IMAGES, len(files) // 2)
-    return shuffled[:half], shuffled[half: half + calibration.CALIBRATION_IMAGES], "held-out calibration images"
+    return shuffled[:half], shuffled[half: half + calibration.CALIBRATION_IMAGES], "held-out calibration"
 
 
 def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0) -> ModelCard:
@@ -60,9 +59,7 @@ def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0) 
         fmt.embed_card(path, embedded)
 
     draft = draft_package(card, {**package.artifacts, **new}, root)
-    reference = {name: _probs(draft, name, precision.REFERENCE, check_files) for name in targets}
-    candidate = {name: _probs(draft, name, "int8", check_files) for name in targets}
-    record = precision.agreement(reference, candidate, source=source, device="cpu")
+    record = precision.measure(draft, check_files, "int8", device="cpu", source=source)
 
     artifacts = {**card.artifacts, **{k: ArtifactSpec(path=p.name, sha256=sha256_file(p)) for k, p in new.items()}}
     export = card.export or ExportRecord(formats=list(package.backends))
@@ -74,8 +71,3 @@ def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0) 
     final.save(root / CARD_FILE)
     (root / README_FILE).write_text(render_readme(final), encoding="utf-8")
     return final
-
-
-def _probs(draft: ModelPackage, backend: str, at: str, files: Sequence[Path]):
-    clf = Classifier.from_package(draft, backend=backend, device="cpu", precision=at)
-    return clf.probabilities_of_files(files, "none", desc=f"{backend} {at}")

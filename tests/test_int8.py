@@ -185,7 +185,7 @@ def test_quantize_adds_int8_to_an_existing_package_and_leaves_its_files_alone(ti
     assert package.precisions("onnx") == ("fp32", "int8") and card.export.precisions == ["fp32", "int8"]
     # 43 images: 21 set the ranges, the other 22 measure the agreement
     assert card.export.int8_calibration_images == 21
-    assert card.int8.source == "held-out calibration images" and card.int8.images == 22
+    assert card.int8.source == "held-out calibration" and card.int8.images == 22
     assert card.int8.device == "cpu" and set(card.int8.top1_agreement) == {"onnx"}
     assert card.ood == open_package(tiny_package).card.ood  # the rest of the card is kept
     assert "## int8" in (pkg / "README.md").read_text()

@@ -36,10 +36,9 @@ def _summary(card: ModelCard, out: Path) -> None:
               f" max |p diff| {p.max_abs_diff:.2e}")
     for variant, where in (("fp16", "GPUs"), ("int8", "CPUs")):
         if (record := card.parity_of(variant)) is not None:
-            for backend, agree in record.top1_agreement.items():
+            for backend in record.top1_agreement:
                 verdict = f"served on {where}" if record.holds(backend) else "below the bar, not served"
-                print(f"{variant} {backend}: top-1 agreement with fp32 {100 * agree:.2f}% on {record.images}"
-                      f" {record.source} images, max |p diff| {record.max_abs_diff[backend]:.2e}; {verdict}")
+                print(f"{variant} {backend}: {record.describe(backend)}; {verdict}")
 
 
 def _train(args: argparse.Namespace) -> int:

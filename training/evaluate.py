@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -12,11 +12,10 @@ import fastai.callback.progress  # noqa: F401  (patches Learner.no_bar)
 import numpy as np
 from fastai.learner import Learner
 
-from sota_serve import ood, precision
-from sota_serve.card import Parity, PrecisionParity
+from sota_serve import ood
+from sota_serve.card import Parity
 from sota_serve.classifier import Classifier
 from sota_serve.errors import SotaServeError
-from sota_serve.package import ModelPackage
 from sota_serve.preprocess import Preprocessor
 from sota_serve.progress import interactive, progress
 from sota_serve.tta import CROPS_PER_IMAGE
@@ -192,24 +191,6 @@ def calibrate_ood(pre: Preprocessor, train_files: Sequence[Path], valid_files: S
     fits = {p: ood.fit_policy(fit[p], calibration[p], percentile=percentile) for p in policies}
     return ood.spec(fits, percentile=percentile, fit_images=len(fit_files),
                     calibration_images=len(valid_files))
-
-
-def variant_parity(draft: ModelPackage, files: Sequence[Path], variant: str, *, device: str,
-                   known: Mapping[str, np.ndarray] | None = None) -> PrecisionParity:
-    """Each format's ``variant`` (fp16 or int8) file against its fp32 file on the validation
-    images, plain, both on ``device`` (where the variant will serve: the training device for
-    fp16, the CPU for int8). ``known``: fp32 probabilities of ``files`` already computed on
-    ``device``, by format, not run again."""
-    reference, candidate = dict(known or {}), {}
-    for backend in draft.backends:
-        if variant not in draft.precisions(backend):
-            continue
-        for p, into in ((precision.REFERENCE, reference), (variant, candidate)):
-            if backend not in into:
-                clf = Classifier.from_package(draft, backend=backend, device=device, precision=p)
-                into[backend] = package_probs(clf, files, "none", f"{backend} {p}")
-    return precision.agreement({b: reference[b] for b in candidate}, candidate, source="validation",
-                               device=device)
 
 
 def parity(fastai_probs: np.ndarray, served_probs: np.ndarray, backend: str) -> Parity:

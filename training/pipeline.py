@@ -6,9 +6,7 @@ import logging
 import platform
 from pathlib import Path
 
-import numpy as np
-
-from sota_serve import formats
+from sota_serve import formats, precision
 from sota_serve.calibration import CALIBRATION_IMAGES, crops, sample
 from sota_serve.card import (
     DatasetRecord,
@@ -30,7 +28,6 @@ from training.evaluate import (
     fastai_eval,
     package_probs,
     parity,
-    variant_parity,
 )
 from training.recipe import Recipe
 from training.report import confusion_matrix_plot, lr_find_plot, training_curve
@@ -81,7 +78,7 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     edges = sorted({round(recipe.final_size / r) for r in recipe.five_crop_ratios})
     card = base_card(recipe, folder, mean, std, edges[0])
     pre = Preprocessor.from_card(card)
-    check = np.concatenate([pre(p.read_bytes()) for p in valid_items[:_EXPORT_CHECK_IMAGES]])
+    check = crops(pre, valid_items[:_EXPORT_CHECK_IMAGES])
     # int8 ranges from a seeded sample of the training images
     calibration = (crops(pre, sample(train_files, CALIBRATION_IMAGES, seed=recipe.seed))
                    if recipe.int8 else None)
@@ -100,10 +97,11 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     plain_acc = float((served.argmax(1) == fa.targets).mean())
     # the plain fp32 ONNX probabilities above were computed on the CPU: reused when training ran there
     known = {formats.DEFAULT: served} if result.device == "cpu" else None
-    half = variant_parity(draft, valid_items, "fp16", device=result.device, known=known) if recipe.fp16 else None
+    half = (precision.measure(draft, valid_items, "fp16", device=result.device, source="validation", known=known)
+            if recipe.fp16 else None)
     # int8 serves on CPUs: measured there, against the fp32 CPU probabilities above
-    int8 = (variant_parity(draft, valid_items, "int8", device="cpu", known={formats.DEFAULT: served})
-            if recipe.int8 else None)
+    int8 = (precision.measure(draft, valid_items, "int8", device="cpu", source="validation",
+                              known={formats.DEFAULT: served}) if recipe.int8 else None)
 
     figures = {
         "training_curve": training_curve(result.history, out / "training_curve.png").name,
