@@ -7,7 +7,9 @@ peer per TTA policy, since its policy is fixed at start), warms them up, then ru
 closed-loop rounds, every server once per round in a rotating order, each server alone on the
 machine (the others are paused with SIGSTOP: an idle LitServe polls at ~0.18 of a core), and
 reports each round's req/s and the median of the per-round ratios, so a slow minute costs
-both servers alike. LitServe runs model calls at once only from several worker processes:
+both servers alike. ``--offline`` adds the offline pipeline (decode + model in this process, no
+HTTP, the cores split as the server splits them) as one more participant of every round, for a
+ratio of HTTP to offline that a drifting machine cannot fake either. LitServe runs model calls at once only from several worker processes:
 each ``--litserve-workers`` figure is a peer of its own, and a round's ratio is against the
 best of them. Prints a table; writes JSON.
 
@@ -17,6 +19,7 @@ best of them. Prints a table; writes JSON.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,10 +27,14 @@ from typing import Any
 
 from bench.images import image_set
 from bench.load import closed_loop
+from bench.measure import offline_pipeline
 from bench.report import service_label, table, write_json
 from bench.run import BenchConfig, machine_info, package_for
 from bench.server import Server, env_settings
-from sota_serve.precision import CHOICES
+from sota_serve import formats
+from sota_serve.classifier import Classifier
+from sota_serve.package import open_package
+from sota_serve.precision import CHOICES, choose
 from sota_serve.progress import progress
 from sota_serve.tta import CROPS_PER_IMAGE
 
@@ -45,6 +52,35 @@ def _round(server: Server, servers: list[Server], images: list[Path], tta: str |
     return {k: r[k] for k in ("throughput", "p50_ms", "p99_ms", "shed_503", "errors", "requests")}
 
 
+OFFLINE = "offline pipeline (img/s)"
+
+
+class OfflinePeer:
+    """The offline pipeline as a participant of the rounds: the model file sota-serve's
+    settings pick, its model calls and threads per call as the server splits the cores."""
+
+    def __init__(self, package: Path, images: list[Path], env: dict[str, str], batch_crops: int) -> None:
+        plan = BenchConfig(server_env=env).settings("auto").plan()
+        card_and_files = open_package(package)
+        precision = choose(card_and_files.card, card_and_files.artifacts, formats.DEFAULT, plan.device,
+                           env.get("SOTA_SERVE_PRECISION", "auto"))
+        # One call over all cores (threads None) unless the server runs several calls at once.
+        self.calls = plan.model_threads
+        self.clf = Classifier.from_package(card_and_files, device=plan.device, precision=precision,
+                                           intra_op_threads=plan.threads if self.calls > 1 else None)
+        self.data = [p.read_bytes() for p in images]
+        self.batch_crops = batch_crops
+
+    def round(self, servers: list[Server], tta: str, seconds: float) -> dict[str, Any]:
+        for s in servers:
+            s.pause()
+        r = offline_pipeline(self.clf, self.data, tta=tta, batch_size=max(1, self.batch_crops // CROPS_PER_IMAGE[tta]),
+                             threads=os.cpu_count() or 1, seconds=seconds, model_threads=self.calls)
+        nan = float("nan")
+        return {"throughput": r["images_per_s"], "p50_ms": nan, "p99_ms": nan, "shed_503": 0, "errors": 0,
+                "requests": r["images"]}
+
+
 def _ratios(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[float]:
     return [a["throughput"] / b["throughput"] if b["throughput"] else float("nan")
             for a, b in zip(ours, theirs, strict=True)]
@@ -53,7 +89,8 @@ def _ratios(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[fl
 def compare(package: Path, images: list[Path], *, policies: list[str], concurrency: int, rounds: int,
             seconds: float, warmup_s: float, processes: int | None, batch_size: int,
             env: dict[str, str], litserve_workers: tuple[int, ...] = (1,),
-            baseline_env: dict[str, str] | None = None, litserve_precision: str = "auto") -> dict[str, Any]:
+            baseline_env: dict[str, str] | None = None, litserve_precision: str = "auto",
+            offline: bool = False) -> dict[str, Any]:
     """Per policy: each round runs every server once (the order rotates between rounds); a
     round's ratio is sota-serve's req/s over the best LitServe configuration's in that round.
     ``baseline_env``: a second sota-serve with these settings (on top of ``env``) runs in the
@@ -70,18 +107,22 @@ def compare(package: Path, images: list[Path], *, policies: list[str], concurren
     try:
         for s in servers:
             s.wait_ready()
+        reference = OfflinePeer(package, images, env, batch_size) if offline else None
         out: dict[str, Any] = {}
         for tta in policies:
             targets = {"sota-serve": (ours, tta), **({base_name: (baseline, tta)} if baseline else {}),
                        **{service_label("litserve", w): (peers[tta, w], None) for w in litserve_workers}}
-            names = list(targets)
+            names = list(targets) + ([OFFLINE] if reference else [])
             peer_names = [service_label("litserve", w) for w in litserve_workers]
             for server, param in targets.values():  # warm-up, not recorded
                 _round(server, servers, images, param, concurrency, warmup_s, processes)
-            rows: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
             for i in progress(range(rounds), desc=f"A/B {tta}"):
                 # Rotate who goes first, so that nobody always follows the same server's tail.
                 for name in names[i % len(names):] + names[: i % len(names)]:
+                    if name == OFFLINE and reference is not None:
+                        rows[name].append(reference.round(servers, tta, seconds))
+                        continue
                     server, param = targets[name]
                     rows[name].append(_round(server, servers, images, param, concurrency, seconds, processes))
             by_peer = {name: _ratios(rows["sota-serve"], rows[name]) for name in peer_names}
@@ -91,6 +132,9 @@ def compare(package: Path, images: list[Path], *, policies: list[str], concurren
                         "median_ratio_by_peer": {n: statistics.median(r) for n, r in by_peer.items()},
                         "median_req_per_s": {n: statistics.median(r["throughput"] for r in rs)
                                              for n, rs in rows.items()}}
+            if reference:
+                to_offline = _ratios(rows["sota-serve"], rows[OFFLINE])
+                out[tta] |= {"ratios_to_offline": to_offline, "median_ratio_to_offline": statistics.median(to_offline)}
             if baseline:
                 to_base = _ratios(rows["sota-serve"], rows[base_name])
                 out[tta] |= {"baseline": base_name, "ratios_to_baseline": to_base,
@@ -107,10 +151,13 @@ def render(result: dict[str, Any]) -> str:
         rows = [[name, *(x["throughput"] for x in rs), r["median_req_per_s"][name]] for name, rs in r["rounds"].items()]
         label = "ratio" if len(r.get("ratios_by_peer", {})) < 2 else "ratio to best"
         rows.append([label, *(f"{x:.2f}x" for x in r["ratios"]), f"{r['median_ratio']:.2f}x"])
+        if "ratios_to_offline" in r:
+            rows.append(["HTTP / offline", *(f"{x:.2f}x" for x in r["ratios_to_offline"]),
+                         f"{r['median_ratio_to_offline']:.2f}x"])
         if "ratios_to_baseline" in r:
             rows.append(["ratio to baseline", *(f"{x:.2f}x" for x in r["ratios_to_baseline"]),
                          f"{r['median_ratio_to_baseline']:.2f}x"])
-        errors = sum(x["errors"] for rs in r["rounds"].values() for x in rs)
+        errors = sum(x["errors"] for rs in r["rounds"].values() for x in rs)  # offline rows have none
         shed = sum(x["shed_503"] for rs in r["rounds"].values() for x in rs)
         header = ["", *(f"round {i + 1}" for i in range(len(r["ratios"]))), "median"]
         lines.append(table(f"[{result['model']}] tta={tta}, {result['concurrency']} clients, req/s"
@@ -140,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a setting for sota-serve (repeatable)")
     p.add_argument("--baseline-env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="run a second sota-serve with this setting too (repeatable), in the same rounds")
+    p.add_argument("--offline", action="store_true",
+                   help="the offline pipeline takes part in every round too (ratio of HTTP to offline)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", help="file stem (default: ab-<device>-<model>)")
     args = p.parse_args(argv)
@@ -162,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                                   rounds=args.rounds, seconds=args.seconds, warmup_s=args.warmup,
                                   processes=args.processes, batch_size=args.max_batch_size,
                                   env=env, litserve_workers=cfg.peers(device), baseline_env=baseline_env,
-                                  litserve_precision=args.litserve_precision)}
+                                  litserve_precision=args.litserve_precision, offline=args.offline)}
     print(render(result))
     write_json(result, Path(args.out) / f"{args.name or f'ab-{device}-{Path(args.model).name}'}.json")
     return 0

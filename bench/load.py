@@ -2,9 +2,10 @@
 its next request as soon as the last one returns, bounded in time and in count.
 
 One Python process cannot load a fast server (an httpx client tops out at a few hundred
-requests/s), so the clients are spread over ``processes`` processes, each an asyncio loop
-with one aiohttp session. The generator's own CPU time is reported beside the result: on a
-small machine it competes with the server for the same cores.
+requests/s), so the clients are spread over ``processes`` processes, each an asyncio loop in
+which every client keeps one connection (bench/http1.py: each request is encoded once, before
+the clock starts). The generator's own CPU time is reported beside the result: on a small
+machine it competes with the server for the same cores.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+from bench.http1 import Connection, endpoint, multipart_request
 
 
 @dataclass(frozen=True)
@@ -46,53 +47,47 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _form(spec: LoadSpec, n: int) -> aiohttp.FormData:
-    form = aiohttp.FormData()
-    name, content = spec.files[n % len(spec.files)]
-    form.add_field(spec.field, content, filename=name, content_type="application/octet-stream")
-    for key, value in spec.data:
-        form.add_field(key, value)
-    return form
-
-
 async def _clients(spec: LoadSpec, offset: int) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     retry_after_missing = 0
     sent = 0
+    host, port = endpoint(spec.url)
+    requests = [multipart_request(spec.url, spec.field, name, content, spec.data) for name, content in spec.files]
     delay = spec.start_at - time.time()
     if delay > 0:
         await asyncio.sleep(delay)
     stop = time.perf_counter() + spec.seconds
-    connector = aiohttp.TCPConnector(limit=spec.clients, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def client(i: int) -> None:
-            nonlocal sent, retry_after_missing
-            n = offset + i
-            while time.perf_counter() < stop and sent < spec.max_requests:
-                sent += 1
-                start = time.perf_counter()
-                retry_after = None
-                try:
-                    async with session.post(spec.url, data=_form(spec, n)) as response:
-                        await response.read()
-                        status = response.status
-                        retry_after = response.headers.get("Retry-After")
-                        if status == 503 and retry_after is None:
-                            retry_after_missing += 1
-                except (aiohttp.ClientError, TimeoutError, OSError):
-                    status = 0  # connection refused/reset, or no answer within the timeout
-                latencies.append(time.perf_counter() - start)
-                statuses[status] = statuses.get(status, 0) + 1
-                n += spec.clients
-                if status == 503 and spec.honor_retry_after_s and retry_after and retry_after.isdigit():
-                    await asyncio.sleep(min(float(retry_after), spec.honor_retry_after_s))
+    async def client(i: int) -> None:
+        nonlocal sent, retry_after_missing
+        n = offset + i
+        conn: Connection | None = None
+        while time.perf_counter() < stop and sent < spec.max_requests:
+            sent += 1
+            start = time.perf_counter()
+            retry_after = None
+            try:
+                if conn is None or conn.closed:
+                    conn = await Connection.open(host, port, spec.timeout_s)
+                status, retry_after = await conn.send(requests[n % len(requests)], spec.timeout_s)
+                if status == 503 and retry_after is None:
+                    retry_after_missing += 1
+            except (TimeoutError, OSError):  # refused, reset, closed early, or no answer in time
+                status = 0
+                if conn is not None:
+                    conn.close()
+            latencies.append(time.perf_counter() - start)
+            statuses[status] = statuses.get(status, 0) + 1
+            n += spec.clients
+            if status == 503 and spec.honor_retry_after_s and retry_after and retry_after.isdigit():
+                await asyncio.sleep(min(float(retry_after), spec.honor_retry_after_s))
+        if conn is not None:
+            conn.close()
 
-        began = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(spec.clients)))
-        elapsed = time.perf_counter() - began
+    began = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(spec.clients)))
+    elapsed = time.perf_counter() - began
     return {"latencies": latencies, "statuses": statuses, "elapsed": elapsed,
             "retry_after_missing": retry_after_missing}
 

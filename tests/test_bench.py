@@ -71,15 +71,16 @@ def test_results_without_a_peer_are_strict_json_and_still_render():
 @pytest.mark.slow
 def test_alternating_rounds_against_litserve(tmp_path, capsys):
     """bench.ab: every server answers every round; a round's ratio is against the best LitServe
-    configuration of that round, and the headline is the median of those."""
+    configuration of that round, and the headline is the median of those. With --offline the
+    offline pipeline runs in every round too."""
     from bench.ab import main
 
     argv = ["--model", "tiny", "--tta", "none", "--concurrency", "4", "--rounds", "2", "--seconds", "1",
             "--warmup", "0.5", "--litserve-workers", "1,2", "--baseline-env", "SOTA_SERVE_MODEL_THREADS=1",
-            "--out", str(tmp_path), "--name", "ab"]
+            "--offline", "--out", str(tmp_path), "--name", "ab"]
     assert main(argv) == 0
     shown = capsys.readouterr().out
-    assert "ratio to best" in shown and "ratio to baseline" in shown
+    assert "ratio to best" in shown and "ratio to baseline" in shown and "HTTP / offline" in shown
     result = json.loads((tmp_path / "ab.json").read_text(), parse_constant=_refuse)
     none = result["policies"]["none"]
     peers = ("litserve", "litserve (2 workers)")
@@ -91,3 +92,7 @@ def test_alternating_rounds_against_litserve(tmp_path, capsys):
     assert sorted(by_peer) == sorted(peers)
     assert none["ratios"] == [min(a, b) for a, b in zip(*by_peer.values(), strict=True)]
     assert none["median_ratio"] == pytest.approx(sum(none["ratios"]) / 2)
+    offline = none["rounds"]["offline pipeline (img/s)"]
+    assert len(offline) == 2 and all(r["throughput"] > 0 for r in offline)
+    assert none["ratios_to_offline"] == [a["throughput"] / b["throughput"]
+                                         for a, b in zip(none["rounds"]["sota-serve"], offline, strict=True)]
