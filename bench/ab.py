@@ -27,12 +27,11 @@ from typing import Any
 
 from bench.images import image_set
 from bench.load import closed_loop
-from bench.measure import offline_pipeline
 from bench.report import service_label, table, write_json
-from bench.run import BenchConfig, machine_info, package_for
+from bench.run import BenchConfig, Offline, machine_info, package_for
 from bench.server import Server, env_settings
 from sota_serve import formats
-from sota_serve.classifier import Classifier
+from sota_serve.device import resolve_device
 from sota_serve.package import open_package
 from sota_serve.precision import CHOICES, choose
 from sota_serve.progress import progress
@@ -56,26 +55,21 @@ OFFLINE = "offline pipeline (img/s)"
 
 
 class OfflinePeer:
-    """The offline pipeline as a participant of the rounds: the model file sota-serve's
-    settings pick, its model calls and threads per call as the server splits the cores."""
+    """The offline pipeline as a participant of the rounds, with the device, model file and
+    split of the cores that sota-serve's environment gives its server."""
 
     def __init__(self, package: Path, images: list[Path], env: dict[str, str], batch_crops: int) -> None:
-        plan = BenchConfig(server_env=env).settings("auto").plan()
-        card_and_files = open_package(package)
-        precision = choose(card_and_files.card, card_and_files.artifacts, formats.DEFAULT, plan.device,
-                           env.get("SOTA_SERVE_PRECISION", "auto"))
-        # One call over all cores (threads None) unless the server runs several calls at once.
-        self.calls = plan.model_threads
-        self.clf = Classifier.from_package(card_and_files, device=plan.device, precision=precision,
-                                           intra_op_threads=plan.threads if self.calls > 1 else None)
-        self.data = [p.read_bytes() for p in images]
+        seen = {**os.environ, **env}  # what the server process sees (bench.server.Server)
+        device = resolve_device(seen.get("SOTA_SERVE_DEVICE", "auto"))
+        opened = open_package(package)
+        served = choose(opened.card, opened.artifacts, formats.DEFAULT, device, seen.get("SOTA_SERVE_PRECISION", "auto"))
+        self.pipeline = Offline.open(opened, images, BenchConfig(server_env=env).settings(device).plan(), served)
         self.batch_crops = batch_crops
 
     def round(self, servers: list[Server], tta: str, seconds: float) -> dict[str, Any]:
         for s in servers:
             s.pause()
-        r = offline_pipeline(self.clf, self.data, tta=tta, batch_size=max(1, self.batch_crops // CROPS_PER_IMAGE[tta]),
-                             threads=os.cpu_count() or 1, seconds=seconds, model_threads=self.calls)
+        r = self.pipeline.run(tta, self.batch_crops, seconds)
         nan = float("nan")
         return {"throughput": r["images_per_s"], "p50_ms": nan, "p99_ms": nan, "shed_503": 0, "errors": 0,
                 "requests": r["images"]}

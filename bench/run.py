@@ -15,11 +15,11 @@ from bench.load import closed_loop
 from bench.measure import decode_share, model_ceiling, offline_pipeline
 from bench.models import synthetic_package
 from bench.server import Server
-from bento.settings import Settings
+from bento.settings import Plan, Settings
 from sota_serve import formats
 from sota_serve.classifier import Classifier
 from sota_serve.device import resolve_device
-from sota_serve.package import open_package
+from sota_serve.package import ModelPackage, open_package
 from sota_serve.precision import choose
 from sota_serve.tta import CROPS_PER_IMAGE
 
@@ -92,6 +92,35 @@ def package_for(name: str, cfg: BenchConfig) -> Path | None:
     return Path(name)  # a package directory
 
 
+def core_split(plan: Plan) -> tuple[int, int]:
+    """(model calls at once, intra-op threads per call) as the server splits the cores; 0
+    threads: the runtime's default, one call over all cores."""
+    return (plan.model_threads, plan.threads) if plan.model_threads > 1 else (1, 0)
+
+
+@dataclass
+class Offline:
+    """The offline pipeline as the server would run it: the same model file, the same split of
+    the cores (:func:`core_split`), the bench's images in memory."""
+
+    clf: Classifier
+    calls: int
+    data: list[bytes]
+
+    @classmethod
+    def open(cls, package: ModelPackage, images: list[Path], plan: Plan, precision: str, **options: Any) -> Offline:
+        """``options``: more :meth:`Classifier.from_package` keywords (decode, batch size...)."""
+        calls, threads = core_split(plan)
+        clf = Classifier.from_package(package, device=plan.device, precision=precision,
+                                      intra_op_threads=threads or None, **options)
+        return cls(clf, calls, [p.read_bytes() for p in images])
+
+    def run(self, tta: str, batch_crops: int, seconds: float) -> dict[str, Any]:
+        """:func:`offline_pipeline` with batches of about ``batch_crops`` crops."""
+        return offline_pipeline(self.clf, self.data, tta=tta, batch_size=max(1, batch_crops // CROPS_PER_IMAGE[tta]),
+                                threads=os.cpu_count() or 1, seconds=seconds, model_threads=self.calls)
+
+
 def _best(http: list[dict[str, Any]], service: str, tta: str, max_p99: float = float("inf")) -> dict[str, Any] | None:
     """The highest error-free throughput of ``service`` (shedding with 503 is not an error)."""
     rows = [r for r in http if r["service"] == service and r["tta"] == tta and r["errors"] == 0
@@ -149,7 +178,7 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
     plan = cfg.settings(device).plan()
     # The server's split of the cores (model calls at once, threads per call; 0 threads: the
     # runtime's default, one call over all cores), measured beside one call over all cores.
-    calls, threads_per_call = (plan.model_threads, plan.threads) if plan.model_threads > 1 else (1, 0)
+    calls, threads_per_call = core_split(plan)
     splits = sorted({(1, 0), (calls, threads_per_call)})
     ceiling = model_ceiling(package, cfg.backends, batch_sizes, seconds=cfg.ceiling_seconds, device=device,
                             precisions=sorted({"fp32", served_precision}), splits=splits)
@@ -159,18 +188,14 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
 
     decode = Settings(decode=cfg.decode).decoder(device)
     log.info("[%s] offline pipeline (decode: %s, %s, %d model calls at once)", name, decode, served_precision, calls)
-    clf = Classifier.open(package_dir, device=device, jpeg_draft=cfg.jpeg_draft, batch_size=best_bs,
-                          decode=decode, precision=served_precision, intra_op_threads=threads_per_call or None)
-    data = [p.read_bytes() for p in images]
-    threads = os.cpu_count() or 1
+    pipeline = Offline.open(package, images, plan, served_precision, jpeg_draft=cfg.jpeg_draft,
+                            batch_size=best_bs, decode=decode)
     policies = ["none", *(p for p in cfg.policies if p != "none")]
     for policy in policies:
-        clf.preprocessor.crops_per_image(policy)  # refuse a policy the card lacks before measuring
-    offline = [offline_pipeline(clf, data, tta=tta, batch_size=max(1, best_bs // CROPS_PER_IMAGE[tta]),
-                                threads=threads, seconds=cfg.seconds / 2, model_threads=calls)
-               for tta in policies]
-    breakdown = {tta: decode_share(clf, data, tta) for tta in policies}
-    del clf
+        pipeline.clf.preprocessor.crops_per_image(policy)  # refuse a policy the card lacks before measuring
+    offline = [pipeline.run(tta, best_bs, cfg.seconds / 2) for tta in policies]
+    breakdown = {tta: decode_share(pipeline.clf, pipeline.data, tta) for tta in policies}
+    del pipeline
 
     http: list[dict[str, Any]] = []
     if cfg.http:
