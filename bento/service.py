@@ -20,6 +20,7 @@ from bento.config import MODEL, PLAN, SETTINGS, model_dir
 from bento.engine import Engine, EngineClient
 from bento.guard import TICKET, RequestGuard
 from bento.handlers import RequestHandler, error_response
+from bento.listen import arbiter_binds_reuseport, take_own_socket
 from bento.metrics import count_shed, observe_batch
 from bento.oip import OpenInference
 from bento.openapi import describe
@@ -34,6 +35,11 @@ from sota_serve.preprocess import Preprocessor
 
 # Under BentoML's logger, so that its log configuration (INFO on the console) applies.
 log = logging.getLogger("bentoml.sota_serve")
+
+if PLAN.workers > 1 and SETTINGS.reuse_port:
+    # In `bentoml serve`: bind the API socket SO_REUSEPORT; in worker 2..N: a socket of its own.
+    arbiter_binds_reuseport()
+    take_own_socket()
 
 FILE_FIELDS = {"/classify": "image", "/classify_batch": "images"}
 ROUTES = DirectRoutes(FILE_FIELDS)

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     #: uploads; off: each worker loads its own copy. Measured on an H100, off served more
     #: (BENCHMARKS.md), so it is opt-in
     engine: str = Field(default="off", pattern="^(on|off)$")
+    #: with several workers, each listens on a socket of its own (SO_REUSEPORT) and the kernel
+    #: spreads new connections over them; off: BentoML's one shared socket, where a burst of
+    #: keep-alive connections can all land on one worker (bento/listen.py)
+    reuse_port: bool = True
     #: one log line per request (BentoML's access log); off by default, it costs throughput
     access_log: bool = False
     #: OpenTelemetry spans for the image routes (with BentoML's tracing configured); off: they

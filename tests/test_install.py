@@ -37,6 +37,9 @@ def test_a_serving_install_serves_without_torch_or_fastai(tmp_path, tiny_package
     for module in ("torch", "torchvision", "fastai", "sklearn"):
         probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True)
         assert probe.returncode != 0 and "No module named" in probe.stderr, f"{module} is installed"
+    # uvicorn's C loop and parser, which its "auto" settings pick (BentoML asks for plain uvicorn)
+    probe = subprocess.run([str(python), "-c", "import uvloop, httptools"], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
 
     cli = str(bin_dir / "sota-serve")
     inspect = subprocess.run([cli, "inspect", str(tiny_package)], capture_output=True, text=True, cwd=tmp_path)
