@@ -94,7 +94,7 @@ class RequestHandler:
         ticket = ticket or Ticket()
         results = await self.pipeline.probabilities(images, tta, k, ticket, ticket.admitted_at + self.deadline_s)
         return [r if isinstance(r, ImageError)
-                else Classified(predictions=top_k_predictions(r.probs, self.card.labels, top_k), ood=r.ood)
+                else Classified(predictions=top_k_predictions(r.probs, self.card.labels, top_k, r.ranked), ood=r.ood)
                 for r in results]
 
     async def scores(self, images: Sequence[bytes] | None, pixels: np.ndarray | None,

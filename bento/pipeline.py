@@ -21,7 +21,7 @@ from bento.settings import Plan, Settings
 from sota_serve.admission import Admission, Ticket
 from sota_serve.batcher import BatchObserver, DynamicBatcher
 from sota_serve.decode import DecodeLimits
-from sota_serve.device_preprocess import DevicePreprocessor, concat_rows
+from sota_serve.device_preprocess import DevicePreprocessor
 from sota_serve.errors import ImageError
 from sota_serve.ood import Screen
 from sota_serve.package import ModelPackage
@@ -39,10 +39,12 @@ def _seconds_per_crop(runtime: Runtime, batch_size: int) -> float:
 
 
 class Scored(NamedTuple):
-    """One image's (C,) probabilities and its OOD check (None: the card has no ``ood``)."""
+    """One image's (C,) probabilities, its OOD check (None: the card has no ``ood``) and its
+    leading class indices, highest first, when the batcher ranked them."""
 
     probs: np.ndarray
     ood: OODResult | None = None
+    ranked: np.ndarray | None = None
 
 
 class Decoded(NamedTuple):
@@ -149,13 +151,21 @@ class LocalPipeline:
             decoded = await self._decode_all(images, tta)
         finally:
             self.admission.decoded(ticket)
-        good = [item for item in decoded if isinstance(item, Decoded)]
+        good = [item.crops for item in decoded if isinstance(item, Decoded)]
         try:
-            probs = await self.batcher.submit(concat_rows([d.crops for d in good]), k, deadline) if good else []
+            # joined on the model thread: a copy of 224 px crops would give up the loop's GIL
+            result = await self.batcher.submit(good, k, deadline) if good else None
         finally:
             self.admission.computed(ticket)
-        rows = iter(probs)  # one row per decoded image, in order
-        return [item if isinstance(item, ImageError) else Scored(next(rows), item.ood) for item in decoded]
+        rows = zip(result.probs, result.ranked, strict=True) if result else iter(())  # one per decoded image
+        out: Results = []
+        for item in decoded:
+            if isinstance(item, ImageError):
+                out.append(item)
+            else:
+                probs, ranked = next(rows)
+                out.append(Scored(probs, item.ood, ranked))
+        return out
 
     async def pixels(self, crops: np.ndarray, ticket: Ticket, deadline: float) -> Results:
         """Already-preprocessed (N, 3, H, W) uint8 crops (the Open Inference Protocol's
@@ -163,7 +173,8 @@ class LocalPipeline:
         self.admission.charge(ticket, len(crops))
         self.admission.decoded(ticket)  # nothing to decode
         try:
-            probs = await self.batcher.submit(crops, 1, deadline)
+            result = await self.batcher.submit(crops, 1, deadline)
         finally:
             self.admission.computed(ticket)
-        return [Scored(p) for p in probs]  # no OOD check: the protocol has no place for it
+        # no OOD check: the protocol has no place for it
+        return [Scored(p, None, r) for p, r in zip(result.probs, result.ranked, strict=True)]

@@ -13,6 +13,11 @@ next batch (continuous batching). Requests of each TTA group size k (1 plain, 2 
 queue apart, since one device call averages one group size; the queue whose oldest request is
 oldest goes first.
 
+The event loop only queues and hands out: joining a batch's crops and ranking its classes
+(:func:`sota_serve.predictions.rank_rows`) happen on the model thread. Both are numpy calls
+that release the GIL (a 224 px crop's copy, any sort), and a loop thread that gives the GIL up
+waits to get it back behind the decode threads while every connection waits on it.
+
 Requests whose deadline passed while queued are failed with :class:`OverloadedError` instead
 of being computed late. The batcher keeps running averages of the model's time per crop so
 that admission control (:mod:`sota_serve.admission`) can estimate how long the queue takes
@@ -28,12 +33,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from sota_serve.device_preprocess import concat_rows
 from sota_serve.errors import OverloadedError
+from sota_serve.predictions import rank_rows
 from sota_serve.runtime.base import Runtime
 
 log = logging.getLogger("sota_serve.batcher")
@@ -41,17 +47,50 @@ log = logging.getLogger("sota_serve.batcher")
 BatchObserver = Callable[[int, int, int, float], None]  # (k, images, crops, seconds)
 
 
+class Ranked(NamedTuple):
+    """A batch's answer for n images: (n, C) probabilities, and each row's leading class
+    indices, highest first (``rank_rows``)."""
+
+    probs: np.ndarray
+    ranked: np.ndarray
+
+    def rows(self, start: int, stop: int) -> Ranked:
+        return Ranked(self.probs[start:stop], self.ranked[start:stop])
+
+
 @dataclass
 class _Item:
-    crops: Any  # (n*k, 3, H, W) uint8: numpy, or a torch tensor decoded on the device
+    #: (m*k, 3, H, W) uint8 arrays, n*k crops in all: numpy, or torch tensors decoded on the
+    #: device; joined on the model thread
+    parts: list[Any]
     k: int
     deadline: float  # time.monotonic()
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Ranked]
     queued_at: float = field(default_factory=time.monotonic)
 
     @property
+    def crops(self) -> int:
+        return sum(p.shape[0] for p in self.parts)
+
+    @property
     def images(self) -> int:
-        return self.crops.shape[0] // self.k
+        return self.crops // self.k
+
+
+def _runs(parts: list[Any], step: int) -> list[list[Any]]:
+    """Crop arrays grouped into runs of at most ``step`` crops, without copying: a longer
+    array is cut into views (``step`` is a multiple of k, so the cuts fall between images)."""
+    runs: list[list[Any]] = [[]]
+    size = 0
+    for part in parts:
+        for i in range(0, part.shape[0], step):
+            piece = part[i : i + step]
+            if runs[-1] and size + piece.shape[0] > step:
+                runs.append([])
+                size = 0
+            runs[-1].append(piece)
+            size += piece.shape[0]
+    return runs if runs[-1] else []
 
 
 class Ewma:
@@ -87,8 +126,9 @@ class DynamicBatcher:
 
     # --- caller side ----------------------------------------------------------------------
 
-    async def submit(self, crops: Any, k: int, deadline: float) -> np.ndarray:
-        """(n*k, 3, H, W) uint8 -> (n, C) probabilities, computed in a shared batch.
+    async def submit(self, crops: Any, k: int, deadline: float) -> Ranked:
+        """(n*k, 3, H, W) uint8, as one array or a list of them (each whole images) -> the n
+        images' probabilities and rankings, computed in a shared batch.
 
         A request larger than ``max_crops`` is split on image boundaries.
         """
@@ -96,13 +136,15 @@ class DynamicBatcher:
         step = max(k, self.cap(k) // k * k)
         loop = asyncio.get_running_loop()
         futures = []
-        for i in range(0, crops.shape[0], step):
-            item = _Item(crops[i : i + step], k, deadline, loop.create_future())
+        for run in _runs(crops if isinstance(crops, list) else [crops], step):
+            item = _Item(run, k, deadline, loop.create_future())
             self._queues.setdefault(k, deque()).append(item)
             futures.append(item.future)
         self._wakeup.set()
         parts = await asyncio.gather(*futures)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return Ranked(np.concatenate([p.probs for p in parts]), np.concatenate([p.ranked for p in parts]))
 
     # --- dispatcher -----------------------------------------------------------------------
 
@@ -123,7 +165,7 @@ class DynamicBatcher:
         _, k = min(heads)
         queue, batch, crops, cap = self._queues[k], [], 0, self.cap(k)
         now = time.monotonic()
-        while queue and (not batch or crops + queue[0].crops.shape[0] <= cap):
+        while queue and (not batch or crops + queue[0].crops <= cap):
             item = queue.popleft()
             if item.future.done():  # the caller went away (cancelled)
                 continue
@@ -133,7 +175,7 @@ class DynamicBatcher:
                     " deadline (SOTA_SERVE_DEADLINE_S); the server is overloaded", retry_after_s=1))
                 continue
             batch.append(item)
-            crops += item.crops.shape[0]
+            crops += item.crops
         return batch
 
     async def _dispatch(self) -> None:
@@ -154,30 +196,33 @@ class DynamicBatcher:
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         k = batch[0].k
+        crops = sum(it.crops for it in batch)
         started = time.perf_counter()
         try:
-            x = concat_rows([it.crops for it in batch])
-            probs = await asyncio.get_running_loop().run_in_executor(self._model_pool, self._predict, x, k)
+            parts = [p for it in batch for p in it.parts]
+            result = await asyncio.get_running_loop().run_in_executor(self._model_pool, self._predict, parts, k)
         except Exception as e:  # a model failure fails this batch only, typed for the caller
-            log.exception("model call failed for a batch of %d crops", sum(it.crops.shape[0] for it in batch))
+            log.exception("model call failed for a batch of %d crops", crops)
             for it in batch:
                 if not it.future.done():
                     it.future.set_exception(e)
             return
         elapsed = time.perf_counter() - started
-        self.seconds_per_crop.add(elapsed / x.shape[0])
+        self.seconds_per_crop.add(elapsed / crops)
         self.batches += 1
         if self.observer:
-            self.observer(k, x.shape[0] // k, x.shape[0], elapsed)
+            self.observer(k, crops // k, crops, elapsed)
         row = 0
         for it in batch:
             n = it.images
             if not it.future.done():
-                it.future.set_result(probs[row : row + n])
+                it.future.set_result(result.rows(row, row + n))
             row += n
 
-    def _predict(self, x: Any, k: int) -> np.ndarray:
-        return self.runtime.predict(x, crops_per_image=k)
+    def _predict(self, parts: list[Any], k: int) -> Ranked:
+        """On a model thread: join the crops, run the model, rank each image's classes."""
+        probs = self.runtime.predict(concat_rows(parts), crops_per_image=k)
+        return Ranked(probs, rank_rows(probs))
 
     def close(self) -> None:
         if self._task is not None:

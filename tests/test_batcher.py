@@ -13,10 +13,11 @@ import pytest
 from bento.handlers import RequestHandler, error_response
 from bento.pipeline import LocalPipeline
 from sota_serve.admission import Admission
-from sota_serve.batcher import DynamicBatcher
+from sota_serve.batcher import DynamicBatcher, _runs
 from sota_serve.card import ModelCard
 from sota_serve.errors import BadRequestError, OverloadedError
 from sota_serve.package import open_package
+from sota_serve.predictions import top_k_indices
 from sota_serve.preprocess import Preprocessor
 from sota_serve.runtime import load_runtime
 from tests.helpers import card_dict
@@ -72,8 +73,9 @@ def test_concurrent_requests_share_device_calls_and_get_their_own_rows(runtime, 
 
     results = _run(main())
     expected = runtime.predict(plain)
-    for i, probs in enumerate(results):
-        np.testing.assert_allclose(probs[0], expected[i % 3], atol=1e-6)
+    for i, r in enumerate(results):
+        np.testing.assert_allclose(r.probs[0], expected[i % 3], atol=1e-6)
+        np.testing.assert_array_equal(r.ranked[0], top_k_indices(r.probs[0], 3))  # ranked on the model thread
     assert sum(n for n, _ in counting.calls) == 24
     assert len(counting.calls) < 24 and max(n for n, _ in counting.calls) > 1, counting.calls
 
@@ -95,8 +97,8 @@ def test_plain_and_five_crop_requests_batch_apart_and_stay_exact(runtime, crops)
     plain_expected = runtime.predict(plain)
     five_expected = runtime.predict(five.reshape(-1, 3, 32, 32), crops_per_image=5)
     for i in range(6):
-        np.testing.assert_allclose(results[2 * i][0], plain_expected[i % 3], atol=1e-6)
-        np.testing.assert_allclose(results[2 * i + 1][0], five_expected[i % 3], atol=1e-6)
+        np.testing.assert_allclose(results[2 * i].probs[0], plain_expected[i % 3], atol=1e-6)
+        np.testing.assert_allclose(results[2 * i + 1].probs[0], five_expected[i % 3], atol=1e-6)
     assert all(n % k == 0 for n, k in counting.calls)
     assert {k for _, k in counting.calls} == {1, 5}
 
@@ -110,9 +112,41 @@ def test_a_request_larger_than_a_batch_is_split_on_image_boundaries(runtime, cro
         return await DynamicBatcher(counting, max_crops=12).submit(x, 5, time.monotonic() + 30)
 
     out = _run(main())
-    assert out.shape == (12, 3)
-    np.testing.assert_allclose(out, runtime.predict(x, crops_per_image=5), atol=1e-6)
+    assert out.probs.shape == (12, 3) and out.ranked.shape == (12, 3)
+    np.testing.assert_allclose(out.probs, runtime.predict(x, crops_per_image=5), atol=1e-6)
     assert [n for n, _ in counting.calls] == [10] * 6  # 2 whole images (10 crops) per call
+
+
+def test_a_request_in_parts_is_joined_on_the_model_thread_and_split_between_images(runtime, crops):
+    five, _ = crops
+    counting = CountingRuntime(runtime)
+    parts = [five[i % 3] for i in range(7)]  # 7 images of 5 crops, as the decode threads hand them over
+    loop_thread = threading.get_ident()
+    joined_on = []
+    original = counting.predict
+
+    def predict(x, *, crops_per_image=1):
+        joined_on.append(threading.get_ident())
+        return original(x, crops_per_image=crops_per_image)
+
+    counting.predict = predict
+
+    async def main():
+        return await DynamicBatcher(counting, max_crops=15).submit(parts, 5, time.monotonic() + 30)
+
+    out = _run(main())
+    np.testing.assert_allclose(out.probs, runtime.predict(np.concatenate(parts), crops_per_image=5), atol=1e-6)
+    assert [n for n, _ in counting.calls] == [15, 15, 5]  # 3 images a call, the last alone
+    assert loop_thread not in joined_on
+
+
+def test_runs_cut_long_arrays_into_views_between_images():
+    a, b = np.arange(24).reshape(12, 2), np.arange(4).reshape(2, 2)
+    runs = _runs([a, b], step=4)
+    assert [[p.shape[0] for p in run] for run in runs] == [[4], [4], [4], [2]]
+    assert all(np.shares_memory(p, a) for run in runs[:3] for p in run)  # no copies
+    assert [[p.shape[0] for p in run] for run in _runs([b, b, b], step=4)] == [[2, 2], [2]]
+    assert _runs([], step=4) == []
 
 
 def test_a_request_past_its_deadline_is_dropped_not_computed(runtime, crops):
@@ -144,7 +178,7 @@ def test_a_failing_batch_fails_its_requests_only(runtime, crops):
             await batcher.submit(plain[:1], 1, deadline)
         return await batcher.submit(plain[:1], 1, deadline)
 
-    assert _run(main()).shape == (1, 3)
+    assert _run(main()).probs.shape == (1, 3)
 
 
 @pytest.mark.parametrize("model_threads", [1, 2, 3])
@@ -165,8 +199,8 @@ def test_model_threads_run_that_many_batches_at_once_and_stay_exact(tiny_package
     results = _run(main())
     expected_plain, expected_five = runtime.predict(plain), runtime.predict(five.reshape(-1, *plain.shape[1:]),
                                                                                crops_per_image=5)
-    for i, probs in enumerate(results):
-        np.testing.assert_allclose(probs[0], (expected_five if i % 4 == 0 else expected_plain)[i % 3], atol=1e-6)
+    for i, r in enumerate(results):
+        np.testing.assert_allclose(r.probs[0], (expected_five if i % 4 == 0 else expected_plain)[i % 3], atol=1e-6)
     assert counting.most_at_once == model_threads
     assert sum(n // k for n, k in counting.calls) == 40
 

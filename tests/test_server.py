@@ -136,11 +136,13 @@ def test_32_concurrent_requests_form_batches(tiny_cnn_at, photos, tmp_path):
     # Batches form when requests arrive while the model is busy. The tiny model at 32 px runs
     # faster than the server can take requests in, so each found it idle and ran alone (right
     # for the batcher, but it tests nothing, and the outcome hung on timing). The same network
-    # at 448 px takes longer per call than a request takes to come in.
+    # at 448 px takes longer per call than a request takes to come in, and one model call at a
+    # time (a CPU's default is one per core) leaves no idle model thread for a lucky request.
     package = tiny_cnn_at(448)
     payload = encode(gradient_image(80, 60), "JPEG")
     start = threading.Barrier(32)
-    with Server(package, home=tmp_path / "bentoml", env={"SOTA_SERVE_DEVICE": "cpu"}) as server:
+    env = {"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_MODEL_THREADS": "1"}
+    with Server(package, home=tmp_path / "bentoml", env=env) as server:
         before = _batch_histogram(server)
 
         def one(_):
