@@ -96,3 +96,13 @@ def test_alternating_rounds_against_litserve(tmp_path, capsys):
     assert len(offline) == 2 and all(r["throughput"] > 0 for r in offline)
     assert none["ratios_to_offline"] == [a["throughput"] / b["throughput"]
                                          for a, b in zip(none["rounds"]["sota-serve"], offline, strict=True)]
+
+
+def test_gil_probe_times_each_operation_alone_and_beside_a_busy_thread(tmp_path, capsys):
+    from bench import gil_probe
+
+    assert gil_probe.main(["--repeats", "20", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gil-probe.json").read_text())
+    assert {r["operation"] for r in data["rows"]} == set(gil_probe._operations())
+    assert all(r["alone_us"] > 0 and r["with_busy_thread_us"] > 0 for r in data["rows"])
+    assert "| join 16 crops of 224 px" in capsys.readouterr().out
