@@ -19,7 +19,7 @@ from PIL import Image
 
 from bento.settings import Plan, Settings
 from sota_serve.admission import Admission, Ticket
-from sota_serve.batcher import BatchObserver, DynamicBatcher
+from sota_serve.batcher import Annotator, BatchObserver, DynamicBatcher, Ranked
 from sota_serve.decode import DecodeLimits
 from sota_serve.device_preprocess import DevicePreprocessor
 from sota_serve.errors import ImageError
@@ -47,21 +47,17 @@ class Scored(NamedTuple):
     ranked: np.ndarray | None = None
 
 
-class Decoded(NamedTuple):
-    """One upload's (k, 3, H, W) crops and its OOD check."""
-
-    crops: Any
-    ood: OODResult | None
-
-
 #: One entry per image: its scores, or the typed error its bytes raised.
 Results = list[Scored | ImageError]
+
+#: group size k -> its TTA policy (each k is one policy's)
+_POLICY_OF_K = {k: policy for policy, k in CROPS_PER_IMAGE.items()}
 
 
 class LocalPipeline:
     def __init__(self, decoder: Preprocessor | DevicePreprocessor, batcher: DynamicBatcher,
-                 admission: Admission, *, decode_threads: int, screen: Screen | None = None) -> None:
-        self.decoder, self.batcher, self.admission, self.screen = decoder, batcher, admission, screen
+                 admission: Admission, *, decode_threads: int) -> None:
+        self.decoder, self.batcher, self.admission = decoder, batcher, admission
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
         #: pillow or torchvision (Settings.decode), for the logs
         self.decode = "torchvision" if isinstance(decoder, DevicePreprocessor) else "pillow"
@@ -86,15 +82,16 @@ class LocalPipeline:
         for k in ks[1:]:
             runtime.warmup(plan.max_batch_size_tta, k)
         admission.seconds_per_crop.add(_seconds_per_crop(runtime, plan.max_batch_size))
+        screen = Screen.from_card(card)
         batcher = DynamicBatcher(runtime, max_crops=max_crops, observer=observer,
-                                 seconds_per_crop=admission.seconds_per_crop, model_threads=plan.model_threads)
+                                 seconds_per_crop=admission.seconds_per_crop, model_threads=plan.model_threads,
+                                 annotate=_ood_check(screen) if screen else None)
         limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels,
                               max_aspect_ratio=settings.max_aspect_ratio)
         pre = Preprocessor.from_card(card, limits=limits, jpeg_draft=settings.jpeg_draft)
         decode = settings.decoder(plan.device)
         decoder = DevicePreprocessor(pre, plan.device) if decode == "torchvision" else pre
-        pipeline = cls(decoder, batcher, admission, decode_threads=plan.decode_threads,
-                       screen=Screen.from_card(card))
+        pipeline = cls(decoder, batcher, admission, decode_threads=plan.decode_threads)
         pipeline.calibrate()
         return pipeline
 
@@ -113,25 +110,20 @@ class LocalPipeline:
         for _ in range(repeats):
             self._decode(buffer.getvalue(), "none")
 
-    def _decode(self, data: bytes, tta: str) -> Decoded:
+    def _decode(self, data: bytes, tta: str) -> Any:
         started = time.perf_counter()
-        decoded = self._screened(self.decoder(data, tta), tta)  # the guard bounded the body size
+        crops = self.decoder(data, tta)  # the guard bounded the body size
         self.admission.learn_decode(len(data), time.perf_counter() - started)
-        return decoded
-
-    def _screened(self, crops: Any, tta: str) -> Decoded:
-        # On the decode thread: the statistics cost ~0.08 ms per 64 px image, the event loop's
-        # time is worth more.
-        return Decoded(crops, self.screen.check(crops, tta) if self.screen else None)
+        return crops
 
     def _decode_many(self, images: list[bytes], tta: str) -> list[Any]:
         started = time.perf_counter()
-        out = [r if isinstance(r, ImageError) else self._screened(r, tta)
-               for r in self.decoder.many(images, tta)]  # type: ignore[union-attr]
+        out = self.decoder.many(images, tta)  # type: ignore[union-attr]
         self.admission.learn_decode(sum(map(len, images)), time.perf_counter() - started)
         return out
 
-    async def _decode_all(self, images: Sequence[bytes], tta: str) -> list[Decoded | ImageError]:
+    async def _decode_all(self, images: Sequence[bytes], tta: str) -> list[Any]:
+        """Each upload's (k, 3, H, W) crops, or the typed error its bytes raised."""
         loop = asyncio.get_running_loop()
         if len(images) > 1 and isinstance(self.decoder, DevicePreprocessor):
             # All of a call's JPEGs in one nvJPEG batch (the engine gets many per call).
@@ -151,21 +143,14 @@ class LocalPipeline:
             decoded = await self._decode_all(images, tta)
         finally:
             self.admission.decoded(ticket)
-        good = [item.crops for item in decoded if isinstance(item, Decoded)]
+        good = [item for item in decoded if not isinstance(item, ImageError)]
         try:
             # joined on the model thread: a copy of 224 px crops would give up the loop's GIL
             result = await self.batcher.submit(good, k, deadline) if good else None
         finally:
             self.admission.computed(ticket)
-        rows = zip(result.probs, result.ranked, strict=True) if result else iter(())  # one per decoded image
-        out: Results = []
-        for item in decoded:
-            if isinstance(item, ImageError):
-                out.append(item)
-            else:
-                probs, ranked = next(rows)
-                out.append(Scored(probs, item.ood, ranked))
-        return out
+        scored = iter(_scored(result) if result else [])  # one per decoded image, in order
+        return [item if isinstance(item, ImageError) else next(scored) for item in decoded]
 
     async def pixels(self, crops: np.ndarray, ticket: Ticket, deadline: float) -> Results:
         """Already-preprocessed (N, 3, H, W) uint8 crops (the Open Inference Protocol's
@@ -178,3 +163,13 @@ class LocalPipeline:
             self.admission.computed(ticket)
         # no OOD check: the protocol has no place for it
         return [Scored(p, None, r) for p, r in zip(result.probs, result.ranked, strict=True)]
+
+
+def _scored(result: Ranked) -> list[Scored]:
+    notes = result.notes if result.notes is not None else [None] * len(result.probs)
+    return [Scored(p, ood, r) for p, r, ood in zip(result.probs, result.ranked, notes, strict=True)]
+
+
+def _ood_check(screen: Screen) -> Annotator:
+    """The batcher's annotator: each image's OOD check, for a whole batch at once."""
+    return lambda crops, k: screen.check_batch(crops, _POLICY_OF_K[k])

@@ -13,8 +13,9 @@ next batch (continuous batching). Requests of each TTA group size k (1 plain, 2 
 queue apart, since one device call averages one group size; the queue whose oldest request is
 oldest goes first.
 
-The event loop only queues and hands out: joining a batch's crops and ranking its classes
-(:func:`sota_serve.predictions.rank_rows`) happen on the model thread. Both are numpy calls
+The event loop only queues and hands out: joining a batch's crops, ranking its classes
+(:func:`sota_serve.predictions.rank_rows`) and the per-image ``annotate`` (the server's OOD
+check, a dozen numpy calls per batch rather than per image) happen on the model thread. Both are numpy calls
 that release the GIL (a 224 px crop's copy, any sort), and a loop thread that gives the GIL up
 waits to get it back behind the decode threads while every connection waits on it.
 
@@ -47,15 +48,21 @@ log = logging.getLogger("sota_serve.batcher")
 BatchObserver = Callable[[int, int, int, float], None]  # (k, images, crops, seconds)
 
 
+#: (crops, k) -> one value per image, computed on the model thread beside the model call
+Annotator = Callable[[Any, int], "list[Any] | None"]
+
+
 class Ranked(NamedTuple):
-    """A batch's answer for n images: (n, C) probabilities, and each row's leading class
-    indices, highest first (``rank_rows``)."""
+    """A batch's answer for n images: (n, C) probabilities, each row's leading class indices,
+    highest first (``rank_rows``), and the annotator's value for each image (None: no annotator)."""
 
     probs: np.ndarray
     ranked: np.ndarray
+    notes: list[Any] | None = None
 
     def rows(self, start: int, stop: int) -> Ranked:
-        return Ranked(self.probs[start:stop], self.ranked[start:stop])
+        notes = self.notes[start:stop] if self.notes is not None else None
+        return Ranked(self.probs[start:stop], self.ranked[start:stop], notes)
 
 
 @dataclass
@@ -106,15 +113,16 @@ class Ewma:
 class DynamicBatcher:
     def __init__(self, runtime: Runtime, *, max_crops: int | Mapping[int, int],
                  observer: BatchObserver | None = None, seconds_per_crop: Ewma | None = None,
-                 model_threads: int = 1) -> None:
+                 model_threads: int = 1, annotate: Annotator | None = None) -> None:
         """``max_crops``: crops per device call, one figure or one per group size k.
-        ``model_threads``: device calls that may run at once."""
+        ``model_threads``: device calls that may run at once. ``annotate``: a per-image value
+        computed from each batch's crops on the model thread (the server's OOD check)."""
         caps = max_crops.values() if isinstance(max_crops, Mapping) else [max_crops]
         if min(caps) < 1:
             raise ValueError(f"max_crops must be >= 1, got {max_crops}")
         if model_threads < 1:
             raise ValueError(f"model_threads must be >= 1, got {model_threads}")
-        self.runtime, self.max_crops, self.observer = runtime, max_crops, observer
+        self.runtime, self.max_crops, self.observer, self.annotate = runtime, max_crops, observer, annotate
         self.model_threads = model_threads
         self._queues: dict[int, deque[_Item]] = {}
         self._wakeup = asyncio.Event()
@@ -144,7 +152,8 @@ class DynamicBatcher:
         parts = await asyncio.gather(*futures)
         if len(parts) == 1:
             return parts[0]
-        return Ranked(np.concatenate([p.probs for p in parts]), np.concatenate([p.ranked for p in parts]))
+        notes = None if parts[0].notes is None else [n for p in parts for n in p.notes]  # type: ignore[union-attr]
+        return Ranked(np.concatenate([p.probs for p in parts]), np.concatenate([p.ranked for p in parts]), notes)
 
     # --- dispatcher -----------------------------------------------------------------------
 
@@ -220,9 +229,11 @@ class DynamicBatcher:
             row += n
 
     def _predict(self, parts: list[Any], k: int) -> Ranked:
-        """On a model thread: join the crops, run the model, rank each image's classes."""
-        probs = self.runtime.predict(concat_rows(parts), crops_per_image=k)
-        return Ranked(probs, rank_rows(probs))
+        """On a model thread: join the crops, run the model, rank each image's classes, and
+        annotate each image."""
+        x = concat_rows(parts)
+        probs = self.runtime.predict(x, crops_per_image=k)
+        return Ranked(probs, rank_rows(probs), self.annotate(x, k) if self.annotate else None)
 
     def close(self) -> None:
         if self._task is not None:

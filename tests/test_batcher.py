@@ -140,6 +140,29 @@ def test_a_request_in_parts_is_joined_on_the_model_thread_and_split_between_imag
     assert loop_thread not in joined_on
 
 
+def test_annotations_are_computed_per_batch_on_the_model_thread_and_follow_their_images(runtime, crops):
+    five, _ = crops
+    seen = []
+
+    def annotate(x, k):  # e.g. the OOD check: one value per image, from the batch's joined crops
+        seen.append((threading.get_ident(), x.shape[0], k))
+        return [int(x[i * k:(i + 1) * k].sum()) for i in range(x.shape[0] // k)]
+
+    async def main():
+        batcher = DynamicBatcher(CountingRuntime(runtime, delay_s=0.02), max_crops=10, annotate=annotate)
+        deadline = time.monotonic() + 30
+        jobs = [batcher.submit(five[i % 3], 5, deadline) for i in range(4)]  # 2 images a call
+        jobs.append(batcher.submit([five[0], five[1], five[2]], 5, deadline))  # split over calls
+        return await asyncio.gather(*jobs)
+
+    results = _run(main())
+    for i, r in enumerate(results[:4]):
+        assert r.notes == [int(five[i % 3].sum())]
+    assert results[4].notes == [int(five[j].sum()) for j in range(3)]
+    assert all(k == 5 and n % 5 == 0 and n <= 10 for _, n, k in seen)
+    assert threading.get_ident() not in {t for t, _, _ in seen}
+
+
 def test_runs_cut_long_arrays_into_views_between_images():
     a, b = np.arange(24).reshape(12, 2), np.arange(4).reshape(2, 2)
     runs = _runs([a, b], step=4)

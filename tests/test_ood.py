@@ -48,3 +48,27 @@ def test_torch_tensors_give_the_numpy_features():
     torch = pytest.importorskip("torch")
     crops = np.random.default_rng(3).integers(0, 256, (5, 3, 40, 40), dtype=np.uint8)
     np.testing.assert_allclose(features(torch.from_numpy(crops)), features(crops), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 10])
+def test_a_batch_of_images_gets_each_image_s_features_and_checks_exactly(k):
+    """The server computes a batch's features at once (on the model thread); the CLI, one
+    image's. They must be the same numbers, bit for bit, and so the same OOD answers."""
+    from sota_serve.ood import Detector, Screen, features_batch
+    from sota_serve.tta import CROPS_PER_IMAGE
+
+    rng = np.random.default_rng(k)
+    n = 7
+    crops = rng.integers(0, 256, (n * k, 3, 37, 53), dtype=np.uint8)
+    batch = features_batch(crops, k)
+    assert batch.shape == (n, N_FEATURES)
+    for i in range(n):
+        assert np.array_equal(batch[i], features(crops[i * k:(i + 1) * k]))
+    policy = next(p for p, c in CROPS_PER_IMAGE.items() if c == k)
+    fit = rng.normal(size=(200, N_FEATURES))
+    detector = Detector(fit.mean(0), np.linalg.inv(np.cov(fit, rowvar=False)), threshold=5.0)
+    screen = Screen({policy: detector})
+    assert screen.check_batch(crops, policy) == [screen.check(crops[i * k:(i + 1) * k], policy) for i in range(n)]
+    assert Screen({}).check_batch(crops, policy) is None  # no fit for the policy: nothing reported
+    torch = pytest.importorskip("torch")
+    assert np.array_equal(features_batch(torch.from_numpy(crops), k), batch)
