@@ -3,7 +3,8 @@ before int8 existed, or with ``--no-int8``), without torch and without retrainin
 
 The images given are split, seeded: up to 256 set the activation ranges, up to 256 others
 measure the int8 file's agreement with fp32 (the card's ``int8`` record, source
-``held-out calibration``). The existing files are left byte for byte as they are;
+``held-out calibration``). An ensemble's combined file is quantized like any other, with the
+first and last layer of each member kept in fp32. The existing files are left byte for byte as they are;
 the new file gets the same embedded serving card, its sha256 goes into ``card.json``, and
 the package README is rendered again.
 """
@@ -38,8 +39,8 @@ def _split(files: Sequence[Path], seed: int) -> tuple[list[Path], list[Path], st
 def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0) -> ModelCard:
     """Quantize each fp32 file of the package whose format has int8; returns the new card."""
     package = open_package(package_dir)  # every existing file's sha256 is checked first
-    if package.root is None or package.card.ensemble is not None:
-        raise PackageError(f"{package_dir}: quantize a package directory (not a lone file or an ensemble)")
+    if package.root is None:
+        raise PackageError(f"{package_dir}: quantize a package directory, not a lone file")
     root, card = package.root, package.card
     targets = [f for f in package.backends
                if "int8" in formats.get(f).precisions and precision.REFERENCE in package.precisions(f)]

@@ -120,3 +120,31 @@ def test_seeds_ensemble_is_measured_served_and_at_least_the_weaker_member(small_
             assert [p["label"] for p in body["predictions"]] == [p.label for p in want.predictions]
         assert json.loads(httpx.get(f"{server.url}/card", timeout=10).text)["ensemble"]["members"]
     shutil.rmtree(tmp_path / "bentoml", ignore_errors=True)
+
+
+def test_an_ensemble_is_quantized_with_each_member_s_first_and_last_layer_in_fp32(members, digit_files, photos,
+                                                                                    tmp_path, capsys):
+    import onnx
+
+    from sota_serve.formats.onnx_int8 import kept_in_fp32
+
+    build_ensemble(members, tmp_path / "ens", weights=[1, 1])
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for f in [*digit_files, *photos]:
+        shutil.copy(f, folder / f.name)
+    assert cli(["quantize", str(tmp_path / "ens"), "--calibration", str(folder)]) == 0
+    assert "wrote model.int8.onnx; top-1 agreement with fp32" in capsys.readouterr().out
+
+    package = open_package(tmp_path / "ens")  # hashed, the new file included
+    card = package.card
+    assert package.precisions("onnx") == ("fp32", "int8") and card.int8.images > 0
+    assert len(card.ensemble.members) == 2  # the rest of the card is kept
+    kept = card.export.int8_fp32_layers
+    graph = onnx.load(str(tmp_path / "ens" / "model.onnx")).graph
+    assert kept == kept_in_fp32(graph) and len(kept) == 4  # two per member
+    assert {name.split("/")[0] for name in kept} == {"member0", "member1"}
+    data = [p.read_bytes() for p in photos]
+    int8 = Classifier.open(tmp_path / "ens", device="cpu", precision="int8").probabilities(data)
+    full = Classifier.open(tmp_path / "ens", device="cpu", precision="fp32").probabilities(data)
+    assert 0 < np.abs(int8 - full).max() < 0.1  # quantized, and close

@@ -16,6 +16,7 @@ speed on one CPU core.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,17 +31,23 @@ from sota_serve.errors import ExportError
 QUANTIZED_OPS: tuple[str, ...] = ("Conv", "MatMul", "Gemm", "Add", "Relu", "MaxPool", "AveragePool",
                                   "GlobalAveragePool")
 _LAYERS = ("Conv", "MatMul", "Gemm")
+_MEMBER = re.compile(r"member\d+/")
 
 
 def kept_in_fp32(graph: Any) -> list[str]:
-    """Names of the first and the last weighted layer (ONNX nodes are in topological order)."""
+    """Names of the first and the last weighted layer (ONNX nodes are in topological order);
+    in an ensemble's graph, of each member's (its nodes are named ``member<i>/...``, see
+    ``OnnxFormat.combine``), since each member reads the pixels and scores the classes."""
     layers = [n for n in graph.node if n.op_type in _LAYERS]
     if not layers:
         raise ExportError("the graph has no Conv, MatMul or Gemm layer to quantize")
-    missing = [n for n in (layers[0], layers[-1]) if not n.name]
-    if missing:
+    if any(not n.name for n in layers):
         raise ExportError("the graph's layers have no node names; re-export it with torch.onnx")
-    return list(dict.fromkeys([layers[0].name, layers[-1].name]))
+    members: dict[str, list[Any]] = {}
+    for n in layers:
+        prefix = n.name.split("/", 1)[0] if _MEMBER.match(n.name) else ""
+        members.setdefault(prefix, []).append(n)
+    return list(dict.fromkeys(name for group in members.values() for name in (group[0].name, group[-1].name)))
 
 
 @contextmanager
