@@ -161,8 +161,7 @@ class LocalPipeline:
             result = await self.batcher.submit(crops, 1, deadline)
         finally:
             self.admission.computed(ticket)
-        # no OOD check: the protocol has no place for it
-        return [Scored(p, None, r) for p, r in zip(result.probs, result.ranked, strict=True)]
+        return _scored(result._replace(notes=None))  # no OOD check: the protocol has no place for it
 
 
 def _scored(result: Ranked) -> list[Scored]:

@@ -15,9 +15,10 @@ oldest goes first.
 
 The event loop only queues and hands out: joining a batch's crops, ranking its classes
 (:func:`sota_serve.predictions.rank_rows`) and the per-image ``annotate`` (the server's OOD
-check, a dozen numpy calls per batch rather than per image) happen on the model thread. Both are numpy calls
-that release the GIL (a 224 px crop's copy, any sort), and a loop thread that gives the GIL up
-waits to get it back behind the decode threads while every connection waits on it.
+check, a dozen numpy calls per batch rather than per image) happen on the model thread. All
+are numpy calls that can release the GIL (a crop's copy, any sort), and a loop thread that
+gives the GIL up waits to get it back behind the decode threads while every connection waits
+on it.
 
 Requests whose deadline passed while queued are failed with :class:`OverloadedError` instead
 of being computed late. The batcher keeps running averages of the model's time per crop so

@@ -98,9 +98,6 @@ class Detector:
         return [OODResult(distance=round(d, 3), threshold=self.threshold, out_of_distribution=d > self.threshold)
                 for d in self.distances(vectors).tolist()]
 
-    def distance(self, vector: np.ndarray) -> float:
-        return float(self.distances(vector[None])[0])
-
     def distances(self, vectors: np.ndarray) -> np.ndarray:
         d = vectors - self.mean
         return np.sqrt(np.maximum(0.0, np.einsum("ij,jk,ik->i", d, self.precision, d)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,14 +112,15 @@ class OnnxFormat(ArtifactFormat):
                 model = version_converter.convert_version(model, opset)
             (source,), (result,) = model.graph.input, model.graph.output
             del model.metadata_props[:]
-            model = compose.add_prefix(model, f"member{i}/")
+            prefix = member_prefix(i)
+            model = compose.add_prefix(model, prefix)
             for node in model.graph.node:  # every member reads the one shared input
-                node.input[:] = ["pixels" if x == f"member{i}/{source.name}" else x for x in node.input]
-            weight = numpy_helper.from_array(_scalar(weights[i]), f"member{i}/ensemble_weight")
+                node.input[:] = ["pixels" if x == f"{prefix}{source.name}" else x for x in node.input]
+            weight = numpy_helper.from_array(_scalar(weights[i]), f"{prefix}ensemble_weight")
             nodes += [*model.graph.node,
-                      helper.make_node("Mul", [f"member{i}/{result.name}", weight.name], [f"member{i}/weighted"])]
+                      helper.make_node("Mul", [f"{prefix}{result.name}", weight.name], [f"{prefix}weighted"])]
             initializers += [*model.graph.initializer, weight]
-            outputs.append(f"member{i}/weighted")
+            outputs.append(f"{prefix}weighted")
         nodes.append(helper.make_node("Sum", outputs, ["probabilities"]))
         num_classes = models[0].graph.output[0].type.tensor_type.shape.dim[1].dim_value
         graph = helper.make_graph(
@@ -132,6 +134,20 @@ class OnnxFormat(ArtifactFormat):
         combined.ir_version = min(m.ir_version for m in models)
         onnx.checker.check_model(combined)
         onnx.save(combined, str(path))
+
+
+def member_prefix(i: int) -> str:
+    """The name prefix of member ``i``'s nodes in an ensemble's combined graph."""
+    return f"member{i}/"
+
+
+_MEMBER = re.compile(r"member\d+/")
+
+
+def member_of(node_name: str) -> str:
+    """The member prefix of a combined graph's node name; "" outside an ensemble's members."""
+    found = _MEMBER.match(node_name)
+    return found.group(0) if found else ""
 
 
 def _default_opset(model: Any) -> int:

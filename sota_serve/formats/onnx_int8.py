@@ -16,7 +16,6 @@ speed on one CPU core.
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,28 +25,28 @@ from typing import Any
 import numpy as np
 
 from sota_serve.errors import ExportError
+from sota_serve.formats.onnx import member_of
 
 #: The op types that get int8 kernels; everything else (Cast, Div, Sub, Softmax...) stays fp32.
 QUANTIZED_OPS: tuple[str, ...] = ("Conv", "MatMul", "Gemm", "Add", "Relu", "MaxPool", "AveragePool",
                                   "GlobalAveragePool")
 _LAYERS = ("Conv", "MatMul", "Gemm")
-_MEMBER = re.compile(r"member\d+/")
 
 
 def kept_in_fp32(graph: Any) -> list[str]:
     """Names of the first and the last weighted layer (ONNX nodes are in topological order);
-    in an ensemble's graph, of each member's (its nodes are named ``member<i>/...``, see
-    ``OnnxFormat.combine``), since each member reads the pixels and scores the classes."""
+    in an ensemble's graph, of each member's (:func:`member_of`), since each member reads the
+    pixels and scores the classes."""
     layers = [n for n in graph.node if n.op_type in _LAYERS]
     if not layers:
         raise ExportError("the graph has no Conv, MatMul or Gemm layer to quantize")
-    if any(not n.name for n in layers):
-        raise ExportError("the graph's layers have no node names; re-export it with torch.onnx")
     members: dict[str, list[Any]] = {}
     for n in layers:
-        prefix = n.name.split("/", 1)[0] if _MEMBER.match(n.name) else ""
-        members.setdefault(prefix, []).append(n)
-    return list(dict.fromkeys(name for group in members.values() for name in (group[0].name, group[-1].name)))
+        members.setdefault(member_of(n.name), []).append(n)
+    kept = [node for group in members.values() for node in (group[0], group[-1])]
+    if any(not n.name for n in kept):
+        raise ExportError("the graph's layers have no node names; re-export it with torch.onnx")
+    return list(dict.fromkeys(n.name for n in kept))
 
 
 @contextmanager
