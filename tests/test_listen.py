@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 import socket
+import time
 from collections import Counter
 
 import psutil
@@ -120,6 +121,19 @@ def listening_inodes(p: psutil.Process, port: int) -> set[str]:
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
+def sockets_once_all_started(workers: list[psutil.Process], port: int, timeout: float = 120) -> list[set[str]]:
+    """Each worker's listening sockets, once every worker has imported the service.
+
+    The server is ready as soon as one worker answers /readyz; another may still be importing,
+    and so still hold the shared socket it inherited, until it swaps in its own."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [listening_inodes(w, port) for w in workers]
+        if len({frozenset(s) for s in found}) == len(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 async def open_and_ask(srv: Server, n: int, request: bytes, workers: list[psutil.Process]) -> tuple[list[int], Counter]:
     """Open ``n`` connections at once, one request on each: the statuses, and how many of
     the connections each worker holds."""
@@ -141,7 +155,7 @@ def test_two_workers_each_listen_and_share_a_burst_of_connections(tiny_package, 
     with Server(tiny_package, home=tmp_path / "bentoml", env=env) as srv:
         workers = workers_of(srv)
         assert len(workers) == 2
-        a, b = (listening_inodes(w, srv.port) for w in workers)
+        a, b = sockets_once_all_started(workers, srv.port)
         assert len(a) == len(b) == 1 and a != b  # a socket each
         statuses, held = asyncio.run(open_and_ask(srv, 32, request, workers))
         assert statuses == [200] * 32
@@ -151,6 +165,12 @@ def test_two_workers_each_listen_and_share_a_burst_of_connections(tiny_package, 
     with Server(tiny_package, home=tmp_path / "bentoml", env={**env, "SOTA_SERVE_REUSE_PORT": "off"}) as srv:
         workers = workers_of(srv)
         assert len(workers) == 2
+        # Until both workers accept (so both have imported the service), ask again.
+        deadline = time.monotonic() + 120
+        while True:
+            statuses, held = asyncio.run(open_and_ask(srv, 8, request, workers))
+            assert statuses == [200] * 8 and sum(held.values()) == 8
+            if min(held.values()) > 0 or time.monotonic() > deadline:
+                break
+        assert min(held.values()) > 0, held
         assert listening_inodes(workers[0], srv.port) == listening_inodes(workers[1], srv.port)  # BentoML's one socket
-        statuses, held = asyncio.run(open_and_ask(srv, 4, request, workers))
-        assert statuses == [200] * 4 and sum(held.values()) == 4
