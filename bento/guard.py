@@ -1,6 +1,8 @@
 """ASGI middleware in front of the API: the limits BentoML does not enforce itself.
 
 - a request body limit (413), checked on Content-Length and again while reading;
+- a time limit on receiving the body (408): the guard sits outside BentoML's traffic timeout
+  (bento/stack.py), and a client that trickles its upload must not hold its admission forever;
 - image endpoints accept only multipart/form-data with real file parts (415/400): BentoML
   would otherwise fetch a URL given as a string, or treat a JSON string as a server path;
 - admission control at the door (sota_serve.admission), before the body is read: a request
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
@@ -67,6 +70,7 @@ class RequestGuard:
         max_files: int = 64,
         routes: DirectRoutes | None = None,
         hold_s: float = 0.0,
+        body_timeout_s: float = 60.0,
     ) -> None:
         self.app = app
         self.file_fields = {path: set(fields) for path, fields in file_fields.items()}
@@ -75,6 +79,7 @@ class RequestGuard:
         self.max_files = max_files
         self.routes = routes
         self.hold_s = hold_s
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -135,17 +140,22 @@ class RequestGuard:
         if declared_bytes is not None and declared_bytes > self.max_body_bytes:
             raise self._too_big()
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Reject(400, "client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise self._too_big()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise _Reject(400, "client disconnected")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise self._too_big()
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise _Reject(408, f"the request body did not arrive within {self.body_timeout_s:g} s"
+                               " (SOTA_SERVE_DEADLINE_S)", {"Connection": "close"}) from None
 
     def _too_big(self) -> _Reject:
         return _Reject(413, f"request body above the limit of {self.max_body_bytes:,} bytes"

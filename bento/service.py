@@ -27,6 +27,7 @@ from bento.openapi import describe
 from bento.pipeline import LocalPipeline
 from bento.routes import DirectRoutes
 from bento.schemas import BatchResponse, ClassifyResponse
+from bento.stack import install as place_guard
 from bento.upload import Upload
 from sota_serve.admission import Admission
 from sota_serve.errors import SotaServeError
@@ -114,7 +115,11 @@ Classifier.add_asgi_middleware(
     file_fields={path: [field] for path, field in FILE_FIELDS.items()},
     routes=ROUTES,
     hold_s=SETTINGS.admission_hold_s,
+    body_timeout_s=SETTINGS.deadline_s,
     max_body_bytes=SETTINGS.max_body_bytes,
     max_files=SETTINGS.max_batch_images,
     admission=ADMISSION,
 )
+# Outside BentoML's traffic timeout (the image routes have their own deadline) and, unless
+# traced, OpenTelemetry; inside its metrics, access log and CORS (bento/stack.py).
+place_guard(RequestGuard, traced=SETTINGS.trace_requests)
