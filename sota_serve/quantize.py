@@ -36,8 +36,13 @@ def _split(files: Sequence[Path], seed: int) -> tuple[list[Path], list[Path], st
     return shuffled[:half], shuffled[half: half + calibration.CALIBRATION_IMAGES], "held-out calibration"
 
 
-def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0) -> ModelCard:
-    """Quantize each fp32 file of the package whose format has int8; returns the new card."""
+def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0,
+             check_images: Sequence[Path] | None = None) -> ModelCard:
+    """Quantize each fp32 file of the package whose format has int8; returns the new card.
+
+    ``check_images``: measure the agreement on these (a validation set, source
+    ``validation``) and calibrate on a seeded sample of ``images``; without them ``images``
+    are split in two as the module says."""
     package = open_package(package_dir)  # every existing file's sha256 is checked first
     if package.root is None:
         raise PackageError(f"{package_dir}: quantize a package directory, not a lone file")
@@ -46,7 +51,11 @@ def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0) 
                if "int8" in formats.get(f).precisions and precision.REFERENCE in package.precisions(f)]
     if not targets:
         raise PackageError(f"{package_dir}: no fp32 file of a format with int8 ({', '.join(package.artifacts)})")
-    calib_files, check_files, source = _split(images, seed)
+    if check_images:
+        calib_files = calibration.sample(images, calibration.CALIBRATION_IMAGES, seed=seed)
+        check_files, source = list(check_images), "validation"
+    else:
+        calib_files, check_files, source = _split(images, seed)
     pre = Preprocessor.from_card(card)
     batches = calibration.batches(calibration.crops(pre, calib_files))
 

@@ -77,6 +77,38 @@ def test_members_that_disagree_are_refused_naming_the_field(members, tmp_path, c
     assert cli(["ensemble", str(members[0]), str(other), "--out", str(tmp_path / "ens2")]) == 2
 
 
+def test_an_int8_ensemble_needs_data_for_its_ranges(members, tmp_path):
+    from training.ensemble import ensemble_packages
+
+    with pytest.raises(EnsembleError, match="int8 ensemble needs --data"):
+        ensemble_packages(members, tmp_path / "ens", int8=True)
+    # without int8 files in the members and without data, nothing is quantized
+    assert ensemble_packages(members, tmp_path / "ens2").int8 is None
+
+
+def test_members_with_int8_files_give_an_int8_ensemble_when_data_is_given(members, photos, digit_files, tmp_path):
+    from sota_serve.quantize import add_int8
+    from training.ensemble import ensemble_packages
+
+    data = tmp_path / "data"  # an image folder of the members' three classes
+    for split in ("train", "val"):
+        for label in ("cat", "dog", "bird"):
+            (data / split / label).mkdir(parents=True)
+            for p in photos:
+                shutil.copy(p, data / split / label / p.name)
+    quantized = []
+    for m in members:
+        shutil.copytree(m, tmp_path / m.name)
+        add_int8(tmp_path / m.name, digit_files[:40])
+        quantized.append(tmp_path / m.name)
+    card = ensemble_packages(quantized, tmp_path / "ens", data=str(data))
+    assert open_package(tmp_path / "ens").precisions("onnx") == ("fp32", "int8")
+    assert card.int8.source == "validation" and card.int8.images == 9
+    assert ensemble_packages(quantized, tmp_path / "ens-fp32", data=str(data), int8=False).int8 is None
+    # one member without int8: the ensemble has none unless asked for
+    assert ensemble_packages([quantized[0], members[1]], tmp_path / "mixed", data=str(data)).int8 is None
+
+
 def test_bad_weights_and_single_members_are_refused(members, tmp_path):
     with pytest.raises(EnsembleError, match="one positive weight per member"):
         build_ensemble(members, tmp_path / "ens", weights=[1, 0])
@@ -103,6 +135,10 @@ def test_seeds_ensemble_is_measured_served_and_at_least_the_weaker_member(small_
     assert card.metrics.accuracy_five_crop is not None
     assert card.parity.passed and card.parity.max_abs_diff < 1e-5 and card.parity.top1_agreement == 1.0
     assert "ensemble accuracy: plain" in printed and "2 members" in printed
+    # its int8 file, as each member has one: ranges from the training images, checked on validation
+    assert open_package(out).precisions("onnx") == ("fp32", "int8")
+    assert card.int8.source == "validation" and card.int8.images == 36
+    assert "int8 onnx: top-1 agreement" in printed
     for seed in (42, 43):  # each member is its own package, named for its seed
         assert open_package(tmp_path / f"tiny-seed{seed}").card.tag in members
     assert sorted(t.split(":")[0] for t in members) == ["tiny-digits-seed42", "tiny-digits-seed43"]

@@ -34,6 +34,10 @@ def _summary(card: ModelCard, out: Path) -> None:
     if p := card.parity:
         print(f"parity: top-1 agreement {100 * p.top1_agreement:.2f}% on {p.images} images,"
               f" max |p diff| {p.max_abs_diff:.2e}")
+    _precisions(card)
+
+
+def _precisions(card: ModelCard) -> None:
     for variant, where in (("fp16", "GPUs"), ("int8", "CPUs")):
         if (record := card.parity_of(variant)) is not None:
             for backend in record.top1_agreement:
@@ -72,7 +76,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.ensemble:
         from training.ensemble import ensemble_packages
 
-        card = ensemble_packages(members, out, name=recipe.name, data=recipe.data)
+        card = ensemble_packages(members, out, name=recipe.name, data=recipe.data, int8=recipe.int8,
+                                 seed=recipe.seed)
         _ensemble_summary(card, out)
     return 0
 
@@ -82,7 +87,8 @@ def _ensemble(args: argparse.Namespace) -> int:
 
     _logging()
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    card = ensemble_packages(args.packages, args.out, weights=weights, name=args.name, data=args.data)
+    card = ensemble_packages(args.packages, args.out, weights=weights, name=args.name, data=args.data,
+                             int8=False if args.no_int8 else None)
     _ensemble_summary(card, Path(args.out))
     return 0
 
@@ -98,6 +104,7 @@ def _ensemble_summary(card: ModelCard, out: Path) -> None:
     if p := card.parity:
         print(f"parity: top-1 agreement {100 * p.top1_agreement:.2f}% with the members' weighted mean on"
               f" {p.images} images, max |p diff| {p.max_abs_diff:.2e}")
+    _precisions(card)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -165,6 +172,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="measure the ensemble and its members on this dataset's validation"
                                   " images (image folder, 'digits', imagenette[-160|-320])")
     p.add_argument("--name", help="model name in the card (default: the first member's + -ensembleN)")
+    p.add_argument("--no-int8", action="store_true",
+                   help="skip the int8 ONNX file (written with --data when every member has one: calibrated"
+                        " on the dataset's training images, checked on its validation images)")
     p.set_defaults(func=_ensemble)
 
     p = sub.add_parser("demo", help="train the digits demo, write its package, import it as sota-demo")
