@@ -13,7 +13,7 @@ itself (bento/routes.py), so for them only some of those outer layers do anythin
   inside the guard, where it still bounds every request the guard hands on to BentoML.
 
 On 2 cores (demo model, 32 clients) moving the guard out past the timeout and OpenTelemetry
-served 1.05x the requests (BENCHMARKS.md). CORS used to sit inside the guard, so the guard's
+served 1.02x the requests (BENCHMARKS.md). CORS used to sit inside the guard, so the guard's
 answers lacked its headers; now it is outside.
 
 BentoML has no option for this order, so :func:`install` wraps ``ServiceAppFactory.middlewares``;
@@ -22,11 +22,8 @@ where BentoML's internals are not what this expects it leaves the stack as it wa
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
-
-log = logging.getLogger("bentoml.sota_serve")
 
 #: BentoML's outer middlewares that must see every answer of the guard, by class name
 #: (their modules are optional imports in BentoML)

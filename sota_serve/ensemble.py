@@ -108,13 +108,15 @@ def ensemble_card(members: Sequence[ModelPackage], weights: list[float], *, name
     })
 
 
-def build_ensemble(paths: Sequence[str | Path], out_dir: str | Path, *, weights: Sequence[float] | None = None,
-                   name: str | None = None, validation: Validation | None = None) -> ModelCard:
-    """Verify the members, combine each format they all have, check every combined file against
-    the weighted mean of its members, measure on ``validation`` when given, write the package."""
+def build_ensemble(paths: Sequence[str | Path | ModelPackage], out_dir: str | Path, *,
+                   weights: Sequence[float] | None = None, name: str | None = None,
+                   validation: Validation | None = None) -> ModelCard:
+    """Verify the members (package paths or tags, or packages already opened), combine each
+    format they all have, check every combined file against the weighted mean of its members,
+    measure on ``validation`` when given, write the package."""
     from sota_serve.export import write_package
 
-    members = [open_package(p) for p in paths]
+    members = [p if isinstance(p, ModelPackage) else open_package(p) for p in paths]
     check_members([m.card for m in members])
     w = normalized_weights(weights, len(members))
     fmts = [f for f in formats.NAMES if all(f in m.artifacts for m in members)]

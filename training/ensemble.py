@@ -38,14 +38,14 @@ def ensemble_packages(paths: Sequence[str | Path], out: str | Path, *, weights: 
     against fp32 on its validation images (as ``train`` does for one model); None: when
     ``data`` is given and every member has an int8 file. On a CPU the int8 ensemble served
     1.7x fp32 (BENCHMARKS.md), and ``auto`` precision only picks a file the package has."""
-    members = [open_package(p) for p in paths]
+    if int8 and data is None:
+        raise EnsembleError("an int8 ensemble needs --data: its training images set the int8 ranges")
+    members = [open_package(p) for p in paths]  # opened (and their hashes checked) once
     validation = validation_set(data, members[0].card.labels) if data else None
-    card = build_ensemble(paths, out, weights=weights, name=name, validation=validation)
+    card = build_ensemble(members, out, weights=weights, name=name, validation=validation)
     if int8 is None:
         int8 = data is not None and all(any("int8" in m.precisions(b) for b in m.backends) for m in members)
     if not int8:
         return card
-    if data is None or validation is None:
-        raise EnsembleError("an int8 ensemble needs --data: its training images set the int8 ranges")
-    train = resolve_dataset(data).files("train")
-    return add_int8(out, train, seed=seed, check_images=validation.files)
+    assert data is not None and validation is not None  # int8 without data was refused above
+    return add_int8(out, resolve_dataset(data).files("train"), seed=seed, check_images=validation.files)
