@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.images import image_set
 from bench.load import closed_loop
-from bench.report import service_label, table, write_json
+from bench.report import machine_line, service_label, table, write_json
 from bench.run import BenchConfig, Offline, machine_info, package_for
 from bench.server import Server, env_settings
 from sota_serve import formats
@@ -140,7 +140,7 @@ def compare(package: Path, images: list[Path], *, policies: list[str], concurren
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = []
+    lines = [machine_line(result["machine"])]
     for tta, r in result["policies"].items():
         rows = [[name, *(x["throughput"] for x in rs), r["median_req_per_s"][name]] for name, rs in r["rounds"].items()]
         label = "ratio" if len(r.get("ratios_by_peer", {})) < 2 else "ratio to best"

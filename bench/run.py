@@ -101,11 +101,12 @@ def core_split(plan: Plan) -> tuple[int, int]:
 @dataclass
 class Offline:
     """The offline pipeline as the server would run it: the same model file, the same split of
-    the cores (:func:`core_split`), the bench's images in memory."""
+    the cores (:func:`core_split`), as many decode threads, the bench's images in memory."""
 
     clf: Classifier
     calls: int
     data: list[bytes]
+    decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @classmethod
     def open(cls, package: ModelPackage, images: list[Path], plan: Plan, precision: str, **options: Any) -> Offline:
@@ -113,12 +114,12 @@ class Offline:
         calls, threads = core_split(plan)
         clf = Classifier.from_package(package, device=plan.device, precision=precision,
                                       intra_op_threads=threads or None, **options)
-        return cls(clf, calls, [p.read_bytes() for p in images])
+        return cls(clf, calls, [p.read_bytes() for p in images], plan.decode_threads)
 
     def run(self, tta: str, batch_crops: int, seconds: float) -> dict[str, Any]:
         """:func:`offline_pipeline` with batches of about ``batch_crops`` crops."""
         return offline_pipeline(self.clf, self.data, tta=tta, batch_size=max(1, batch_crops // CROPS_PER_IMAGE[tta]),
-                                threads=os.cpu_count() or 1, seconds=seconds, model_threads=self.calls)
+                                threads=self.decode_threads, seconds=seconds, model_threads=self.calls)
 
 
 def _best(http: list[dict[str, Any]], service: str, tta: str, max_p99: float = float("inf")) -> dict[str, Any] | None:
@@ -229,13 +230,41 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
             "ratios": _ratios(offline, http)}
 
 
+#: CPU features that move the model's speed: int8 on a CPU with VNNI ran ~1.7x what it did on
+#: one without (BENCHMARKS.md, 2026-11-24 noon), so results say which CPU they come from.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The CPU's model and which of :data:`CPU_FEATURES` it has (Linux; elsewhere what
+    :mod:`platform` knows and no features)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return {"cpu": platform.processor() or platform.machine(), "cpu_features": []}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # the first processor's block is enough
+                break
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:  # "AMD EPYC" alone does not say which generation
+        model += f", family {fields['cpu family']} model {fields.get('model', '?')}"
+    return {"cpu": model, "cpu_features": [f for f in CPU_FEATURES if f in flags]}
+
+
 def machine_info() -> dict[str, Any]:
     import bentoml
     import onnxruntime
     import PIL
 
     return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "device": resolve_device(os.environ.get("SOTA_SERVE_DEVICE", "auto")),
+            "cpus": os.cpu_count(), **cpu_info(),
+            "device": resolve_device(os.environ.get("SOTA_SERVE_DEVICE", "auto")),
             "onnxruntime": onnxruntime.__version__, "bentoml": bentoml.__version__, "pillow": PIL.__version__}
 
 

@@ -1,9 +1,10 @@
 """Service settings, read once from ``SOTA_SERVE_*`` environment variables.
 
 Knobs left unset are sized to the machine (:meth:`Settings.plan`): one worker process that
-owns all cores on a CPU, running one single-threaded model call per core at once; several
-workers sharing one GPU (each decodes on its own cores; on an H100, 8 workers served 1.5x
-what 4 did), one model call at a time each; batch sizes from the device.
+owns all cores on a CPU, decoding on two threads per core and running one single-threaded
+model call per core at once; several workers sharing one GPU (each decodes on its own cores;
+on an H100, 8 workers served 1.5x what 4 did), one model call at a time each; batch sizes
+from the device.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class Settings(BaseSettings):
     precision: str = Field(default="auto", pattern=f"^({'|'.join(precision.CHOICES)})$")
     #: worker processes; each loads the model, decodes and batches its own requests
     workers: int | None = Field(default=None, ge=1, le=64)
-    #: decode/preprocess threads per worker (Pillow releases the GIL)
+    #: decode/preprocess threads per worker (Pillow releases the GIL); default: two per core
+    #: on a CPU, one per core on a GPU
     decode_threads: int | None = Field(default=None, ge=1, le=256)
     #: ORT / torch intra-op threads per model call
     threads: int | None = Field(default=None, ge=1, le=256)
@@ -93,13 +95,27 @@ class Settings(BaseSettings):
             device=device,
             engine=engine,
             workers=workers,
-            # The engine decodes for every worker: it gets the cores' worth of threads.
-            decode_threads=self.decode_threads or (cores if engine else per_worker),
+            decode_threads=self.decode_threads or self._decode_threads(device, engine, cores, per_worker),
             threads=threads,
             model_threads=model_threads,
             max_batch_size=self.max_batch_size or (128 if device == "cuda" else 32),
             max_batch_size_tta=self.max_batch_size_tta or (32 if device == "cuda" else 8),
         )
+
+    @staticmethod
+    def _decode_threads(device: Device, engine: bool, cores: int, per_worker: int) -> int:
+        """Decode threads when not set.
+
+        The engine decodes for every worker: the cores' worth of threads. On a CPU, two per
+        core: each thread holds the GIL for Pillow's Python between its C calls, and a thread
+        waiting for the GIL leaves its core idle; a second thread keeps it busy. On 2 cores
+        (demo, 128 clients) that took the machine from 12.5 to 6.9 % idle and served 1.25x
+        (BENCHMARKS.md, 2026-11-24 noon); four per core served no more. A GPU worker keeps
+        one per core, as measured on an H100 before this change.
+        """
+        if engine:
+            return cores
+        return 2 * per_worker if device == "cpu" else per_worker
 
     def _model_threads(self, device: Device, cores: int) -> tuple[int, int]:
         """(model calls at once, intra-op threads per call) for a worker with ``cores``.

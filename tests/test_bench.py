@@ -23,6 +23,7 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert "cost of each TTA policy" in out
     text = (tmp_path / "quick.json").read_text()
     results = json.loads(text, parse_constant=_refuse)  # strict JSON: no NaN or Infinity
+    assert {"cpu", "cpu_features"} <= set(results["machine"])
     for key in ("ratio_http_to_offline", "ratio_http_to_offline_five_crop", "ratio_to_naive", "machine",
                 "http_img_per_s_plain", "http_img_per_s_five_crop", "ceiling_img_per_s", "ratio_to_litserve"):
         assert key in results
@@ -36,6 +37,7 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert {(r["model_threads"], r["threads"]) for r in model["ceiling"]} == (
         {(1, None), (cores, 1)} if cores > 1 else {(1, None)})
     assert {r["model_threads"] for r in model["offline"]} == {cores}
+    assert {r["threads"] for r in model["offline"]} == {2 * cores}  # the server's decode threads
     assert {r["tta"] for r in model["http"] if r["service"] == "sota-serve"} == set(policies)
     per_policy = model["ratios"]["per_policy"]
     assert list(per_policy) == policies
@@ -68,6 +70,24 @@ def test_results_without_a_peer_are_strict_json_and_still_render():
         assert "1.34x" in shown and "nan" not in shown.lower() and "None" not in shown
 
 
+def test_cpu_info_names_the_model_and_the_features_that_move_int8(tmp_path):
+    """Results from two CPUs of one name (AMD EPYC with and without VNNI) must be told apart."""
+    from bench.run import cpu_info
+
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+             "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 {extra}\n\n")
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(block.format(n=0, extra="") + block.format(n=1, extra="amx_int8"))
+    info = cpu_info(fake)
+    assert info == {"cpu": "AMD EPYC, family 25 model 17", "cpu_features": ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]}
+    assert markdown({"machine": {"cpus": 2, "device": "cpu", **info}, "models": []}).startswith(
+        "Machine: 2 CPUs (AMD EPYC, family 25 model 17; avx2 avx512f avx512_vnni avx512_bf16), device cpu.")
+    elsewhere = cpu_info(tmp_path / "absent")  # not Linux: what platform knows, no features
+    assert isinstance(elsewhere["cpu"], str) and elsewhere["cpu_features"] == []
+    # results written before the CPU was recorded still render
+    assert markdown({"machine": {"cpus": 2, "device": "cpu"}, "models": []}).startswith("Machine: 2 CPUs, device cpu.")
+
+
 @pytest.mark.slow
 def test_alternating_rounds_against_litserve(tmp_path, capsys):
     """bench.ab: every server answers every round; a round's ratio is against the best LitServe
@@ -81,6 +101,7 @@ def test_alternating_rounds_against_litserve(tmp_path, capsys):
     assert main(argv) == 0
     shown = capsys.readouterr().out
     assert "ratio to best" in shown and "ratio to baseline" in shown and "HTTP / offline" in shown
+    assert shown.startswith("machine: ")
     result = json.loads((tmp_path / "ab.json").read_text(), parse_constant=_refuse)
     none = result["policies"]["none"]
     peers = ("litserve", "litserve (2 workers)")

@@ -10,7 +10,8 @@ from sota_serve.errors import SotaServeError
 def test_cpu_plan_gives_one_worker_all_cores_as_single_threaded_model_calls(monkeypatch):
     monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 8)
     plan = Settings(device="cpu").plan()
-    assert (plan.device, plan.workers, plan.decode_threads) == ("cpu", 1, 8)
+    # two decode threads per core: while one waits for the GIL, the other keeps the core busy
+    assert (plan.device, plan.workers, plan.decode_threads) == ("cpu", 1, 16)
     assert (plan.model_threads, plan.threads) == (8, 1)
     assert (plan.max_batch_size, plan.max_batch_size_tta) == (32, 8)
 
@@ -61,6 +62,7 @@ def test_explicit_settings_win(monkeypatch):
     monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 2)
     plan = Settings(device="cpu", workers=2, decode_threads=3, threads=1, max_batch_size=4).plan()
     assert (plan.workers, plan.decode_threads, plan.threads, plan.max_batch_size) == (2, 3, 1, 4)
+    assert Settings(device="cpu", workers=2).plan().decode_threads == 2  # 1 core per worker, 2 threads each
 
 
 def test_bad_settings_name_the_variable(monkeypatch):
