@@ -70,13 +70,13 @@ def _offline(model: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
              for r in model["offline"]])
 
 
-def machine_line(machine: dict[str, Any]) -> str:
+def machine_line(machine: dict[str, Any], label: str = "machine") -> str:
     """``machine: 2 CPUs (AMD EPYC, family 25 model 17; avx2 avx512_vnni), device cpu``;
     results from before the CPU was recorded say only the count."""
     cpu = machine.get("cpu")
     features = " ".join(machine.get("cpu_features", [])) or "none of the listed features"
     what = f" ({cpu}; {features})" if cpu else ""
-    return f"machine: {machine.get('cpus', '?')} CPUs{what}, device {machine.get('device', '?')}"
+    return f"{label}: {machine.get('cpus', '?')} CPUs{what}, device {machine.get('device', '?')}"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -161,7 +161,7 @@ def _md(header: list[str], rows: list[list[Any]]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The tables of BENCHMARKS.md, from a results JSON (``python -m bench.report FILE``)."""
-    out = ["M" + machine_line(results["machine"])[1:] + ".", ""] if "machine" in results else []
+    out = [machine_line(results["machine"], "Machine") + ".", ""] if "machine" in results else []
     for model in results["models"]:
         out += [f"### {model['model']} ({model['input']})", "", "Model ceiling (runtime alone):", "",
                 _md(*_ceiling(model)), "", "Offline pipeline (decode + preprocess + model):", "",

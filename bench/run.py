@@ -106,7 +106,7 @@ class Offline:
     clf: Classifier
     calls: int
     data: list[bytes]
-    decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    decode_threads: int
 
     @classmethod
     def open(cls, package: ModelPackage, images: list[Path], plan: Plan, precision: str, **options: Any) -> Offline:
