@@ -95,8 +95,9 @@ def offline_pipeline(
 ) -> dict[str, Any]:
     """Decode + preprocess + model, no HTTP: the best this process does, as a batch job would.
     Each image also gets the card's out-of-distribution check on its crops, as in every answer
-    of the server and of :meth:`Classifier.classify` (about 6 % of the demo's plain
-    throughput; the offline figures before 2026-11-24's night section left it out).
+    of the server and of :meth:`Classifier.classify`; like the server, for each batch at once
+    beside the model call (the offline figures before 2026-11-24's night section left it out,
+    and those until its noon section checked one image at a time on the decode threads).
 
     ``images`` repeat as one long stream: a thread pool decodes (on the device when ``clf``
     decodes there) up to two batches ahead while the model runs full batches of
@@ -108,11 +109,11 @@ def offline_pipeline(
     """
     k = clf.preprocessor.crops_per_image(tta)
 
-    def decode(data: bytes) -> Any:
-        crops = clf.crops(data, tta)
+    def predict(crops: Any) -> Any:
+        probs = clf.runtime.predict(crops, crops_per_image=k)
         if clf.screen is not None:  # the out-of-distribution check, part of every answer the server gives
-            clf.screen.check(crops, tta)
-        return crops
+            clf.screen.check_batch(crops, tta)
+        return probs
 
     ahead: deque[Future[Any]] = deque()
     running: deque[Future[Any]] = deque()
@@ -121,7 +122,7 @@ def offline_pipeline(
 
         def feed() -> None:
             nonlocal fed
-            ahead.append(pool.submit(decode, images[fed % len(images)]))
+            ahead.append(pool.submit(clf.crops, images[fed % len(images)], tta))
             fed += 1
 
         for _ in range((1 + model_threads) * batch_size + threads):
@@ -132,7 +133,7 @@ def offline_pipeline(
             for _ in range(batch_size):
                 batch.append(ahead.popleft().result())
                 feed()
-            running.append(model.submit(clf.runtime.predict, concat_rows(batch), crops_per_image=k))
+            running.append(model.submit(predict, concat_rows(batch)))
             if len(running) < model_threads:
                 continue
             running.popleft().result()
