@@ -56,3 +56,15 @@ def test_bentofiles_take_their_packages_from_pyproject():
     torchscript = set(yaml.safe_load((ROOT / "bentofile.torchscript.yaml").read_text())["python"]["packages"])
     extra = set(project["optional-dependencies"]["torchscript"])
     assert core <= torchscript <= core | extra and torchscript & extra
+
+
+def test_the_libraries_the_project_builds_on_have_upper_bounds():
+    """A fresh clone installs the series the suite passed with; a new major or minor series of
+    these changes numerics (torch, ONNX Runtime) or serving internals (BentoML)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [d for extra in project["optional-dependencies"].values()
+                                              for d in extra]
+    capped = {re.split(r"[<>=!~;\[ ]", d)[0] for d in requirements if "<" in d.split(";")[0]}
+    assert {"torch", "torchvision", "fastai", "bentoml", "onnxruntime-gpu", "onnx"} <= capped, capped

@@ -92,18 +92,33 @@ def test_fp16_files_are_measured_on_the_validation_set(trained, digit_files):
     assert (full.argmax(1) == fp16.argmax(1)).mean() >= 0.95
 
 
-def test_int8_file_is_calibrated_on_training_images_and_measured_on_the_cpu(trained, digit_files):
-    """Written by default: ranges from the training images, agreement on the validation set."""
+def test_int8_file_is_calibrated_on_training_images_and_measured_on_the_cpu(trained, small_digits_folder,
+                                                                            digit_files):
+    """Written by default: ranges from the training images, agreement on the validation set.
+
+    The tiny model trains for three epochs, and a few validation images sit within 0.03 of a
+    tie between two labels; int8 rounding moves probabilities by up to about 0.04, so whether
+    such an image flips depends on the trained weights, which differ between CPUs (the flips are
+    the same with ONNX Runtime's integer kernels as with the quantized graph run in fp32). What
+    holds everywhere: the probability error is bounded, the card's record is what the files
+    give, and ``auto`` serves int8 on the CPU only when that record clears the bar."""
     card = open_package(trained).card
     int8 = card.int8
     assert int8.source == "validation" and int8.device == "cpu" and int8.images == card.metrics.valid_count
     assert set(int8.top1_agreement) == {"onnx"}
-    assert int8.top1_agreement["onnx"] >= 0.97 and int8.max_abs_diff["onnx"] < 0.1, int8
+    assert int8.max_abs_diff["onnx"] < 0.1, int8
     assert card.export.int8_calibration_images == card.metrics.train_count  # fewer than 256: all of them
-    images = [f.read_bytes() for f in digit_files[:24]]
-    full = Classifier.open(trained, device="cpu", precision="fp32").probabilities(images)
-    int8_probs = Classifier.open(trained, device="cpu", precision="int8").probabilities(images)
-    assert (full.argmax(1) == int8_probs.argmax(1)).mean() >= 0.95
+
+    valid = sorted((small_digits_folder / "val").rglob("*.png"))
+    full = Classifier.open(trained, device="cpu", precision="fp32").probabilities_of_files(valid, "none")
+    quant = Classifier.open(trained, device="cpu", precision="int8").probabilities_of_files(valid, "none")
+    assert int8.top1_agreement["onnx"] == pytest.approx((full.argmax(1) == quant.argmax(1)).mean())
+    assert int8.max_abs_diff["onnx"] == pytest.approx(float(np.abs(full - quant).max()), abs=1e-6)
+    images = [f.read_bytes() for f in digit_files[:24]]  # other digits too: labels the model lacks
+    unseen = Classifier.open(trained, device="cpu", precision="fp32").probabilities(images)
+    assert np.abs(unseen - Classifier.open(trained, device="cpu", precision="int8").probabilities(images)).max() < 0.1
+    served = Classifier.open(trained, device="cpu").runtime.precision
+    assert served == ("int8" if int8.holds("onnx") else "fp32")
 
 
 def test_photos_sent_to_a_digit_model_are_flagged_out_of_distribution(trained, small_digits_folder, photos):
