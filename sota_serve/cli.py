@@ -191,10 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=formats.NAMES, default=formats.DEFAULT, help="which exported file runs")
     p.add_argument("--precision", choices=precision.CHOICES, default="auto",
                    help="fp32, fp16 or int8 (the package's file of that precision), or auto: fp16 on a"
-                        " GPU, int8 on a CPU, when the card's agreement record for it holds (default: auto)")
+                        " GPU, int8 on a CPU, when the card's agreement record for it holds")
     p.add_argument("--tta", choices=POLICIES, default=None,
                    help="test-time augmentation: flip (center crop and its mirror), five_crop (corners"
-                        " and center), ten_crop (those and their mirrors); default: the card's tta.default")
+                        " and center), ten_crop (those and their mirrors) (default: %(default)s, which"
+                        " means the policy the card names in tta.default)")
     p.add_argument("--top-k", type=int, default=5, help="labels to print per image")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when a device is present")
