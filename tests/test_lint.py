@@ -56,3 +56,16 @@ def test_bentofiles_take_their_packages_from_pyproject():
     torchscript = set(yaml.safe_load((ROOT / "bentofile.torchscript.yaml").read_text())["python"]["packages"])
     extra = set(project["optional-dependencies"]["torchscript"])
     assert core <= torchscript <= core | extra and torchscript & extra
+
+
+def test_the_gpu_bentofile_is_the_default_one_on_a_cuda_image():
+    """bentofile.gpu.yaml differs from bentofile.yaml only in its base image: BentoML's public
+    ``docker.cuda_version`` (CUDA 12, which onnxruntime-gpu's wheels are built for); the
+    default image stays CPU-only."""
+    import yaml
+
+    default = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    gpu = yaml.safe_load((ROOT / "bentofile.gpu.yaml").read_text())
+    assert "cuda_version" not in (default.get("docker") or {})
+    assert str(gpu["docker"]["cuda_version"]).split(".")[0] == "12"
+    assert {k: v for k, v in gpu.items() if k != "docker"} == default
