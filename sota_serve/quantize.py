@@ -21,6 +21,7 @@ from sota_serve.errors import PackageError
 from sota_serve.model_readme import render_readme
 from sota_serve.package import draft_package, open_package, sha256_file
 from sota_serve.preprocess import Preprocessor
+from sota_serve.progress import step
 
 
 class Int8ExistsError(PackageError):
@@ -76,6 +77,7 @@ def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0,
     for name in targets:
         fmt = formats.get(name)
         new[precision.artifact_key(name, "int8")] = path = root / precision.file_name(name, "int8")
+        step(f"int8 calibration: {name} on {len(calib_files)} images")
         notes |= fmt.quantize(package.artifacts[name], batches, path)
         fmt.embed_card(path, embedded)
 
