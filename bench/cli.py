@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, help="seconds per load level")
     p.add_argument("--tta", help="comma list of TTA policies to measure (default none,five_crop;"
                                  " none,flip,five_crop,ten_crop for all)")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="bench/results", help="folder the results go to (a JSON file, and a plot when matplotlib is installed)")
     p.add_argument("--name", help="file stem of the results (default: bench-<device>)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive BentoML peer")
     p.add_argument("--no-litserve", action="store_true", help="skip the LitServe peer")

@@ -25,6 +25,9 @@ BATCH = 32
 def image_files(folder: str | Path) -> list[Path]:
     """Every image file under ``folder``, sorted; a clear error when there is none."""
     root = Path(folder)
+    if not root.is_dir():
+        what = "not a folder" if root.exists() else "no such folder"
+        raise BadRequestError(f"{folder}: {what}; give the folder that holds the images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise BadRequestError(f"{folder}: no images found (JPEG, PNG, WebP, BMP, GIF, TIFF)")

@@ -136,16 +136,39 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
     from sota_serve.calibration import image_files
+    from sota_serve.package import store_model_dir
     from sota_serve.quantize import add_int8
 
-    card = add_int8(args.package, image_files(args.calibration), seed=args.seed)
+    files = image_files(args.calibration)
+    stored = None if Path(args.package).exists() else store_model_dir(args.package)
+    if stored is None:
+        _quantized(add_int8(args.package, files, seed=args.seed, overwrite=args.overwrite), args.package)
+        return 0
+    # A store entry is never changed (a Bento built on its tag keeps its bytes): quantize a
+    # copy and import that as a new version of the same model.
+    name = args.package.partition(":")[0]
+    with tempfile.TemporaryDirectory(prefix="sota-serve-quantize-") as tmp:
+        copy = Path(tmp) / name
+        shutil.copytree(stored, copy, ignore=shutil.ignore_patterns(STORE_RECORD))
+        _quantized(add_int8(copy, files, seed=args.seed, overwrite=args.overwrite), args.package)
+        print(f"{args.package} ({name}:{stored.name}) is left as it is; the int8 file goes into a new version")
+        return main(["import", str(copy), "--name", name])
+
+
+#: BentoML's own record in a stored model's directory; it writes a new one for a new version.
+STORE_RECORD = "model.yaml"
+
+
+def _quantized(card: ModelCard, package: str) -> None:
     record = card.int8
     assert record is not None
     for backend in record.top1_agreement:
         verdict = "auto serves it on CPUs" if record.holds(backend) else "below the bar: auto keeps fp32"
-        print(f"{args.package}: wrote {card.artifacts[f'{backend}-int8'].path}; {record.describe(backend)}; {verdict}")
-    return 0
+        print(f"{package}: wrote {card.artifacts[f'{backend}-int8'].path}; {record.describe(backend)}; {verdict}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,10 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=formats.NAMES, default=formats.DEFAULT, help="which exported file runs")
     p.add_argument("--precision", choices=precision.CHOICES, default="auto",
                    help="fp32, fp16 or int8 (the package's file of that precision), or auto: fp16 on a"
-                        " GPU, int8 on a CPU, when the card's agreement record for it holds (default: auto)")
+                        " GPU, int8 on a CPU, when the card's agreement record for it holds")
     p.add_argument("--tta", choices=POLICIES, default=None,
                    help="test-time augmentation: flip (center crop and its mirror), five_crop (corners"
-                        " and center), ten_crop (those and their mirrors); default: the card's tta.default")
+                        " and center), ten_crop (those and their mirrors) (default: %(default)s, which"
+                        " means the policy the card names in tta.default)")
     p.add_argument("--top-k", type=int, default=5, help="labels to print per image")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when a device is present")
@@ -182,11 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="add an int8 ONNX file to a package (faster on CPUs), calibrated on"
                                         " your images, with its agreement with fp32 in the card")
-    p.add_argument("package", help="package directory (its files are verified and left as they are)")
+    p.add_argument("package", help="package directory (its files are verified and left as they are), or"
+                                   " BentoML model-store tag: the stored version is left as it is and the"
+                                   " package with its int8 file is imported as a new version")
     p.add_argument("--calibration", required=True, metavar="DIR",
                    help="images like the training ones (e.g. the training folder): up to 256 set the int8"
                         " ranges, up to 256 others measure the agreement with fp32")
     p.add_argument("--seed", type=int, default=0, help="seed of the split of the images")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the package's int8 file when it has one (kept otherwise)")
     p.set_defaults(func=_quantize)
 
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):

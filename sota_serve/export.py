@@ -34,7 +34,7 @@ from sota_serve.formats import REGISTRY as FORMAT_REGISTRY
 from sota_serve.formats import get as get_format
 from sota_serve.model_readme import render_readme
 from sota_serve.package import sha256_file
-from sota_serve.progress import progress
+from sota_serve.progress import progress, step
 
 #: Largest |p_eager - p_exported| accepted, per probability.
 DEFAULT_TOLERANCE = 1e-4
@@ -139,10 +139,12 @@ def export_graphs(
         for name in chosen:
             for p in precisions:
                 key = precision.artifact_key(name, p)
+                step(f"export {name} {p}")
                 files[key] = out / precision.file_name(name, p)
                 notes |= get_format(name).export(wrappers[p], example, files[key])
         for name in quantized:
             key = precision.artifact_key(name, "int8")
+            step(f"int8 calibration: {name} on {len(calibration)} images")  # type: ignore[arg-type]
             files[key] = out / precision.file_name(name, "int8")
             notes |= get_format(name).quantize(files[name], batches(calibration), files[key])  # type: ignore[arg-type]
         inputs = _check_batch(check_inputs, (h, w))
@@ -203,6 +205,7 @@ def verify_export(
         reference = reference.softmax(-1)
     expected = reference.numpy()
     results: dict[str, tuple[float, np.ndarray]] = {}
+    step(f"export parity: {', '.join(files)} against the eager model on {len(inputs)} inputs")
     for key in progress(list(files), desc="export parity check"):
         backend, p = precision.split_key(key)
         runtime = get_format(backend).open_runtime(files[key].read_bytes(), card, device="cpu",

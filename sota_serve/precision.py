@@ -139,7 +139,9 @@ def measure(package: ModelPackage, files: Sequence[Path], variant: str, *, devic
     (where the variant serves: a GPU for fp16, the CPU for int8). ``known``: fp32
     probabilities of ``files`` already computed on ``device``, by format, not run again."""
     from sota_serve.classifier import Classifier
+    from sota_serve.progress import step
 
+    step(f"{variant} agreement with fp32 on {len(files)} {source} images ({device})")
     reference, candidate = dict(known or {}), {}
     for backend in package.backends:
         if variant not in package.precisions(backend):

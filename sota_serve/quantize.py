@@ -21,6 +21,12 @@ from sota_serve.errors import PackageError
 from sota_serve.model_readme import render_readme
 from sota_serve.package import draft_package, open_package, sha256_file
 from sota_serve.preprocess import Preprocessor
+from sota_serve.progress import step
+
+
+class Int8ExistsError(PackageError):
+    """The package has an int8 file already and replacing it was not asked for."""
+
 
 #: Fewer images than twice this, and the agreement is measured on all of them, the
 #: calibration images included (too few to hold any out).
@@ -37,12 +43,13 @@ def _split(files: Sequence[Path], seed: int) -> tuple[list[Path], list[Path], st
 
 
 def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0,
-             check_images: Sequence[Path] | None = None) -> ModelCard:
+             check_images: Sequence[Path] | None = None, overwrite: bool = False) -> ModelCard:
     """Quantize each fp32 file of the package whose format has int8; returns the new card.
 
     ``check_images``: measure the agreement on these (a validation set, source
     ``validation``) and calibrate on a seeded sample of ``images``; without them ``images``
-    are split in two as the module says."""
+    are split in two as the module says. A package that already has an int8 file keeps it
+    (:class:`Int8ExistsError`) unless ``overwrite``."""
     package = open_package(package_dir)  # every existing file's sha256 is checked first
     if package.root is None:
         raise PackageError(f"{package_dir}: quantize a package directory, not a lone file")
@@ -51,6 +58,11 @@ def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0,
                if "int8" in formats.get(f).precisions and precision.REFERENCE in package.precisions(f)]
     if not targets:
         raise PackageError(f"{package_dir}: no fp32 file of a format with int8 ({', '.join(package.artifacts)})")
+    existing = [package.artifacts[k].name for k in (precision.artifact_key(f, "int8") for f in targets)
+                if k in package.artifacts]
+    if existing and not overwrite:
+        raise Int8ExistsError(f"{package_dir}: already has {', '.join(existing)}, kept as it is; pass --overwrite"
+                              " (overwrite=True) to calibrate it again on these images")
     if check_images:
         calib_files = calibration.sample(images, calibration.CALIBRATION_IMAGES, seed=seed)
         check_files, source = list(check_images), "validation"
@@ -65,6 +77,7 @@ def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0,
     for name in targets:
         fmt = formats.get(name)
         new[precision.artifact_key(name, "int8")] = path = root / precision.file_name(name, "int8")
+        step(f"int8 calibration: {name} on {len(calib_files)} images")
         notes |= fmt.quantize(package.artifacts[name], batches, path)
         fmt.embed_card(path, embedded)
 

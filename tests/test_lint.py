@@ -68,3 +68,16 @@ def test_the_libraries_the_project_builds_on_have_upper_bounds():
                                               for d in extra]
     capped = {re.split(r"[<>=!~;\[ ]", d)[0] for d in requirements if "<" in d.split(";")[0]}
     assert {"torch", "torchvision", "fastai", "bentoml", "onnxruntime-gpu", "onnx"} <= capped, capped
+
+
+def test_the_gpu_bentofile_is_the_default_one_on_a_cuda_image():
+    """bentofile.gpu.yaml differs from bentofile.yaml only in its base image: BentoML's public
+    ``docker.cuda_version`` (CUDA 12, which onnxruntime-gpu's wheels are built for); the
+    default image stays CPU-only."""
+    import yaml
+
+    default = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    gpu = yaml.safe_load((ROOT / "bentofile.gpu.yaml").read_text())
+    assert "cuda_version" not in (default.get("docker") or {})
+    assert str(gpu["docker"]["cuda_version"]).split(".")[0] == "12"
+    assert {k: v for k, v in gpu.items() if k != "docker"} == default

@@ -73,7 +73,7 @@ def test_crops_are_the_preprocessors_windows_on_the_original(server, tiny_packag
         assert response.status_code in (400, 422) and message in response.json()["error"]
 
 
-def _browser():
+def _browser(width: int = 390, height: int = 1200):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the [test] extra")
     binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver = shutil.which("chromedriver")
@@ -83,8 +83,8 @@ def _browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=390,1200"):
-        options.add_argument(arg)  # a phone-sized viewport
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
+        options.add_argument(arg)
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
@@ -118,5 +118,72 @@ def test_page_in_a_real_browser_classifies_an_uploaded_digit(server, digit_files
         wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
         assert "not a recognised image" in browser.find_element(By.ID, "error").text
         assert "HTTP 400" in browser.find_element(By.ID, "error").text
+    finally:
+        browser.quit()
+
+
+#: Visible <img> elements with no picture: no src yet, or one the browser could not draw.
+BROKEN_IMAGES = """return [...document.images].filter((i) => i.getClientRects().length
+    && getComputedStyle(i).visibility !== "hidden" && (!i.getAttribute("src") || !i.naturalWidth)).length"""
+#: The page-relative boxes of the crop badges.
+BADGES = """return [...document.querySelectorAll("#boxes b")].map((b) => {
+    const r = b.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom, b.textContent]; })"""
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("width", "height"), [(390, 844), (1280, 900)])
+def test_page_at_phone_and_desktop_size(server, photos, tmp_path, width, height):
+    """What a person sees first: no broken-image icon before an upload or under an error, the
+    top label in view without scrolling, the API's TTA names, ten crops' badges apart."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser(width, height)
+    try:
+        browser.get(f"{server.url}/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#card-summary dd"))
+        assert browser.execute_script(BROKEN_IMAGES) == 0
+        # the tag stays on one line (it breaks as a whole or not at all)
+        tag = browser.find_element(By.ID, "model-tag")
+        line = float(browser.execute_script("return parseFloat(getComputedStyle(arguments[0]).lineHeight)", tag))
+        assert tag.text and tag.size["height"] < 1.5 * line
+        # the TTA choices are the API's names, as values and as text
+        radios = browser.find_elements(By.CSS_SELECTOR, 'input[name="tta"]')
+        assert [r.get_attribute("value") for r in radios] == list(POLICIES)
+        assert [el.text for el in browser.find_elements(By.CSS_SELECTOR, "#tta-options span")] == list(POLICIES)
+
+        browser.find_element(By.ID, "file").send_keys(str(photos[0]))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results li"))
+        wait.until(lambda b: b.find_element(By.ID, "preview").is_displayed())
+        viewport = browser.execute_script("return [window.scrollY, window.innerHeight]")
+        first = browser.execute_script("return document.querySelector('#results li').getBoundingClientRect().bottom")
+        assert viewport[0] == 0 and first < viewport[1] <= height, (first, viewport)
+        assert browser.execute_script(BROKEN_IMAGES) == 0
+
+        browser.find_element(By.CSS_SELECTOR, 'label[for="tta-ten_crop"]').click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#boxes .box")) == 10)
+        badges = browser.execute_script(BADGES)
+        assert len(badges) == 10
+        piled = [(a[4], b[4]) for i, a in enumerate(badges) for b in badges[i + 1:] if _overlap(a, b)]
+        assert not piled, f"badges on top of each other: {piled}"
+        frame = browser.find_element(By.ID, "frame").rect
+        assert all(frame["x"] - 1 <= b[0] and b[2] <= frame["x"] + frame["width"] + 1 for b in badges)
+        shots = os.environ.get("SOTA_SERVE_PAGE_SHOTS")
+        if shots:  # for a person to look at
+            browser.save_screenshot(str(Path(shots) / f"page-{width}x{height}.png"))
+
+        # a file that is not an image: the error, and no broken-image icon under it
+        bad = tmp_path / "not-an-image.png"
+        bad.write_bytes(b"plain text, not a PNG")
+        browser.find_element(By.ID, "file").send_keys(str(bad))
+        wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
+        assert browser.execute_script(BROKEN_IMAGES) == 0
+        if shots:
+            browser.save_screenshot(str(Path(shots) / f"page-{width}x{height}-error.png"))
     finally:
         browser.quit()

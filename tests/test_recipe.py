@@ -46,3 +46,43 @@ def test_image_folder_layout_errors(tmp_path):
     (tmp_path / "valid" / "a").mkdir(parents=True)
     with pytest.raises(DatasetError, match=r"\['b'\]"):
         open_image_folder(tmp_path)
+
+
+STAGES = [{"size": 32, "epochs": 1}]
+
+
+@pytest.mark.parametrize(("data", "name"), [
+    ("My Cats", "my-cats"), ("My Cats/", "my-cats"), ("photos_2024.v2", "photos_2024.v2"),
+    ("--Été à Paris!!", "ete-a-paris"), ("___", "model"), ("x" * 80, "x" * 63), ("digits", "digits"),
+    ("imagenette-320", "imagenette-320")])
+def test_a_model_without_a_name_is_named_after_its_data(tmp_path, monkeypatch, data, name):
+    """A valid BentoML tag name (lowercase, [a-z0-9._-], alphanumeric at both ends, <= 63)."""
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(overrides={"data": data, "stages": STAGES}).name == name
+    assert load_recipe(overrides={"data": f"{tmp_path}/{data}", "stages": STAGES}).name == name
+
+
+def test_a_written_name_wins_and_a_preset_keeps_its_own_on_its_own_data(tmp_path):
+    folder = str(tmp_path / "Dogs")
+    assert load_recipe(overrides={"data": folder, "stages": STAGES, "name": "mine"}).name == "mine"
+    assert load_recipe(preset="digits").name == PRESETS["digits"]["name"]
+    assert load_recipe(preset="digits", overrides={"data": folder}).name == "dogs"
+    f = tmp_path / "r.toml"
+    f.write_text('name = "from-file"\n')
+    assert load_recipe(preset="digits", path=f, overrides={"data": folder}).name == "from-file"
+
+
+def test_missing_data_folder_is_named_so(tmp_path):
+    with pytest.raises(DatasetError, match="no such folder"):
+        open_image_folder(tmp_path / "nope")
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="not a folder"):
+        open_image_folder(tmp_path / "file")
+
+
+def test_train_with_a_missing_data_folder_says_so(tmp_path, capsys):
+    from sota_serve.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "nope"), "--stages", "32:1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope'}: no such folder" in err and "expected a train/" not in err

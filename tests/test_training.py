@@ -263,3 +263,28 @@ def test_tta_default_needs_a_gain_above_the_noise():
     accuracy = {"none": 0.8, "flip": 0.83, "five_crop": 0.96, "ten_crop": 0.96}
     assert choose_default(accuracy, gains, calls) == "five_crop"  # a tie goes to fewer calls
     assert choose_default(accuracy, {"flip": gains["flip"]}, calls) == "none"
+
+
+def test_a_model_trained_without_a_name_is_named_after_its_folder_and_each_step_is_said(
+        small_digits_folder, tmp_path, capsys):
+    """``train --data "My Digits"``: the model is ``my-digits``, not ``model``; after the
+    training, each evaluation and export step says so on stderr."""
+    import shutil
+
+    folder = tmp_path / "My Digits"
+    shutil.copytree(small_digits_folder, folder)
+    out = tmp_path / "pkg"
+    assert cli(["train", "--data", str(folder), "--stages", TINY_STAGES, "--out", str(out)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["name"] == "my-digits" and card["training"]["recipe"]["name"] == "my-digits"
+    said = capsys.readouterr()
+    assert f"({card['name']}:" in said.out  # the summary's tag
+    steps = [line.removesuffix(" ...") for line in said.err.splitlines() if line.endswith(" ...")]
+    want = ["fastai evaluation on 36 validation images", "export onnx fp32", "export torchscript fp32",
+            "int8 calibration: onnx on 108 images", "export parity:", "evaluate tta none",
+            "OOD fit on 108 training images", "int8 agreement with fp32 on 36 validation images (cpu)",
+            "write the package to"]
+    at = [next((i for i, s in enumerate(steps) if s.startswith(w)), None) for w in want]
+    assert None not in at and at == sorted(at), steps
+    tta = [s for s in steps[at[5]:at[6]] if s.startswith("evaluate tta ")]  # the edge search, then each policy
+    assert {s.split()[2] for s in tta} == {"none", "flip", "five_crop", "ten_crop"}, steps

@@ -138,15 +138,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=("imagenette", "digits"), help="start from a preset recipe")
     p.add_argument("--recipe", help="recipe TOML file (overrides the preset)")
     p.add_argument("--data", help="image folder (train/ + val/), 'digits', or imagenette[-160|-320]")
-    p.add_argument("--name", help="model name in the card")
-    p.add_argument("--arch", choices=ARCHS)
+    p.add_argument("--name", help="model name in the card and the model store (default: the recipe's,"
+                                  " else the data folder's name, lowercased, e.g. my-cats)")
+    p.add_argument("--arch", choices=ARCHS, help="network architecture, built with random weights"
+                                                 " (default: the recipe's, else xresnet18)")
     p.add_argument("--weights", help="start from this local checkpoint: a state dict (.pth/.pt), a"
                                      " .safetensors file or a sota-serve package of the same --arch")
     p.add_argument("--freeze-epochs", type=int, help="with --weights: epochs that train the head alone"
                                                        " before every layer trains (default 1)")
     p.add_argument("--lr", choices=("find",), help="find: run fastai's lr_find before each stage"
                                                    " and train at its suggestion")
-    p.add_argument("--normalization", choices=("imagenet", "dataset"))
+    p.add_argument("--normalization", choices=("imagenet", "dataset"),
+                   help="input mean/std: ImageNet's, or measured on a sample of the training images"
+                        " (default: the recipe's, else imagenet; the weights' own with --weights)")
     p.add_argument("--fp16", action="store_true",
                    help="also export fp16 files, with their agreement with fp32 on the validation set")
     p.add_argument("--no-int8", action="store_true",
@@ -154,10 +158,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         " agreement with fp32 measured on the validation set; served on CPUs when it holds)")
     p.add_argument("--stages", help="progressive resizing, e.g. 128:4:64:3e-3,224:5:64:1e-3"
                                     " (size:epochs[:batch_size[:lr]])")
-    p.add_argument("--mixup", type=float, help="MixUp alpha")
-    p.add_argument("--no-mixup", action="store_true")
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--mixup", type=float, metavar="ALPHA",
+                   help="MixUp alpha, e.g. 0.2 (default: the recipe's, else no MixUp)")
+    p.add_argument("--no-mixup", action="store_true", help="turn off the recipe's MixUp")
+    p.add_argument("--label-smoothing", type=float, metavar="EPS",
+                   help="label smoothing epsilon in (0, 1) (default: the recipe's, else 0.1)")
+    p.add_argument("--seed", type=int, help="seed of the run: initial weights, shuffling, augmentation,"
+                                            " calibration sample (default: the recipe's, else 42)")
     p.add_argument("--license", help="the model's license (SPDX id, e.g. apache-2.0), written to the card")
     p.add_argument("--out", help="package directory (default packages/NAME)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
@@ -178,15 +185,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_ensemble)
 
     p = sub.add_parser("demo", help="train the digits demo, write its package, import it as sota-demo")
-    p.add_argument("--out", default=str(DEMO_DIR))
+    p.add_argument("--out", default=str(DEMO_DIR), help=f"package directory (default: {DEMO_DIR})")
     p.add_argument("--name", default=DEMO_NAME, help="BentoML model name")
     p.add_argument("--no-import", action="store_true", help="skip the BentoML model store")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("export", help="convert a fastai learn.export() file to a package")
     p.add_argument("learner", help="the .pkl written by learn.export()")
-    p.add_argument("--out", required=True)
-    p.add_argument("--name")
+    p.add_argument("--out", required=True, help="package directory to write")
+    p.add_argument("--name", help="model name in the card (default: the learner file's name)")
     p.add_argument("--trust", action="store_true",
                    help="required: the file is a pickle and loading it runs its code")
     p.add_argument("--fp16", action="store_true",

@@ -57,6 +57,10 @@ class ImageFolder:
 
 def open_image_folder(root: str | Path, name: str | None = None) -> ImageFolder:
     root = Path(root)
+    if not root.is_dir():
+        what = "not a folder" if root.exists() else "no such folder"
+        raise DatasetError(f"{root}: {what}; give an image folder with train/ and val/ sub-folders,"
+                           " one folder per class in each (or 'digits', or an Imagenette name)")
     if not (root / "train").is_dir():
         raise DatasetError(f"{root}: expected a train/ folder with one sub-folder per class")
     valid = next((v for v in ("val", "valid") if (root / v).is_dir()), None)

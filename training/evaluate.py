@@ -17,7 +17,7 @@ from sota_serve.card import Parity
 from sota_serve.classifier import Classifier
 from sota_serve.errors import SotaServeError
 from sota_serve.preprocess import Preprocessor
-from sota_serve.progress import interactive, progress
+from sota_serve.progress import interactive, progress, step
 from sota_serve.tta import CROPS_PER_IMAGE
 
 #: Below this top-1 agreement between fastai and the package, the package is refused.
@@ -57,6 +57,7 @@ def fastai_eval(learn: Learner) -> FastaiEval:
 
 
 def package_probs(clf: Classifier, files: Sequence[Path], tta: str, desc: str) -> np.ndarray:
+    step(f"evaluate tta {tta} (resize {clf.preprocessor.edge(tta)}) on {len(files)} validation images")
     return clf.probabilities_of_files(files, tta, desc=desc)
 
 
@@ -178,6 +179,8 @@ def calibrate_ood(pre: Preprocessor, train_files: Sequence[Path], valid_files: S
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(len(train_files), size=min(sample, len(train_files)), replace=False))
     fit_files = [train_files[i] for i in picked]
+    step(f"OOD fit on {len(fit_files)} training images, threshold on {len(valid_files)} validation images")
+
     def vectors(files: Sequence[Path], desc: str) -> dict[str, np.ndarray]:
         """Each file decoded once, then cropped for every policy."""
         rows: dict[str, list[np.ndarray]] = {p: [] for p in policies}

@@ -19,6 +19,7 @@ from sota_serve.classifier import Classifier
 from sota_serve.export import export_graphs, write_package
 from sota_serve.package import draft_package
 from sota_serve.preprocess import Preprocessor
+from sota_serve.progress import step
 from training.datasets import ImageFolder, resolve_dataset
 from training.evaluate import (
     MIN_PARITY,
@@ -72,6 +73,7 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
                                  edge=recipe.resize_edge, sample=recipe.stats_sample, seed=recipe.seed)
     result = train(recipe, folder, mean, std, weights)
     log.info("trained in %.1fs on %s; evaluating", result.seconds, result.device)
+    step(f"fastai evaluation on {len(result.learn.dls.valid.items)} validation images")
     fa = fastai_eval(result.learn)
     valid_items = [Path(p) for p in result.learn.dls.valid.items]  # the order of get_preds
 
@@ -103,6 +105,7 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     int8 = (precision.measure(draft, valid_items, "int8", device="cpu", source="validation",
                               known={formats.DEFAULT: served}) if recipe.int8 else None)
 
+    step(f"write the package to {out}")
     figures = {
         "training_curve": training_curve(result.history, out / "training_curve.png").name,
         "confusion_matrix": confusion_matrix_plot(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +16,10 @@ from sota_serve.errors import SotaServeError
 #: ``--weights`` reads); all are built with random weights, nothing is downloaded.
 ARCHS = ("xresnet18", "xresnet34", "xresnet50", "resnet18", "resnet34", "resnet50")
 IMAGENETTE_DATASETS = ("imagenette", "imagenette-160", "imagenette-320")
+#: The longest name BentoML takes in a tag (``name:version``).
+TAG_NAME_LENGTH = 63
+#: What a recipe without a name and with nothing to name it after is called.
+FALLBACK_NAME = "model"
 
 
 class RecipeError(SotaServeError, ValueError):
@@ -36,7 +42,8 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="model", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    #: without one, :func:`load_recipe` names the model after its data (:func:`name_for`)
+    name: str = Field(default=FALLBACK_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     #: an image folder with train/ and val/ (or valid/), "digits", or an Imagenette name
     data: str
     arch: Literal["xresnet18", "xresnet34", "xresnet50", "resnet18", "resnet34", "resnet50"] = "xresnet18"
@@ -141,6 +148,7 @@ def load_recipe(
 ) -> Recipe:
     """Precedence: explicit overrides > recipe file > preset."""
     data: dict[str, Any] = {}
+    named = False  # a name the user wrote (a flag or the recipe file), not a preset's
     if preset is not None:
         if preset not in PRESETS:
             raise RecipeError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
@@ -148,15 +156,33 @@ def load_recipe(
     if path is not None:
         try:
             with Path(path).open("rb") as f:
-                data |= tomllib.load(f)
+                written = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise RecipeError(f"cannot read recipe {path}: {e}") from e
-    data |= {k: v for k, v in (overrides or {}).items() if v is not None}
+        data |= written
+        named = "name" in written
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data |= given
+    named = named or "name" in given
+    # A preset's name belongs to the preset's data: other data names the model after itself.
+    if not named and isinstance(data.get("data"), str) and data["data"] != PRESETS.get(preset or "", {}).get("data"):
+        data["name"] = name_for(data["data"])
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise RecipeError(f"invalid recipe: {problems}") from e
+
+
+def name_for(data: str) -> str:
+    """A model name from a dataset: the folder's own name as a BentoML tag name takes it
+    (ASCII, lowercase; a run of other characters becomes one ``-``), e.g. ``~/Photos/My Cats/`` ->
+    ``my-cats``; the dataset's name for ``digits`` and Imagenette."""
+    base = data if data == "digits" or data in IMAGENETTE_DATASETS else Path(data).expanduser().resolve().name
+    ascii_base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()  # Été -> Ete
+    name = re.sub(r"[^a-z0-9._-]+", "-", ascii_base.lower())
+    name = re.sub(r"^[^a-z0-9]+|[^a-z0-9]+$", "", name[:TAG_NAME_LENGTH])
+    return name or FALLBACK_NAME
 
 
 def parse_stages(text: str) -> list[dict[str, Any]]:

@@ -36,8 +36,8 @@ function buildPolicies() {
     const input = el("input", { type: "radio", name: "tta", value: p.name, id: `tta-${p.name}` });
     input.checked = p.name === config.default;
     input.addEventListener("change", () => { describePolicy(); if (current) classify(current); });
-    const text = p.name === "none" ? "off" : p.name.replace("_", "-");
-    $("tta-options").append(el("label", { for: `tta-${p.name}` }, input, el("span", {}, text)));
+    // The API's own names, so what a person sees here is what `-F tta=...` takes.
+    $("tta-options").append(el("label", { for: `tta-${p.name}` }, input, el("span", {}, p.name)));
   }
   describePolicy();
 }
@@ -46,7 +46,8 @@ function describePolicy() {
   const p = config.policies.find((q) => q.name === policy());
   const times = p.crops === 1 ? "one model call" : `${p.crops} model calls`;
   const isDefault = p.name === config.default ? " This model's default." : "";
-  $("tta-help").textContent = `Resize the shortest edge to ${p.resize} px, then ${p.about} (${times} per image).${isDefault}`;
+  $("tta-help").textContent = `Resize the shortest edge to ${p.resize} px, then ${p.about} (${times} per image).`
+    + `${isDefault} In the API: tta=${p.name}.`;
 }
 
 // --- classify ------------------------------------------------------------------------------
@@ -111,7 +112,23 @@ async function drawCrops(tta) {
     class: w.mirrored ? "box mirrored" : "box",
     title: `crop ${i + 1}${w.mirrored ? ", mirrored" : ""}`,
     style: `left:${pct(w.left, W)};top:${pct(w.top, H)};width:${pct(w.width, W)};height:${pct(w.height, H)}`,
-  }, el("b", {}, w.mirrored ? `${i + 1}↔` : String(i + 1)))));
+  }, el("b", { style: badgePlace(w, W, H) }, w.mirrored ? `${i + 1}↔` : String(i + 1)))));
+}
+
+// Where a crop's number sits: in the corner of its window that points away from the image's
+// middle (a corner crop's badge in that corner of the image, the center crop's in the middle),
+// so the badges spread out as the windows do. A mirrored crop has the same window as a plain
+// one: its badge sits beside that one's, toward the middle, instead of on top of it.
+function badgePlace(w, W, H) {
+  const side = (start, size, total) => {
+    const middle = start + size / 2;
+    return middle < total * 0.49 ? "start" : middle > total * 0.51 ? "end" : "mid";
+  };
+  const h = side(w.left, w.width, W), v = side(w.top, w.height, H);
+  const x = { start: "left:2px", end: "right:2px", mid: "left:50%" }[h];
+  const y = { start: "top:2px", end: "bottom:2px", mid: "top:50%" }[v];
+  const shift = { start: [0, 110], end: [0, -110], mid: [-105, 5] }[h][w.mirrored ? 1 : 0];
+  return `${x};${y};transform:translate(${shift}%, ${v === "mid" ? -50 : 0}%)`;
 }
 
 // --- choosing an image ---------------------------------------------------------------------
@@ -122,12 +139,16 @@ function choose(file) {
   const img = $("preview");
   if (img.src) URL.revokeObjectURL(img.src);
   $("boxes").replaceChildren();
-  img.src = URL.createObjectURL(file);
+  $("frame").hidden = true; // until the image has loaded: never a broken-image icon
   $("view").hidden = false;
+  img.src = URL.createObjectURL(file);
   classify(file);
 }
 
 function wireInputs() {
+  // A file the server reads but this browser cannot show (TIFF) gets its answer without a picture.
+  $("preview").addEventListener("load", () => { $("frame").hidden = false; });
+  $("preview").addEventListener("error", () => { $("frame").hidden = true; });
   $("file").addEventListener("change", (e) => choose(e.target.files[0]));
   const drop = $("drop");
   for (const type of ["dragenter", "dragover"]) {
@@ -150,8 +171,8 @@ function percent(value) {
 
 function summarize(card) {
   const m = card.metrics || {};
-  const accuracy = [["plain", m.accuracy], ["flip", m.accuracy_flip], ["five-crop", m.accuracy_five_crop],
-    ["ten-crop", m.accuracy_ten_crop], ["fastai TTA", m.accuracy_fastai_tta]]
+  const accuracy = [["none", m.accuracy], ["flip", m.accuracy_flip], ["five_crop", m.accuracy_five_crop],
+    ["ten_crop", m.accuracy_ten_crop], ["fastai TTA", m.accuracy_fastai_tta]]
     .filter(([, v]) => typeof v === "number").map(([name, v]) => `${name} ${percent(v)}`).join(" · ");
   const parity = card.parity;
   const norm = card.normalization;

@@ -1,0 +1,38 @@
+"""Long jobs say what they are doing: one line on stderr per step, terminal or not."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+
+from sota_serve.card import ModelCard
+from sota_serve.cli import main as cli
+from sota_serve.export import export_package
+from sota_serve.preprocess import Preprocessor
+from tests.helpers import card_dict, tiny_cnn
+
+
+def test_export_says_each_file_the_calibration_and_the_parity_check(photos, tmp_path, capsys):
+    card = ModelCard.parse(card_dict())
+    pre = Preprocessor.from_card(card)
+    crops = np.concatenate([pre(p.read_bytes()) for p in photos])
+    export_package(tiny_cnn(), card, tmp_path / "pkg", check_inputs=crops, int8=True, calibration=crops, fp16=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:4] == ["export onnx fp32 ...", "export onnx fp16 ...", "export torchscript fp32 ...",
+                         "export torchscript fp16 ..."]
+    assert lines[4] == f"int8 calibration: onnx on {len(crops)} images ..."
+    assert lines[5].startswith("export parity: onnx, onnx-fp16, torchscript, torchscript-fp16, onnx-int8 against")
+
+
+def test_quantize_says_the_calibration_and_the_agreement(tiny_package, digit_files, tmp_path, capsys):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_package, pkg)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in digit_files[:40]:
+        shutil.copy(f, folder / f.name)
+    assert cli(["quantize", str(pkg), "--calibration", str(folder)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["int8 calibration: onnx on 20 images ...",
+                   "int8 agreement with fp32 on 20 held-out calibration images (cpu) ..."]
