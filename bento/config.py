@@ -9,7 +9,10 @@ failure in the service's ``__init__`` would restart the worker forever.
 
 from __future__ import annotations
 
+import errno
+import sys
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import bentoml
@@ -43,3 +46,32 @@ def settings_and_package() -> tuple[Settings, Plan, ModelPackage, Any]:
     # BentoModel, so that `bentoml build` records it in the Bento.
     model = Path(settings.model) if Path(settings.model).exists() else bentoml.models.BentoModel(settings.model)
     return settings, plan, package, model
+
+
+def explain_port_in_use() -> None:
+    """Have this process end with one line naming the port, instead of a traceback, when the
+    port `bentoml serve` binds is taken (it binds after importing the service, in the same
+    process). Python's documented hook for uncaught exceptions; anything else goes on to the
+    hook that was there."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+        if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+            port = _cli_port(sys.argv)
+            print(f"sota-serve: port {port} is in use by another program; stop it, or serve on"
+                  f" another port: bentoml serve --port {int(port) + 1 if port.isdigit() else 'N'}",
+                  file=sys.stderr)
+            return
+        previous(kind, error, tb)
+
+    sys.excepthook = hook
+
+
+def _cli_port(argv: list[str]) -> str:
+    """The ``--port`` (``-p``) of the command line, else BentoML's default, 3000."""
+    for i, arg in enumerate(argv):
+        if arg in ("--port", "-p") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--port="):
+            return arg.partition("=")[2]
+    return "3000"

@@ -14,7 +14,7 @@ from typing import Any
 import bentoml
 from starlette.responses import Response
 
-from bento.config import settings_and_package
+from bento.config import explain_port_in_use, settings_and_package
 from bento.errors import answered
 from bento.front_door import TICKET, FrontDoor
 from bento.limits import Limits
@@ -31,6 +31,7 @@ from sota_serve.serving.pipeline import Pipeline
 log = logging.getLogger("bentoml.sota_serve")
 
 SETTINGS, PLAN, PACKAGE, MODEL = settings_and_package()  # exits with one line if the model is wrong
+explain_port_in_use()
 ROUTES = Routes()
 # One per worker process (each imports this module): the front door and the pipeline share it.
 ADMISSION = Admission(max_wait_s=SETTINGS.max_wait_s, max_in_flight=SETTINGS.max_in_flight,

@@ -111,8 +111,9 @@ def test_no_monkeypatching():
 
 
 PROJECT = ("sota_serve", "bento", "training", "bench")
-#: module attributes a library documents as its settings (Pillow's), not patches of its code
-SETTINGS = {"ImageFile.LOAD_TRUNCATED_IMAGES", "Image.MAX_IMAGE_PIXELS"}
+#: module attributes documented as settings to assign (Pillow's, Python's hook for uncaught
+#: exceptions), not patches of a library's code
+SETTINGS = {"ImageFile.LOAD_TRUNCATED_IMAGES", "Image.MAX_IMAGE_PIXELS", "sys.excepthook"}
 
 
 def a_project(node: ast.Import) -> bool:
