@@ -138,3 +138,43 @@ def test_overload_gets_fast_503_with_retry_after_and_recovers(tiny_package, tmp_
         ok = httpx.post(f"{server.url}/classify", files={"image": ("b.jpg", payload, "image/jpeg")}, timeout=60)
         assert ok.status_code == 200
         assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+def _requests_counted(url: str, endpoint: str) -> float:
+    import re
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    pattern = rf'bentoml_service_request_total\{{[^}}]*endpoint="{re.escape(endpoint)}"[^}}]*http_response_code="200"'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if re.match(pattern, line))
+
+
+def test_bentoml_metrics_count_the_front_doors_answers(server):
+    before = _requests_counted(server.url, "/classify")
+    for _ in range(3):
+        r = httpx.post(f"{server.url}/classify", files={"image": ("p.jpg", PHOTOS[0].read_bytes(), "image/jpeg")},
+                       timeout=60)
+        assert r.status_code == 200
+    assert _requests_counted(server.url, "/classify") == before + 3
+
+
+def test_a_trickled_body_gets_408_and_the_server_keeps_serving(tiny_package, tmp_path):
+    import socket
+
+    env = {"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_DEADLINE_S": "2"}
+    with Server(tiny_package, home=tmp_path / "bentoml", env=env) as srv:
+        head = (b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                b"Content-Length: 100000\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            started = time.monotonic()
+            s.sendall(head + b"--x\r\n")  # then nothing more: the upload stalls
+            answer = b""
+            while chunk := s.recv(65536):  # until the server closes the connection
+                answer += chunk
+            waited = time.monotonic() - started
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"connection: close" in rest.lower() and b"SOTA_SERVE_DEADLINE_S" in rest
+        assert 1.5 < waited < 20  # the front door's 2 s, not BentoML's traffic timeout (120 s)
+        r = httpx.post(f"{srv.url}/classify", files={"image": ("p.jpg", PHOTOS[0].read_bytes(), "image/jpeg")},
+                       timeout=60)
+        assert r.status_code == 200
