@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import bentoml
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from bento.config import explain_port_in_use, settings_and_package
@@ -91,6 +92,9 @@ async def _json(work: Any) -> bytes:
     return (await work).model_dump_json().encode()
 
 
+if SETTINGS.cors_origins:  # outside the front door, so that its answers carry the headers too
+    SotaServe.add_asgi_middleware(CORSMiddleware, allow_origins=SETTINGS.cors_origins.split(","),
+                                  allow_methods=["GET", "POST"], allow_headers=["*"])
 SotaServe.add_asgi_middleware(
     FrontDoor, routes=ROUTES, admission=ADMISSION, hold_s=SETTINGS.admission_hold_s,
     limits=Limits(max_body_bytes=SETTINGS.max_body_bytes, body_timeout_s=SETTINGS.deadline_s,

@@ -178,3 +178,27 @@ def test_a_trickled_body_gets_408_and_the_server_keeps_serving(tiny_package, tmp
         r = httpx.post(f"{srv.url}/classify", files={"image": ("p.jpg", PHOTOS[0].read_bytes(), "image/jpeg")},
                        timeout=60)
         assert r.status_code == 200
+
+
+ORIGIN = "https://app.example"
+
+
+def test_cors_headers_on_every_answer(tiny_package, tmp_path):
+    env = {"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_CORS_ORIGINS": ORIGIN}
+    with Server(tiny_package, home=tmp_path / "bentoml", env=env) as srv:
+        url = srv.url
+
+        def classify(**headers: str) -> httpx.Response:
+            return httpx.post(f"{url}/classify", files={"image": ("p.jpg", PHOTOS[0].read_bytes(), "image/jpeg")},
+                              headers=headers, timeout=60)
+
+        r = classify(Origin=ORIGIN)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+        bad = httpx.post(f"{url}/classify", content=b"{}", headers={"Origin": ORIGIN}, timeout=30)
+        assert bad.status_code == 415 and bad.headers["access-control-allow-origin"] == ORIGIN
+        preflight = httpx.options(f"{url}/classify", timeout=30, headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ORIGIN
+        assert "access-control-allow-origin" not in classify(Origin="https://other.example").headers
+        card = httpx.post(f"{url}/card", headers={"Origin": ORIGIN}, timeout=30)  # answered by BentoML
+        assert card.status_code == 200 and card.headers["access-control-allow-origin"] == ORIGIN

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     #: torchvision (nvJPEG on the model's GPU; libjpeg when the device is the CPU). Measured on
     #: an H100 it served no more than pillow (BENCHMARKS.md), so it is opt-in
     decode: str = Field(default="pillow", pattern="^(pillow|torchvision)$")
+    #: origins (comma-separated, or *) whose web pages may call the service (CORS); the
+    #: answers of the front door and of BentoML both carry the headers
+    cors_origins: str = ""
     #: one log line per request (BentoML's access log); off by default, it costs throughput
     access_log: bool = False
     #: OpenTelemetry spans for the image routes (with BentoML's tracing configured); off: they
