@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from sota_serve.errors import OverloadedError, SotaServeError
 
@@ -27,12 +27,16 @@ def error_answer(e: SotaServeError) -> Answer:
     return e.http_status, headers, json.dumps({"error": str(e)}).encode()
 
 
-async def answered(work: Awaitable[bytes]) -> Answer:
-    """``work``'s JSON body with 200, or the typed error it raised as its answer."""
+T = TypeVar("T")
+
+
+async def answered(work: Awaitable[T], render: Callable[[Answer], T]) -> T:
+    """What ``work`` returns, or the typed error it raised as its answer, in the caller's
+    form (``render``)."""
     try:
-        return 200, {}, await work
+        return await work
     except SotaServeError as e:
-        return error_answer(e)
+        return render(error_answer(e))
 
 
 def json_errors(send: Send, retry_after: Callable[[], int], *, head: bool = False) -> Send:

@@ -21,6 +21,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from bento import page
 from bento.errors import Answer, answered
 from bento.multipart import Part
@@ -73,19 +75,21 @@ class Routes:
 
     async def post(self, path: str, form: Sequence[Part], ticket: Ticket | None) -> Answer:
         """An image route's answer from its form."""
-        answer = await answered(self._post(path, form, ticket))
+        answer = await answered(self._post(path, form, ticket), render=lambda error: error)
         if 400 <= answer[0] < 500:
             log.warning("%s -> %d: %s", path, answer[0], json.loads(answer[2])["error"])  # one line, no traceback
         return answer
 
-    async def _post(self, path: str, form: Sequence[Part], ticket: Ticket | None) -> bytes:
+    async def _post(self, path: str, form: Sequence[Part], ticket: Ticket | None) -> Answer:
         images, tta, top_k = _form(form, FILE_FIELDS[path])
         if path == "/classify":
             if len(images) != 1:
                 raise MalformedRequestError(f"/classify takes one 'image' file, got {len(images)};"
                                             " send several to /classify_batch as 'images'")
-            return (await self.classify(images[0], tta, top_k, ticket)).model_dump_json().encode()
-        return (await self.classify_batch(images, tta, top_k, ticket)).model_dump_json().encode()
+            response: BaseModel = await self.classify(images[0], tta, top_k, ticket)
+        else:
+            response = await self.classify_batch(images, tta, top_k, ticket)
+        return 200, {}, response.model_dump_json().encode()
 
     async def classify(self, image: bytes, tta: str | None, top_k: int, ticket: Ticket | None) -> ClassifyResponse:
         """``POST /classify``; raises the image's typed error."""

@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from bento.config import explain_port_in_use, settings_and_package
-from bento.errors import answered
+from bento.errors import Answer, answered
 from bento.front_door import TICKET, FrontDoor
 from bento.limits import Limits
 from bento.metrics import count_shed, observe_batch
@@ -39,7 +39,8 @@ ADMISSION = Admission(max_wait_s=SETTINGS.max_wait_s, max_in_flight=SETTINGS.max
                       decode_threads=PLAN.decode_threads, model_threads=PLAN.model_threads, on_shed=count_shed)
 
 
-def _response(answer: tuple[int, dict[str, str], bytes]) -> Response:
+def _response(answer: Answer) -> Response:
+    """An error answer as BentoML returns it from an API method."""
     status, headers, body = answer
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
@@ -76,20 +77,16 @@ class SotaServe:
     @bentoml.api(route="/classify")
     async def classify(self, image: Upload, tta: str | None = None, top_k: int = 5) -> ClassifyResponse:
         work = ROUTES.classify(image.data, tta, top_k, TICKET.get())
-        return _response(await answered(_json(work)))  # type: ignore[return-value]
+        return await answered(work, render=_response)  # type: ignore[arg-type]
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(self, images: list[Upload], tta: str | None = None, top_k: int = 5) -> BatchResponse:
         work = ROUTES.classify_batch([u.data for u in images], tta, top_k, TICKET.get())
-        return _response(await answered(_json(work)))  # type: ignore[return-value]
+        return await answered(work, render=_response)  # type: ignore[arg-type]
 
     @bentoml.api(route="/card")
     def card(self) -> dict[str, Any]:
         return PACKAGE.card.to_dict()
-
-
-async def _json(work: Any) -> bytes:
-    return (await work).model_dump_json().encode()
 
 
 if SETTINGS.cors_origins:  # outside the front door, so that its answers carry the headers too
