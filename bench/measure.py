@@ -107,13 +107,8 @@ def offline_pipeline(
     every model call a full batch. (Timing whole passes over the nine bench images, as this
     did before, ran the model on one partial batch per pass.)
     """
-    k = clf.preprocessor.crops_per_image(tta)
-
-    def predict(crops: Any) -> Any:
-        probs = clf.runtime.predict(crops, crops_per_image=k)
-        if clf.screen is not None:  # the out-of-distribution check, part of every answer the server gives
-            clf.screen.check_batch(crops, tta)
-        return probs
+    def predict(crops: Any) -> Any:  # the model, ranking and OOD check, as on the server's model threads
+        return clf.score(crops, tta)
 
     ahead: deque[Future[Any]] = deque()
     running: deque[Future[Any]] = deque()

@@ -15,12 +15,12 @@ from bench.load import closed_loop
 from bench.measure import decode_share, model_ceiling, offline_pipeline
 from bench.models import synthetic_package
 from bench.server import Server
-from bento.settings import Plan, Settings
 from sota_serve import formats
 from sota_serve.classifier import Classifier
 from sota_serve.device import resolve_device
 from sota_serve.package import ModelPackage, open_package
 from sota_serve.precision import choose
+from sota_serve.serving.settings import Plan, Settings
 from sota_serve.tta import CROPS_PER_IMAGE
 
 log = logging.getLogger("sota_serve.bench")

@@ -1,22 +1,77 @@
 """What every process of the service reads once at import: settings, the plan for this
-machine, and the model (a package directory, or a model-store tag)."""
+machine, and the model package, opened and checked against the settings.
+
+All of it happens when the service module is imported, which `bentoml serve` and `bentoml
+build` do before anything else: a missing model, a directory without card.json or a backend
+the package lacks stops them there with one line (:func:`settings_and_package`). The same
+failure in the service's ``__init__`` would restart the worker forever.
+"""
 
 from __future__ import annotations
 
+import errno
+import sys
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import bentoml
 
-from bento.settings import load_settings
-
-SETTINGS = load_settings()
-PLAN = SETTINGS.plan()
-# A package directory is served as it is; anything else is a model-store tag, declared as a
-# BentoModel so that `bentoml build` records it in the Bento.
-MODEL: Any = (Path(SETTINGS.model) if Path(SETTINGS.model).is_dir()
-              else bentoml.models.BentoModel(SETTINGS.model))
+from sota_serve.errors import SotaServeError
+from sota_serve.package import ModelPackage, open_package
+from sota_serve.serving.settings import Plan, Settings, load_settings
 
 
-def model_dir(model: Any) -> Path:
-    return Path(model.path) if hasattr(model, "path") else Path(model)
+def check_backend(package: ModelPackage, backend: str) -> None:
+    """Refuse a backend whose artifact the package does not carry (e.g. a TorchScript Bento on
+    a model imported with ``--formats onnx``)."""
+    if backend not in package.backends:
+        raise SotaServeError(
+            f"{package.source}: SOTA_SERVE_BACKEND={backend}, but the package has only"
+            f" {', '.join(package.backends)}; serve or build with that backend, or import the"
+            f" package with its {backend} artifact (sota-serve import DIR --formats {backend})")
+
+
+def settings_and_package() -> tuple[Settings, Plan, ModelPackage, Any]:
+    """(settings, plan, the opened package, the model as the service declares it); exits with
+    one line naming the problem when any of it is wrong."""
+    try:
+        settings = load_settings()
+        package = open_package(settings.model)
+        check_backend(package, settings.backend)
+        plan = settings.plan()
+    except SotaServeError as e:
+        raise SystemExit(f"sota-serve: cannot serve: {e}") from None
+    # A package directory or file is served as it is; a model-store tag is declared as a
+    # BentoModel, so that `bentoml build` records it in the Bento.
+    model = Path(settings.model) if Path(settings.model).exists() else bentoml.models.BentoModel(settings.model)
+    return settings, plan, package, model
+
+
+def explain_port_in_use() -> None:
+    """Have this process end with one line naming the port, instead of a traceback, when the
+    port `bentoml serve` binds is taken (it binds after importing the service, in the same
+    process). Python's documented hook for uncaught exceptions; anything else goes on to the
+    hook that was there."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+        if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+            port = _cli_port(sys.argv)
+            print(f"sota-serve: port {port} is in use by another program; stop it, or serve on"
+                  f" another port: bentoml serve --port {int(port) + 1 if port.isdigit() else 'N'}",
+                  file=sys.stderr)
+            return
+        previous(kind, error, tb)
+
+    sys.excepthook = hook
+
+
+def _cli_port(argv: list[str]) -> str:
+    """The ``--port`` (``-p``) of the command line, else BentoML's default, 3000."""
+    for i, arg in enumerate(argv):
+        if arg in ("--port", "-p") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--port="):
+            return arg.partition("=")[2]
+    return "3000"

@@ -2,7 +2,7 @@
 
 ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
 ``.../ready`` and ``POST .../infer``, where ``{name}`` is the card's name and ``{v}`` its
-version. Requests go through the same guard (body limit, admission), the same handler and
+version. Requests go through the same front door (body limit, admission), the same handler and
 pipeline (batching across requests and routes) and the same decode limits as ``/classify``.
 The messages are bento/oip_codec.py's. Errors are ``{"error": message}``: 400 for anything
 wrong in the request (v2 has no 422), 404 for another model's name, 413, 415 and 503 as on
@@ -17,11 +17,12 @@ from collections.abc import Callable
 
 from starlette.datastructures import Headers
 
-from bento.handlers import Answer, RequestHandler, error_answer
+from bento.errors import Answer, error_answer
 from bento.oip_codec import HEADER_LENGTH, encode_infer, model_metadata, parse_infer
 from sota_serve import __version__, formats
-from sota_serve.admission import Ticket
 from sota_serve.errors import BadRequestError, MalformedRequestError, SotaServeError
+from sota_serve.serving.admission import Ticket
+from sota_serve.serving.pipeline import Pipeline
 
 #: /v2/models/{name}[/versions/{version}][/ready | /infer]
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|infer))?$")
@@ -39,9 +40,9 @@ class NotFoundError(SotaServeError):
 
 
 class OpenInference:
-    def __init__(self, handler: RequestHandler, *, backend: str, max_images: int,
+    def __init__(self, pipeline: Pipeline, *, backend: str, max_images: int,
                  ready: Callable[[], bool]) -> None:
-        self.handler, self.card = handler, handler.card
+        self.pipeline, self.card = pipeline, pipeline.card
         self.platform = formats.get(backend).platform
         self.max_images, self.ready = max_images, ready
 
@@ -67,8 +68,10 @@ class OpenInference:
         if path == "/v2/health/ready":
             return self._readiness()
         match = _MODEL_PATH.match(path)
-        if match is None or match.group(3) == "infer":
+        if match is None:
             return None
+        if match.group(3) == "infer":
+            return 405, {"Allow": "POST"}, b'{"error": "infer takes POST"}'
         try:
             self._check_model(match.group(1), match.group(2))
         except NotFoundError as e:
@@ -99,7 +102,7 @@ class OpenInference:
             if length is not None and not length.isdigit():
                 raise MalformedRequestError(f"Inference-Header-Content-Length must be a number, got {length!r:.40}")
             request = parse_infer(body, int(length) if length else None, self.card, max_images=self.max_images)
-            scores = await self.handler.scores(request.images, request.pixels, request.tta, ticket)
+            scores = await self.pipeline.probabilities(request.images, request.pixels, request.tta, ticket)
             body, out_headers = encode_infer(request, scores, self.card)
         except BadRequestError as e:  # v2 has no 422: a parameter out of range is a bad request
             return error_answer(MalformedRequestError(str(e)))

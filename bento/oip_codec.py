@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from bento.handlers import Scores
 from sota_serve.card import ModelCard
 from sota_serve.errors import MalformedRequestError
 from sota_serve.predictions import top_k_indices
+from sota_serve.serving.pipeline import Probabilities
 
 HEADER_LENGTH = "inference-header-content-length"
 INPUTS = ("image", "pixels")
@@ -231,7 +231,7 @@ def classification(probs: np.ndarray, labels: list[str], k: int) -> list[list[st
             for row, idx in zip(probs, top_k_indices(probs, k), strict=True)]
 
 
-def encode_infer(inference: Inference, scores: Scores, card: ModelCard) -> tuple[bytes, dict[str, str]]:
+def encode_infer(inference: Inference, scores: Probabilities, card: ModelCard) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers (content type, and the header length when binary).
 
     The response's ``parameters.tta`` names the policy that ran.

@@ -62,7 +62,46 @@ def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int) ->
     if card_op is not None:
         card_op["description"] = ("The model card: labels, preprocessing, normalization, metrics,"
                                   " parity, intended use and limitations. Also served on GET.")
+        get = {key: value for key, value in card_op.items() if key != "requestBody"}
+        spec["paths"]["/card"]["get"] = {**get, "operationId": "get_card"}
+    spec["paths"].update(_direct_paths(card))
     return spec
+
+
+def _get(summary: str, content_type: str = "application/json", **extra: Any) -> dict[str, Any]:
+    return {"get": {"summary": summary, **extra, "responses": {
+        "200": {"description": "OK", "content": {content_type: {"schema": {"type": "object"}
+                                                                 if content_type == "application/json" else {}}}}}}}
+
+
+def _direct_paths(card: ModelCard) -> dict[str, Any]:
+    """The routes the front door answers that BentoML does not declare."""
+    model = f"/v2/models/{card.name}"
+    ok = "200 when the model is loaded, else 503"
+    paths: dict[str, Any] = {
+        "/": _get("The page for people: upload an image, see its predictions and crops", "text/html"),
+        "/crops": _get("Where the crops of a TTA policy fall on a width x height image", parameters=[
+            {"name": name, "in": "query", "required": name != "tta", "schema": schema}
+            for name, schema in (("width", {"type": "integer", "minimum": 1}),
+                                 ("height", {"type": "integer", "minimum": 1}),
+                                 ("tta", {"type": "string", "enum": list(card.tta.policies())}))]),
+        "/v2": _get("Open Inference Protocol: server metadata"),
+        "/v2/health/live": _get("Open Inference Protocol: the process answers"),
+        "/v2/health/ready": _get(f"Open Inference Protocol: readiness ({ok})"),
+        model: _get("Open Inference Protocol: model metadata (inputs image or pixels, output probabilities)"),
+        f"{model}/ready": _get(f"Open Inference Protocol: model readiness ({ok})"),
+        f"{model}/infer": {"post": {
+            "summary": "Open Inference Protocol: inference (JSON, or the binary tensor extension)",
+            "requestBody": {"content": {"application/json": {"schema": {"type": "object"}},
+                                        "application/octet-stream": {"schema": {"type": "string",
+                                                                                "format": "binary"}}}},
+            "responses": {"200": {"description": "probabilities, or top-k classification strings"},
+                          **{code: _error(code) for code in ("400", "413", "415", "503")},
+                          "404": {"description": "another model's name or version",
+                                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+        }},
+    }
+    return paths
 
 
 def _tta_doc(card: ModelCard) -> str:

@@ -1,6 +1,6 @@
 """The page for people at ``/`` (bento/page/: plain HTML, CSS and JS, no build step, nothing
-fetched from elsewhere), ``GET /crops`` for the crop boxes it draws, and BentoML's OpenAPI UI
-moved to ``/docs``.
+fetched from elsewhere), ``GET /crops`` for the crop boxes it draws, and the OpenAPI UI at
+``/docs``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from bento.handlers import Answer, error_answer
+from bento.errors import Answer, error_answer
 from sota_serve.card import ModelCard
 from sota_serve.errors import MalformedRequestError, SotaServeError
 from sota_serve.predictions import DEFAULT_TOP_K
@@ -52,21 +52,33 @@ def _config(pre: Preprocessor, card: ModelCard) -> bytes:
     return json.dumps(config).replace("</", "<\\/").encode()
 
 
-@cache
-def _docs_html() -> bytes:
-    from bentoml._internal.server.http_app import DEFAULT_INDEX_HTML
-
-    # BentoML's page loads Google Tag Manager from the internet; the UI works without it.
-    head, _, rest = DEFAULT_INDEX_HTML.partition("<!-- Google Tag Manager -->")
-    _, _, rest = rest.partition("<!-- End Google Tag Manager -->")
-    body_head, _, body_rest = rest.partition("<!-- Google Tag Manager (noscript) -->")
-    _, _, body_rest = body_rest.partition("<!-- End Google Tag Manager (noscript) -->")
-    return (head + body_head + body_rest).replace("BentoML Prediction Service", "sota-serve API").encode()
+#: Swagger UI on ``/docs.json``, from the copy BentoML serves under ``/static_content`` (the
+#: page loads nothing from elsewhere)
+DOCS_HTML = b"""<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="UTF-8">
+  <title>sota-serve API</title>
+  <link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="./static_content/swagger-ui-bundle.js" charset="UTF-8"></script>
+  <script src="./static_content/swagger-ui-standalone-preset.js" charset="UTF-8"></script>
+  <script>
+    window.onload = () => {
+      window.ui = SwaggerUIBundle({url: "./docs.json", dom_id: "#swagger-ui", deepLinking: true,
+        presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset], layout: "StandaloneLayout"});
+    };
+  </script>
+</body>
+</html>
+"""
 
 
 def docs() -> Answer:
-    """BentoML's OpenAPI UI (its relative links resolve from ``/docs`` as from ``/``)."""
-    return 200, {"content-type": "text/html; charset=utf-8"}, _docs_html()
+    """The OpenAPI UI."""
+    return 200, {"content-type": "text/html; charset=utf-8"}, DOCS_HTML
 
 
 def crops(pre: Preprocessor, query: bytes) -> Answer:

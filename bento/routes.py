@@ -1,21 +1,16 @@
-"""Routes answered by the guard without BentoML's request pipeline.
+"""The route table the front door answers from, once the model is loaded.
 
-``POST /classify`` and ``POST /classify_batch`` straight from the guard's buffered body;
-the Open Inference Protocol under ``/v2`` (bento/oip.py); ``GET /card`` (BentoML's API
-routes are POST only, and a browser's first try is a GET); the page for people at ``/`` with
-its assets and ``GET /crops`` (bento/page.py); BentoML's OpenAPI UI at ``/docs`` (BentoML
-puts it at ``/``) and ``GET /docs.json`` (the OpenAPI document completed from the model card,
-bento.openapi).
+``POST /classify`` and ``POST /classify_batch`` from the front door's buffered body; the Open
+Inference Protocol under ``/v2`` (bento/oip.py); ``GET /card`` (BentoML's API routes are POST
+only, and a browser's first try is a GET); the page for people at ``/`` with its assets and
+``GET /crops`` (bento/page.py); the OpenAPI UI at ``/docs`` and ``GET /docs.json`` (the
+OpenAPI document completed from the model card, bento/openapi.py).
 
 BentoML's generic request path validates an IO model, parses the multipart body a second
-time, builds a Starlette request and response and serializes through its own serde. On the
-demo model that was about 40 % of the event loop's time per request (py-spy), on a machine
-where the event loop shares two cores with decoding and the model. The guard already holds
-the whole body and has split it into parts, so these routes take it from there and call the
-same :class:`~bento.handlers.RequestHandler` methods as the ``@bentoml.api`` declarations.
-Those declarations stay the contract: the OpenAPI schema, BentoML's clients, in-process
-calls. BentoML's outer middlewares (metrics, tracing, timeout, access log) still wrap every
-request.
+time, builds a Starlette request and response and serializes through its own serde: on the
+demo model about 40 % of the event loop's time per request (py-spy), and the direct routes
+served about 1.3x. The ``@bentoml.api`` declarations stay the contract (the OpenAPI schema,
+BentoML's clients, in-process calls) and call the same methods.
 """
 
 from __future__ import annotations
@@ -27,84 +22,91 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
-from starlette.datastructures import Headers
 
 from bento import page
-from bento.handlers import Answer, RequestHandler, error_answer
+from bento.errors import Answer, answered
 from bento.multipart import Part
 from bento.oip import OpenInference
-from sota_serve.admission import Ticket
-from sota_serve.errors import MalformedRequestError, SotaServeError
+from bento.schemas import BatchResponse, ClassifyResponse
+from sota_serve.errors import ImageError, MalformedRequestError
 from sota_serve.predictions import DEFAULT_TOP_K
+from sota_serve.serving.admission import Ticket
+from sota_serve.serving.pipeline import Pipeline
 
 log = logging.getLogger("sota_serve.routes")
 
+#: image route -> its file field
+FILE_FIELDS = {"/classify": "image", "/classify_batch": "images"}
 _INTEGER = re.compile(r"[+-]?\d{1,9}")
 
 
-class DirectRoutes:
-    """Bound to the service's handler once the model is loaded; until then the guard passes
-    requests on to BentoML (which answers 503 while the service is not ready)."""
+class Routes:
+    """Bound to the service's pipeline once the model is loaded; until then the front door
+    passes requests on to BentoML (which answers 503 while the service is not ready)."""
 
-    def __init__(self, file_fields: dict[str, str]) -> None:
-        self.file_fields = file_fields  # route -> its file field
-        self.handler: RequestHandler | None = None
+    def __init__(self) -> None:
+        self.pipeline: Pipeline | None = None
         self.oip: OpenInference | None = None
         self.openapi = b""
 
-    def bind(self, handler: RequestHandler, openapi: dict[str, Any], oip: OpenInference) -> None:
-        self.handler, self.oip = handler, oip
+    def bind(self, pipeline: Pipeline, openapi: dict[str, Any], oip: OpenInference) -> None:
+        self.pipeline, self.oip = pipeline, oip
         self.openapi = json.dumps(openapi).encode()
 
-    def serves(self, path: str) -> bool:
-        return self.handler is not None and path in self.file_fields
-
-    @staticmethod
-    def is_infer(path: str) -> bool:
-        """An Open Inference Protocol ``infer`` path: admitted at the door like the image routes."""
-        return OpenInference.is_infer(path)
+    @property
+    def loaded(self) -> bool:
+        return self.pipeline is not None
 
     def get(self, path: str, query: bytes = b"") -> Answer | None:
         """The answer to ``GET path``, or None to leave it to BentoML."""
         if path == "/docs":
             return page.docs()
         if path.startswith("/v2"):
-            if self.oip is not None:
-                return self.oip.get(path)
-            return OpenInference.loading(path)
-        if self.handler is None:
+            return self.oip.get(path) if self.oip is not None else OpenInference.loading(path)
+        if self.pipeline is None:
             return page.asset(path)  # the page itself can load before the model
         if path == "/card":
-            return 200, {}, json.dumps(self.handler.card.to_dict()).encode()
+            return 200, {}, json.dumps(self.pipeline.card.to_dict()).encode()
         if path == "/docs.json" and self.openapi:
             return 200, {}, self.openapi
         if path == "/crops":
-            return page.crops(self.handler.pre, query)
-        return page.asset(path, self.handler.pre, self.handler.card)
+            return page.crops(self.pipeline.clf.preprocessor, query)
+        return page.asset(path, self.pipeline.clf.preprocessor, self.pipeline.card)
 
-    async def infer(self, path: str, headers: Headers, body: bytes, ticket: Ticket | None) -> Answer:
-        """``POST /v2/models/{name}/infer``."""
-        if self.oip is None:
-            return 503, {"Retry-After": "1"}, b'{"error": "the model is loading; retry in a moment"}'
-        return await self.oip.infer(path, headers, body, ticket)
+    async def post(self, path: str, form: Sequence[Part], ticket: Ticket | None) -> Answer:
+        """An image route's answer from its form."""
+        answer = await answered(self._post(path, form, ticket), render=lambda error: error)
+        if 400 <= answer[0] < 500:
+            log.warning("%s -> %d: %s", path, answer[0], json.loads(answer[2])["error"])  # one line, no traceback
+        return answer
 
-    async def answer(self, path: str, parts: Sequence[Part], ticket: Ticket | None) -> Answer:
-        assert self.handler is not None, "DirectRoutes.answer before bind"
-        try:
-            images, tta, top_k = _form(parts, self.file_fields[path])
-            response: BaseModel
-            if path == "/classify":
-                if len(images) != 1:
-                    raise MalformedRequestError(f"/classify takes one 'image' file, got {len(images)};"
-                                                " send several to /classify_batch as 'images'")
-                response = await self.handler.classify(images[0], tta, top_k, ticket)
-            else:
-                response = await self.handler.classify_batch(images, tta, top_k, ticket)
-        except SotaServeError as e:
-            if e.http_status < 500:
-                log.warning("%s -> %d: %s", path, e.http_status, e)  # a client's mistake: one line
-            return error_answer(e)
+    async def _post(self, path: str, form: Sequence[Part], ticket: Ticket | None) -> Answer:
+        images, tta, top_k = _form(form, FILE_FIELDS[path])
+        if path == "/classify":
+            if len(images) != 1:
+                raise MalformedRequestError(f"/classify takes one 'image' file, got {len(images)};"
+                                            " send several to /classify_batch as 'images'")
+            response: BaseModel = await self.classify(images[0], tta, top_k, ticket)
+        else:
+            response = await self.classify_batch(images, tta, top_k, ticket)
         return 200, {}, response.model_dump_json().encode()
+
+    async def classify(self, image: bytes, tta: str | None, top_k: int, ticket: Ticket | None) -> ClassifyResponse:
+        """``POST /classify``; raises the image's typed error."""
+        assert self.pipeline is not None, "Routes.classify before bind"
+        answers = await self.pipeline.classify([image], tta, top_k, ticket)
+        (result,) = answers.results
+        if isinstance(result, ImageError):
+            raise result
+        return ClassifyResponse(model=self.pipeline.card.tag, tta=answers.tta, predictions=result.predictions,
+                                ood=result.ood)
+
+    async def classify_batch(self, images: Sequence[bytes], tta: str | None, top_k: int,
+                             ticket: Ticket | None) -> BatchResponse:
+        """``POST /classify_batch``: one entry per image; a bad image fails only its entry."""
+        assert self.pipeline is not None, "Routes.classify_batch before bind"
+        answers = await self.pipeline.classify(images, tta, top_k, ticket)
+        return BatchResponse.of(self.pipeline.card.tag, answers)
 
 
 def _form(parts: Sequence[Part], file_field: str) -> tuple[list[bytes], str | None, int]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from sota_serve.errors import ImageError
 from sota_serve.predictions import Classified, OODResult, Prediction
+from sota_serve.serving.pipeline import Answers
 
 
 class ClassifyResponse(BaseModel):
@@ -13,10 +15,6 @@ class ClassifyResponse(BaseModel):
     predictions: list[Prediction]
     #: present when the model card is calibrated for it (extension to the design notes)
     ood: OODResult | None = None
-
-
-#: One image of a batch: ``{"predictions": [...], "ood": {...} | null}``.
-BatchPredictions = Classified
 
 
 class BatchError(BaseModel):
@@ -28,4 +26,11 @@ class BatchError(BaseModel):
 class BatchResponse(BaseModel):
     model: str
     tta: str
-    results: list[BatchPredictions | BatchError]
+    #: one image of a batch: ``{"predictions": [...], "ood": {...} | null}``, or its error
+    results: list[Classified | BatchError]
+
+    @classmethod
+    def of(cls, model: str, answers: Answers) -> BatchResponse:
+        return cls(model=model, tta=answers.tta, results=[
+            BatchError(error=str(r), status=r.http_status) if isinstance(r, ImageError) else r
+            for r in answers.results])

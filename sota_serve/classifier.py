@@ -1,7 +1,11 @@
-"""Bytes in, predictions out: the offline pipeline the CLI, benchmarks and training use.
+"""Bytes in, predictions out: the one offline pipeline, which the CLI, training-time
+evaluation, the benchmark's reference and the server use.
 
-The server runs the same two stages (``preprocessor`` then ``runtime``) but batches across
-requests between them; this class batches the images of one call.
+Two stages: :meth:`Classifier.crops` (decode and cut an upload's crops) and
+:meth:`Classifier.score` (the model, each image's ranking and its out-of-distribution check,
+for a batch at once). :meth:`Classifier.classify` runs them on the images of one call; the
+server (:mod:`sota_serve.serving.pipeline`) runs the same two on its decode threads and, with
+the crops of concurrent requests batched together, on its model threads.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from sota_serve.predictions import (
     Classified,
     OODResult,
     check_top_k,
+    rank_rows,
     top_k_predictions,
 )
 from sota_serve.preprocess import Preprocessor
 from sota_serve.progress import progress
 from sota_serve.runtime import Runtime, load_runtime
+from sota_serve.serving.batcher import Ranked
 
 DECODERS: tuple[str, ...] = ("pillow", "torchvision")
 
@@ -113,6 +119,18 @@ class Classifier:
         ]
         return np.concatenate(parts)
 
+    def ood(self, crops: Any, tta: str) -> list[OODResult] | None:
+        """Each image's out-of-distribution check from its (k, 3, H, W) crops, a batch of
+        images at once (None: the card has no ``ood``)."""
+        return self.screen.check_batch(crops, tta) if self.screen else None
+
+    def score(self, crops: Any, tta: str) -> Ranked:
+        """A batch's (n*k, 3, H, W) crops cut with policy ``tta`` -> the n images' probabilities,
+        their ranked class indices and their OOD checks (the server calls this on its model
+        threads)."""
+        probs = self.runtime.predict(crops, crops_per_image=self.preprocessor.crops_per_image(tta))
+        return Ranked(probs, rank_rows(probs), self.ood(crops, tta))
+
     def classify(
         self, images: Sequence[bytes], *, tta: str | None = None, top_k: int = DEFAULT_TOP_K
     ) -> list[Classified | ImageError]:
@@ -120,18 +138,30 @@ class Classifier:
         image raised. ``tta`` None: the card's default policy."""
         tta = self.policy(tta)
         k = check_top_k(top_k, self.card.num_classes)
-        crops_per_image = self.preprocessor.crops_per_image(tta)
-        items: list[tuple[Any, OODResult | None] | ImageError] = []
+        items: list[Any | ImageError] = []
         for data in images:
             try:
-                crops = self.crops(data, tta)
+                items.append(self.crops(data, tta))
             except ImageError as e:
                 items.append(e)
-                continue
-            items.append((crops, self.screen.check(crops, tta) if self.screen else None))
         good = [item for item in items if not isinstance(item, ImageError)]
-        probs = self.predict_crops(concat_rows([c for c, _ in good]), crops_per_image) if good else []
-        rows = iter(probs)  # one row per decoded image, in order
-        return [item if isinstance(item, ImageError)
-                else Classified(predictions=top_k_predictions(next(rows), self.card.labels, k), ood=item[1])
-                for item in items]
+        step = self.batch_size * self.preprocessor.crops_per_image(tta)
+        crops = concat_rows(good) if good else None
+        scored = [self.score(crops[i : i + step], tta) for i in range(0, len(crops), step)] if good else []
+        return ranked_answers(items, scored, self.card.labels, k)
+
+
+def ranked_answers(items: Sequence[object], batches: Sequence[Ranked], labels: Sequence[str],
+                   top_k: int) -> list[Classified | ImageError]:
+    """Each image's answer, in order: the typed error in its place in ``items``, or its next row
+    of ``batches`` (the scored images, in order) ranked into ``top_k`` predictions."""
+    rows = ((p, r, n) for b in batches
+            for p, r, n in zip(b.probs, b.ranked, b.notes or [None] * len(b.probs), strict=True))
+    answers: list[Classified | ImageError] = []
+    for item in items:
+        if isinstance(item, ImageError):
+            answers.append(item)
+            continue
+        probs, ranked, ood = next(rows)
+        answers.append(Classified(predictions=top_k_predictions(probs, labels, top_k, ranked), ood=ood))
+    return answers

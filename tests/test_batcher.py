@@ -10,16 +10,17 @@ import time
 import numpy as np
 import pytest
 
-from bento.handlers import RequestHandler, error_response
-from bento.pipeline import LocalPipeline
-from sota_serve.admission import Admission
-from sota_serve.batcher import DynamicBatcher, _runs
+from bento.errors import error_answer
 from sota_serve.card import ModelCard
+from sota_serve.classifier import Classifier
 from sota_serve.errors import BadRequestError, OverloadedError
-from sota_serve.package import open_package
+from sota_serve.package import ModelPackage, open_package
 from sota_serve.predictions import top_k_indices
 from sota_serve.preprocess import Preprocessor
 from sota_serve.runtime import load_runtime
+from sota_serve.serving.admission import Admission
+from sota_serve.serving.batcher import DynamicBatcher, _runs
+from sota_serve.serving.pipeline import Pipeline
 from tests.helpers import card_dict
 
 
@@ -144,15 +145,16 @@ def test_annotations_are_computed_per_batch_on_the_model_thread_and_follow_their
     five, _ = crops
     seen = []
 
-    def annotate(x, k):  # e.g. the OOD check: one value per image, from the batch's joined crops
+    def annotate(x, k, policy):  # e.g. the OOD check: one value per image, from the batch's joined crops
+        assert policy == "five_crop"
         seen.append((threading.get_ident(), x.shape[0], k))
         return [int(x[i * k:(i + 1) * k].sum()) for i in range(x.shape[0] // k)]
 
     async def main():
         batcher = DynamicBatcher(CountingRuntime(runtime, delay_s=0.02), max_crops=10, annotate=annotate)
         deadline = time.monotonic() + 30
-        jobs = [batcher.submit(five[i % 3], 5, deadline) for i in range(4)]  # 2 images a call
-        jobs.append(batcher.submit([five[0], five[1], five[2]], 5, deadline))  # split over calls
+        jobs = [batcher.submit(five[i % 3], 5, deadline, "five_crop") for i in range(4)]  # 2 images a call
+        jobs.append(batcher.submit([five[0], five[1], five[2]], 5, deadline, "five_crop"))  # split over calls
         return await asyncio.gather(*jobs)
 
     results = _run(main())
@@ -161,6 +163,27 @@ def test_annotations_are_computed_per_batch_on_the_model_thread_and_follow_their
     assert results[4].notes == [int(five[j].sum()) for j in range(3)]
     assert all(k == 5 and n % 5 == 0 and n <= 10 for _, n, k in seen)
     assert threading.get_ident() not in {t for t, _, _ in seen}
+
+
+def test_policies_with_the_same_crop_count_batch_apart_and_keep_their_names(runtime, crops):
+    # Two policies of five crops each (the same group size): each batch holds one policy, and
+    # the annotator (the OOD check, fitted per policy) is told which.
+    five, _ = crops
+    seen = []
+
+    def annotate(x, k, policy):
+        seen.append((policy, x.shape[0] // k))
+        return [policy] * (x.shape[0] // k)
+
+    async def main():
+        batcher = DynamicBatcher(CountingRuntime(runtime, delay_s=0.02), max_crops=50, annotate=annotate)
+        deadline = time.monotonic() + 30
+        jobs = [batcher.submit(five[i % 3], 5, deadline, ("five_crop", "corners")[i % 2]) for i in range(8)]
+        return await asyncio.gather(*jobs)
+
+    results = _run(main())
+    assert [r.notes for r in results] == [[("five_crop", "corners")[i % 2]] for i in range(8)]
+    assert {p for p, _ in seen} == {"five_crop", "corners"}
 
 
 def test_runs_cut_long_arrays_into_views_between_images():
@@ -336,42 +359,37 @@ def test_a_ticket_releases_exactly_what_is_left_of_it():
     assert (adm.pending_bytes, adm.pending_crops, adm.in_flight, adm.drain_s()) == (0, 0, 0, 0.0)
 
 
-# --- request handler (no HTTP) -----------------------------------------------------------
+# --- request parameters (no HTTP) ---------------------------------------------------------
 
 
-def _pipeline() -> LocalPipeline:
-    card = ModelCard.parse(card_dict())
+def _pipeline(card: ModelCard | None = None) -> Pipeline:
+    card = card or ModelCard.parse(card_dict())
+    clf = Classifier(ModelPackage(card=card, artifacts={}), runtime=None, preprocessor=Preprocessor.from_card(card))  # type: ignore[arg-type]
     adm = Admission(max_wait_s=10, max_in_flight=10, decode_threads=1)
-    return LocalPipeline(Preprocessor.from_card(card), batcher=None, admission=adm, decode_threads=1)  # type: ignore[arg-type]
-
-
-def _handler() -> RequestHandler:
-    card = ModelCard.parse(card_dict())
-    return RequestHandler(card, Preprocessor.from_card(card), _pipeline(), deadline_s=1.0)
+    return Pipeline(clf, batcher=None, admission=adm, decode_threads=1, deadline_s=1.0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("tta", "top_k"), [("bogus", 1), ("none", 0), ("none", 10**6)])
 def test_bad_parameters_are_422(tta, top_k):
     with pytest.raises(BadRequestError) as e:
-        _handler().params(tta, top_k)
+        _pipeline().params(tta, top_k)
     assert e.value.http_status == 422
 
 
 def test_top_k_is_clamped_to_the_number_of_labels():
-    assert _handler().params("five_crop", 50) == ("five_crop", 5, 3)
+    assert _pipeline().params("five_crop", 50) == ("five_crop", 5, 3)
 
 
 def test_an_omitted_tta_is_the_cards_default():
-    assert _handler().params(None, 1) == ("none", 1, 1)
+    assert _pipeline().params(None, 1) == ("none", 1, 1)
     card = ModelCard.parse(card_dict(tta={"default": "flip", "flip": {"resize_shortest_edge": 36}}))
-    handler = RequestHandler(card, Preprocessor.from_card(card), _pipeline(), deadline_s=1.0)
-    assert handler.params(None, 1) == ("flip", 2, 1)
+    assert _pipeline(card).params(None, 1) == ("flip", 2, 1)
 
 
 def test_overload_answers_carry_retry_after():
-    response = error_response(OverloadedError("busy", retry_after_s=7))
-    assert response.status_code == 503 and response.headers["retry-after"] == "7"
-    assert json.loads(response.body) == {"error": "busy"}
+    status, headers, body = error_answer(OverloadedError("busy", retry_after_s=7))
+    assert status == 503 and headers["Retry-After"] == "7"
+    assert json.loads(body) == {"error": "busy"}
 
 
 def test_a_cold_pipeline_seeds_the_decode_cost_before_the_first_request():

@@ -146,7 +146,7 @@ def test_onnx_serving_imports_no_torch(tiny_package, photos):
         "from sota_serve.classifier import Classifier\n"
         f"c = Classifier.open({str(tiny_package)!r}, device='cpu')\n"
         f"c.classify([open({str(photos[0])!r}, 'rb').read()], tta='five_crop')\n"
-        "from bento.settings import Settings\n"
+        "from sota_serve.serving.settings import Settings\n"
         "assert Settings().decoder('cpu') == 'pillow'\n"
         "bad = [m for m in ('torch', 'fastai', 'bentoml') if m in sys.modules]\n"
         "assert not bad, bad\n"

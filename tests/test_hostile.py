@@ -138,3 +138,67 @@ def test_overload_gets_fast_503_with_retry_after_and_recovers(tiny_package, tmp_
         ok = httpx.post(f"{server.url}/classify", files={"image": ("b.jpg", payload, "image/jpeg")}, timeout=60)
         assert ok.status_code == 200
         assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+def _requests_counted(url: str, endpoint: str) -> float:
+    import re
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    pattern = rf'bentoml_service_request_total\{{[^}}]*endpoint="{re.escape(endpoint)}"[^}}]*http_response_code="200"'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if re.match(pattern, line))
+
+
+def test_bentoml_metrics_count_the_front_doors_answers(server):
+    before = _requests_counted(server.url, "/classify")
+    for _ in range(3):
+        r = httpx.post(f"{server.url}/classify", files={"image": ("p.jpg", PHOTOS[0].read_bytes(), "image/jpeg")},
+                       timeout=60)
+        assert r.status_code == 200
+    assert _requests_counted(server.url, "/classify") == before + 3
+
+
+def test_a_trickled_body_gets_408_and_the_server_keeps_serving(tiny_package, tmp_path):
+    import socket
+
+    env = {"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_DEADLINE_S": "2"}
+    with Server(tiny_package, home=tmp_path / "bentoml", env=env) as srv:
+        head = (b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                b"Content-Length: 100000\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            started = time.monotonic()
+            s.sendall(head + b"--x\r\n")  # then nothing more: the upload stalls
+            answer = b""
+            while chunk := s.recv(65536):  # until the server closes the connection
+                answer += chunk
+            waited = time.monotonic() - started
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"connection: close" in rest.lower() and b"SOTA_SERVE_DEADLINE_S" in rest
+        assert 1.5 < waited < 20  # the front door's 2 s, not BentoML's traffic timeout (120 s)
+        r = httpx.post(f"{srv.url}/classify", files={"image": ("p.jpg", PHOTOS[0].read_bytes(), "image/jpeg")},
+                       timeout=60)
+        assert r.status_code == 200
+
+
+ORIGIN = "https://app.example"
+
+
+def test_cors_headers_on_every_answer(tiny_package, tmp_path):
+    env = {"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_CORS_ORIGINS": ORIGIN}
+    with Server(tiny_package, home=tmp_path / "bentoml", env=env) as srv:
+        url = srv.url
+
+        def classify(**headers: str) -> httpx.Response:
+            return httpx.post(f"{url}/classify", files={"image": ("p.jpg", PHOTOS[0].read_bytes(), "image/jpeg")},
+                              headers=headers, timeout=60)
+
+        r = classify(Origin=ORIGIN)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+        bad = httpx.post(f"{url}/classify", content=b"{}", headers={"Origin": ORIGIN}, timeout=30)
+        assert bad.status_code == 415 and bad.headers["access-control-allow-origin"] == ORIGIN
+        preflight = httpx.options(f"{url}/classify", timeout=30, headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ORIGIN
+        assert "access-control-allow-origin" not in classify(Origin="https://other.example").headers
+        card = httpx.post(f"{url}/card", headers={"Origin": ORIGIN}, timeout=30)  # answered by BentoML
+        assert card.status_code == 200 and card.headers["access-control-allow-origin"] == ORIGIN

@@ -51,7 +51,7 @@ def test_a_serving_install_serves_without_torch_or_fastai(tmp_path, tiny_package
     train = subprocess.run([cli, "train", "--preset", "digits"], capture_output=True, text=True, cwd=tmp_path)
     assert train.returncode == 2 and "pip install 'sota-serve[train]'" in train.stderr
 
-    command = [str(bin_dir / "bentoml"), "serve", "bento.service:Classifier", "--port", "{port}", "--host", "127.0.0.1"]
+    command = [str(bin_dir / "bentoml"), "serve", "bento.service:SotaServe", "--port", "{port}", "--host", "127.0.0.1"]
     with Server(tiny_package, command=command, home=tmp_path / "bentoml",
                 env={"SOTA_SERVE_DEVICE": "cpu", "PATH": f"{bin_dir}:/usr/bin:/bin"}) as server:
         answer = post(server, "/classify", {"image": (photos[0].name, photos[0].read_bytes())}, {"tta": "five_crop"})

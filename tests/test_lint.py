@@ -1,5 +1,6 @@
 """House rules that a reader can check: ruff (with a complexity limit) and the import direction."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -81,3 +82,76 @@ def test_the_gpu_bentofile_is_the_default_one_on_a_cuda_image():
     assert "cuda_version" not in (default.get("docker") or {})
     assert str(gpu["docker"]["cuda_version"]).split(".")[0] == "12"
     assert {k: v for k, v in gpu.items() if k != "docker"} == default
+
+
+def _sources(*rooms: str) -> list[Path]:
+    return [p for room in rooms for p in (ROOT / room).rglob("*.py")]
+
+
+def _imported(tree: ast.AST) -> list[str]:
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def test_public_apis_only():
+    """No private BentoML module, no circus (BentoML's process manager)."""
+    for path in _sources("sota_serve", "bento", "training", "bench"):
+        for name in _imported(ast.parse(path.read_text())):
+            root = name.split(".")[0]
+            assert root not in ("_bentoml_impl", "_bentoml_sdk", "circus") and not name.startswith(
+                "bentoml._internal"), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_no_monkeypatching():
+    """No assignment to an attribute of an imported module or of a class imported from one:
+    an upgrade of the library would undo the patch without a word."""
+    for path in _sources("sota_serve", "bento", "training", "bench"):
+        tree = ast.parse(path.read_text())
+        imported = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import | ast.ImportFrom) and getattr(node, "level", 0) == 0
+                    and not (isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0]
+                             in PROJECT) and not (isinstance(node, ast.Import) and a_project(node))
+                    for a in node.names}
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign) else [])
+            for target in targets:
+                if isinstance(target, ast.Attribute):
+                    base = target.value
+                    while isinstance(base, ast.Attribute):
+                        base = base.value
+                    assert not (isinstance(base, ast.Name) and base.id in imported)\
+                        or ast.unparse(target) in SETTINGS, (
+                        f"{path.relative_to(ROOT)}:{node.lineno} assigns {ast.unparse(target)}")
+        for node in ast.walk(tree):  # setattr(module_or_class, ...)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args:
+                first = node.args[0]
+                assert not (isinstance(first, ast.Name) and first.id in imported), (
+                    f"{path.relative_to(ROOT)}:{node.lineno} setattr on {first.id}")
+
+
+PROJECT = ("sota_serve", "bento", "training", "bench")
+#: module attributes documented as settings to assign (Pillow's, Python's hook for uncaught
+#: exceptions), not patches of a library's code
+SETTINGS = {"ImageFile.LOAD_TRUNCATED_IMAGES", "Image.MAX_IMAGE_PIXELS", "sys.excepthook"}
+
+
+def a_project(node: ast.Import) -> bool:
+    return all(a.name.split(".")[0] in PROJECT for a in node.names)
+
+
+def test_the_serving_core_has_no_web_framework():
+    for path in (ROOT / "sota_serve").rglob("*.py"):
+        for name in _imported(ast.parse(path.read_text())):
+            root = name.split(".")[0]
+            assert root not in ("bentoml", "starlette", "fastapi", "uvicorn", "litserve", "flask", "aiohttp"), (
+                f"{path.relative_to(ROOT)} imports {name}")
+
+
+def test_the_service_file_reads_at_a_glance():
+    assert len((ROOT / "bento" / "service.py").read_text().splitlines()) < 120

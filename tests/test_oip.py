@@ -12,11 +12,11 @@ import tritonclient.http as triton
 from tritonclient.http import InferResult
 from tritonclient.utils import InferenceServerException
 
-from bento.handlers import Scores
 from bento.oip_codec import classification, decode_bytes, encode_bytes, encode_infer, parse_infer
 from sota_serve.card import ModelCard
 from sota_serve.errors import MalformedRequestError
 from sota_serve.preprocess import Preprocessor
+from sota_serve.serving.pipeline import Probabilities
 from tests.helpers import LABELS, card_dict
 from tests.test_server import post
 
@@ -100,7 +100,7 @@ def test_responses_decode_with_tritonclient_in_both_encodings():
                                           "parameters": {"binary_data_size": len(raw)}}],
                               "outputs": [{"name": "probabilities",
                                            "parameters": {"binary_data": binary, "classification": k}}]}, raw)
-            body, headers = encode_infer(request, Scores("none", probs), CARD)
+            body, headers = encode_infer(request, Probabilities("none", probs), CARD)
             length = headers.get("inference-header-content-length")
             result = InferResult.from_response_body(body, header_length=int(length) if length else None)
             assert (length is not None) == binary

@@ -230,3 +230,79 @@ def test_import_serve_torchscript_from_store_and_build(tiny_package, photos, tmp
     assert {svc["name"] for svc in bento["services"]} == {"sota_serve"}  # one service, no hop
     requirements = bento["image"]["python_requirements"]
     assert "onnxruntime-gpu" in requirements and "torch" not in requirements and "fastai" not in requirements
+
+
+def _serve(model: str | Path, home: Path, *args: str, env: dict[str, str] | None = None,
+           port: int | None = None) -> subprocess.CompletedProcess:
+    """`bentoml serve` that is expected to stop by itself (within the timeout)."""
+    from bench.server import free_port
+
+    environ = {**__import__("os").environ, "SOTA_SERVE_MODEL": str(model), "BENTOML_HOME": str(home),
+               "SOTA_SERVE_DEVICE": "cpu", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([str(Path(sys.executable).parent / "bentoml"), "serve", *args, "--port",
+                           str(port or free_port()), "--host", "127.0.0.1"], cwd=Path(__file__).resolve().parents[1],
+                          env=environ, capture_output=True, text=True, timeout=120)
+
+
+def _one_line(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode != 0, out.stdout + out.stderr
+    text = (out.stdout + out.stderr).strip()
+    assert "Traceback" not in text, text[-3000:]
+    return text.splitlines()[-1]
+
+
+def test_a_model_that_is_not_there_stops_the_server_with_one_line(tmp_path):
+    line = _one_line(_serve("packages/nope", tmp_path / "bentoml"))
+    assert "packages/nope: no such package directory, model file or BentoML model-store tag" in line
+
+
+def test_a_directory_without_card_json_stops_the_server_instead_of_restarting_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = _one_line(_serve(tmp_path / "empty", tmp_path / "bentoml"))
+    assert "no card.json" in line
+
+
+def test_a_backend_the_package_lacks_stops_serve_and_build(tiny_package, tmp_path):
+    home = tmp_path / "bentoml"
+    env = {**__import__("os").environ, "BENTOML_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "sota_serve.cli", "import", str(tiny_package), "--name",
+                          "onnx-only", "--formats", "onnx"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    line = _one_line(_serve("onnx-only:latest", home, env={"SOTA_SERVE_BACKEND": "torchscript"}))
+    assert "SOTA_SERVE_BACKEND=torchscript" in line and "only onnx" in line
+    build = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", "-f", "bentofile.torchscript.yaml"],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                           env={**env, "SOTA_SERVE_MODEL": "onnx-only:latest"})
+    assert build.returncode != 0 and "SOTA_SERVE_BACKEND=torchscript" in build.stdout + build.stderr
+
+
+def test_a_port_in_use_is_one_line_naming_it(tiny_package, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _serve(tiny_package, tmp_path / "bentoml", port=port)
+    line = _one_line(out)
+    assert str(port) in line and "in use" in line
+
+
+def test_every_error_is_json(server):
+    for method, path, status in (("GET", "/classify", 405), ("GET", "/classify_batch", 405),
+                                 ("GET", "/v2/models/tiny-cnn/infer", 405), ("GET", "/nowhere", 404)):
+        r = httpx.request(method, f"{server.url}{path}", timeout=30)
+        assert r.status_code == status and r.headers["content-type"] == "application/json", (path, r.text)
+        assert list(r.json()) == ["error"] and r.json()["error"], (path, r.text)
+
+
+def test_the_openapi_document_lists_every_route(server):
+    spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()
+    paths = spec["paths"]
+    for path in ("/", "/crops", "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/tiny-cnn",
+                 "/v2/models/tiny-cnn/ready"):
+        assert "get" in paths[path], path
+    assert "post" in paths["/v2/models/tiny-cnn/infer"]
+    assert {"get", "post"} <= set(paths["/card"])
+    page = httpx.get(f"{server.url}/docs", timeout=30).text
+    assert "<title>sota-serve API</title>" in page

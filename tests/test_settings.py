@@ -2,9 +2,9 @@
 
 import pytest
 
-import bento.settings as settings_module
-from bento.settings import Settings, load_settings
+import sota_serve.serving.settings as settings_module
 from sota_serve.errors import SotaServeError
+from sota_serve.serving.settings import Settings, load_settings
 
 
 def test_cpu_plan_gives_one_worker_all_cores_as_single_threaded_model_calls(monkeypatch):
@@ -48,14 +48,6 @@ def test_decoding_on_the_gpu_only_where_it_works(monkeypatch):
         Settings(decode="torchvision").decoder("cuda")
     monkeypatch.setattr(device_preprocess, "unavailable_reason", lambda device: None)
     assert Settings(decode="torchvision").decoder("cuda") == "torchvision"
-
-
-def test_the_engine_process_is_opt_in_and_decodes_for_every_worker(monkeypatch):
-    monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(settings_module, "resolve_device", lambda requested: "cuda")
-    assert not Settings().plan().engine
-    plan = Settings(engine="on").plan()
-    assert plan.engine and plan.workers == 8 and plan.decode_threads == 16
 
 
 def test_explicit_settings_win(monkeypatch):

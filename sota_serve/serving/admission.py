@@ -33,8 +33,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sota_serve.batcher import Ewma
 from sota_serve.errors import OverloadedError
+from sota_serve.serving.batcher import Ewma
 
 
 @dataclass

@@ -9,8 +9,9 @@ per core beats one call spread over the cores by intra-op threads, whose every o
 ends in a barrier that waits for the slowest core (measured on 2 cores, the server on the
 demo model: 1.10x five-crop, 1.02x plain; BENCHMARKS.md). Nothing waits for a batch to fill: at low load a request runs at
 once (batch of one), under load the queue that builds up while the model is busy becomes the
-next batch (continuous batching). Requests of each TTA group size k (1 plain, 2 flip, 5, 10)
-queue apart, since one device call averages one group size; the queue whose oldest request is
+next batch (continuous batching). Requests of each TTA policy
+queue apart, since one device call averages one group size k (1 plain, 2 flip, 5, 10) and the
+annotator checks one policy's crops; the queue whose oldest request is
 oldest goes first.
 
 The event loop only queues and hands out: joining a batch's crops, ranking its classes
@@ -22,7 +23,7 @@ on it.
 
 Requests whose deadline passed while queued are failed with :class:`OverloadedError` instead
 of being computed late. The batcher keeps running averages of the model's time per crop so
-that admission control (:mod:`sota_serve.admission`) can estimate how long the queue takes
+that admission control (:mod:`sota_serve.serving.admission`) can estimate how long the queue takes
 to drain.
 """
 
@@ -49,8 +50,8 @@ log = logging.getLogger("sota_serve.batcher")
 BatchObserver = Callable[[int, int, int, float], None]  # (k, images, crops, seconds)
 
 
-#: (crops, k) -> one value per image, computed on the model thread beside the model call
-Annotator = Callable[[Any, int], "list[Any] | None"]
+#: (crops, k, policy) -> one value per image, computed on the model thread beside the model call
+Annotator = Callable[[Any, int, str], "list[Any] | None"]
 
 
 class Ranked(NamedTuple):
@@ -72,6 +73,7 @@ class _Item:
     #: device; joined on the model thread
     parts: list[Any]
     k: int
+    policy: str  # the TTA policy the crops were cut with
     deadline: float  # time.monotonic()
     future: asyncio.Future[Ranked]
     queued_at: float = field(default_factory=time.monotonic)
@@ -125,7 +127,7 @@ class DynamicBatcher:
             raise ValueError(f"model_threads must be >= 1, got {model_threads}")
         self.runtime, self.max_crops, self.observer, self.annotate = runtime, max_crops, observer, annotate
         self.model_threads = model_threads
-        self._queues: dict[int, deque[_Item]] = {}
+        self._queues: dict[tuple[int, str], deque[_Item]] = {}
         self._wakeup = asyncio.Event()
         self._model_pool = ThreadPoolExecutor(model_threads, thread_name_prefix="sota-model")
         self._task: asyncio.Task[None] | None = None
@@ -135,9 +137,10 @@ class DynamicBatcher:
 
     # --- caller side ----------------------------------------------------------------------
 
-    async def submit(self, crops: Any, k: int, deadline: float) -> Ranked:
+    async def submit(self, crops: Any, k: int, deadline: float, policy: str = "") -> Ranked:
         """(n*k, 3, H, W) uint8, as one array or a list of them (each whole images) -> the n
-        images' probabilities and rankings, computed in a shared batch.
+        images' probabilities and rankings, computed in a shared batch with other requests
+        of the same ``policy`` (the TTA policy, named to the annotator).
 
         A request larger than ``max_crops`` is split on image boundaries.
         """
@@ -146,8 +149,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         futures = []
         for run in _runs(crops if isinstance(crops, list) else [crops], step):
-            item = _Item(run, k, deadline, loop.create_future())
-            self._queues.setdefault(k, deque()).append(item)
+            item = _Item(run, k, policy, deadline, loop.create_future())
+            self._queues.setdefault((k, policy), deque()).append(item)
             futures.append(item.future)
         self._wakeup.set()
         parts = await asyncio.gather(*futures)
@@ -172,8 +175,8 @@ class DynamicBatcher:
         heads = [(q[0].queued_at, k) for k, q in self._queues.items() if q]
         if not heads:
             return []
-        _, k = min(heads)
-        queue, batch, crops, cap = self._queues[k], [], 0, self.cap(k)
+        _, key = min(heads)
+        queue, batch, crops, cap = self._queues[key], [], 0, self.cap(key[0])
         now = time.monotonic()
         while queue and (not batch or crops + queue[0].crops <= cap):
             item = queue.popleft()
@@ -205,12 +208,13 @@ class DynamicBatcher:
             task.add_done_callback(lambda _: free.release())
 
     async def _run_batch(self, batch: list[_Item]) -> None:
-        k = batch[0].k
+        k, policy = batch[0].k, batch[0].policy
         crops = sum(it.crops for it in batch)
         started = time.perf_counter()
         try:
             parts = [p for it in batch for p in it.parts]
-            result = await asyncio.get_running_loop().run_in_executor(self._model_pool, self._predict, parts, k)
+            result = await asyncio.get_running_loop().run_in_executor(self._model_pool, self._predict, parts, k,
+                                                                      policy)
         except Exception as e:  # a model failure fails this batch only, typed for the caller
             log.exception("model call failed for a batch of %d crops", crops)
             for it in batch:
@@ -229,12 +233,12 @@ class DynamicBatcher:
                 it.future.set_result(result.rows(row, row + n))
             row += n
 
-    def _predict(self, parts: list[Any], k: int) -> Ranked:
+    def _predict(self, parts: list[Any], k: int, policy: str) -> Ranked:
         """On a model thread: join the crops, run the model, rank each image's classes, and
         annotate each image."""
         x = concat_rows(parts)
         probs = self.runtime.predict(x, crops_per_image=k)
-        return Ranked(probs, rank_rows(probs), self.annotate(x, k) if self.annotate else None)
+        return Ranked(probs, rank_rows(probs), self.annotate(x, k, policy) if self.annotate else None)
 
     def close(self) -> None:
         if self._task is not None:

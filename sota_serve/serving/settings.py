@@ -1,4 +1,4 @@
-"""Service settings, read once from ``SOTA_SERVE_*`` environment variables.
+"""Serving settings, read once from ``SOTA_SERVE_*`` environment variables.
 
 Knobs left unset are sized to the machine (:meth:`Settings.plan`): one worker process that
 owns all cores on a CPU, decoding on two threads per core and running one single-threaded
@@ -61,14 +61,9 @@ class Settings(BaseSettings):
     #: torchvision (nvJPEG on the model's GPU; libjpeg when the device is the CPU). Measured on
     #: an H100 it served no more than pillow (BENCHMARKS.md), so it is opt-in
     decode: str = Field(default="pillow", pattern="^(pillow|torchvision)$")
-    #: on: one engine process owns the model and the device and the workers send it their
-    #: uploads; off: each worker loads its own copy. Measured on an H100, off served more
-    #: (BENCHMARKS.md), so it is opt-in
-    engine: str = Field(default="off", pattern="^(on|off)$")
-    #: with several workers, each listens on a socket of its own (SO_REUSEPORT) and the kernel
-    #: spreads new connections over them; off: BentoML's one shared socket, where a burst of
-    #: keep-alive connections can all land on one worker (bento/listen.py)
-    reuse_port: bool = True
+    #: origins (comma-separated, or *) whose web pages may call the service (CORS); the
+    #: answers of the front door and of BentoML both carry the headers
+    cors_origins: str = ""
     #: one log line per request (BentoML's access log); off by default, it costs throughput
     access_log: bool = False
     #: OpenTelemetry spans for the image routes (with BentoML's tracing configured); off: they
@@ -89,13 +84,11 @@ class Settings(BaseSettings):
         cores = os.cpu_count() or 1
         workers = self.workers or (max(1, min(8, cores // 2)) if device == "cuda" else 1)
         per_worker = max(1, cores // workers)
-        engine = self.engine == "on"
         model_threads, threads = self._model_threads(device, per_worker)
         return Plan(
             device=device,
-            engine=engine,
             workers=workers,
-            decode_threads=self.decode_threads or self._decode_threads(device, engine, cores, per_worker),
+            decode_threads=self.decode_threads or self._decode_threads(device, per_worker),
             threads=threads,
             model_threads=model_threads,
             max_batch_size=self.max_batch_size or (128 if device == "cuda" else 32),
@@ -103,18 +96,16 @@ class Settings(BaseSettings):
         )
 
     @staticmethod
-    def _decode_threads(device: Device, engine: bool, cores: int, per_worker: int) -> int:
+    def _decode_threads(device: Device, per_worker: int) -> int:
         """Decode threads when not set.
 
-        The engine decodes for every worker: the cores' worth of threads. On a CPU, two per
+        On a CPU, two per
         core: each thread holds the GIL for Pillow's Python between its C calls, and a thread
         waiting for the GIL leaves its core idle; a second thread keeps it busy. On 2 cores
         (demo, 128 clients) that took the machine from 12.5 to 6.9 % idle and served 1.25x
         (BENCHMARKS.md, 2026-11-24 noon); four per core served no more. A GPU worker keeps
         one per core, as measured on an H100 before this change.
         """
-        if engine:
-            return cores
         return 2 * per_worker if device == "cpu" else per_worker
 
     def _model_threads(self, device: Device, cores: int) -> tuple[int, int]:
@@ -150,8 +141,6 @@ class Plan:
     """The settings resolved for this machine."""
 
     device: Device
-    #: one engine process runs the model for all workers (Settings.engine)
-    engine: bool
     workers: int
     decode_threads: int
     #: intra-op threads per model call

@@ -1,0 +1,115 @@
+"""The one ASGI middleware in front of the service (added with ``add_asgi_middleware``).
+
+Per request, in this order:
+
+1. errors: every 4xx is ``{"error": ...}`` and every 503 carries ``Retry-After``, whoever
+   answers (bento/errors.py);
+2. the GET routes it knows (the page, the card, the OpenAPI document, ``/v2``) are answered
+   from the route table (bento/routes.py);
+3. admission (sota_serve.serving.admission): an image or ``infer`` request the queue cannot
+   serve in time gets 503 with Retry-After before its body is read;
+4. limits (bento/limits.py): body size (413), time to receive it (408), file parts (415/400);
+5. the image routes and ``infer`` are answered from the buffered body (bento/routes.py);
+   anything else goes on to BentoML with the body replayed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+from starlette.datastructures import Headers
+
+from bento.errors import Answer, json_errors
+from bento.limits import Limits, Rejected
+from bento.oip import OpenInference
+from bento.routes import FILE_FIELDS, Routes
+from sota_serve.errors import OverloadedError
+from sota_serve.serving.admission import Admission, Ticket
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: the admission ticket of the request being handled (read by the ``@bentoml.api`` methods,
+#: which BentoML runs in this task's context or a copy of it)
+TICKET: ContextVar[Ticket | None] = ContextVar("sota_serve_ticket", default=None)
+
+
+class FrontDoor:
+    def __init__(self, app: App, *, routes: Routes, admission: Admission, limits: Limits, hold_s: float) -> None:
+        self.app, self.routes, self.admission, self.limits, self.hold_s = app, routes, admission, limits, hold_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        send = json_errors(send, self.admission.retry_after, head=method == "HEAD")
+        if method in ("GET", "HEAD"):
+            answer = self.routes.get(path, scope.get("query_string", b""))
+            if answer is not None:
+                return await _respond(send, answer, head=method == "HEAD")
+        if method != "POST":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        declared_bytes = int(declared) if declared.isdigit() else None
+        field, infer = FILE_FIELDS.get(path), OpenInference.is_infer(path)
+        ticket: Ticket | None = None
+        if field or infer:
+            try:
+                ticket = await self.admission.wait_enter(min(declared_bytes or 0, self.limits.max_body_bytes),
+                                                         self.hold_s)
+            except OverloadedError as e:  # before the body is read: shedding must cost less than serving
+                return await _respond(send, (503, {"Retry-After": str(e.retry_after_s)},
+                                             _error(f"{e}; retry after {e.retry_after_s}s")))
+            TICKET.set(ticket)
+        try:
+            try:  # the body limit holds for every POST, not only the image routes
+                self.limits.check_declared(declared_bytes)
+                body = await self.limits.read_body(receive)
+                if ticket is not None:
+                    self.admission.resize(ticket, len(body))
+                form = self.limits.form(headers.get("content-type", ""), body, field) if field else []
+            except Rejected as e:
+                return await _respond(send, (e.status, e.headers, _error(e.message)))
+            if self.routes.loaded and field:
+                return await _respond(send, await self.routes.post(path, form, ticket))
+            if self.routes.oip is not None and infer:
+                return await _respond(send, await self.routes.oip.infer(path, headers, body, ticket))
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            if ticket is not None:
+                self.admission.leave(ticket)
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+async def _respond(send: Send, answer: Answer, *, head: bool = False) -> None:
+    status, headers, data = answer
+    headers = {k.lower(): v for k, v in headers.items()}
+    raw = [(b"content-type", headers.pop("content-type", "application/json").encode()),
+           (b"content-length", str(len(data)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": b"" if head else data})
+
+
+def _replay(body: bytes, upstream: Receive) -> Receive:
+    """The buffered body once, then the real channel (which reports a real disconnect)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await upstream()
+
+    return receive

@@ -1,0 +1,200 @@
+"""Images to answers for a server: the offline pipeline's two stages (:mod:`sota_serve.classifier`),
+decoding on a thread pool and scoring on the batcher's model threads, with the crops of
+concurrent requests batched together (:mod:`sota_serve.serving.batcher`) and every request's
+progress reported to admission control (:mod:`sota_serve.serving.admission`).
+
+No web framework here: a front end (``bento/`` for BentoML) parses the request, admits it,
+and turns the answer into its protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from sota_serve.card import ModelCard
+from sota_serve.classifier import Classifier, ranked_answers
+from sota_serve.decode import DecodeLimits
+from sota_serve.errors import ImageError
+from sota_serve.package import ModelPackage
+from sota_serve.predictions import Classified, check_top_k
+from sota_serve.serving.admission import Admission, Ticket
+from sota_serve.serving.batcher import BatchObserver, DynamicBatcher
+from sota_serve.serving.settings import Plan, Settings
+from sota_serve.tta import CROPS_PER_IMAGE
+
+
+class Answers(NamedTuple):
+    """A request's answer: the policy applied (the card's default when none was asked) and one
+    entry per image, in order: its ranked predictions and OOD check, or its typed error."""
+
+    tta: str
+    results: list[Classified | ImageError]
+
+
+class Probabilities(NamedTuple):
+    """A request's answer for protocols without per-image entries."""
+
+    tta: str
+    probs: np.ndarray  # (N, C) float32
+
+
+class Pipeline:
+    def __init__(self, clf: Classifier, batcher: DynamicBatcher, admission: Admission, *,
+                 decode_threads: int, deadline_s: float) -> None:
+        self.clf, self.batcher, self.admission, self.deadline_s = clf, batcher, admission, deadline_s
+        self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
+        #: pillow or torchvision (Settings.decode), for the logs
+        self.decode = "torchvision" if clf.device_preprocessor is not None else "pillow"
+
+    @property
+    def card(self) -> ModelCard:
+        return self.clf.card
+
+    @property
+    def precision(self) -> str:
+        """The model artifact's precision (fp32/fp16/int8), for the logs."""
+        return self.clf.runtime.precision
+
+    @classmethod
+    def build(cls, package: ModelPackage, settings: Settings, plan: Plan, admission: Admission,
+              observer: BatchObserver | None = None) -> Pipeline:
+        """Load the model on the plan's device, warm it up, and wire decoder and batcher."""
+        limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels,
+                              max_aspect_ratio=settings.max_aspect_ratio)
+        clf = Classifier.from_package(package, backend=settings.backend, device=plan.device,
+                                      intra_op_threads=plan.threads, limits=limits, jpeg_draft=settings.jpeg_draft,
+                                      decode=settings.decoder(plan.device), precision=settings.precision)
+        runtime = clf.runtime
+        ks = sorted({CROPS_PER_IMAGE[p] for p in clf.card.tta.policies()})
+        max_crops = {1: plan.max_batch_size, **{k: plan.max_batch_size_tta * k for k in ks[1:]}}
+        # Warm up every batch shape the device will see, so readiness means "fast", not just
+        # "loaded", and admission starts with a measured model cost instead of none.
+        runtime.warmup(plan.max_batch_size)
+        for k in ks[1:]:
+            runtime.warmup(plan.max_batch_size_tta, k)
+        admission.seconds_per_crop.add(_seconds_per_crop(clf, plan.max_batch_size))
+        batcher = DynamicBatcher(runtime, max_crops=max_crops, observer=observer,
+                                 seconds_per_crop=admission.seconds_per_crop, model_threads=plan.model_threads,
+                                 annotate=(lambda crops, k, tta: clf.ood(crops, tta)) if clf.screen else None)
+        pipeline = cls(clf, batcher, admission, decode_threads=plan.decode_threads, deadline_s=settings.deadline_s)
+        pipeline.calibrate()
+        return pipeline
+
+    def calibrate(self, repeats: int = 3) -> None:
+        """Seed admission's decode cost before the first request, from a photo-like JPEG.
+
+        Without a prior, a cold server would admit a whole burst at zero estimated cost.
+        Real requests replace the figure within a few samples (a moving average).
+        """
+        rng = np.random.default_rng(0)
+        y, x = np.mgrid[0:480, 0:640]
+        smooth = np.stack([x / 640 * 255, y / 480 * 255, (x + y) / 1120 * 255], axis=-1)
+        pixels = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        for _ in range(repeats):
+            self._decode(buffer.getvalue(), "none")
+
+    # --- the two entry points -------------------------------------------------------------
+
+    def params(self, tta: str | None, top_k: int) -> tuple[str, int, int]:
+        """(policy, crops per image, top k); an omitted ``tta`` is the card's ``tta.default``.
+        Raises BadRequestError (422)."""
+        tta = self.clf.policy(tta)
+        return tta, self.clf.preprocessor.crops_per_image(tta), check_top_k(top_k, self.card.num_classes)
+
+    async def classify(self, images: Sequence[bytes], tta: str | None, top_k: int,
+                       ticket: Ticket | None = None) -> Answers:
+        """``tta`` None: the card's default. Raises BadRequestError (422) for a policy the card
+        lacks or a ``top_k`` out of range; an image's own error is its entry."""
+        tta, k, top_k = self.params(tta, top_k)
+        items, ranked = await self._run(images, tta, k, ticket or Ticket())
+        return Answers(tta, ranked_answers(items, ranked, self.card.labels, top_k))
+
+    async def probabilities(self, images: Sequence[bytes] | None, pixels: np.ndarray | None,
+                            tta: str | None, ticket: Ticket | None = None) -> Probabilities:
+        """(N, C) probabilities of encoded ``images`` or of preprocessed (N, 3, H, W) uint8
+        ``pixels`` (one of the two; pixels are single crops, no TTA and no OOD check), for
+        protocols without per-image errors: the first bad image fails the request, its message
+        naming which one."""
+        ticket = ticket or Ticket()
+        if pixels is not None:
+            return Probabilities("none", await self._pixels(pixels, ticket))
+        assert images is not None, "probabilities needs images or pixels"
+        tta = self.clf.policy(tta)
+        items, ranked = await self._run(images, tta, self.clf.preprocessor.crops_per_image(tta), ticket)
+        for i, item in enumerate(items):
+            if isinstance(item, ImageError):
+                raise type(item)(f"image {i} of {len(items)}: {item}")
+        return Probabilities(tta, ranked[0].probs.astype(np.float32, copy=False) if ranked
+                             else np.zeros((0, self.card.num_classes), np.float32))
+
+    # --- stages ---------------------------------------------------------------------------
+
+    async def _run(self, images: Sequence[bytes], tta: str, k: int, ticket: Ticket) -> tuple[list[Any], list[Any]]:
+        """Each image's crops or typed error, and the scored batch of the good ones (a list
+        of none or one). Progress is reported on ``ticket`` (decoded bytes, queued crops)."""
+        deadline = ticket.admitted_at + self.deadline_s  # the request's deadline counts from its admission
+        self.admission.charge(ticket, len(images) * k)
+        try:
+            decoded = await self._decode_all(images, tta)
+        finally:
+            self.admission.decoded(ticket)
+        good = [item for item in decoded if not isinstance(item, ImageError)]
+        try:
+            # joined on the model thread: a copy of 224 px crops would give up the loop's GIL
+            ranked = [await self.batcher.submit(good, k, deadline, tta)] if good else []
+        finally:
+            self.admission.computed(ticket)
+        return decoded, ranked
+
+    async def _pixels(self, crops: np.ndarray, ticket: Ticket) -> np.ndarray:
+        """Already-preprocessed crops, batched with every other request's single crops."""
+        self.admission.charge(ticket, len(crops))
+        self.admission.decoded(ticket)  # nothing to decode
+        try:
+            result = await self.batcher.submit(crops, 1, ticket.admitted_at + self.deadline_s, "pixels")
+        finally:
+            self.admission.computed(ticket)
+        return result.probs.astype(np.float32, copy=False)
+
+    def _decode(self, data: bytes, tta: str) -> Any:
+        started = time.perf_counter()
+        crops = self.clf.crops(data, tta)  # the front end bounded the body size
+        self.admission.learn_decode(len(data), time.perf_counter() - started)
+        return crops
+
+    def _decode_many(self, images: list[bytes], tta: str) -> list[Any]:
+        started = time.perf_counter()
+        out = self.clf.device_preprocessor.many(images, tta)  # type: ignore[union-attr]
+        self.admission.learn_decode(sum(map(len, images)), time.perf_counter() - started)
+        return out
+
+    async def _decode_all(self, images: Sequence[bytes], tta: str) -> list[Any]:
+        """Each upload's (k, 3, H, W) crops, or the typed error its bytes raised."""
+        loop = asyncio.get_running_loop()
+        if len(images) > 1 and self.clf.device_preprocessor is not None:
+            # All of a call's JPEGs in one nvJPEG batch.
+            return await loop.run_in_executor(self.decode_pool, self._decode_many, list(images), tta)
+        jobs = [loop.run_in_executor(self.decode_pool, self._decode, data, tta) for data in images]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, ImageError):
+                raise r
+        return results  # type: ignore[return-value]
+
+
+def _seconds_per_crop(clf: Classifier, batch_size: int) -> float:
+    card = clf.card
+    batch = np.zeros((batch_size, 3, card.input.height, card.input.width), dtype=np.uint8)
+    started = time.perf_counter()
+    clf.runtime.predict(batch)
+    return (time.perf_counter() - started) / batch_size
