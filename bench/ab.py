@@ -1,8 +1,8 @@
 """sota-serve against LitServe in alternating rounds: a ratio that survives a drifting machine.
 
-On a shared 2-core machine the same server's throughput moves by 20-30 % between runs minutes
-apart (the plain ratio to LitServe came out 1.60x, 1.34x and 1.15x on three days). A full
-``python -m bench`` measures each server once, minutes apart. This starts both (one LitServe
+A small shared machine drifts by more between runs minutes apart than two servers differ
+(BENCHMARKS.md, "Method"), and a full ``python -m bench`` measures each server once, minutes
+apart. This starts both (one LitServe
 peer per TTA policy, since its policy is fixed at start), warms them up, then runs short
 closed-loop rounds, every server once per round in a rotating order, each server alone on the
 machine (the others are paused with SIGSTOP: an idle LitServe polls at ~0.18 of a core), and

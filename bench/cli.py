@@ -1,4 +1,4 @@
-"""``sota-serve bench`` / ``python -m bench``."""
+"""``python -m bench`` (``sota-serve bench`` runs it from a clone of the repository)."""
 
 from __future__ import annotations
 
@@ -38,12 +38,6 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark model, offline pipeline and HTTP service")
-    add_arguments(p)
-    p.set_defaults(func=_bench)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="seconds, tiny model (what CI runs)")
     p.add_argument("--models", help="comma list: xresnet50, demo, tiny, or package dirs")
@@ -73,6 +67,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_args(argv: list[str] | None = None) -> int:
     """``python -m bench ARGS``."""
-    parser = argparse.ArgumentParser(prog="python -m bench", description="sota-serve benchmarks")
+    parser = argparse.ArgumentParser(prog="sota-serve bench", description="sota-serve benchmarks")
     add_arguments(parser)
     return _bench(parser.parse_args(argv))

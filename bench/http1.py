@@ -1,11 +1,10 @@
 """A small HTTP/1.1 client for the load generator: requests encoded once, sent many times
 on keep-alive connections, answers parsed by httptools (llhttp, in C).
 
-On a 2-core machine the load generator takes its CPU from the server it measures. aiohttp,
-building a multipart form for every request, cost 0.45-0.64 ms of CPU per request there,
-about a tenth of what the server spends on it; this client costs about a fifth of that
-(BENCHMARKS.md). It does what the benchmark needs and no more: POST with a body, answers
-with a Content-Length or chunked body, keep-alive or ``Connection: close``.
+On a small machine the load generator takes its CPU from the server it measures, so it
+encodes nothing per request (its cost per request: BENCHMARKS.md, "Method"). It does what the
+benchmark needs and no more: POST with a body, answers with a Content-Length or chunked body,
+keep-alive or ``Connection: close``.
 """
 
 from __future__ import annotations

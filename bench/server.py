@@ -26,6 +26,11 @@ def env_settings(pairs: list[str]) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in pairs)
 
 
+def _absolute(model: str | Path) -> str | Path:
+    """A package path as an absolute one; a model-store tag as it is."""
+    return Path(model).resolve() if Path(model).exists() else model
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,6 +49,7 @@ class Server:
         command: list[str] | None = None,
         ready_path: str = "/readyz",
     ) -> None:
+        model = _absolute(model)  # the server runs in the repository root, not the caller's directory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {**os.environ, "SOTA_SERVE_MODEL": str(model), "SOTA_SERVE_BACKEND": backend,
@@ -78,7 +84,7 @@ class Server:
                  precision: str = "auto", workers: int = 1) -> Server:
         """The LitServe peer (bench/litserve_peer.py) on the same package, with ``workers``
         inference processes that share the cores."""
-        command = [sys.executable, "-m", "bench.litserve_peer", str(model), "--port", "{port}",
+        command = [sys.executable, "-m", "bench.litserve_peer", str(_absolute(model)), "--port", "{port}",
                    "--tta", tta, "--max-batch-size", str(max_batch_size), "--precision", precision,
                    "--workers-per-device", str(workers)]
         return cls(model, command=command, ready_path="/health")

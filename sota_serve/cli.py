@@ -2,14 +2,19 @@
 
 Core commands (``inspect``, ``predict``) live here. Other parts of the project add theirs
 through the ``sota_serve.commands`` entry-point group (``training`` adds ``train``, ``demo``
-and ``export``; ``bento`` adds ``import``; ``bench`` adds ``bench``), so this package never
-imports them and a serving-only install keeps a working CLI.
+and ``export``; ``bento`` adds ``import``), so this package never imports them and a
+serving-only install keeps a working CLI. ``bench`` runs the benchmark of a clone of the
+repository as a program of its own (``python -m bench``): it is not part of the installed
+package (docs/benchmarking.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
@@ -171,6 +176,34 @@ def _quantized(card: ModelCard, package: str) -> None:
         print(f"{package}: wrote {card.artifacts[f'{backend}-int8'].path}; {record.describe(backend)}; {verdict}")
 
 
+#: what ``sota-serve bench`` imports beyond the core: the ``bench`` extra (pyproject.toml)
+BENCH_MODULES = ("bentoml", "httpx", "httptools", "litserve")
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # sys.modules holds None for it: importing it fails
+        return False
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run ``python -m bench`` of the clone this package comes from, with the arguments given.
+
+    A missing extra is said at once, in one line, rather than by a peer process that fails
+    after the benchmark has built its models.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "__main__.py").is_file():
+        raise SotaServeError("the benchmark is not part of the installed package; it runs from a clone"
+                             " of the repository, installed there with pip install -e '.[bench]'")
+    for name in BENCH_MODULES:
+        if not _importable(name):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
+    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sota-serve", description="Package and serve fastai image classifiers."
@@ -217,7 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the package's int8 file when it has one (kept otherwise)")
     p.set_defaults(func=_quantize)
 
+    p = sub.add_parser("bench", add_help=False,
+                       help="benchmark the model, the offline pipeline and the HTTP service against LitServe"
+                            " (from a clone of the repository; sota-serve bench --help)")
+    p.set_defaults(func=_bench, bench_args=[])
+
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in sub.choices:  # the metadata of an install older than the core command
+            continue
         try:
             register = ep.load()
         except ImportError as e:  # e.g. a serving-only install without the training extras
@@ -229,13 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: top-level package a command may need -> the install extra that provides it (pyproject.toml)
 EXTRAS = {"torch": "torchscript", "torchvision": "torchscript", "fastai": "train", "sklearn": "train",
-          "matplotlib": "train", "bentoml": "serve", "litserve": "bench", "httpx": "bench"}
+          "matplotlib": "train", "bentoml": "serve", "litserve": "bench", "httpx": "bench",
+          "httptools": "bench"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # torch marks torch.jit deprecated; TorchScript is still the format this tool writes.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":  # its options are the benchmark's own (python -m bench --help)
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
     except SotaServeError as e:
@@ -247,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if args.command in ("train", "demo", "export"):
             extra = "train"  # torch alone would not do
+        elif args.command == "bench":
+            extra = "bench"  # the serve extra alone would not do
         print(f"sota-serve {args.command}: needs {e.name}, which this install lacks;"
               f" install the `{extra}` extra: pip install 'sota-serve[{extra}]'", file=sys.stderr)
         return 2

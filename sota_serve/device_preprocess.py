@@ -133,7 +133,7 @@ class DevicePreprocessor:
         """One entry per image: its crops, or the typed error it raised (as ``__call__``).
 
         On CUDA the JPEGs go to nvJPEG in one batched call, several times faster per image
-        than one call each (``bench/decode_probe.py``); a batch nvJPEG refuses is retried one
+        than one call each (``dev/probes/decode_probe.py``); a batch nvJPEG refuses is retried one
         image at a time, so one damaged file fails alone.
         """
         self.pre.crops_per_image(tta)

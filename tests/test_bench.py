@@ -120,7 +120,7 @@ def test_alternating_rounds_against_litserve(tmp_path, capsys):
 
 
 def test_gil_probe_times_each_operation_alone_and_beside_a_busy_thread(tmp_path, capsys):
-    from bench import gil_probe
+    from dev.probes import gil_probe
 
     assert gil_probe.main(["--repeats", "20", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gil-probe.json").read_text())

@@ -50,6 +50,10 @@ def test_a_serving_install_serves_without_torch_or_fastai(tmp_path, tiny_package
     assert len(json.loads(predict.stdout)[0]["predictions"]) == 3
     train = subprocess.run([cli, "train", "--preset", "digits"], capture_output=True, text=True, cwd=tmp_path)
     assert train.returncode == 2 and "pip install 'sota-serve[train]'" in train.stderr
+    # the benchmark is not in the wheel: no top-level `bench`, and the command says where it runs
+    assert not list(venv.glob("lib/python*/site-packages/bench"))
+    bench = subprocess.run([cli, "bench", "--quick"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert bench.returncode == 2 and "pip install -e '.[bench]'" in bench.stderr, bench.stderr
 
     command = [str(bin_dir / "bentoml"), "serve", "bento.service:SotaServe", "--port", "{port}", "--host", "127.0.0.1"]
     with Server(tiny_package, command=command, home=tmp_path / "bentoml",

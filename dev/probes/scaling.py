@@ -1,7 +1,7 @@
 """How the service scales with worker processes: one server per ``--workers`` value, the
 same closed-loop load against each.
 
-``python -m bench.scaling PACKAGE --workers 1,4,8,16 --concurrency 256 [--env K=V] [--profile]``
+``python -m dev.probes.scaling PACKAGE --workers 1,4,8,16 --concurrency 256 [--env K=V] [--profile]``
 prints a table and writes ``scaling-<name>.json``. ``--profile`` samples every server process
 with py-spy during each load (``--format raw``: collapsed stacks, one file per run), when
 py-spy is on the PATH or next to this Python.
@@ -55,7 +55,7 @@ def run(package: Path, workers: list[int], *, concurrency: int, seconds: float, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dev.probes.scaling", description=__doc__.split("\n")[0])
     p.add_argument("package", type=Path)
     p.add_argument("--workers", default="1,2,4,8")
     p.add_argument("--concurrency", type=int, default=256)

@@ -1,6 +1,6 @@
 """Decode + crop speed and pixel parity: Pillow threads vs the device path.
 
-``python -m bench.decode_probe [--device cuda] [--out DIR]``: ImageNet-sized JPEGs (the
+``python -m dev.probes.decode_probe [--device cuda] [--out DIR]``: ImageNet-sized JPEGs (the
 benchmark's ``imagenet`` set), 224 px crops from a 256 px resize. Prints a table, writes
 ``decode-probe-<device>.json``. The device path is :class:`DevicePreprocessor`, the code the
 server runs with ``SOTA_SERVE_DECODE=torchvision``; torchvision's batched nvJPEG call is
@@ -79,7 +79,7 @@ def probe(device: str, n: int = 512) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.decode_probe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dev.probes.decode_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)

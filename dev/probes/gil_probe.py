@@ -1,13 +1,12 @@
 """What a numpy call costs an event loop that shares the GIL with busy threads.
 
-``python -m bench.gil_probe [--out DIR]``: each operation that the service's event loop did
+``python -m dev.probes.gil_probe [--out DIR]``: each operation that the service's event loop did
 (or could do) per request or per batch, timed alone and while another thread runs Python.
 A call that releases the GIL (numpy's sorts, large copies and element-wise operations) must
 win it back before the loop goes on, behind whichever thread took it, up to the interpreter's
 switch interval (5 ms). Prints a table, writes ``gil-probe.json``. The other thread here
-never gives the GIL up by itself, the worst case; the service's decode and model threads
-give it up often, so the real waits are shorter (the argsort below took 72 us on the loop of a
-loaded server, against 2.5 us alone).
+never gives the GIL up by itself, the worst case; the service's decode and model threads give
+it up often, so real waits are shorter.
 """
 
 from __future__ import annotations
