@@ -48,7 +48,7 @@ mmdebstrap --quiet --variant=minbase --format=tar \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
     --customize-hook='rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED' \
-    --customize-hook='mkdir -p "$1"/etc/uv && echo "native-tls = true" > "$1"/etc/uv/uv.toml' \
+    --customize-hook='mkdir -p "$1"/etc/uv && echo "system-certs = true" > "$1"/etc/uv/uv.toml' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
     "$suite" "$work/rootfs.tar" "$mirror"
 podman import --quiet \

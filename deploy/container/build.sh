@@ -9,11 +9,12 @@
 # --image    the image to build (default: sota-serve:<the model's name>-<its store version>)
 # --bentofile  bentofile.yaml (default) or another, e.g. bentofile.torchscript.yaml
 # --base     the base image (default localhost/sota-serve-base:bookworm, built by
-#            base-image.sh when missing)
+#            base-image.sh when missing); not used when the bentofile sets docker.cuda_version
 # --ca-bundle  a PEM bundle of the certificate authorities to trust while the build downloads
 #            Python packages (a TLS-intercepting proxy's CA): mounted read-only over the build
 #            container's system bundle for the RUN steps only (pip and uv read that one);
-#            the image does not keep it
+#            the image does not keep it. With docker.cuda_version it covers pip only (uv on
+#            BentoML's CUDA image keeps its own roots)
 #
 # Steps: the base image; `sota-serve import` (for a directory); `bentoml build` with a copy of
 # the bentofile that names the base image and the model; `bentoml containerize --backend
@@ -32,7 +33,7 @@ base=localhost/sota-serve-base:bookworm
 ca_bundle=""
 formats=onnx
 model=""
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --image) image=$2; shift 2 ;;
@@ -61,8 +62,16 @@ trap 'rm -rf "$work"' EXIT
 step() { echo "== $1 ($(( $(date +%s) - t0 )) s)" >&2; }
 t0=$(date +%s)
 
-step "base image"
-base=$("$here/base-image.sh" --name "$base")
+# A bentofile that asks for CUDA (docker.cuda_version) keeps BentoML's CUDA base image, which
+# podman pulls from its registry (nvidia/cuda); the Debian base image is for CPU images.
+cuda=$(python -c 'import sys, yaml; print((yaml.safe_load(open(sys.argv[1])).get("docker") or {}).get("cuda_version") or "")' "$bentofile")
+if [ -n "$cuda" ]; then
+    base=""
+    step "CUDA $cuda: BentoML's CUDA base image"
+else
+    step "base image"
+    base=$("$here/base-image.sh" --name "$base")
+fi
 
 if [ -d "$model" ]; then
     step "import $model into the model store ($formats)"
@@ -82,7 +91,8 @@ import yaml
 
 source, target, base, tag = sys.argv[1:]
 spec = yaml.safe_load(open(source))
-spec.setdefault("docker", {})["base_image"] = base
+if base:
+    spec.setdefault("docker", {})["base_image"] = base
 spec["envs"] = [e for e in spec.get("envs", []) if e["name"] != "SOTA_SERVE_MODEL"]
 spec["envs"].append({"name": "SOTA_SERVE_MODEL", "value": tag})
 yaml.safe_dump(spec, open(target, "w"), sort_keys=False)
@@ -93,7 +103,8 @@ bento=${bento#__tag__:}
 step "image $image from $bento"
 opts=()
 if [ -n "$ca_bundle" ]; then
-    # Debian's pip reads the system bundle, and so does uv on the base image (its uv.toml).
+    # Debian's pip reads the system bundle, and so does uv on the base image (its uv.toml):
+    # one mount, as BentoML's podman backend passes one --opt volume (it joins several into one).
     opts+=(--opt "volume=$ca_bundle:/etc/ssl/certs/ca-certificates.crt:ro")
 fi
 bentoml containerize "$bento" --backend podman --image-tag "$image" "${opts[@]}" >&2
