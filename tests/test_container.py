@@ -28,9 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a fresh machine bu
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "deploy" / "container" / "build.sh"
 BASE = "localhost/sota-serve-base:bookworm"
-# crun, podman's other runtime, fails on some kernels' cgroups; runc works on both versions.
-# podman's default open-files limit can exceed what an unprivileged host grants.
-RUN_OPTIONS = ["--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
+# runc and container ulimits that start on hosts where podman's defaults do not
+PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy" / "container" / "containers.conf")}
 PORT_IN_CONTAINER = 8080  # as on KServe (deploy/kubernetes/inferenceservice.yaml): BENTOML_PORT
 
 
@@ -38,7 +37,7 @@ def podman_unavailable() -> str | None:
     missing = [tool for tool in ("podman", "runc", "mmdebstrap") if shutil.which(tool) is None]
     if missing:
         return f"{', '.join(missing)} not installed (Debian: apt-get install podman runc mmdebstrap uidmap)"
-    info = subprocess.run(["podman", "info"], capture_output=True, text=True)
+    info = subprocess.run(["podman", "info"], capture_output=True, text=True, env=PODMAN_ENV)
     if info.returncode != 0:
         return f"podman cannot run here: {info.stderr.strip()[-300:]}"
     return None
@@ -54,7 +53,7 @@ def trust_bundle() -> str | None:
 
 
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["podman", *args], capture_output=True, text=True, check=check)
+    return subprocess.run(["podman", *args], capture_output=True, text=True, check=check, env=PODMAN_ENV)
 
 
 def image_mb(name: str) -> float:
@@ -68,7 +67,7 @@ def image(tiny_package, tmp_path_factory):
         pytest.skip(reason)
     name = f"localhost/sota-serve-test:{uuid.uuid4().hex[:12]}"
     home = tmp_path_factory.mktemp("bentoml-home")
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+    env = {**PODMAN_ENV, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     base_cached = podman("image", "exists", BASE, check=False).returncode == 0
     bundle = trust_bundle()
@@ -92,7 +91,7 @@ def container(image):
     port = free_port()
     name = f"sota-serve-test-{uuid.uuid4().hex[:8]}"
     start = time.monotonic()
-    podman("run", "--detach", "--name", name, *RUN_OPTIONS,
+    podman("run", "--detach", "--name", name,
            "--publish", f"127.0.0.1:{port}:{PORT_IN_CONTAINER}",
            "--env", f"BENTOML_PORT={PORT_IN_CONTAINER}", "--env", "SOTA_SERVE_DEVICE=cpu", image)
     url = f"http://127.0.0.1:{port}"

@@ -21,8 +21,8 @@
 # podman`: BentoML's public CLI writes the Dockerfile from the Bento (the one `bentoml serve`
 # runs) and hands the build to podman, whose options pass through --opt. Prints the image name
 # last. Runs in the repository (BentoML's build context), with the project's Python environment
-# on PATH. Container runtime settings (runtime, ulimits) are podman's: containers.conf, or
-# CONTAINERS_CONF pointing to one.
+# on PATH. Container runtime settings (runtime, ulimits) are podman's: where its defaults do not
+# start containers, CONTAINERS_CONF=deploy/container/containers.conf (runc, lower ulimits).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
