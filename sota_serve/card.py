@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from sota_serve import precision
+from sota_serve.artifact_keys import split_key
 from sota_serve.constants import DEFAULT_CROP_PCT, INTERPOLATIONS
 from sota_serve.errors import CardError
 from sota_serve.tta import POLICIES, TTA
@@ -419,7 +419,7 @@ class ModelCard(BaseModel):
     @classmethod
     def _known_formats(cls, v: dict[str, ArtifactSpec]) -> dict[str, ArtifactSpec]:
         for key in v:
-            precision.split_key(key)  # "onnx", "torchscript", either with "-fp16", "onnx-int8"
+            split_key(key)  # "onnx", "torchscript", either with "-fp16", "onnx-int8"
         return v
 
     @field_validator("labels")
