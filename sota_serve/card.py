@@ -29,10 +29,10 @@ from pydantic import (
     model_validator,
 )
 
-from sota_serve import precision
+from sota_serve.artifact_keys import split_key
 from sota_serve.constants import DEFAULT_CROP_PCT, INTERPOLATIONS
 from sota_serve.errors import CardError
-from sota_serve.tta import POLICIES, TTA
+from sota_serve.tta import LABELS, POLICIES, TTA
 
 SCHEMA_VERSION = 1
 
@@ -220,10 +220,14 @@ class TTAMetrics(BaseModel):
     selection: str | None = None
 
 
+def accuracy_key(policy: str) -> str:
+    """The ``metrics`` key of a TTA policy's accuracy: ``accuracy`` for none, ``accuracy_<policy>``."""
+    return "accuracy" if policy == "none" else f"accuracy_{policy}"
+
+
 #: (accuracy key of ``metrics``, the name people read), in order of model calls per image.
 ACCURACY_NAMES: tuple[tuple[str, str], ...] = (
-    ("accuracy", "plain"), ("accuracy_flip", "flip"), ("accuracy_five_crop", "five-crop"),
-    ("accuracy_ten_crop", "ten-crop"), ("accuracy_fastai_tta", "fastai TTA"),
+    *((accuracy_key(p), LABELS[p]) for p in POLICIES), ("accuracy_fastai_tta", "fastai TTA"),
 )
 
 
@@ -419,7 +423,7 @@ class ModelCard(BaseModel):
     @classmethod
     def _known_formats(cls, v: dict[str, ArtifactSpec]) -> dict[str, ArtifactSpec]:
         for key in v:
-            precision.split_key(key)  # "onnx", "torchscript", either with "-fp16", "onnx-int8"
+            split_key(key)  # "onnx", "torchscript", either with "-fp16", "onnx-int8"
         return v
 
     @field_validator("labels")
@@ -559,9 +563,9 @@ def classifier_card(
                        "interpolation": "bilinear"},
         "normalization": {"mean": list(mean), "std": list(std), "pixel_scale": 255.0, "in_graph": True},
         "output": "probabilities",
-        "tta": {"default": "none", "flip": {"resize_shortest_edge": resize_edge},
-                "five_crop": {"resize_shortest_edge": tta_edge},
-                "ten_crop": {"resize_shortest_edge": tta_edge}},
+        # flip mirrors the plain center crop; the corner crops need the wider tta_edge
+        "tta": {"default": "none", **{p: {"resize_shortest_edge": resize_edge if p == "flip" else tta_edge}
+                                      for p in POLICIES[1:]}},
         **sections,
     })
 

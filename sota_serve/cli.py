@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from sota_serve import __version__, formats, precision
 from sota_serve.errors import ImageError, SotaServeError
-from sota_serve.tta import CROPS_PER_IMAGE, POLICIES
+from sota_serve.tta import CROPS_PER_IMAGE, DESCRIPTIONS, POLICIES
 
 if TYPE_CHECKING:
     from sota_serve.card import ModelCard
@@ -226,9 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32, fp16 or int8 (the package's file of that precision), or auto: fp16 on a"
                         " GPU, int8 on a CPU, when the card's agreement record for it holds")
     p.add_argument("--tta", choices=POLICIES, default=None,
-                   help="test-time augmentation: flip (center crop and its mirror), five_crop (corners"
-                        " and center), ten_crop (those and their mirrors) (default: %(default)s, which"
-                        " means the policy the card names in tta.default)")
+                   help="test-time augmentation: " + "; ".join(f"{p}: {DESCRIPTIONS[p]}" for p in POLICIES)
+                        + " (default: %(default)s, which means the policy the card names in tta.default)")
     p.add_argument("--top-k", type=int, default=5, help="labels to print per image")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when a device is present")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sota_serve import precision
+from sota_serve.agreement import agreement
 from sota_serve.calibration import batches
 from sota_serve.card import ArtifactSpec, ExportRecord, ModelCard, PrecisionParity
 from sota_serve.constants import CARD_FILE, README_FILE
@@ -35,6 +36,7 @@ from sota_serve.formats import get as get_format
 from sota_serve.model_readme import render_readme
 from sota_serve.package import sha256_file
 from sota_serve.progress import progress, step
+from sota_serve.runtime import open_runtime
 
 #: Largest |p_eager - p_exported| accepted, per probability.
 DEFAULT_TOLERANCE = 1e-4
@@ -155,14 +157,14 @@ def export_graphs(
                           torch=torch.__version__.split("+")[0], onnx=onnx.__version__, **notes)
     probs = {key: p for key, (_, p) in outputs.items()}
 
-    def agreement(variant: str) -> PrecisionParity:
+    def agreement_of(variant: str) -> PrecisionParity:
         keys = {f: precision.artifact_key(f, variant) for f in chosen}
-        return precision.agreement({f: probs[f] for f in keys if keys[f] in probs},
-                                   {f: probs[k] for f, k in keys.items() if k in probs},
-                                   source="export check", device="cpu")
+        return agreement({f: probs[f] for f in keys if keys[f] in probs},
+                         {f: probs[k] for f, k in keys.items() if k in probs},
+                         source="export check", device="cpu")
 
-    return ExportedGraphs(files=files, record=record, fp16=agreement("fp16") if fp16 else None,
-                          int8=agreement("int8") if quantized else None)
+    return ExportedGraphs(files=files, record=record, fp16=agreement_of("fp16") if fp16 else None,
+                          int8=agreement_of("int8") if quantized else None)
 
 
 def export_package(model: nn.Module, card: ModelCard, out_dir: str | Path, **options: Any) -> ModelCard:
@@ -208,8 +210,7 @@ def verify_export(
     step(f"export parity: {', '.join(files)} against the eager model on {len(inputs)} inputs")
     for key in progress(list(files), desc="export parity check"):
         backend, p = precision.split_key(key)
-        runtime = get_format(backend).open_runtime(files[key].read_bytes(), card, device="cpu",
-                                                    intra_op_threads=None)
+        runtime = open_runtime(backend, files[key].read_bytes(), card, device="cpu")
         got = runtime.predict(inputs)
         diff = float(np.abs(got - expected).max())
         # int8: no bound, only finite output. On the check's random pixels, far outside the

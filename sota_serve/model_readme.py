@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sota_serve.card import ModelCard, PolicyGain, PrecisionParity
+from sota_serve.card import ModelCard, PolicyGain, PrecisionParity, accuracy_key
+from sota_serve.tta import CROPS_TAKEN, LABELS, POLICIES
 
 _MAX_LABELS = 60
 
@@ -25,8 +26,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-_TTA_NAMES = {"none": "plain (center crop)", "flip": "flip TTA", "five_crop": "five-crop TTA",
-              "ten_crop": "ten-crop TTA"}
+#: A policy's row in the metrics table: "plain (center crop)", "five-crop TTA"...
+_TTA_NAMES = {p: f"{LABELS[p]} (center crop)" if p == "none" else f"{LABELS[p]} TTA" for p in POLICIES}
 
 
 def _metrics(card: ModelCard) -> list[str]:
@@ -46,8 +47,8 @@ def _metrics(card: ModelCard) -> list[str]:
                 " The held-out column is the unbiased one for policies whose resize edge was tuned.", ""]
     else:
         rows = [
-            ["plain (center crop)", _pct(metrics.accuracy)],
-            [f"five-crop TTA (resize {_or(metrics.five_crop_resize)})", _pct(metrics.accuracy_five_crop)],
+            [_TTA_NAMES["none"], _pct(metrics.accuracy)],
+            [f"{_TTA_NAMES['five_crop']} (resize {_or(metrics.five_crop_resize)})", _pct(metrics.accuracy_five_crop)],
             ["fastai `learn.tta()`", _pct(metrics.accuracy_fastai_tta)],
         ]
         out += [_table(["prediction", "accuracy"], rows), ""]
@@ -135,9 +136,9 @@ def _yaml(value: Any) -> str:
     return json.dumps(value)  # a JSON scalar is a valid YAML flow scalar
 
 
-_FRONT_MATTER_NAMES = {"accuracy": "accuracy (center crop)", "accuracy_flip": "accuracy (flip TTA)",
-                       "accuracy_five_crop": "accuracy (five-crop TTA)",
-                       "accuracy_ten_crop": "accuracy (ten-crop TTA)"}
+#: "accuracy (center crop)", "accuracy (five-crop TTA)"..., by ``metrics`` key
+_FRONT_MATTER_NAMES = {accuracy_key(p): f"accuracy ({'center crop' if p == 'none' else _TTA_NAMES[p]})"
+                       for p in POLICIES}
 
 
 def _front_matter(card: ModelCard) -> list[str]:
@@ -224,16 +225,10 @@ def _ood(card: ModelCard) -> list[str]:
 
 def _tta_steps(card: ModelCard) -> list[str]:
     """The TTA policies of the card, exactly (crop order as in sota_serve.tta)."""
-    what = {
-        "flip": "the center crop, then the same crop mirrored left-right",
-        "five_crop": "the four corner crops and the center crop (top-left, top-right, bottom-left,"
-                     " bottom-right, center)",
-        "ten_crop": "the five crops, then the five crops of the left-right mirrored image",
-    }
     lines = [f"TTA policies (default `{card.tta.default}`; each averages the probability vectors"
              " of its crops):", ""]
     for policy, edge in card.tta.edges().items():
-        lines.append(f"- `{policy}`: resize the shortest edge to {edge} px, take {what[policy]}.")
+        lines.append(f"- `{policy}`: resize the shortest edge to {edge} px, take {CROPS_TAKEN[policy]}.")
     if not card.tta.edges():
         lines.append("- none beyond the plain center crop.")
     return [*lines, ""]

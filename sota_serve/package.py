@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sota_serve import formats, precision
+from sota_serve import artifact_keys, formats
 from sota_serve.card import ModelCard
 from sota_serve.constants import CARD_FILE
 from sota_serve.errors import IntegrityError, PackageError
@@ -30,7 +30,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 @dataclass(frozen=True)
 class ModelPackage:
     card: ModelCard
-    #: by artifact key: ``onnx``, ``torchscript``, ``onnx-fp16``... (see :mod:`sota_serve.precision`)
+    #: by artifact key: ``onnx``, ``torchscript``, ``onnx-fp16``... (see :mod:`sota_serve.artifact_keys`)
     artifacts: dict[str, Path]
     root: Path | None = None
     #: True when the bytes are checked against hashes from a card.json.
@@ -43,7 +43,7 @@ class ModelPackage:
         return tuple(f for f in formats.NAMES if self.precisions(f))
 
     def precisions(self, backend: str) -> tuple[str, ...]:
-        return tuple(p for p in precision.PRECISIONS if precision.artifact_key(backend, p) in self.artifacts)
+        return tuple(p for p in artifact_keys.PRECISIONS if artifact_keys.artifact_key(backend, p) in self.artifacts)
 
     def read_artifact(self, key: str) -> bytes:
         """The bytes of the artifact ``key`` (a format name for fp32, ``onnx-fp16``...),
@@ -81,7 +81,7 @@ def open_package(path: str | Path) -> ModelPackage:
                 f"{path}: not a model package; give a package directory or a model file ({suffixes})"
             )
         card = read_embedded_card(path)
-        key = precision.artifact_key(fmt.name, precision.of_file(path))
+        key = artifact_keys.artifact_key(fmt.name, artifact_keys.of_file(path))
         return ModelPackage(card=card, artifacts={key: path}, source=str(path))
     stored = store_model_dir(str(path))
     if stored is not None:
@@ -136,7 +136,7 @@ def _open_dir(root: Path) -> ModelPackage:
 
 def _format_of(key: str) -> str:
     try:
-        return precision.split_key(key)[0]
+        return artifact_keys.split_key(key)[0]
     except ValueError as e:
         raise PackageError(str(e)) from None
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sota_serve import calibration, formats, precision
+from sota_serve.agreement import measure
 from sota_serve.card import ArtifactSpec, ExportRecord, ModelCard
 from sota_serve.constants import CARD_FILE, README_FILE
 from sota_serve.errors import PackageError
@@ -82,7 +83,7 @@ def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0,
         fmt.embed_card(path, embedded)
 
     draft = draft_package(card, {**package.artifacts, **new}, root)
-    record = precision.measure(draft, check_files, "int8", device="cpu", source=source)
+    record = measure(draft, check_files, "int8", device="cpu", source=source)
 
     artifacts = {**card.artifacts, **{k: ArtifactSpec(path=p.name, sha256=sha256_file(p)) for k, p in new.items()}}
     export = card.export or ExportRecord(formats=list(package.backends))

@@ -25,16 +25,42 @@ from typing import Literal, NamedTuple
 from sota_serve.errors import BadRequestError
 
 TTA = Literal["none", "flip", "five_crop", "ten_crop"]
-#: In order of model calls per image.
-POLICIES: tuple[str, ...] = ("none", "flip", "five_crop", "ten_crop")
-CROPS_PER_IMAGE: dict[str, int] = {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10}
+
+
+class Policy(NamedTuple):
+    """One TTA policy as every part of sota-serve names and explains it."""
+
+    #: the value of the card's ``tta``, the API's ``tta`` field and ``--tta``
+    name: TTA
+    #: model calls (crops) per image
+    crops: int
+    #: the name people read in tables and listings
+    label: str
+    #: what it averages, in words (API docs, the page)
+    averages: str
+    #: which crops, in order (the package README)
+    crops_taken: str
+
+
+#: Every policy, in order of model calls per image; the tables below are read from it.
+TABLE: tuple[Policy, ...] = (
+    Policy("none", 1, "plain", "the center crop alone", "the center crop"),
+    Policy("flip", 2, "flip", "average the predictions of the center crop and its mirror image",
+           "the center crop, then the same crop mirrored left-right"),
+    Policy("five_crop", 5, "five-crop", "average the predictions of the four corner crops and the center crop",
+           "the four corner crops and the center crop (top-left, top-right, bottom-left, bottom-right,"
+           " center)"),
+    Policy("ten_crop", 10, "ten-crop", "average the predictions of the five crops and of their mirror images",
+           "the five crops, then the five crops of the left-right mirrored image"),
+)
+POLICIES: tuple[str, ...] = tuple(p.name for p in TABLE)
+CROPS_PER_IMAGE: dict[str, int] = {p.name: p.crops for p in TABLE}
 #: What each policy averages, in words (API docs, the page).
-DESCRIPTIONS: dict[str, str] = {
-    "none": "the center crop alone",
-    "flip": "average the predictions of the center crop and its mirror image",
-    "five_crop": "average the predictions of the four corner crops and the center crop",
-    "ten_crop": "average the predictions of the five crops and of their mirror images",
-}
+DESCRIPTIONS: dict[str, str] = {p.name: p.averages for p in TABLE}
+#: The name people read: plain, flip, five-crop, ten-crop.
+LABELS: dict[str, str] = {p.name: p.label for p in TABLE}
+#: Which crops each policy takes, in order.
+CROPS_TAKEN: dict[str, str] = {p.name: p.crops_taken for p in TABLE}
 
 
 class Window(NamedTuple):

@@ -203,3 +203,17 @@ def test_classifier_card_factory():
     assert card.arch == "tiny" and card.tta.default == "none"
     with pytest.raises(CardError, match="resize_shortest_edge"):
         classifier_card(name="m", labels=["a"], size=32, resize_edge=16, mean=(0.5,) * 3, std=(0.2,) * 3)
+
+
+def test_the_card_names_the_tta_policies_of_sota_serve_tta():
+    """The card's schema spells the policies out as fields; they must be the tta module's."""
+    from typing import get_args
+
+    from sota_serve.card import ACCURACY_NAMES, Metrics, TTASpec, accuracy_key
+    from sota_serve.tta import LABELS, POLICIES, TTA
+
+    assert get_args(TTA) == POLICIES
+    assert tuple(f for f in TTASpec.model_fields if f != "default") == POLICIES[1:]
+    assert all(accuracy_key(p) in Metrics.model_fields for p in POLICIES)
+    assert ACCURACY_NAMES[:len(POLICIES)] == tuple((accuracy_key(p), LABELS[p]) for p in POLICIES)
+    assert ACCURACY_NAMES[2] == ("accuracy_five_crop", "five-crop")

@@ -71,3 +71,21 @@ def test_cuda_request_without_gpu_is_a_clear_error(tiny_package):
 def test_cpu_session_uses_cpu_provider_only(tiny_package):
     runtime = load_runtime(open_package(tiny_package), "onnx", device="cpu")
     assert runtime.providers == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_every_format_has_its_runtime(backend):
+    from sota_serve import formats
+    from sota_serve.runtime import RUNTIMES
+
+    assert set(RUNTIMES) == set(formats.NAMES)
+    runtime_class = RUNTIMES[backend]()
+    assert runtime_class.backend == backend
+
+
+def test_open_runtime_refuses_an_unknown_backend(tiny_package):
+    from sota_serve.runtime import open_runtime
+
+    package = open_package(tiny_package)
+    with pytest.raises(RuntimeBackendError, match="unknown backend 'tflite'; use one of onnx, torchscript"):
+        open_runtime("tflite", b"", package.card, device="cpu")

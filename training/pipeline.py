@@ -6,7 +6,8 @@ import logging
 import platform
 from pathlib import Path
 
-from sota_serve import formats, precision
+from sota_serve import formats
+from sota_serve.agreement import measure
 from sota_serve.calibration import CALIBRATION_IMAGES, crops, sample
 from sota_serve.card import (
     DatasetRecord,
@@ -99,11 +100,11 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     plain_acc = float((served.argmax(1) == fa.targets).mean())
     # the plain fp32 ONNX probabilities above were computed on the CPU: reused when training ran there
     known = {formats.DEFAULT: served} if result.device == "cpu" else None
-    half = (precision.measure(draft, valid_items, "fp16", device=result.device, source="validation", known=known)
+    half = (measure(draft, valid_items, "fp16", device=result.device, source="validation", known=known)
             if recipe.fp16 else None)
     # int8 serves on CPUs: measured there, against the fp32 CPU probabilities above
-    int8 = (precision.measure(draft, valid_items, "int8", device="cpu", source="validation",
-                              known={formats.DEFAULT: served}) if recipe.int8 else None)
+    int8 = (measure(draft, valid_items, "int8", device="cpu", source="validation",
+                    known={formats.DEFAULT: served}) if recipe.int8 else None)
 
     step(f"write the package to {out}")
     figures = {

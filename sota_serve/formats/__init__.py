@@ -1,7 +1,8 @@
 """Model artifact formats: one module per format, and the registry that everything else uses
 (package loading, export, runtimes, the OIP metadata) instead of comparing format names.
 
-Adding a format is one module with an :class:`ArtifactFormat` and one line in ``REGISTRY``.
+Adding a format is one module with an :class:`ArtifactFormat` and one line in ``REGISTRY``,
+and its runtime in :mod:`sota_serve.runtime` (``RUNTIMES``).
 """
 
 from __future__ import annotations

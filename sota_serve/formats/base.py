@@ -1,8 +1,10 @@
 """What every model artifact format provides: the one interface the registry holds.
 
-Serving needs the first group (find the file, read its embedded card, check its bytes, open
-a runtime); writing a package needs the second (export a torch module, embed the card). The
-second group imports torch inside its methods, so serving an ONNX package never imports it.
+Serving needs the first group (find the file, read its embedded card, check its bytes);
+writing a package needs the second (export a torch module, embed the card). The second group
+imports torch inside its methods, so serving an ONNX package never imports it. Which runtime
+runs a format's bytes is :mod:`sota_serve.runtime`'s business: a format knows files, not the
+card or the runtimes, so the card can depend on the registry.
 """
 
 from __future__ import annotations
@@ -10,11 +12,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from sota_serve.card import ModelCard
-    from sota_serve.runtime.base import Runtime
+from sota_serve.errors import ExportError
 
 
 class ArtifactFormat(ABC):
@@ -38,11 +38,6 @@ class ArtifactFormat(ABC):
     def check(self, data: bytes, *, source: str) -> None:  # noqa: B027 - most formats need nothing
         """Refuse bytes that are unsafe to load (the sha256 is checked before this)."""
 
-    @abstractmethod
-    def open_runtime(self, data: bytes, card: ModelCard, *, device: str,
-                     intra_op_threads: int | None) -> Runtime:
-        """A runtime over the verified bytes ``data``."""
-
     # --- writing (imports torch) -----------------------------------------------------------
 
     @abstractmethod
@@ -65,8 +60,6 @@ class ArtifactFormat(ABC):
         ranges calibrated on ``calibration`` (uint8 NCHW batches the card's preprocessing made);
         returns what the card's ``export`` record should note. Only formats that list ``int8``
         in :attr:`precisions` have it."""
-        from sota_serve.errors import ExportError
-
         raise ExportError(f"{self.name} has no int8 export; int8 is written for"
                           " formats whose runtimes have int8 kernels (onnx)")
 

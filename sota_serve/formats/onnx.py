@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sota_serve.errors import CardError, PackageError
 from sota_serve.formats.base import ArtifactFormat
-
-if TYPE_CHECKING:
-    from sota_serve.card import ModelCard
-    from sota_serve.runtime.base import Runtime
+from sota_serve.formats.onnx_members import member_prefix
 
 #: Key under which the card is embedded in an ONNX file's metadata_props.
 CARD_KEY = "sota_serve.card"
@@ -57,12 +53,6 @@ class OnnxFormat(ArtifactFormat):
                     f"{source}: tensor {tensor.name!r} keeps its data in an external file; sota-serve"
                     " loads self-contained ONNX files only (re-export with the weights inside)"
                 )
-
-    def open_runtime(self, data: bytes, card: ModelCard, *, device: str,
-                     intra_op_threads: int | None) -> Runtime:
-        from sota_serve.runtime.onnx import OnnxRuntime
-
-        return OnnxRuntime(data, card, device=device, intra_op_threads=intra_op_threads)
 
     def export(self, module: Any, example: Any, path: Path) -> dict[str, Any]:
         import onnx
@@ -134,20 +124,6 @@ class OnnxFormat(ArtifactFormat):
         combined.ir_version = min(m.ir_version for m in models)
         onnx.checker.check_model(combined)
         onnx.save(combined, str(path))
-
-
-def member_prefix(i: int) -> str:
-    """The name prefix of member ``i``'s nodes in an ensemble's combined graph."""
-    return f"member{i}/"
-
-
-_MEMBER = re.compile(r"member\d+/")
-
-
-def member_of(node_name: str) -> str:
-    """The member prefix of a combined graph's node name; "" outside an ensemble's members."""
-    found = _MEMBER.match(node_name)
-    return found.group(0) if found else ""
 
 
 def _default_opset(model: Any) -> int:

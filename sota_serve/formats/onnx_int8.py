@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sota_serve.errors import ExportError
-from sota_serve.formats.onnx import member_of
+from sota_serve.formats.onnx_members import member_of
 
 #: The op types that get int8 kernels; everything else (Cast, Div, Sub, Softmax...) stays fp32.
 QUANTIZED_OPS: tuple[str, ...] = ("Conv", "MatMul", "Gemm", "Add", "Relu", "MaxPool", "AveragePool",

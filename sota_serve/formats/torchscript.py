@@ -10,14 +10,10 @@ import io
 import warnings
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sota_serve.errors import CardError, PackageError
 from sota_serve.formats.base import ArtifactFormat
-
-if TYPE_CHECKING:
-    from sota_serve.card import ModelCard
-    from sota_serve.runtime.base import Runtime
 
 #: Name of the extra file that carries the card inside a TorchScript archive.
 CARD_FILE = "card.json"
@@ -41,12 +37,6 @@ class TorchScriptFormat(ArtifactFormat):
                 return archive.read(names[0]).decode("utf-8")
         except zipfile.BadZipFile as e:
             raise PackageError(f"{path}: not a TorchScript archive ({e})") from e
-
-    def open_runtime(self, data: bytes, card: ModelCard, *, device: str,
-                     intra_op_threads: int | None) -> Runtime:
-        from sota_serve.runtime.torchscript import TorchScriptRuntime
-
-        return TorchScriptRuntime(data, card, device=device, intra_op_threads=intra_op_threads)
 
     def export(self, module: Any, example: Any, path: Path) -> dict[str, Any]:
         import torch

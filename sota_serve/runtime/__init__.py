@@ -1,22 +1,49 @@
 """Runtimes: one interface (:class:`Runtime`), one module per backend.
 
-Which runtime opens which file is the artifact format's business (:mod:`sota_serve.formats`);
-backends are imported only when asked for, so an ONNX server never imports torch.
+``RUNTIMES`` says which runtime runs each artifact format's bytes. A backend module is
+imported only when its format is asked for, so an ONNX server never imports torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sota_serve import formats
 from sota_serve import precision as _precision
 from sota_serve.device import resolve_device
+from sota_serve.formats.onnx import ONNX
+from sota_serve.formats.torchscript import TORCHSCRIPT
 from sota_serve.runtime.base import Runtime
 
 if TYPE_CHECKING:
+    from sota_serve.card import ModelCard
     from sota_serve.package import ModelPackage
 
 BACKENDS: tuple[str, ...] = formats.NAMES
+
+
+def _onnx() -> type[Runtime]:
+    from sota_serve.runtime.onnx import OnnxRuntime
+
+    return OnnxRuntime
+
+
+def _torchscript() -> type[Runtime]:
+    from sota_serve.runtime.torchscript import TorchScriptRuntime
+
+    return TorchScriptRuntime
+
+
+#: By format name: the runtime class that runs that format's files, imported when called.
+RUNTIMES: dict[str, Callable[[], type[Runtime]]] = {ONNX.name: _onnx, TORCHSCRIPT.name: _torchscript}
+
+
+def open_runtime(backend: str, data: bytes, card: ModelCard, *, device: str,
+                 intra_op_threads: int | None = None) -> Runtime:
+    """A runtime over the verified bytes ``data`` of a ``backend`` artifact."""
+    runtime_class = RUNTIMES[formats.get(backend).name]()
+    return runtime_class(data, card, device=device, intra_op_threads=intra_op_threads)  # type: ignore[call-arg]
 
 
 def load_runtime(
@@ -31,13 +58,13 @@ def load_runtime(
     int8 on a CPU, when the package has it and its agreement with fp32 holds, see
     :mod:`sota_serve.precision`);
     its bytes are sha256-checked first."""
-    fmt = formats.get(backend)
+    formats.get(backend)  # an unknown backend is refused before anything is read
     resolved = resolve_device(device)
     chosen = _precision.choose(package.card, package.artifacts, backend, resolved, precision)
     model = package.read_artifact(_precision.artifact_key(backend, chosen))  # the exact bytes that run
-    runtime = fmt.open_runtime(model, package.card, device=resolved, intra_op_threads=intra_op_threads)
+    runtime = open_runtime(backend, model, package.card, device=resolved, intra_op_threads=intra_op_threads)
     runtime.precision = chosen
     return runtime
 
 
-__all__ = ["BACKENDS", "Runtime", "load_runtime"]
+__all__ = ["BACKENDS", "RUNTIMES", "Runtime", "load_runtime", "open_runtime"]
