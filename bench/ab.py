@@ -32,8 +32,8 @@ from bench.run import BenchConfig, Offline, machine_info, package_for
 from bench.server import Server, env_settings
 from sota_serve import formats
 from sota_serve.device import resolve_device
-from sota_serve.package import open_package
-from sota_serve.precision import CHOICES, choose
+from sota_serve.package.loading import open_package
+from sota_serve.package.precision import CHOICES, choose
 from sota_serve.progress import progress
 from sota_serve.tta import CROPS_PER_IMAGE
 

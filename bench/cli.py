@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from sota_serve.precision import CHOICES
+from sota_serve.package.precision import CHOICES
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from sota_serve.classifier import Classifier
-from sota_serve.device_preprocess import concat_rows
-from sota_serve.package import ModelPackage
+from sota_serve.image.device_preprocess import concat_rows
+from sota_serve.package.loading import ModelPackage
 from sota_serve.progress import progress
 from sota_serve.runtime import load_runtime
 

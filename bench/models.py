@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from sota_serve import formats
-from sota_serve.card import ModelCard, classifier_card
 from sota_serve.constants import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
-from sota_serve.package import open_package
+from sota_serve.package.card import ModelCard, classifier_card
+from sota_serve.package.loading import open_package
 from sota_serve.tta import POLICIES
 
 log = logging.getLogger("sota_serve.bench")
@@ -61,7 +61,7 @@ def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int,
             log.info("rebuilding %s", out)
     import torch
 
-    from sota_serve.export import export_package
+    from sota_serve.building.export import export_package
 
     torch.manual_seed(0)
     model = build_model(arch, num_classes)
@@ -73,8 +73,8 @@ def synthetic_package(out: Path, *, arch: str, size: int, num_classes: int,
     check = np.random.default_rng(0).integers(0, 256, (2, 3, size, size), dtype=np.uint8)
     crops = None
     if calibration:  # few photos: their five crops too
-        from sota_serve.calibration import crops as calibration_crops
-        from sota_serve.preprocess import Preprocessor
+        from sota_serve.building.calibration import crops as calibration_crops
+        from sota_serve.image.preprocess import Preprocessor
 
         crops = calibration_crops(Preprocessor.from_card(card), calibration, ("none", "five_crop"))
     # fp16 files too, for GPU runs, and int8 for CPU runs (--precision fp16 / int8: random

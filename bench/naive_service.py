@@ -25,7 +25,7 @@ PACKAGE = Path(os.environ.get("SOTA_SERVE_MODEL", "packages/sota-demo"))
 class NaiveClassifier:
     def __init__(self) -> None:
         from bench.models import architecture_of, build_model
-        from sota_serve.card import ModelCard
+        from sota_serve.package.card import ModelCard
 
         card = ModelCard.load(PACKAGE / "card.json")
         scripted = torch.jit.load(io.BytesIO((PACKAGE / "model.pt").read_bytes()), map_location="cpu")

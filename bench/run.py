@@ -18,8 +18,8 @@ from bench.server import Server
 from sota_serve import formats
 from sota_serve.classifier import Classifier
 from sota_serve.device import resolve_device
-from sota_serve.package import ModelPackage, open_package
-from sota_serve.precision import choose
+from sota_serve.package.loading import ModelPackage, open_package
+from sota_serve.package.precision import choose
 from sota_serve.serving.settings import Plan, Settings
 from sota_serve.tta import CROPS_PER_IMAGE
 

@@ -18,7 +18,7 @@ from typing import Any
 import bentoml
 
 from sota_serve.errors import SotaServeError
-from sota_serve.package import ModelPackage, open_package
+from sota_serve.package.loading import ModelPackage, open_package
 from sota_serve.serving.settings import Plan, Settings, load_settings
 
 

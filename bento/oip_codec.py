@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from sota_serve.card import ModelCard
 from sota_serve.errors import MalformedRequestError
+from sota_serve.package.card import ModelCard
 from sota_serve.predictions import top_k_indices
 from sota_serve.serving.pipeline import Probabilities
 

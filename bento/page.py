@@ -11,10 +11,10 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from bento.errors import Answer, error_answer
-from sota_serve.card import ModelCard
 from sota_serve.errors import MalformedRequestError, SotaServeError
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.card import ModelCard
 from sota_serve.predictions import DEFAULT_TOP_K
-from sota_serve.preprocess import Preprocessor
 from sota_serve.tta import CROPS_PER_IMAGE, DESCRIPTIONS
 
 PAGE_DIR = Path(__file__).with_name("page")

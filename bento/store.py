@@ -10,8 +10,8 @@ import bentoml
 
 from sota_serve.constants import CARD_FILE
 from sota_serve.errors import PackageError
-from sota_serve.package import ModelPackage, open_package
-from sota_serve.precision import split_key
+from sota_serve.package.loading import ModelPackage, open_package
+from sota_serve.package.precision import split_key
 
 
 def store_metadata(package: ModelPackage) -> tuple[dict[str, str], dict[str, object]]:

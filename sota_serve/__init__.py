@@ -1,6 +1,5 @@
 """sota-serve core: model card, packages, preprocessing, runtimes. Imports no torch."""
 
-from sota_serve.card import ModelCard
 from sota_serve.errors import (
     CardError,
     ImageError,
@@ -11,8 +10,9 @@ from sota_serve.errors import (
     SotaServeError,
     UnsupportedImageFormatError,
 )
-from sota_serve.package import ModelPackage, open_package
-from sota_serve.preprocess import Preprocessor
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.card import ModelCard
+from sota_serve.package.loading import ModelPackage, open_package
 
 __version__ = "0.1.0"
 

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 
 from sota_serve import formats
-from sota_serve.card import ModelCard
-from sota_serve.decode import DecodeLimits
-from sota_serve.device_preprocess import DevicePreprocessor, concat_rows
 from sota_serve.errors import BadRequestError, ImageError
-from sota_serve.ood import Screen
-from sota_serve.package import ModelPackage, open_package
+from sota_serve.image.decode import DecodeLimits
+from sota_serve.image.device_preprocess import DevicePreprocessor, concat_rows
+from sota_serve.image.ood import Screen
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.card import ModelCard
+from sota_serve.package.loading import ModelPackage, open_package
 from sota_serve.predictions import (
     DEFAULT_TOP_K,
     Classified,
@@ -32,7 +33,6 @@ from sota_serve.predictions import (
     rank_rows,
     top_k_predictions,
 )
-from sota_serve.preprocess import Preprocessor
 from sota_serve.progress import progress
 from sota_serve.runtime import Runtime, load_runtime
 from sota_serve.serving.batcher import Ranked
@@ -72,7 +72,7 @@ class Classifier:
     ) -> Classifier:
         """A classifier over an opened (or a draft, see ``package.draft_package``) package.
         ``decode``: ``pillow`` (CPU), or ``torchvision`` (nvJPEG on the runtime's GPU, see
-        :mod:`sota_serve.device_preprocess`); ``precision``: see :func:`load_runtime`."""
+        :mod:`sota_serve.image.device_preprocess`); ``precision``: see :func:`load_runtime`."""
         if decode not in DECODERS:
             raise BadRequestError(f"unknown decode {decode!r}; use one of {', '.join(DECODERS)}")
         runtime = load_runtime(package, backend, device=device, intra_op_threads=intra_op_threads,

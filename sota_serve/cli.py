@@ -22,18 +22,19 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sota_serve import __version__, formats, precision
+from sota_serve import __version__, formats
 from sota_serve.errors import ImageError, SotaServeError
+from sota_serve.package import precision
 from sota_serve.tta import CROPS_PER_IMAGE, DESCRIPTIONS, POLICIES
 
 if TYPE_CHECKING:
-    from sota_serve.card import ModelCard
+    from sota_serve.package.card import ModelCard
 
 ENTRY_POINT_GROUP = "sota_serve.commands"
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from sota_serve.package import open_package
+    from sota_serve.package.loading import open_package
 
     package = open_package(args.path)
     card = package.card
@@ -144,9 +145,9 @@ def _quantize(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from sota_serve.calibration import image_files
-    from sota_serve.package import store_model_dir
-    from sota_serve.quantize import add_int8
+    from sota_serve.building.calibration import image_files
+    from sota_serve.building.quantize import add_int8
+    from sota_serve.package.loading import store_model_dir
 
     files = image_files(args.calibration)
     stored = None if Path(args.package).exists() else store_model_dir(args.package)

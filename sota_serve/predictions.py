@@ -23,7 +23,7 @@ class Prediction(BaseModel):
 
 
 class OODResult(BaseModel):
-    """How unlike the training images an input looks (:mod:`sota_serve.ood`)."""
+    """How unlike the training images an input looks (:mod:`sota_serve.image.ood`)."""
 
     model_config = ConfigDict(frozen=True)
 

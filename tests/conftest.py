@@ -22,9 +22,9 @@ def digit_ood(card_data: dict) -> dict:
     photos are out of distribution for the tiny test model, as for the demo."""
     from sklearn.datasets import load_digits
 
-    from sota_serve import ood
-    from sota_serve.card import ModelCard
-    from sota_serve.preprocess import Preprocessor
+    from sota_serve.image import ood
+    from sota_serve.image.preprocess import Preprocessor
+    from sota_serve.package.card import ModelCard
     from training.digits import digit_image
 
     pre = Preprocessor.from_card(ModelCard.parse(card_data))
@@ -40,9 +40,9 @@ def digit_ood(card_data: dict) -> dict:
 def tiny_package(tmp_path_factory, photos) -> Path:
     """A real exported package: tiny CNN, ONNX + TorchScript, card with every TTA policy and
     an out-of-distribution fit on digits."""
-    from sota_serve.card import ModelCard
-    from sota_serve.export import export_package
-    from sota_serve.preprocess import Preprocessor
+    from sota_serve.building.export import export_package
+    from sota_serve.image.preprocess import Preprocessor
+    from sota_serve.package.card import ModelCard
 
     out = tmp_path_factory.mktemp("tiny-package")
     card = ModelCard.parse(card_dict(ood=digit_ood(card_dict())))
@@ -99,9 +99,9 @@ def small_digits_folder(tmp_path_factory) -> Path:
 def tiny_cnn_at(tmp_path_factory, photos):
     """``tiny_cnn_at(size)``: the tiny CNN exported for size x size input (it is fully
     convolutional), for tests that need a model slower than the 32 px one."""
-    from sota_serve.card import ModelCard
-    from sota_serve.export import export_package
-    from sota_serve.preprocess import Preprocessor
+    from sota_serve.building.export import export_package
+    from sota_serve.image.preprocess import Preprocessor
+    from sota_serve.package.card import ModelCard
 
     def make(size: int) -> Path:
         out = tmp_path_factory.mktemp(f"tiny-{size}")

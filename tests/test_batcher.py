@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from bento.errors import error_answer
-from sota_serve.card import ModelCard
 from sota_serve.classifier import Classifier
 from sota_serve.errors import BadRequestError, OverloadedError
-from sota_serve.package import ModelPackage, open_package
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.card import ModelCard
+from sota_serve.package.loading import ModelPackage, open_package
 from sota_serve.predictions import top_k_indices
-from sota_serve.preprocess import Preprocessor
 from sota_serve.runtime import load_runtime
 from sota_serve.serving.admission import Admission
 from sota_serve.serving.batcher import DynamicBatcher, _runs

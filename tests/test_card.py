@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from sota_serve.card import ModelCard
 from sota_serve.errors import CardError
+from sota_serve.package.card import ModelCard
 from tests.helpers import card_dict
 
 
@@ -63,7 +63,7 @@ def test_embedded_copy_has_no_artifacts():
 def test_package_readme_has_hugging_face_front_matter_usage_and_reproduction():
     import yaml
 
-    from sota_serve.model_readme import render_readme
+    from sota_serve.building.model_readme import render_readme
 
     data = card_dict()
     data["metrics"] = {"accuracy": 0.9, "accuracy_five_crop": 0.92, "valid_count": 10,
@@ -82,7 +82,7 @@ def test_package_readme_has_hugging_face_front_matter_usage_and_reproduction():
 
 
 def test_tta_policies_in_the_card_and_its_readme():
-    from sota_serve.model_readme import render_readme
+    from sota_serve.building.model_readme import render_readme
 
     card = ModelCard.parse(card_dict())
     assert card.tta.policies() == ("none", "flip", "five_crop", "ten_crop")
@@ -145,7 +145,7 @@ def _full_card_dict() -> dict:
 
 
 def test_every_section_round_trips_through_its_model():
-    from sota_serve.card import ExportRecord, Metrics, Parity, TrainingRecord
+    from sota_serve.package.card import ExportRecord, Metrics, Parity, TrainingRecord
 
     data = _full_card_dict()
     card = ModelCard.parse(data)
@@ -194,7 +194,7 @@ def test_serving_part_leaves_out_the_records():
 
 
 def test_classifier_card_factory():
-    from sota_serve.card import classifier_card
+    from sota_serve.package.card import classifier_card
 
     card = classifier_card(name="m", labels=[0, 1], size=32, resize_edge=36, mean=(0.5,) * 3,
                            std=(0.25,) * 3, architecture="tiny")
@@ -209,7 +209,7 @@ def test_the_card_names_the_tta_policies_of_sota_serve_tta():
     """The card's schema spells the policies out as fields; they must be the tta module's."""
     from typing import get_args
 
-    from sota_serve.card import ACCURACY_NAMES, Metrics, TTASpec, accuracy_key
+    from sota_serve.package.card import ACCURACY_NAMES, Metrics, TTASpec, accuracy_key
     from sota_serve.tta import LABELS, POLICIES, TTA
 
     assert get_args(TTA) == POLICIES

@@ -84,7 +84,7 @@ def test_version(capsys):
 
 
 def test_import_keeps_only_the_formats_asked_for(tiny_package, tmp_path, monkeypatch):
-    from sota_serve.package import open_package, store_model_dir
+    from sota_serve.package.loading import open_package, store_model_dir
 
     env = {**__import__("os").environ, "BENTOML_HOME": str(tmp_path), "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, "-m", "sota_serve.cli", "import", str(tiny_package), "--name", "slim",

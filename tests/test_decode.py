@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from bench.images import png_header
-from sota_serve.decode import DecodeLimits, decode_image
 from sota_serve.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
+from sota_serve.image.decode import DecodeLimits, decode_image
 from tests.helpers import encode, gradient_image
 
 

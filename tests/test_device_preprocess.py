@@ -1,4 +1,4 @@
-"""Decoding on the model's device (sota_serve.device_preprocess) against the Pillow path.
+"""Decoding on the model's device (sota_serve.image.device_preprocess) against the Pillow path.
 
 CI has no GPU, so the same code runs on the CPU here (torchvision's libjpeg decode, torch's
 resize): every step but nvJPEG itself is checked. The ``gpu`` tests run where CUDA is present.
@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from sota_serve.classifier import Classifier
-from sota_serve.decode import DecodeLimits, read_header
-from sota_serve.device_preprocess import DevicePreprocessor, concat_rows, unavailable_reason
 from sota_serve.errors import BadRequestError, ImageTooLargeError, InvalidImageError
-from sota_serve.package import open_package
-from sota_serve.preprocess import Preprocessor
+from sota_serve.image.decode import DecodeLimits, read_header
+from sota_serve.image.device_preprocess import DevicePreprocessor, concat_rows, unavailable_reason
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.loading import open_package
 from sota_serve.runtime import load_runtime
 from sota_serve.tta import POLICIES
 from tests.helpers import encode, gradient_image

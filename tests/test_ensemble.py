@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 
 from bench.server import Server
-from sota_serve.card import ModelCard
+from sota_serve.building.ensemble import EnsembleError, build_ensemble
 from sota_serve.classifier import Classifier
 from sota_serve.cli import main as cli
-from sota_serve.ensemble import EnsembleError, build_ensemble
-from sota_serve.package import open_package
+from sota_serve.package.card import ModelCard
+from sota_serve.package.loading import open_package
 from tests.helpers import card_dict, tiny_cnn
 
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory, photos):
     """Two tiny CNNs with different weights and different normalization stats."""
-    from sota_serve.export import export_package
+    from sota_serve.building.export import export_package
 
     root = tmp_path_factory.mktemp("members")
     out = []
@@ -58,7 +58,7 @@ def test_the_ensemble_graph_is_the_weighted_mean_of_its_members(members, photos,
 
 
 def _export(tmp_path, name, **card):
-    from sota_serve.export import export_package
+    from sota_serve.building.export import export_package
 
     export_package(tiny_cnn(), ModelCard.parse(card_dict(name=name, **card)), tmp_path / name, formats=("onnx",))
     return tmp_path / name
@@ -87,7 +87,7 @@ def test_an_int8_ensemble_needs_data_for_its_ranges(members, tmp_path):
 
 
 def test_members_with_int8_files_give_an_int8_ensemble_when_data_is_given(members, photos, digit_files, tmp_path):
-    from sota_serve.quantize import add_int8
+    from sota_serve.building.quantize import add_int8
     from training.ensemble import ensemble_packages
 
     data = tmp_path / "data"  # an image folder of the members' three classes

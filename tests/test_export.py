@@ -10,11 +10,11 @@ import onnx
 import pytest
 import torch
 
-from sota_serve.card import ModelCard
+from sota_serve.building.export import Normalize, ServingModule, export_package
 from sota_serve.errors import ExportError, IntegrityError, PackageError
-from sota_serve.export import Normalize, ServingModule, export_package
-from sota_serve.package import open_package
-from sota_serve.preprocess import Preprocessor
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.card import ModelCard
+from sota_serve.package.loading import open_package
 from sota_serve.runtime import load_runtime
 from tests.helpers import card_dict, encode, gradient_image, tampered_copy, tiny_cnn
 

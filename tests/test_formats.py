@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from sota_serve import formats
-from sota_serve.card import ModelCard
 from sota_serve.errors import RuntimeBackendError
-from sota_serve.package import draft_package, open_package
+from sota_serve.package.card import ModelCard
+from sota_serve.package.loading import draft_package, open_package
 from tests.helpers import card_dict, tiny_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_each_format_embeds_the_serving_part(tiny_package):
 def test_artifact_hashes_do_not_depend_on_the_records(tmp_path):
     """Recording other measurements leaves the model files' bytes alone; the serving part
     (here the default TTA policy) is embedded, so changing it changes them."""
-    from sota_serve.export import export_graphs, write_package
+    from sota_serve.building.export import export_graphs, write_package
 
     card = ModelCard.parse(card_dict())
     graphs = export_graphs(tiny_cnn(), card, tmp_path)
@@ -60,8 +60,8 @@ def test_artifact_hashes_do_not_depend_on_the_records(tmp_path):
 
 
 def test_a_draft_package_runs_before_its_card_is_written(tmp_path, photos):
+    from sota_serve.building.export import export_graphs
     from sota_serve.classifier import Classifier
-    from sota_serve.export import export_graphs
 
     card = ModelCard.parse(card_dict())
     graphs = export_graphs(tiny_cnn(), card, tmp_path, formats=("onnx",))

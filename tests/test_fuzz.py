@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sota_serve.decode import DecodeLimits, decode_image
 from sota_serve.errors import ImageError
+from sota_serve.image.decode import DecodeLimits, decode_image
 from tests.helpers import PHOTOS, encode, gradient_image
 
 LIMITS = DecodeLimits(max_bytes=2_000_000, max_pixels=4_000_000)

@@ -17,12 +17,12 @@ CORE = "sota_serve"
 
 #: The side that writes models and their records; what reads or serves a package imports none of it.
 BUILDING: tuple[str, ...] = (
-    "sota_serve.export",
-    "sota_serve.quantize",
-    "sota_serve.calibration",
-    "sota_serve.ensemble",
-    "sota_serve.model_readme",
-    "sota_serve.agreement",
+    "sota_serve.building.export",
+    "sota_serve.building.quantize",
+    "sota_serve.building.calibration",
+    "sota_serve.building.ensemble",
+    "sota_serve.building.model_readme",
+    "sota_serve.building.agreement",
 )
 #: Front doors that offer building commands (``sota-serve quantize``) beside the reading ones.
 FRONT: tuple[str, ...] = ("sota_serve.cli",)
@@ -125,9 +125,9 @@ def test_the_graph_sees_function_level_and_submodule_imports():
     """The reader above is what the other tests rely on: check it on imports the core has."""
     edges, _ = graph()
     assert "sota_serve.formats.onnx" in edges["sota_serve.formats"]  # from ... import ONNX
-    assert "sota_serve.precision" in edges["sota_serve.cli"]  # a module named by a from-import
+    assert "sota_serve.package.precision" in edges["sota_serve.cli"]  # a module named by a from-import
     assert "sota_serve.runtime.onnx" in edges["sota_serve.runtime"]  # inside a function
-    assert "sota_serve.package" not in edges["sota_serve.runtime"]  # under TYPE_CHECKING only
+    assert "sota_serve.package.loading" not in edges["sota_serve.runtime"]  # under TYPE_CHECKING only
     assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b": 1}, "b": {}}) is None
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sota_serve.ood import N_FEATURES, features
-from sota_serve.preprocess import tta_crops
+from sota_serve.image.ood import N_FEATURES, features
+from sota_serve.image.preprocess import tta_crops
 
 
 def defined(crops: np.ndarray) -> np.ndarray:
@@ -54,7 +54,7 @@ def test_torch_tensors_give_the_numpy_features():
 def test_a_batch_of_images_gets_each_image_s_features_and_checks_exactly(k):
     """The server computes a batch's features at once (on the model thread); the CLI, one
     image's. They must be the same numbers, bit for bit, and so the same OOD answers."""
-    from sota_serve.ood import Detector, Screen, features_batch
+    from sota_serve.image.ood import Detector, Screen, features_batch
     from sota_serve.tta import CROPS_PER_IMAGE
 
     rng = np.random.default_rng(k)

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from bento.page import ASSETS, PAGE_DIR
-from sota_serve.card import ModelCard
-from sota_serve.preprocess import Preprocessor
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.card import ModelCard
 from sota_serve.tta import POLICIES
 from tests.test_server import post
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from sota_serve import precision
-from sota_serve.card import ModelCard
+from sota_serve.building.export import export_package
 from sota_serve.classifier import Classifier
 from sota_serve.cli import main as cli
 from sota_serve.errors import ExportError, IntegrityError, PackageError, RuntimeBackendError
-from sota_serve.export import export_package
-from sota_serve.package import open_package
-from sota_serve.preprocess import Preprocessor
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package import precision
+from sota_serve.package.card import ModelCard
+from sota_serve.package.loading import open_package
 from tests.helpers import card_dict, served_like_offline, tampered_copy, tiny_cnn
 
 

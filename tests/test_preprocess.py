@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from sota_serve.card import ModelCard
-from sota_serve.decode import decode_image
 from sota_serve.errors import BadRequestError
-from sota_serve.preprocess import Preprocessor, resize_center_crop, resized_size, tta_crops
+from sota_serve.image.decode import decode_image
+from sota_serve.image.preprocess import Preprocessor, resize_center_crop, resized_size, tta_crops
+from sota_serve.package.card import ModelCard
 from tests.helpers import card_dict, gradient_image
 
 SIZES = [(97, 71), (71, 97), (64, 64), (300, 31), (33, 40)]

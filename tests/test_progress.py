@@ -6,10 +6,10 @@ import shutil
 
 import numpy as np
 
-from sota_serve.card import ModelCard
+from sota_serve.building.export import export_package
 from sota_serve.cli import main as cli
-from sota_serve.export import export_package
-from sota_serve.preprocess import Preprocessor
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.card import ModelCard
 from tests.helpers import card_dict, tiny_cnn
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sota_serve.cli import main as cli
-from sota_serve.package import open_package, store_model_dir
+from sota_serve.package.loading import open_package, store_model_dir
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from sota_serve.card import ModelCard
 from sota_serve.device import resolve_device
 from sota_serve.errors import RuntimeBackendError
-from sota_serve.package import open_package
+from sota_serve.package.card import ModelCard
+from sota_serve.package.loading import open_package
 from sota_serve.runtime import load_runtime
 from tests.helpers import card_dict, tiny_cnn
 
@@ -35,7 +35,7 @@ def test_every_tta_policy_is_the_mean_of_its_crops_probabilities(tiny_package, p
 
 
 def test_logits_models_get_softmax_in_the_runtime(tmp_path):
-    from sota_serve.export import export_package
+    from sota_serve.building.export import export_package
 
     card = ModelCard.parse(card_dict(output="logits"))
     export_package(tiny_cnn(), card, tmp_path)

@@ -39,7 +39,7 @@ def test_gpu_plan_shares_the_device_between_workers(monkeypatch):
 
 
 def test_decoding_on_the_gpu_only_where_it_works(monkeypatch):
-    import sota_serve.device_preprocess as device_preprocess
+    import sota_serve.image.device_preprocess as device_preprocess
 
     assert Settings().decoder("cuda") == "pillow"  # the default: no torch at all
     assert Settings(decode="torchvision").decoder("cpu") == "torchvision"

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from sota_serve.classifier import Classifier
 from sota_serve.cli import main as cli
 from sota_serve.constants import IMAGENET_MEAN, IMAGENET_STD
-from sota_serve.package import open_package
+from sota_serve.package.loading import open_package
 from tests.conftest import make_image_folder
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from sota_serve.cli import main as cli
-from sota_serve.package import open_package
+from sota_serve.package.loading import open_package
 from tests.conftest import make_image_folder
 
 pytestmark = pytest.mark.slow

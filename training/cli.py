@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sota_serve.card import ModelCard
+    from sota_serve.package.card import ModelCard
 
 from sota_serve.errors import SotaServeError
 from training.recipe import ARCHS

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from sota_serve.card import ModelCard, classifier_card
+from sota_serve.building.export import export_package
 from sota_serve.constants import IMAGENET_MEAN, IMAGENET_STD
 from sota_serve.errors import SotaServeError
-from sota_serve.export import export_package
+from sota_serve.package.card import ModelCard, classifier_card
 
 log = logging.getLogger("sota_serve.training")
 
@@ -76,8 +76,8 @@ def _sizes(dls: Any) -> tuple[int, int]:
 def calibration_folder(folder: str | Path, card: ModelCard, *, seed: int = 0) -> np.ndarray:
     """A seeded sample of the images under ``folder``, preprocessed as ``card`` says: what sets
     the int8 activation ranges of a converted Learner."""
-    from sota_serve.calibration import CALIBRATION_IMAGES, crops, image_files, sample
-    from sota_serve.preprocess import Preprocessor
+    from sota_serve.building.calibration import CALIBRATION_IMAGES, crops, image_files, sample
+    from sota_serve.image.preprocess import Preprocessor
 
     return crops(Preprocessor.from_card(card), sample(image_files(folder), CALIBRATION_IMAGES, seed=seed))
 

@@ -1,7 +1,7 @@
 """fastai DataLoaders whose validation pipeline *is* sota-serve's serving pipeline.
 
-Images are decoded by :func:`sota_serve.decode.read_image_file` (EXIF orientation, RGB
-conversion) and validation images are cropped by :func:`sota_serve.preprocess.resize_center_crop`,
+Images are decoded by :func:`sota_serve.image.decode.read_image_file` (EXIF orientation, RGB
+conversion) and validation images are cropped by :func:`sota_serve.image.preprocess.resize_center_crop`,
 so what fastai validates on is what the exported package is fed: train/serve parity holds
 by construction, and the parity check measures only numerical differences.
 """
@@ -18,8 +18,8 @@ from fastai.vision.augment import RandomResizedCrop, aug_transforms
 from fastai.vision.core import PILImage
 from fasttransform import Transform
 
-from sota_serve.decode import read_image_file
-from sota_serve.preprocess import resize_center_crop
+from sota_serve.image.decode import read_image_file
+from sota_serve.image.preprocess import resize_center_crop
 from training.datasets import ImageFolder
 
 

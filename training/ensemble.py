@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sota_serve.card import ModelCard
-from sota_serve.ensemble import EnsembleError, Validation, build_ensemble
-from sota_serve.package import open_package
-from sota_serve.quantize import add_int8
+from sota_serve.building.ensemble import EnsembleError, Validation, build_ensemble
+from sota_serve.building.quantize import add_int8
+from sota_serve.package.card import ModelCard
+from sota_serve.package.loading import open_package
 from training.datasets import resolve_dataset
 
 

@@ -12,11 +12,11 @@ import fastai.callback.progress  # noqa: F401  (patches Learner.no_bar)
 import numpy as np
 from fastai.learner import Learner
 
-from sota_serve import ood
-from sota_serve.card import Parity
 from sota_serve.classifier import Classifier
 from sota_serve.errors import SotaServeError
-from sota_serve.preprocess import Preprocessor
+from sota_serve.image import ood
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.card import Parity
 from sota_serve.progress import interactive, progress, step
 from sota_serve.tta import CROPS_PER_IMAGE
 

@@ -7,19 +7,19 @@ import platform
 from pathlib import Path
 
 from sota_serve import formats
-from sota_serve.agreement import measure
-from sota_serve.calibration import CALIBRATION_IMAGES, crops, sample
-from sota_serve.card import (
+from sota_serve.building.agreement import measure
+from sota_serve.building.calibration import CALIBRATION_IMAGES, crops, sample
+from sota_serve.building.export import export_graphs, write_package
+from sota_serve.classifier import Classifier
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.card import (
     DatasetRecord,
     Metrics,
     ModelCard,
     TrainingRecord,
     classifier_card,
 )
-from sota_serve.classifier import Classifier
-from sota_serve.export import export_graphs, write_package
-from sota_serve.package import draft_package
-from sota_serve.preprocess import Preprocessor
+from sota_serve.package.loading import draft_package
 from sota_serve.progress import step
 from training.datasets import ImageFolder, resolve_dataset
 from training.evaluate import (

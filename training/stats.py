@@ -7,8 +7,8 @@ import random
 import numpy as np
 
 from sota_serve.constants import IMAGENET_MEAN, IMAGENET_STD
-from sota_serve.decode import read_image_file
-from sota_serve.preprocess import resize_center_crop
+from sota_serve.image.decode import read_image_file
+from sota_serve.image.preprocess import resize_center_crop
 from sota_serve.progress import progress
 from training.datasets import ImageFolder
 

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sota_serve.card import NormalizationSpec
 from sota_serve.errors import SotaServeError
 from sota_serve.formats.torchscript import TORCHSCRIPT
-from sota_serve.package import open_package, sha256_file
+from sota_serve.package.card import NormalizationSpec
+from sota_serve.package.loading import open_package, sha256_file
 
 #: Below this share of the network's tensors found in the file, it is not a checkpoint of it.
 MIN_MATCHED = 0.5

@@ -24,8 +24,8 @@ import numpy as np
 from bench.images import image_set
 from bench.report import write_json
 from sota_serve.device import resolve_device
-from sota_serve.device_preprocess import DevicePreprocessor
-from sota_serve.preprocess import Preprocessor
+from sota_serve.image.device_preprocess import DevicePreprocessor
+from sota_serve.image.preprocess import Preprocessor
 from sota_serve.tta import POLICIES
 
 PRE = Preprocessor(height=224, width=224, resize_shortest_edge=256,

@@ -26,7 +26,7 @@ class ArtifactFormat(ABC):
     suffixes: ClassVar[tuple[str, ...]]
     #: the Open Inference Protocol / Triton platform name of the model
     platform: ClassVar[str]
-    #: the precisions it can be written at (see :mod:`sota_serve.precision`)
+    #: the precisions it can be written at (see :mod:`sota_serve.package.precision`)
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
 
     # --- serving ---------------------------------------------------------------------------

@@ -10,15 +10,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sota_serve import formats
-from sota_serve import precision as _precision
 from sota_serve.device import resolve_device
 from sota_serve.formats.onnx import ONNX
 from sota_serve.formats.torchscript import TORCHSCRIPT
+from sota_serve.package import precision as _precision
 from sota_serve.runtime.base import Runtime
 
 if TYPE_CHECKING:
-    from sota_serve.card import ModelCard
-    from sota_serve.package import ModelPackage
+    from sota_serve.package.card import ModelCard
+    from sota_serve.package.loading import ModelPackage
 
 BACKENDS: tuple[str, ...] = formats.NAMES
 
@@ -56,7 +56,7 @@ def load_runtime(
 ) -> Runtime:
     """Open ``package``'s artifact for ``backend`` at ``precision`` (``auto``: fp16 on a GPU,
     int8 on a CPU, when the package has it and its agreement with fp32 holds, see
-    :mod:`sota_serve.precision`);
+    :mod:`sota_serve.package.precision`);
     its bytes are sha256-checked first."""
     formats.get(backend)  # an unknown backend is refused before anything is read
     resolved = resolve_device(device)

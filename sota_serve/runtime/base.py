@@ -7,15 +7,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from sota_serve.card import ModelCard
 from sota_serve.device import Device
+from sota_serve.package.card import ModelCard
 
 
 class Runtime(ABC):
     """``predict(batch, crops_per_image=k)``: (N*k, 3, H, W) uint8 -> (N, C) float32.
 
     ``batch`` is a numpy array, or a torch tensor (crops decoded on the device by
-    :mod:`sota_serve.device_preprocess` stay there). Softmax (when the model outputs logits)
+    :mod:`sota_serve.image.device_preprocess` stay there). Softmax (when the model outputs logits)
     and the average over each image's k crops run on the runtime's device, so five-crop TTA
     costs one model call and one small copy back.
 
@@ -89,7 +89,7 @@ class Runtime(ABC):
         if str(batch.dtype) not in ("uint8", "torch.uint8") or batch.ndim != 4 or tuple(batch.shape[1:]) != self._shape:
             raise ValueError(
                 f"expected a uint8 batch of shape (N, {', '.join(map(str, self._shape))}),"
-                f" got {batch.dtype} {batch.shape}; build it with sota_serve.preprocess"
+                f" got {batch.dtype} {batch.shape}; build it with sota_serve.image.preprocess"
             )
         if k < 1 or batch.shape[0] % k:
             raise ValueError(f"batch of {batch.shape[0]} rows is not a whole number of {k}-crop groups")

@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from sota_serve.card import ModelCard
 from sota_serve.device import Device, resolve_device
 from sota_serve.errors import RuntimeBackendError
+from sota_serve.package.card import ModelCard
 from sota_serve.runtime.base import Runtime
 
 try:

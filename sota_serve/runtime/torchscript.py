@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from sota_serve.card import ModelCard
 from sota_serve.errors import RuntimeBackendError
+from sota_serve.package.card import ModelCard
 from sota_serve.runtime.base import Runtime
 
 try:

@@ -40,8 +40,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sota_serve.device_preprocess import concat_rows
 from sota_serve.errors import OverloadedError
+from sota_serve.image.device_preprocess import concat_rows
 from sota_serve.predictions import rank_rows
 from sota_serve.runtime.base import Runtime
 

@@ -19,11 +19,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from sota_serve.card import ModelCard
 from sota_serve.classifier import Classifier, ranked_answers
-from sota_serve.decode import DecodeLimits
 from sota_serve.errors import ImageError
-from sota_serve.package import ModelPackage
+from sota_serve.image.decode import DecodeLimits
+from sota_serve.package.card import ModelCard
+from sota_serve.package.loading import ModelPackage
 from sota_serve.predictions import Classified, check_top_k
 from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.serving.batcher import BatchObserver, DynamicBatcher

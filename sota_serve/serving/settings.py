@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sota_serve import formats, precision
+from sota_serve import formats
 from sota_serve.constants import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from sota_serve.device import Device, resolve_device
 from sota_serve.errors import SotaServeError
+from sota_serve.package import precision
 
 DEFAULT_MODEL = "sota-demo:latest"
 
@@ -128,7 +129,7 @@ class Settings(BaseSettings):
         only: proving that torchvision decodes on a GPU opens a CUDA context)."""
         if self.decode == "pillow":
             return "pillow"  # no torch import
-        from sota_serve.device_preprocess import unavailable_reason
+        from sota_serve.image.device_preprocess import unavailable_reason
 
         reason = unavailable_reason(device)
         if reason is not None:

@@ -29,9 +29,9 @@ from pydantic import (
     model_validator,
 )
 
-from sota_serve.artifact_keys import split_key
 from sota_serve.constants import DEFAULT_CROP_PCT, INTERPOLATIONS
 from sota_serve.errors import CardError
+from sota_serve.package.keys import split_key
 from sota_serve.tta import LABELS, POLICIES, TTA
 
 SCHEMA_VERSION = 1
@@ -114,7 +114,7 @@ class TTASpec(BaseModel):
 
 
 class OODFit(BaseModel):
-    """One TTA policy's Gaussian over input statistics (see :mod:`sota_serve.ood`)."""
+    """One TTA policy's Gaussian over input statistics (see :mod:`sota_serve.image.ood`)."""
 
     model_config = _STRICT
 
@@ -281,7 +281,7 @@ class Parity(BaseModel):
 
 class PrecisionParity(BaseModel):
     """Each fp16 (or int8) artifact against its fp32 sibling on the same images (see
-    :mod:`sota_serve.precision`): the card's ``fp16`` and ``int8`` records. ``precision auto``
+    :mod:`sota_serve.package.precision`): the card's ``fp16`` and ``int8`` records. ``precision auto``
     serves fp16 on a GPU, int8 on a CPU, only where it holds."""
 
     model_config = _OPEN
@@ -545,7 +545,7 @@ def classifier_card(
     **sections: Any,
 ) -> ModelCard:
     """The card of a square-input classifier whose graph takes uint8 pixels and normalizes and
-    applies the softmax itself (what :func:`sota_serve.export.export_package` writes).
+    applies the softmax itself (what :func:`sota_serve.building.export.export_package` writes).
 
     Every TTA policy is offered (``none`` the default): flip at ``resize_edge``, five- and
     ten-crop at ``tta_edge`` (default: the crop at timm's 0.875 crop share). ``sections``:

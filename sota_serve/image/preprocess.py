@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from sota_serve.card import ModelCard
-from sota_serve.decode import DecodeLimits, decode_image
 from sota_serve.errors import BadRequestError
+from sota_serve.image.decode import DecodeLimits, decode_image
+from sota_serve.package.card import ModelCard
 from sota_serve.tta import CROPS_PER_IMAGE, check_tta, windows
 
 _FILTERS = {

@@ -5,7 +5,7 @@ it decodes and crops about 1,200 ImageNet-sized JPEGs/s with every core, while n
 torch resize do about 2,800/s from one thread (``bench/gpu_probe.py``), which leaves the cores
 to HTTP. The crops stay on the device and reach the runtime without a host copy.
 
-The semantics are :class:`sota_serve.preprocess.Preprocessor`'s: the same header checks and
+The semantics are :class:`sota_serve.image.preprocess.Preprocessor`'s: the same header checks and
 limits, EXIF orientation, shortest-edge resize with Pillow's antialiasing, the TTA crops. Pixels differ slightly, since nvJPEG's IDCT and chroma upsampling are not
 libjpeg's (BENCHMARKS.md has the measured difference). The crop windows of every TTA
 policy are :mod:`sota_serve.tta`'s, as on the CPU. Whatever this path cannot take exactly
@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from sota_serve.decode import ImageHeader, read_header
 from sota_serve.errors import ImageError
-from sota_serve.preprocess import Preprocessor, resized_size
+from sota_serve.image.decode import ImageHeader, read_header
+from sota_serve.image.preprocess import Preprocessor, resized_size
 from sota_serve.tta import windows
 
 if TYPE_CHECKING:

@@ -14,14 +14,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from sota_serve import calibration, formats, precision
-from sota_serve.agreement import measure
-from sota_serve.card import ArtifactSpec, ExportRecord, ModelCard
+from sota_serve import formats
+from sota_serve.building import calibration
+from sota_serve.building.agreement import measure
+from sota_serve.building.model_readme import render_readme
 from sota_serve.constants import CARD_FILE, README_FILE
 from sota_serve.errors import PackageError
-from sota_serve.model_readme import render_readme
-from sota_serve.package import draft_package, open_package, sha256_file
-from sota_serve.preprocess import Preprocessor
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package import precision
+from sota_serve.package.card import ArtifactSpec, ExportRecord, ModelCard
+from sota_serve.package.loading import draft_package, open_package, sha256_file
 from sota_serve.progress import step
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sota_serve.card import ModelCard, PolicyGain, PrecisionParity, accuracy_key
+from sota_serve.package.card import ModelCard, PolicyGain, PrecisionParity, accuracy_key
 from sota_serve.tta import CROPS_TAKEN, LABELS, POLICIES
 
 _MAX_LABELS = 60

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sota_serve.card import ModelCard
+from sota_serve.package.card import ModelCard
 from sota_serve.predictions import OODResult
 from sota_serve.tta import CROPS_PER_IMAGE
 

@@ -2,7 +2,7 @@
 
 An artifact is one format at one precision: key ``onnx`` and file ``model.onnx`` for fp32,
 ``onnx-fp16`` / ``model.fp16.onnx``, ``onnx-int8`` / ``model.int8.onnx``... (see
-:mod:`sota_serve.precision` for what the precisions are and which one serves). The card
+:mod:`sota_serve.package.precision` for what the precisions are and which one serves). The card
 validates its keys here, so this module knows only the format registry, which knows only files.
 """
 

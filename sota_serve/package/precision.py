@@ -20,9 +20,9 @@ against 365 img/s, torch 26x slower), while int8 runs the demo model 2.2-2.5x fa
 (one thread, batch 16: 336-399 against 145-178 img/s). On a GPU ONNX Runtime's CUDA provider has
 few int8 kernels, so ``auto`` never picks int8 there.
 
-This module chooses. What the files are called is :mod:`sota_serve.artifact_keys` (re-exported
+This module chooses. What the files are called is :mod:`sota_serve.package.keys` (re-exported
 here), which the card reads too; measuring a variant's agreement writes a card record, and lives
-with the code that builds packages (:mod:`sota_serve.agreement`).
+with the code that builds packages (:mod:`sota_serve.building.agreement`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
-from sota_serve.artifact_keys import (
+from sota_serve.errors import PackageError, RuntimeBackendError
+from sota_serve.package.card import ModelCard
+from sota_serve.package.keys import (
     PRECISIONS,
     REFERENCE,
     artifact_key,
@@ -38,8 +40,6 @@ from sota_serve.artifact_keys import (
     of_file,
     split_key,
 )
-from sota_serve.card import ModelCard
-from sota_serve.errors import PackageError, RuntimeBackendError
 
 Precision = Literal["fp32", "fp16", "int8"]
 #: What ``--precision`` / ``SOTA_SERVE_PRECISION`` accept.

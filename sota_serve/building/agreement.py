@@ -1,5 +1,5 @@
 """How far an fp16 or int8 artifact agrees with its fp32 sibling: the card's ``fp16`` and
-``int8`` records (see :mod:`sota_serve.precision` for what the variants are and which serves).
+``int8`` records (see :mod:`sota_serve.package.precision` for what the variants are and which serves).
 
 Measuring runs the files through the offline :class:`~sota_serve.classifier.Classifier`, so it
 belongs to the side that builds packages (export, quantize, training), not to the side that
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sota_serve.card import PrecisionParity
 from sota_serve.classifier import Classifier
-from sota_serve.package import ModelPackage
-from sota_serve.precision import MIN_AGREEMENT, REFERENCE
+from sota_serve.package.card import PrecisionParity
+from sota_serve.package.loading import ModelPackage
+from sota_serve.package.precision import MIN_AGREEMENT, REFERENCE
 from sota_serve.progress import step
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from sota_serve.constants import IMAGE_SUFFIXES
 from sota_serve.errors import BadRequestError
-from sota_serve.preprocess import Preprocessor
+from sota_serve.image.preprocess import Preprocessor
 
 #: How many images set the activation ranges (a few hundred is what ONNX Runtime suggests).
 CALIBRATION_IMAGES = 256

@@ -13,10 +13,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sota_serve import artifact_keys, formats
-from sota_serve.card import ModelCard
+from sota_serve import formats
 from sota_serve.constants import CARD_FILE
 from sota_serve.errors import IntegrityError, PackageError
+from sota_serve.package import keys as artifact_keys
+from sota_serve.package.card import ModelCard
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -30,7 +31,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 @dataclass(frozen=True)
 class ModelPackage:
     card: ModelCard
-    #: by artifact key: ``onnx``, ``torchscript``, ``onnx-fp16``... (see :mod:`sota_serve.artifact_keys`)
+    #: by artifact key: ``onnx``, ``torchscript``, ``onnx-fp16``... (see :mod:`sota_serve.package.keys`)
     artifacts: dict[str, Path]
     root: Path | None = None
     #: True when the bytes are checked against hashes from a card.json.

@@ -24,17 +24,17 @@ import onnx
 import torch
 from torch import nn
 
-from sota_serve import precision
-from sota_serve.agreement import agreement
-from sota_serve.calibration import batches
-from sota_serve.card import ArtifactSpec, ExportRecord, ModelCard, PrecisionParity
+from sota_serve.building.agreement import agreement
+from sota_serve.building.calibration import batches
+from sota_serve.building.model_readme import render_readme
 from sota_serve.constants import CARD_FILE, README_FILE
 from sota_serve.errors import ExportError
 from sota_serve.formats import NAMES as FORMAT_NAMES
 from sota_serve.formats import REGISTRY as FORMAT_REGISTRY
 from sota_serve.formats import get as get_format
-from sota_serve.model_readme import render_readme
-from sota_serve.package import sha256_file
+from sota_serve.package import precision
+from sota_serve.package.card import ArtifactSpec, ExportRecord, ModelCard, PrecisionParity
+from sota_serve.package.loading import sha256_file
 from sota_serve.progress import progress, step
 from sota_serve.runtime import open_runtime
 

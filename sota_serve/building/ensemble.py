@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from sota_serve import formats
-from sota_serve.card import (
+from sota_serve.classifier import Classifier
+from sota_serve.errors import SotaServeError
+from sota_serve.image.preprocess import Preprocessor
+from sota_serve.package.card import (
     EnsembleMember,
     EnsembleSpec,
     ExportRecord,
@@ -25,10 +28,7 @@ from sota_serve.card import (
     Parity,
     new_version,
 )
-from sota_serve.classifier import Classifier
-from sota_serve.errors import SotaServeError
-from sota_serve.package import ModelPackage, draft_package, open_package
-from sota_serve.preprocess import Preprocessor
+from sota_serve.package.loading import ModelPackage, draft_package, open_package
 from sota_serve.progress import progress
 
 #: Largest |p_ensemble - sum(w_i p_i)| accepted, per probability (float32 sums).
@@ -114,7 +114,7 @@ def build_ensemble(paths: Sequence[str | Path | ModelPackage], out_dir: str | Pa
     """Verify the members (package paths or tags, or packages already opened), combine each
     format they all have, check every combined file against the weighted mean of its members,
     measure on ``validation`` when given, write the package."""
-    from sota_serve.export import write_package
+    from sota_serve.building.export import write_package
 
     members = [p if isinstance(p, ModelPackage) else open_package(p) for p in paths]
     check_members([m.card for m in members])
