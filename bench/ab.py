@@ -84,16 +84,20 @@ def compare(package: Path, images: list[Path], *, policies: list[str], concurren
             seconds: float, warmup_s: float, processes: int | None, batch_size: int,
             env: dict[str, str], litserve_workers: tuple[int, ...] = (1,),
             baseline_env: dict[str, str] | None = None, litserve_precision: str = "auto",
-            offline: bool = False) -> dict[str, Any]:
+            offline: bool = False, baseline_root: Path | None = None) -> dict[str, Any]:
     """Per policy: each round runs every server once (the order rotates between rounds); a
     round's ratio is sota-serve's req/s over the best LitServe configuration's in that round.
     ``baseline_env``: a second sota-serve with these settings (on top of ``env``) runs in the
     same rounds, and ``ratios_to_baseline`` says what the first one's settings gain.
+    ``baseline_root``: that second sota-serve runs from another checkout of the project (an
+    earlier commit), so the ratio says what this version gains over that one.
     ``litserve_precision``: the artifact LitServe serves (``auto`` chooses as sota-serve does,
     so by default both run the same file and only the serving design differs)."""
     ours = Server(package, env=env)
-    baseline = Server(package, env={**env, **baseline_env}) if baseline_env else None
-    base_name = "sota-serve (" + ", ".join(f"{k}={v}" for k, v in (baseline_env or {}).items()) + ")"
+    baseline = (Server(package, env={**env, **(baseline_env or {})}, **({"root": baseline_root} if baseline_root else {}))
+                if baseline_env or baseline_root else None)
+    base_name = "sota-serve (" + ", ".join([*(f"{k}={v}" for k, v in (baseline_env or {}).items()),
+                                            *([f"from {baseline_root.name}"] if baseline_root else [])]) + ")"
     peers = {(tta, w): Server.litserve(package, tta=tta, workers=w, precision=litserve_precision,
                                        max_batch_size=max(1, batch_size // CROPS_PER_IMAGE[tta]))
              for tta in policies for w in litserve_workers}
@@ -181,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a setting for sota-serve (repeatable)")
     p.add_argument("--baseline-env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="run a second sota-serve with this setting too (repeatable), in the same rounds")
+    p.add_argument("--baseline-checkout", type=Path, metavar="DIR",
+                   help="run a second sota-serve from this checkout of the project in the same rounds"
+                        " (git worktree add DIR COMMIT): the ratio to an earlier version")
     p.add_argument("--offline", action="store_true",
                    help="the offline pipeline takes part in every round too (ratio of HTTP to offline)")
     p.add_argument("--out", default="bench/results")
@@ -200,12 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "package": str(package), "concurrency": args.concurrency,
               "seconds": args.seconds, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": machine_info(), "server_env": env,
-              "baseline_env": baseline_env, "litserve_precision": args.litserve_precision,
+              "baseline_env": baseline_env, "baseline_checkout": str(args.baseline_checkout or ""),
+              "litserve_precision": args.litserve_precision,
               "policies": compare(package, images, policies=policies, concurrency=args.concurrency,
                                   rounds=args.rounds, seconds=args.seconds, warmup_s=args.warmup,
                                   processes=args.processes, batch_size=args.max_batch_size,
                                   env=env, litserve_workers=cfg.peers(device), baseline_env=baseline_env,
-                                  litserve_precision=args.litserve_precision, offline=args.offline)}
+                                  litserve_precision=args.litserve_precision, offline=args.offline,
+                                  baseline_root=args.baseline_checkout and args.baseline_checkout.resolve())}
     print(render(result))
     write_json(result, Path(args.out) / f"{args.name or f'ab-{device}-{Path(args.model).name}'}.json")
     return 0

@@ -31,6 +31,13 @@ def _absolute(model: str | Path) -> str | Path:
     return Path(model).resolve() if Path(model).exists() else model
 
 
+def _service_of(root: Path) -> str:
+    """The service a checkout's ``bentoml serve`` runs: its bentofile.yaml's ``service``."""
+    import yaml
+
+    return yaml.safe_load((root / "bentofile.yaml").read_text())["service"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,7 +55,10 @@ class Server:
         target: str | None = None,
         command: list[str] | None = None,
         ready_path: str = "/readyz",
+        root: Path = ROOT,
     ) -> None:
+        """``root``: the checkout whose service runs (another one than this, for an A/B of two
+        versions of the project: its own code is imported, from its own directory)."""
         model = _absolute(model)  # the server runs in the repository root, not the caller's directory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,13 +67,16 @@ class Server:
                    "PYTHONWARNINGS": "ignore", **(env or {})}
         if home:
             environ["BENTOML_HOME"] = str(home)
+        if root != ROOT:
+            environ["PYTHONPATH"] = str(root)
+            target = target or _service_of(root)
         self.log = tempfile.TemporaryFile("w+")
         self.ready_path = ready_path
         cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", *([target] if target else []),
                "--port", str(self.port), "--host", "127.0.0.1"]
         if command:  # another server (a peer): its command, with {port} filled in
             cmd = [part.format(port=self.port) for part in command]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=self.log,
+        self.proc = subprocess.Popen(cmd, cwd=root, env=environ, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 180) -> Server:
