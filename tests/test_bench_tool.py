@@ -42,7 +42,7 @@ def test_the_wheel_has_no_top_level_bench(tmp_path):
     assert top_level == {"sota_serve", "training", "bento"}
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "bench" not in zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "bento/page/index.html" in names and "sota_serve/py.typed" in names
+    assert "sota_serve/http/page/index.html" in names and "sota_serve/py.typed" in names
 
 
 def test_bench_without_its_extra_says_which_to_install_at_once():
