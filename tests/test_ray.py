@@ -114,3 +114,47 @@ def test_losing_a_node_under_load(cluster_results):
     assert load["longest_s"] < DEADLINE_S, load
     assert load["recovery_s"] is not None and load["recovery_s"] <= RECOVERY_LIMIT_S, load
     assert len(cluster_results["replica_nodes_after"]) == 2
+
+
+def _config_args() -> list[dict]:
+    import yaml
+
+    serve_file = yaml.safe_load((ROOT / "deploy" / "ray" / "serve.yaml").read_text())
+    kube = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "rayservice.yaml").read_text())
+    apps = serve_file["applications"] + yaml.safe_load(kube["spec"]["serveConfigV2"])["applications"]
+    assert {a["import_path"] for a in apps} == {"rayserve.app:app"}
+    return [a["args"] for a in apps]
+
+
+def test_the_config_files_give_the_builder_arguments_it_takes():
+    from rayserve.app import app
+
+    for args in _config_args():
+        assert app(args) is not None  # the builder validates them (ArgsError otherwise)
+
+
+def test_replicas_take_a_gpu_each_when_asked_and_autoscale_by_default():
+    from rayserve.args import AppArgs
+
+    gpu = AppArgs.parse({"model": "m", "gpus_per_replica": "1", "max_replicas": "8"})
+    options = gpu.deployment_options()
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert gpu.service_settings().device == "cuda"
+    # one decode thread, one model call of 128 images (the GPU batch): 129 ongoing requests
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 129.0}
+    assert options["max_ongoing_requests"] == 1024  # admission sheds, not Ray's queue
+    cpu = AppArgs.parse({"model": "m", "num_replicas": 3, "cpus_per_replica": 2, "max_wait_s": "5"})
+    assert cpu.deployment_options()["num_replicas"] == 3 and "autoscaling_config" not in cpu.deployment_options()
+    settings = cpu.service_settings()
+    assert (settings.device, settings.decode_threads, settings.model_threads, settings.max_wait_s) == ("cpu", 4, 2, 5)
+
+
+def test_wrong_arguments_are_refused_by_name():
+    from rayserve.args import AppArgs, ArgsError
+
+    with pytest.raises(ArgsError, match="unknown argument.*replicas"):
+        AppArgs.parse({"model": "m", "replicas": 2})
+    with pytest.raises(ArgsError, match="device"):
+        AppArgs.parse({"model": "m", "device": "tpu"})
+    with pytest.raises(ArgsError, match="min_replicas"):
+        AppArgs.parse({"model": "m", "min_replicas": 5, "max_replicas": 2})
