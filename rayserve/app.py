@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -55,6 +56,10 @@ class SotaServeReplica:
 
     def __serve_build_asgi_app__(self) -> App:
         return contract_app(self.routes, self.admission, self.settings)
+
+    def node_id(self) -> str:
+        """The Ray node this replica runs on (through a deployment handle: which nodes serve)."""
+        return ray.get_runtime_context().get_node_id()
 
     def check_health(self) -> None:
         if not self.ready:

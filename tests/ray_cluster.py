@@ -30,7 +30,6 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
 
     from rayserve.app import app
 
@@ -44,9 +43,16 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
                   name=APP, route_prefix="/")
         results: dict[str, Any] = {"ready_s": round(time.monotonic() - started, 1)}
 
+        handle = serve.get_app_handle(APP)
+
         def replica_nodes() -> list[str]:
-            return [a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], detail=False)
-                    if a.class_name.startswith(f"ServeReplica:{APP}:")]
+            """The nodes that answer through a handle (each replica, with near certainty: the
+            router picks between two idle replicas at random each time)."""
+            return sorted({handle.node_id.remote().result(timeout_s=30) for _ in range(24)})
+
+        def replicas_running() -> bool:
+            deployment = serve.status().applications[APP].deployments["sota_serve"]
+            return deployment.replica_states.get("RUNNING", 0) == 2
 
         nodes = replica_nodes()
         results["replica_nodes"] = nodes
@@ -56,8 +62,12 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
             results["contract"] = contract(client, config)
         victim = next(w for w in workers if w.node_id == nodes[0])
         results["load"] = node_loss(lambda: cluster.remove_node(victim, allow_graceful=False), config,
-                                    replicas_running=lambda: len(replica_nodes()) == 2)
-        results["replica_nodes_after"] = replica_nodes()
+                                    replicas_running=replicas_running)
+        for _ in range(20):  # the handle's router learns of the new replica within seconds
+            results["replica_nodes_after"] = replica_nodes()
+            if len(results["replica_nodes_after"]) == 2:
+                break
+            time.sleep(0.5)
         results["total_s"] = round(time.monotonic() - started, 1)
         return results
     finally:
@@ -115,7 +125,7 @@ def node_loss(remove, config: dict[str, Any], replicas_running) -> dict[str, Any
     answer's status (and Retry-After on 503), the longest request, and the recovery time."""
     photo = Path(config["photos"][0]).read_bytes()
     deadline_s, stop = config["deadline_s"], threading.Event()
-    outcomes: list[tuple[int, bool, float]] = []  # status (0: no answer), Retry-After, seconds
+    outcomes: list[tuple[int, bool, float, float]] = []  # status (0: no answer), Retry-After, start, seconds
 
     def client_loop() -> None:
         with httpx.Client(base_url=URL, timeout=deadline_s) as client:
@@ -125,9 +135,9 @@ def node_loss(remove, config: dict[str, Any], replicas_running) -> dict[str, Any
                 t0 = time.monotonic()
                 try:
                     r = client.post("/classify", files={"image": ("p.jpg", photo)}, data={"tta": "none"})
-                    outcomes.append((r.status_code, "retry-after" in r.headers, time.monotonic() - t0))
+                    outcomes.append((r.status_code, "retry-after" in r.headers, t0, time.monotonic() - t0))
                 except httpx.HTTPError:
-                    outcomes.append((0, False, time.monotonic() - t0))
+                    outcomes.append((0, False, t0, time.monotonic() - t0))
 
     with ThreadPoolExecutor(CLIENTS) as pool:
         futures = [pool.submit(client_loop) for _ in range(CLIENTS)]
@@ -135,17 +145,21 @@ def node_loss(remove, config: dict[str, Any], replicas_running) -> dict[str, Any
         before = len(outcomes)
         removed_at = time.monotonic()
         remove()
+        removed_s = time.monotonic() - removed_at
         recovered_s = wait_whole(config, replicas_running, removed_at, limit_s=config["recovery_limit_s"])
         time.sleep(1)
         stop.set()
         for f in futures:
             f.result(timeout=deadline_s + 10)
-    statuses = Counter(s for s, _, _ in outcomes)
+    statuses = Counter(s for s, _, _, _ in outcomes)
     return {
         "requests": len(outcomes), "before_removal": before,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "503_without_retry_after": sum(1 for s, ra, _ in outcomes if s == 503 and not ra),
-        "longest_s": round(max(t for _, _, t in outcomes), 2),
+        "503_without_retry_after": sum(1 for s, ra, _, _ in outcomes if s == 503 and not ra),
+        "longest_s": round(max(t for _, _, _, t in outcomes), 2),
+        "removal_took_s": round(removed_s, 2),
+        # when each failed request (not 200, not 503) started, in seconds after the removal began
+        "failed_started_at_s": sorted(round(t0 - removed_at, 2) for s, _, t0, _ in outcomes if s not in (200, 503)),
         "recovery_s": recovered_s,
     }
 
