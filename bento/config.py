@@ -18,18 +18,8 @@ from typing import Any
 import bentoml
 
 from sota_serve.errors import SotaServeError
-from sota_serve.package.loading import ModelPackage, open_package
+from sota_serve.package.loading import ModelPackage, check_backend, open_package
 from sota_serve.serving.settings import Plan, Settings, load_settings
-
-
-def check_backend(package: ModelPackage, backend: str) -> None:
-    """Refuse a backend whose artifact the package does not carry (e.g. a TorchScript Bento on
-    a model imported with ``--formats onnx``)."""
-    if backend not in package.backends:
-        raise SotaServeError(
-            f"{package.source}: SOTA_SERVE_BACKEND={backend}, but the package has only"
-            f" {', '.join(package.backends)}; serve or build with that backend, or import the"
-            f" package with its {backend} artifact (sota-serve import DIR --formats {backend})")
 
 
 def settings_and_package() -> tuple[Settings, Plan, ModelPackage, Any]:

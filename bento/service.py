@@ -3,7 +3,7 @@
 Each worker process loads the model and runs the serving pipeline: uploads decoded on a thread
 pool, the crops of concurrent requests batched onto the model threads, admission control
 shedding at the door with 503 + Retry-After when the queue cannot drain in time. The front
-door (bento/front_door.py) enforces the limits and answers the image routes directly.
+door (sota_serve/http/front_door.py) enforces the limits and answers the image routes directly.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from bento.config import explain_port_in_use, settings_and_package
-from bento.errors import Answer, answered
-from bento.front_door import TICKET, FrontDoor
-from bento.limits import Limits
 from bento.metrics import count_shed, observe_batch
-from bento.oip import OpenInference
 from bento.openapi import describe
-from bento.routes import FILE_FIELDS, Routes
-from bento.schemas import BatchResponse, ClassifyResponse
 from bento.upload import Upload
+from sota_serve.http.errors import Answer, answered
+from sota_serve.http.front_door import TICKET, FrontDoor
+from sota_serve.http.limits import Limits
+from sota_serve.http.oip import OpenInference
+from sota_serve.http.routes import FILE_FIELDS, Routes
+from sota_serve.http.schemas import BatchResponse, ClassifyResponse
 from sota_serve.serving.admission import Admission
 from sota_serve.serving.pipeline import Pipeline
 

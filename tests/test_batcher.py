@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from bento.errors import error_answer
 from sota_serve.classifier import Classifier
 from sota_serve.errors import BadRequestError, OverloadedError
+from sota_serve.http.errors import error_answer
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
 from sota_serve.package.loading import ModelPackage, open_package

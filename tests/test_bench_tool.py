@@ -29,7 +29,7 @@ def test_the_wheel_has_no_top_level_bench(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for package in ("sota_serve", "training", "bento", "bench"):
+    for package in ("sota_serve", "training", "bento", "rayserve", "bench"):
         shutil.copytree(ROOT / package, src / package,
                         ignore=shutil.ignore_patterns("__pycache__", "results", ".cache"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -39,10 +39,10 @@ def test_the_wheel_has_no_top_level_bench(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("sota_serve-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert top_level == {"sota_serve", "training", "bento"}
+    assert top_level == {"sota_serve", "training", "bento", "rayserve"}
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "bench" not in zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "bento/page/index.html" in names and "sota_serve/py.typed" in names
+    assert "sota_serve/http/page/index.html" in names and "sota_serve/py.typed" in names
 
 
 def test_bench_without_its_extra_says_which_to_install_at_once():

@@ -11,14 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ruff_is_clean():
     out = subprocess.run([str(Path(sys.executable).parent / "ruff"), "check", "sota_serve", "training", "bento",
-                          "bench", "dev", "tests"], cwd=ROOT, capture_output=True, text=True)
+                          "rayserve", "bench", "dev", "tests"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_core_imports_neither_training_nor_bento():
     for path in (ROOT / "sota_serve").rglob("*.py"):
         text = path.read_text()
-        for banned in ("import training", "from training", "import bento", "from bento", "import fastai",
+        for banned in ("import training", "from training", "import bento", "from bento", "import rayserve",
+                       "from rayserve", "import ray", "from ray", "import fastai",
                        "from fastai", "import bench", "from bench"):
             assert banned not in text, f"{path.relative_to(ROOT)} has {banned!r}"
 
@@ -30,8 +31,10 @@ def test_one_definition_of_the_imagenet_stats():
 
 
 def test_training_and_bento_meet_only_in_the_core():
-    """training -> sota_serve <- bento, nothing between the two rooms."""
-    rooms = {"training": ("bento", "bench"), "bento": ("training", "bench")}
+    """training -> sota_serve <- bento (and rayserve), nothing between the rooms: the two
+    front ends share the HTTP layer through the core (sota_serve.http), not each other."""
+    rooms = {"training": ("bento", "rayserve", "bench"), "bento": ("training", "rayserve", "bench"),
+             "rayserve": ("training", "bento", "bench")}
     for room, banned_rooms in rooms.items():
         for path in (ROOT / room).rglob("*.py"):
             text = path.read_text()
@@ -99,18 +102,18 @@ def _imported(tree: ast.AST) -> list[str]:
 
 
 def test_public_apis_only():
-    """No private BentoML module, no circus (BentoML's process manager)."""
-    for path in _sources("sota_serve", "bento", "training", "bench"):
+    """No private BentoML or Ray module, no circus (BentoML's process manager)."""
+    for path in _sources("sota_serve", "bento", "rayserve", "training", "bench"):
         for name in _imported(ast.parse(path.read_text())):
             root = name.split(".")[0]
             assert root not in ("_bentoml_impl", "_bentoml_sdk", "circus") and not name.startswith(
-                "bentoml._internal"), f"{path.relative_to(ROOT)} imports {name}"
+                "bentoml._internal") and "._private" not in name, f"{path.relative_to(ROOT)} imports {name}"
 
 
 def test_no_monkeypatching():
     """No assignment to an attribute of an imported module or of a class imported from one:
     an upgrade of the library would undo the patch without a word."""
-    for path in _sources("sota_serve", "bento", "training", "bench"):
+    for path in _sources("sota_serve", "bento", "rayserve", "training", "bench"):
         tree = ast.parse(path.read_text())
         imported = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
                     if isinstance(node, ast.Import | ast.ImportFrom) and getattr(node, "level", 0) == 0
@@ -135,7 +138,7 @@ def test_no_monkeypatching():
                     f"{path.relative_to(ROOT)}:{node.lineno} setattr on {first.id}")
 
 
-PROJECT = ("sota_serve", "bento", "training", "bench")
+PROJECT = ("sota_serve", "bento", "rayserve", "training", "bench")
 #: module attributes documented as settings to assign (Pillow's, Python's hook for uncaught
 #: exceptions), not patches of a library's code
 SETTINGS = {"ImageFile.LOAD_TRUNCATED_IMAGES", "Image.MAX_IMAGE_PIXELS", "sys.excepthook"}
@@ -149,7 +152,8 @@ def test_the_serving_core_has_no_web_framework():
     for path in (ROOT / "sota_serve").rglob("*.py"):
         for name in _imported(ast.parse(path.read_text())):
             root = name.split(".")[0]
-            assert root not in ("bentoml", "starlette", "fastapi", "uvicorn", "litserve", "flask", "aiohttp"), (
+            assert root not in ("bentoml", "starlette", "fastapi", "uvicorn", "litserve", "flask", "aiohttp",
+                                "ray"), (
                 f"{path.relative_to(ROOT)} imports {name}")
 
 

@@ -1,7 +1,7 @@
 """The load generator's HTTP/1.1 client (bench/http1.py) against a real socket server that
 answers in every way the benchmark meets: keep-alive, chunked, ``Connection: close``, 503 with
 Retry-After, garbage, silence. The multipart body it sends is parsed by the server's own
-parser (bento/multipart.py), so what the benchmark sends is what the service reads."""
+parser (sota_serve/http/multipart.py), so what the benchmark sends is what the service reads."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from bench.http1 import Answer, Connection, endpoint, multipart_request
 from bench.load import closed_loop
 from bench.server import free_port
-from bento.multipart import boundary, parts
+from sota_serve.http.multipart import boundary, parts
 
 
 def _answer(status: int, body: bytes, *, headers: str = "", chunked: bool = False) -> bytes:

@@ -12,8 +12,14 @@ import tritonclient.http as triton
 from tritonclient.http import InferResult
 from tritonclient.utils import InferenceServerException
 
-from bento.oip_codec import classification, decode_bytes, encode_bytes, encode_infer, parse_infer
 from sota_serve.errors import MalformedRequestError
+from sota_serve.http.oip_codec import (
+    classification,
+    decode_bytes,
+    encode_bytes,
+    encode_infer,
+    parse_infer,
+)
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
 from sota_serve.serving.pipeline import Probabilities

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bento.page import ASSETS, PAGE_DIR
+from sota_serve.http.page import ASSETS, PAGE_DIR
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
 from sota_serve.tta import POLICIES

@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from bento.multipart import boundary, parts
-from bento.routes import _form
 from sota_serve.errors import MalformedRequestError
+from sota_serve.http.multipart import boundary, parts
+from sota_serve.http.routes import _form
 
 
 def encoded(files, data=None) -> tuple[bytes, bytes]:

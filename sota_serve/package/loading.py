@@ -167,3 +167,13 @@ def draft_package(card: ModelCard, files: dict[str, Path], root: Path) -> ModelP
         _format_of(key)
     return ModelPackage(card=card.model_copy(update={"artifacts": {}}), artifacts=dict(files),
                         root=root, source=f"{root} (draft)")
+
+
+def check_backend(package: ModelPackage, backend: str) -> None:
+    """Refuse a backend whose artifact the package does not carry (e.g. a TorchScript Bento on
+    a model imported with ``--formats onnx``)."""
+    if backend not in package.backends:
+        raise PackageError(
+            f"{package.source}: SOTA_SERVE_BACKEND={backend}, but the package has only"
+            f" {', '.join(package.backends)}; serve or build with that backend, or import the"
+            f" package with its {backend} artifact (sota-serve import DIR --formats {backend})")

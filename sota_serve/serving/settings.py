@@ -92,9 +92,13 @@ class Settings(BaseSettings):
             decode_threads=self.decode_threads or self._decode_threads(device, per_worker),
             threads=threads,
             model_threads=model_threads,
-            max_batch_size=self.max_batch_size or (128 if device == "cuda" else 32),
+            max_batch_size=self.batch_size(device),
             max_batch_size_tta=self.max_batch_size_tta or (32 if device == "cuda" else 8),
         )
+
+    def batch_size(self, device: Device) -> int:
+        """Images per plain device call on ``device``."""
+        return self.max_batch_size or (128 if device == "cuda" else 32)
 
     @staticmethod
     def _decode_threads(device: Device, per_worker: int) -> int:

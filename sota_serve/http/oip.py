@@ -4,7 +4,7 @@
 ``.../ready`` and ``POST .../infer``, where ``{name}`` is the card's name and ``{v}`` its
 version. Requests go through the same front door (body limit, admission), the same handler and
 pipeline (batching across requests and routes) and the same decode limits as ``/classify``.
-The messages are bento/oip_codec.py's. Errors are ``{"error": message}``: 400 for anything
+The messages are sota_serve/http/oip_codec.py's. Errors are ``{"error": message}``: 400 for anything
 wrong in the request (v2 has no 422), 404 for another model's name, 413, 415 and 503 as on
 the other routes.
 """
@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from starlette.datastructures import Headers
-
-from bento.errors import Answer, error_answer
-from bento.oip_codec import HEADER_LENGTH, encode_infer, model_metadata, parse_infer
 from sota_serve import __version__, formats
 from sota_serve.errors import BadRequestError, MalformedRequestError, SotaServeError
+from sota_serve.http.errors import Answer, error_answer
+from sota_serve.http.oip_codec import HEADER_LENGTH, encode_infer, model_metadata, parse_infer
 from sota_serve.serving.admission import Ticket
 from sota_serve.serving.pipeline import Pipeline
 
@@ -90,7 +88,7 @@ class OpenInference:
         if version not in (None, self.card.version):
             raise NotFoundError(f"model {name!r} has no version {version!r}; it is version {self.card.version!r}")
 
-    async def infer(self, path: str, headers: Headers, body: bytes, ticket: Ticket | None) -> Answer:
+    async def infer(self, path: str, headers: Mapping[str, str], body: bytes, ticket: Ticket | None) -> Answer:
         match = _MODEL_PATH.match(path)
         assert match is not None, "OpenInference.infer on a path is_infer refused"
         try:

@@ -1,6 +1,6 @@
 """Open Inference Protocol v2 (KServe v2, Triton HTTP) messages for an image classifier.
 
-Pure functions between HTTP bodies and Python values; the routes are in bento/oip.py.
+Pure functions between HTTP bodies and Python values; the routes are in sota_serve/http/oip.py.
 
 - Inputs (exactly one per request): ``image``, BYTES ``[N]`` (or ``[N, 1]``), each element an
   encoded image file; or ``pixels``, UINT8 ``[N, 3, H, W]`` at the card's input size, crops

@@ -1,10 +1,10 @@
 """The route table the front door answers from, once the model is loaded.
 
 ``POST /classify`` and ``POST /classify_batch`` from the front door's buffered body; the Open
-Inference Protocol under ``/v2`` (bento/oip.py); ``GET /card`` (BentoML's API routes are POST
+Inference Protocol under ``/v2`` (sota_serve/http/oip.py); ``GET /card`` (BentoML's API routes are POST
 only, and a browser's first try is a GET); the page for people at ``/`` with its assets and
-``GET /crops`` (bento/page.py); the OpenAPI UI at ``/docs`` and ``GET /docs.json`` (the
-OpenAPI document completed from the model card, bento/openapi.py).
+``GET /crops`` (sota_serve/http/page.py); the OpenAPI UI at ``/docs`` and ``GET /docs.json`` (the
+OpenAPI document completed from the model card by the front end, e.g. bento/openapi.py).
 
 BentoML's generic request path validates an IO model, parses the multipart body a second
 time, builds a Starlette request and response and serializes through its own serde: on the
@@ -23,12 +23,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bento import page
-from bento.errors import Answer, answered
-from bento.multipart import Part
-from bento.oip import OpenInference
-from bento.schemas import BatchResponse, ClassifyResponse
 from sota_serve.errors import ImageError, MalformedRequestError
+from sota_serve.http import page
+from sota_serve.http.errors import Answer, answered
+from sota_serve.http.multipart import Part
+from sota_serve.http.oip import OpenInference
+from sota_serve.http.schemas import BatchResponse, ClassifyResponse
 from sota_serve.predictions import DEFAULT_TOP_K
 from sota_serve.serving.admission import Ticket
 from sota_serve.serving.pipeline import Pipeline

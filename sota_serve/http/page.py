@@ -1,4 +1,4 @@
-"""The page for people at ``/`` (bento/page/: plain HTML, CSS and JS, no build step, nothing
+"""The page for people at ``/`` (sota_serve/http/page/: plain HTML, CSS and JS, no build step, nothing
 fetched from elsewhere), ``GET /crops`` for the crop boxes it draws, and the OpenAPI UI at
 ``/docs``.
 """
@@ -10,8 +10,8 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from bento.errors import Answer, error_answer
 from sota_serve.errors import MalformedRequestError, SotaServeError
+from sota_serve.http.errors import Answer, error_answer
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
 from sota_serve.predictions import DEFAULT_TOP_K

@@ -1,4 +1,4 @@
-"""The limits BentoML does not enforce itself, checked by the front door (bento/front_door.py).
+"""The limits BentoML does not enforce itself, checked by the front door (sota_serve/http/front_door.py).
 
 - a request body limit (413), checked on Content-Length and again while reading;
 - a time limit on receiving the body (408): a client that trickles its upload must not hold
@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bento.multipart import Part, boundary, parts
 from sota_serve.errors import MalformedRequestError
+from sota_serve.http.multipart import Part, boundary, parts
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 

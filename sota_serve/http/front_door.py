@@ -1,16 +1,18 @@
-"""The one ASGI middleware in front of the service (added with ``add_asgi_middleware``).
+"""The one ASGI middleware in front of the service, whichever server runs it: BentoML adds it
+with ``add_asgi_middleware``, Ray Serve's replicas serve it as their ingress
+(sota_serve/http/app.py).
 
 Per request, in this order:
 
 1. errors: every 4xx is ``{"error": ...}`` and every 503 carries ``Retry-After``, whoever
-   answers (bento/errors.py);
+   answers (sota_serve/http/errors.py);
 2. the GET routes it knows (the page, the card, the OpenAPI document, ``/v2``) are answered
-   from the route table (bento/routes.py);
+   from the route table (sota_serve/http/routes.py);
 3. admission (sota_serve.serving.admission): an image or ``infer`` request the queue cannot
    serve in time gets 503 with Retry-After before its body is read;
-4. limits (bento/limits.py): body size (413), time to receive it (408), file parts (415/400);
-5. the image routes and ``infer`` are answered from the buffered body (bento/routes.py);
-   anything else goes on to BentoML with the body replayed.
+4. limits (sota_serve/http/limits.py): body size (413), time to receive it (408), file parts (415/400);
+5. the image routes and ``infer`` are answered from the buffered body (sota_serve/http/routes.py);
+   anything else goes on to the wrapped app (BentoML's) with the body replayed.
 """
 
 from __future__ import annotations
@@ -20,13 +22,11 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
-from starlette.datastructures import Headers
-
-from bento.errors import Answer, json_errors
-from bento.limits import Limits, Rejected
-from bento.oip import OpenInference
-from bento.routes import FILE_FIELDS, Routes
 from sota_serve.errors import OverloadedError
+from sota_serve.http.errors import Answer, json_errors
+from sota_serve.http.limits import Limits, Rejected
+from sota_serve.http.oip import OpenInference
+from sota_serve.http.routes import FILE_FIELDS, Routes
 from sota_serve.serving.admission import Admission, Ticket
 
 Scope = dict[str, Any]
@@ -35,8 +35,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: the admission ticket of the request being handled (read by the ``@bentoml.api`` methods,
-#: which BentoML runs in this task's context or a copy of it)
+#: the admission ticket of the request being handled (read by BentoML's ``@bentoml.api``
+#: methods, which BentoML runs in this task's context or a copy of it)
 TICKET: ContextVar[Ticket | None] = ContextVar("sota_serve_ticket", default=None)
 
 
@@ -52,10 +52,10 @@ class FrontDoor:
         if method in ("GET", "HEAD"):
             answer = self.routes.get(path, scope.get("query_string", b""))
             if answer is not None:
-                return await _respond(send, answer, head=method == "HEAD")
+                return await respond(send, answer, head=method == "HEAD")
         if method != "POST":
             return await self.app(scope, receive, send)
-        headers = Headers(scope=scope)
+        headers = header_map(scope)
         declared = headers.get("content-length", "")
         declared_bytes = int(declared) if declared.isdigit() else None
         field, infer = FILE_FIELDS.get(path), OpenInference.is_infer(path)
@@ -65,7 +65,7 @@ class FrontDoor:
                 ticket = await self.admission.wait_enter(min(declared_bytes or 0, self.limits.max_body_bytes),
                                                          self.hold_s)
             except OverloadedError as e:  # before the body is read: shedding must cost less than serving
-                return await _respond(send, (503, {"Retry-After": str(e.retry_after_s)},
+                return await respond(send, (503, {"Retry-After": str(e.retry_after_s)},
                                              _error(f"{e}; retry after {e.retry_after_s}s")))
             TICKET.set(ticket)
         try:
@@ -76,22 +76,31 @@ class FrontDoor:
                     self.admission.resize(ticket, len(body))
                 form = self.limits.form(headers.get("content-type", ""), body, field) if field else []
             except Rejected as e:
-                return await _respond(send, (e.status, e.headers, _error(e.message)))
+                return await respond(send, (e.status, e.headers, _error(e.message)))
             if self.routes.loaded and field:
-                return await _respond(send, await self.routes.post(path, form, ticket))
+                return await respond(send, await self.routes.post(path, form, ticket))
             if self.routes.oip is not None and infer:
-                return await _respond(send, await self.routes.oip.infer(path, headers, body, ticket))
+                return await respond(send, await self.routes.oip.infer(path, headers, body, ticket))
             await self.app(scope, _replay(body, receive), send)
         finally:
             if ticket is not None:
                 self.admission.leave(ticket)
 
 
+def header_map(scope: Scope) -> dict[str, str]:
+    """The request's headers by lower-case name (the first of a repeated header, as a
+    client library would read it); names and values are Latin-1 as HTTP/1.1 sends them."""
+    headers: dict[str, str] = {}
+    for name, value in scope.get("headers", []):
+        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
 def _error(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-async def _respond(send: Send, answer: Answer, *, head: bool = False) -> None:
+async def respond(send: Send, answer: Answer, *, head: bool = False) -> None:
     status, headers, data = answer
     headers = {k.lower(): v for k, v in headers.items()}
     raw = [(b"content-type", headers.pop("content-type", "application/json").encode()),

@@ -1,0 +1,29 @@
+"""The service's own metrics on a replica, through Ray's metrics API (Ray exports them with
+its own ``ray_`` prefix: ``ray_sota_serve_shed_total``, ``ray_sota_serve_batch_images``...),
+the same names and meaning as under BentoML (bento/metrics.py)."""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+
+class ReplicaMetrics:
+    """Created in the replica (Ray's metrics belong to the process that records them)."""
+
+    def __init__(self) -> None:
+        self.shed = metrics.Counter("sota_serve_shed", description="Requests answered 503 with Retry-After",
+                                    tag_keys=("reason",))
+        self.images = metrics.Histogram("sota_serve_batch_images", description="Images per device call",
+                                        boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
+                                        tag_keys=("crops_per_image",))
+        self.seconds = metrics.Histogram("sota_serve_batch_seconds", description="Seconds per device call",
+                                         boundaries=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+                                         tag_keys=("crops_per_image",))
+
+    def count_shed(self, reason: str) -> None:
+        self.shed.inc(tags={"reason": reason})
+
+    def observe_batch(self, k: int, images: int, crops: int, seconds: float) -> None:
+        tags = {"crops_per_image": str(k)}
+        self.images.observe(images, tags=tags)
+        self.seconds.observe(seconds, tags=tags)

@@ -1,0 +1,189 @@
+"""A Ray cluster on this machine serving the application, driven from inside the network
+namespace the test runs it in (``python tests/ray_cluster.py CONFIG.json``; prints one JSON
+line of results). tests/test_ray.py runs it and checks the results.
+
+A head (no CPUs: it schedules and runs Ray's HTTP proxy) and three one-CPU worker nodes; two
+one-CPU replicas, so Ray places them on two different workers. Then one replica's node is
+removed while 32 clients keep sending, and the time until every route answers 200 again with
+two replicas running is measured. Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+URL = "http://127.0.0.1:8000"
+APP = "sota-serve"
+CLIENTS = 32
+
+
+def main(config: dict[str, Any]) -> dict[str, Any]:
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from rayserve.app import app
+
+    started = time.monotonic()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_host": "127.0.0.1"})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    ray.init(address=cluster.address, logging_level="warning")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000}, proxy_location="HeadOnly")
+        serve.run(app({"model": config["package"], "num_replicas": 2, "device": "cpu", **config["args"]}),
+                  name=APP, route_prefix="/")
+        results: dict[str, Any] = {"ready_s": round(time.monotonic() - started, 1)}
+
+        handle = serve.get_app_handle(APP)
+
+        def replica_nodes() -> list[str]:
+            """The nodes that answer through a handle (each replica, with near certainty: the
+            router picks between two idle replicas at random each time)."""
+            return sorted({handle.node_id.remote().result(timeout_s=30) for _ in range(24)})
+
+        def replicas_running() -> bool:
+            deployment = serve.status().applications[APP].deployments["sota_serve"]
+            return deployment.replica_states.get("RUNNING", 0) == 2
+
+        nodes = replica_nodes()
+        results["replica_nodes"] = nodes
+        results["worker_nodes"] = [w.node_id for w in workers]
+        with httpx.Client(base_url=URL, timeout=30) as client:
+            results["answers"] = answers(client, config)
+            results["contract"] = contract(client, config)
+        victim = next(w for w in workers if w.node_id == nodes[0])
+        results["load"] = node_loss(lambda: cluster.remove_node(victim, allow_graceful=False), config,
+                                    replicas_running=replicas_running)
+        for _ in range(20):  # the handle's router learns of the new replica within seconds
+            results["replica_nodes_after"] = replica_nodes()
+            if len(results["replica_nodes_after"]) == 2:
+                break
+            time.sleep(0.5)
+        results["total_s"] = round(time.monotonic() - started, 1)
+        return results
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def answers(client: httpx.Client, config: dict[str, Any]) -> dict[str, Any]:
+    """Each photo under each policy, asked four times (the proxy spreads them over both
+    replicas): the distinct answers, which must be one."""
+    out: dict[str, Any] = {}
+    for photo in config["photos"]:
+        data = Path(photo).read_bytes()
+        for tta in ("none", "five_crop"):
+            seen = {post_image(client, "/classify", data, tta).text for _ in range(4)}
+            out[f"{Path(photo).name}/{tta}"] = sorted(json.loads(s) for s in seen) if len(seen) > 1 \
+                else json.loads(seen.pop())
+    return out
+
+
+def post_image(client: httpx.Client, path: str, data: bytes, tta: str, tries: int = 5) -> httpx.Response:
+    """A 503 (shedding, with Retry-After) is tried again, a few times."""
+    for _ in range(tries):
+        field = "image" if path == "/classify" else "images"
+        response = client.post(path, files={field: ("photo.jpg", data)}, data={"tta": tta})
+        if response.status_code != 503:
+            return response
+        time.sleep(0.2)
+    return response
+
+
+def contract(client: httpx.Client, config: dict[str, Any]) -> dict[str, Any]:
+    """Status and body of the other routes, for the test to compare with `bentoml serve`'s."""
+    name = config["model_name"]
+    photo = Path(config["photos"][0]).read_bytes()
+    calls = {
+        "card": client.get("/card"),
+        "card_post": client.post("/card"),
+        "live": client.get("/v2/health/live"),
+        "ready": client.get("/v2/health/ready"),
+        "server_metadata": client.get("/v2"),
+        "model_metadata": client.get(f"/v2/models/{name}"),
+        "infer": client.post(f"/v2/models/{name}/infer", json=config["infer"]),
+        "batch": post_image(client, "/classify_batch", photo, "none"),
+        "not_an_image": client.post("/classify", files={"image": ("a.txt", b"not an image")}),
+        "no_such_route": client.get("/no-such-route"),
+        "other_model": client.get("/v2/models/another-model"),
+    }
+    return {key: {"status": r.status_code, "body": r.json()} for key, r in calls.items()}
+
+
+def node_loss(remove, config: dict[str, Any], replicas_running) -> dict[str, Any]:
+    """32 clients send /classify until the service is whole again after ``remove()``; every
+    answer's status (and Retry-After on 503), the longest request, and the recovery time."""
+    photo = Path(config["photos"][0]).read_bytes()
+    deadline_s, stop = config["deadline_s"], threading.Event()
+    outcomes: list[tuple[int, bool, float, float]] = []  # status (0: no answer), Retry-After, start, seconds
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=URL, timeout=deadline_s) as client:
+            for _ in range(10_000):
+                if stop.is_set():
+                    return
+                t0 = time.monotonic()
+                try:
+                    r = client.post("/classify", files={"image": ("p.jpg", photo)}, data={"tta": "none"})
+                    outcomes.append((r.status_code, "retry-after" in r.headers, t0, time.monotonic() - t0))
+                except httpx.HTTPError:
+                    outcomes.append((0, False, t0, time.monotonic() - t0))
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        futures = [pool.submit(client_loop) for _ in range(CLIENTS)]
+        time.sleep(3)
+        before = len(outcomes)
+        removed_at = time.monotonic()
+        remove()
+        removed_s = time.monotonic() - removed_at
+        recovered_s = wait_whole(config, replicas_running, removed_at, limit_s=config["recovery_limit_s"])
+        time.sleep(1)
+        stop.set()
+        for f in futures:
+            f.result(timeout=deadline_s + 10)
+    statuses = Counter(s for s, _, _, _ in outcomes)
+    return {
+        "requests": len(outcomes), "before_removal": before,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "503_without_retry_after": sum(1 for s, ra, _, _ in outcomes if s == 503 and not ra),
+        "longest_s": round(max(t for _, _, _, t in outcomes), 2),
+        "removal_took_s": round(removed_s, 2),
+        # when each failed request (not 200, not 503) started, in seconds after the removal began
+        "failed_started_at_s": sorted(round(t0 - removed_at, 2) for s, _, t0, _ in outcomes if s not in (200, 503)),
+        "recovery_s": recovered_s,
+    }
+
+
+def wait_whole(config: dict[str, Any], replicas_running, since: float, limit_s: float) -> float | None:
+    """Seconds from ``since`` until two replicas run and every route answers 200; None if not
+    within ``limit_s``."""
+    name, photo = config["model_name"], Path(config["photos"][0]).read_bytes()
+    with httpx.Client(base_url=URL, timeout=10) as client:
+        while time.monotonic() - since < limit_s:
+            try:
+                ok = replicas_running() and all(r.status_code == 200 for r in (
+                    client.get("/card"), client.get("/v2/health/ready"), client.get(f"/v2/models/{name}"),
+                    client.post("/classify", files={"image": ("p.jpg", photo)}),
+                    client.post("/classify_batch", files={"images": ("p.jpg", photo)}),
+                    client.post(f"/v2/models/{name}/infer", json=config["infer"])))
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                return round(time.monotonic() - since, 1)
+            time.sleep(0.5)
+    return None
+
+
+if __name__ == "__main__":
+    config = json.loads(Path(sys.argv[1]).read_text())
+    print(json.dumps(main(config)))

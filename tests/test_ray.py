@@ -1,0 +1,168 @@
+"""The Ray Serve application on a real multi-node Ray cluster (a head and three worker nodes
+on this machine), against `bentoml serve` on the same package.
+
+Ray replaces a node address of 127.0.0.1 with the machine's external one, so the cluster and
+its clients run in a network namespace of the test's own that holds only loopback (``unshare
+--net``, which needs root, as CI has); Ray's token auth with a token file of the test's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_server import post
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "tiny-cnn"
+#: clients sending while a node is lost
+CLIENTS = 32
+#: a client gives up on a request after this long: none may take longer
+DEADLINE_S = 25.0
+#: the service must be whole again this long after losing a node
+RECOVERY_LIMIT_S = 30.0
+#: an OIP infer request on raw pixels (1 x 3 x 32 x 32), the same for both servers
+INFER = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 3, 32, 32],
+                     "data": [(7 * i) % 256 for i in range(3 * 32 * 32)]}]}
+
+
+def _namespace_unavailable() -> str | None:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare (util-linux) and ip (iproute2) for the cluster's own network namespace"
+    probe = subprocess.run(["unshare", "--net", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot make a network namespace here (unshare --net needs root): {probe.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster_results(tiny_package, photos, tmp_path_factory):
+    reason = _namespace_unavailable()
+    if reason:
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("ray")
+    token = work / "token"
+    token.write_text(secrets.token_hex(16))
+    token.chmod(0o600)
+    config = work / "config.json"
+    config.write_text(json.dumps({
+        "package": str(tiny_package), "photos": [str(p) for p in photos], "model_name": NAME,
+        "infer": INFER, "deadline_s": DEADLINE_S, "recovery_limit_s": RECOVERY_LIMIT_S,
+        # one decode thread and one model call per one-CPU replica; no wait at the door
+        "args": {"cpus_per_replica": 1, "decode_threads": 1, "model_threads": 1, "admission_hold_s": 0},
+    }))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token), "RAY_TMPDIR": str(work / "ray")}
+    script = f"ip link set lo up && exec {sys.executable} {ROOT / 'tests' / 'ray_cluster.py'} {config}"
+    started = time.monotonic()
+    out = subprocess.run(["unshare", "--net", "bash", "-c", script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    results["wall_s"] = round(time.monotonic() - started, 1)
+    print("ray cluster:", json.dumps({k: v for k, v in results.items() if k not in ("answers", "contract")}))
+    return results
+
+
+@pytest.mark.slow
+def test_two_replicas_on_two_nodes(cluster_results):
+    nodes = cluster_results["replica_nodes"]
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+    assert set(nodes) <= set(cluster_results["worker_nodes"]), "replicas run on worker nodes, not the head"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tta", ["none", "five_crop"])
+def test_answers_equal_bentoml_serve(cluster_results, server, photos, tta):
+    for photo in photos:
+        expected = post(server, "/classify", {"image": ("photo.jpg", photo.read_bytes())}, {"tta": tta}).json()
+        assert cluster_results["answers"][f"{photo.name}/{tta}"] == expected, photo.name
+
+
+@pytest.mark.slow
+def test_the_other_routes_answer_as_bentoml_serve(cluster_results, server, photos):
+    ours = cluster_results["contract"]
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        theirs = {
+            "card": client.get("/card"), "card_post": client.post("/card"),
+            "live": client.get("/v2/health/live"), "ready": client.get("/v2/health/ready"),
+            "server_metadata": client.get("/v2"), "model_metadata": client.get(f"/v2/models/{NAME}"),
+            "infer": client.post(f"/v2/models/{NAME}/infer", json=INFER),
+            "batch": client.post("/classify_batch", files={"images": ("photo.jpg", photos[0].read_bytes())},
+                                 data={"tta": "none"}),
+            "not_an_image": client.post("/classify", files={"image": ("a.txt", b"not an image")}),
+            "other_model": client.get("/v2/models/another-model"),
+        }
+    for key, response in theirs.items():
+        assert ours[key] == {"status": response.status_code, "body": response.json()}, key
+    assert ours["no_such_route"]["status"] == 404 and "error" in ours["no_such_route"]["body"]
+
+
+@pytest.mark.slow
+def test_losing_a_node_under_load(cluster_results):
+    load = cluster_results["load"]
+    assert load["before_removal"] > 0 and load["requests"] > load["before_removal"]
+    # Every request gets an answer (no connection error) of 200, or 503 with Retry-After from
+    # a replica's admission, except those in flight on the lost node's replica: Ray's proxy
+    # answers them 500 (it does not retry a request a dead replica had begun). At most one per
+    # client, and only around the loss.
+    assert set(load["statuses"]) <= {"200", "503", "500"}, load
+    failed = load["failed_started_at_s"]
+    assert len(failed) <= CLIENTS and all(-DEADLINE_S < t < load["removal_took_s"] + 5 for t in failed), load
+    assert load["503_without_retry_after"] == 0, load
+    assert load["longest_s"] < DEADLINE_S, load
+    assert load["recovery_s"] is not None and load["recovery_s"] <= RECOVERY_LIMIT_S, load
+    assert len(cluster_results["replica_nodes_after"]) == 2
+
+
+def _config_args() -> list[dict]:
+    import yaml
+
+    serve_file = yaml.safe_load((ROOT / "deploy" / "ray" / "serve.yaml").read_text())
+    kube = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "rayservice.yaml").read_text())
+    apps = serve_file["applications"] + yaml.safe_load(kube["spec"]["serveConfigV2"])["applications"]
+    assert {a["import_path"] for a in apps} == {"rayserve.app:app"}
+    return [a["args"] for a in apps]
+
+
+def test_the_config_files_give_the_builder_arguments_it_takes():
+    from rayserve.app import app
+
+    for args in _config_args():
+        assert app(args) is not None  # the builder validates them (ArgsError otherwise)
+
+
+def test_replicas_take_a_gpu_each_when_asked_and_autoscale_by_default():
+    from rayserve.args import AppArgs
+
+    gpu = AppArgs.parse({"model": "m", "gpus_per_replica": "1", "max_replicas": "8"})
+    options = gpu.deployment_options()
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert gpu.service_settings().device == "cuda"
+    # one decode thread, one model call of 128 images (the GPU batch): 129 ongoing requests
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 129.0}
+    assert options["max_ongoing_requests"] == 1024  # admission sheds, not Ray's queue
+    cpu = AppArgs.parse({"model": "m", "num_replicas": 3, "cpus_per_replica": 2, "max_wait_s": "5"})
+    assert cpu.deployment_options()["num_replicas"] == 3 and "autoscaling_config" not in cpu.deployment_options()
+    settings = cpu.service_settings()
+    assert (settings.device, settings.decode_threads, settings.model_threads, settings.max_wait_s) == ("cpu", 4, 2, 5)
+
+
+def test_wrong_arguments_are_refused_by_name():
+    from rayserve.args import AppArgs, ArgsError
+
+    with pytest.raises(ArgsError, match="unknown argument.*replicas"):
+        AppArgs.parse({"model": "m", "replicas": 2})
+    with pytest.raises(ArgsError, match="device"):
+        AppArgs.parse({"model": "m", "device": "tpu"})
+    with pytest.raises(ArgsError, match="min_replicas"):
+        AppArgs.parse({"model": "m", "min_replicas": 5, "max_replicas": 2})
