@@ -158,7 +158,7 @@ def test_cli_predict_and_inspect(fp16_package, photos, tiny_package, capsys):
     assert half[0]["predictions"][0]["label"] == full[0]["predictions"][0]["label"]
     assert cli(["inspect", str(fp16_package)]) == 0
     out = capsys.readouterr().out
-    assert "onnx (fp32, fp16), torchscript (fp32, fp16)" in out
+    assert "onnx (fp32, fp16), pt2 (fp32, fp16), torchscript (fp32, fp16)" in out
     assert "fp16 onnx" in out and "top-1 agreement with fp32 100.00%" in out and "serves on GPU (auto)" in out
     assert "## fp16" in (fp16_package / "README.md").read_text()
     # a package without fp16 files: a clear error, exit 2
