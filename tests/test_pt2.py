@@ -133,3 +133,11 @@ def test_loading_torchscript_logs_one_line_naming_pt2_and_no_warning(tiny_packag
     notes = [r.getMessage() for r in caplog.records if r.name == "sota_serve.runtime"]
     assert notes == [torchscript.DEPRECATION_NOTE] and "pt2" in notes[0]
     assert not [w for w in caught if JIT_NOTICE.search(str(w.message))]
+
+
+@pytest.mark.slow
+def test_bentoml_serve_with_backend_pt2_answers_as_offline(tiny_package, photos, tmp_path):
+    from tests.helpers import served_like_offline
+
+    served_like_offline(tiny_package, photos[0], tmp_path / "home", precision="fp32",
+                        env={"SOTA_SERVE_BACKEND": "pt2", "SOTA_SERVE_PRECISION": "fp32"})
