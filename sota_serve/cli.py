@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -212,14 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sota-serve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="print the card of a package dir, .onnx or .pt file, or store tag")
-    p.add_argument("path", help="package directory, .onnx or .pt file, or BentoML model-store tag (name[:version])")
+    p = sub.add_parser("inspect", help="print the card of a package dir, .onnx, .pt2 or .pt file, or store tag")
+    p.add_argument("path", help="package directory, .onnx, .pt2 or .pt file, or BentoML model-store tag (name[:version])")
     p.add_argument("--json", action="store_true", help="print the card as JSON")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("predict", help="classify image files with a package",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("package", help="package directory, .onnx or .pt file, or BentoML model-store tag"
+    p.add_argument("package", help="package directory, .onnx, .pt2 or .pt file, or BentoML model-store tag"
                                    " (name[:version], e.g. sota-demo:latest)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     p.add_argument("--backend", choices=formats.NAMES, default=formats.DEFAULT, help="which exported file runs")
@@ -274,8 +273,6 @@ EXTRAS = {"torch": "torchscript", "torchvision": "torchscript", "fastai": "train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # torch marks torch.jit deprecated; TorchScript is still the format this tool writes.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":  # its options are the benchmark's own (python -m bench --help)

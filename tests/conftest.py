@@ -38,7 +38,7 @@ def digit_ood(card_data: dict) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory, photos) -> Path:
-    """A real exported package: tiny CNN, ONNX + TorchScript, card with every TTA policy and
+    """A real exported package: tiny CNN, ONNX + pt2 + TorchScript, card with every TTA policy and
     an out-of-distribution fit on digits."""
     from sota_serve.building.export import export_package
     from sota_serve.image.preprocess import Preprocessor

@@ -27,9 +27,9 @@ def test_inspect_lone_torchscript_json(tiny_package, tmp_path, capsys):
     assert card["labels"] == ["cat", "dog", "bird"] and card["normalization"]["std"] == [0.229, 0.224, 0.225]
 
 
-def test_predict_same_top1_with_both_backends(tiny_package, photos, capsys):
+def test_predict_same_top1_with_every_backend(tiny_package, photos, capsys):
     tops = {}
-    for backend in ("onnx", "torchscript"):
+    for backend in ("onnx", "pt2", "torchscript"):
         for tta in ("none", "five_crop"):
             assert main(["predict", str(tiny_package), *map(str, photos), "--backend", backend,
                          "--tta", tta, "--json", "--device", "cpu"]) == 0
@@ -37,8 +37,9 @@ def test_predict_same_top1_with_both_backends(tiny_package, photos, capsys):
             tops[backend, tta] = [r["predictions"][0]["label"] for r in results]
             scores = [p["score"] for p in results[0]["predictions"]]
             assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
-    assert tops["onnx", "none"] == tops["torchscript", "none"]
-    assert tops["onnx", "five_crop"] == tops["torchscript", "five_crop"]
+    for backend in ("pt2", "torchscript"):
+        assert tops["onnx", "none"] == tops[backend, "none"]
+        assert tops["onnx", "five_crop"] == tops[backend, "five_crop"]
 
 
 def test_predict_readable_output_and_bad_image(tiny_package, photos, tmp_path, capsys):

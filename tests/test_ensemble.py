@@ -38,9 +38,9 @@ def test_the_ensemble_graph_is_the_weighted_mean_of_its_members(members, photos,
     card = build_ensemble(members, tmp_path / "ens", weights=[3, 1])
     assert [m.weight for m in card.ensemble.members] == [0.75, 0.25]
     assert card.ensemble.members[1].normalization.mean == (0.5, 0.5, 0.5)
-    assert card.export.max_abs_diff.keys() == {"onnx", "torchscript"}
+    assert card.export.max_abs_diff.keys() == {"onnx", "pt2", "torchscript"}
     data = [p.read_bytes() for p in photos]
-    for backend in ("onnx", "torchscript"):
+    for backend in ("onnx", "pt2", "torchscript"):
         ens = Classifier.open(tmp_path / "ens", backend=backend, device="cpu")
         one = [Classifier.open(m, backend=backend, device="cpu") for m in members]
         for tta in ("none", "five_crop"):

@@ -27,19 +27,19 @@ def _inputs(card, photos):
     return np.concatenate([*real, *synthetic, noise])
 
 
-def test_onnx_torchscript_eager_agree(tiny_package, photos):
+def test_onnx_pt2_torchscript_eager_agree(tiny_package, photos):
     package = open_package(tiny_package)
     card = package.card
     x = _inputs(card, photos)
     eager = ServingModule(tiny_cnn(), card).eval()
     with torch.no_grad():
         expected = eager(torch.from_numpy(x)).numpy()
-    for backend in ("onnx", "torchscript"):
+    for backend in ("onnx", "pt2", "torchscript"):
         got = load_runtime(package, backend, device="cpu").predict(x)
         assert np.abs(got - expected).max() < 1e-4, backend
         assert (got.argmax(1) == expected.argmax(1)).all()
     recorded = card.to_dict()["export"]["max_abs_diff"]
-    assert set(recorded) == {"onnx", "torchscript"} and max(recorded.values()) < 1e-4
+    assert set(recorded) == {"onnx", "pt2", "torchscript"} and max(recorded.values()) < 1e-4
 
 
 def test_normalization_in_graph_equals_fastai_normalize(photos):

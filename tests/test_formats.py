@@ -23,7 +23,7 @@ def test_registry_names_files_and_platforms():
         assert fmt.name == name and fmt.platform and fmt.suffixes
         assert formats.for_file(Path(f"x/{fmt.file_name}")) is fmt
     assert formats.for_file(Path("weights.safetensors")) is None
-    with pytest.raises(RuntimeBackendError, match="unknown backend 'tensorrt'; use one of onnx, torchscript"):
+    with pytest.raises(RuntimeBackendError, match="unknown backend 'tensorrt'; use one of onnx, pt2, torchscript"):
         formats.get("tensorrt")
 
 
@@ -73,8 +73,8 @@ def test_a_draft_package_runs_before_its_card_is_written(tmp_path, photos):
 
 
 #: A comparison with a format's name, or a mapping keyed by one: the branches the registry replaces.
-_BRANCH = re.compile(r"""(==|!=)\s*["'](onnx|torchscript)["']|["'](onnx|torchscript)["']\s*(==|!=|in\b|not in\b)"""
-                     r"""|[{,]\s*["'](onnx|torchscript)["']\s*:""")
+_BRANCH = re.compile(r"""(==|!=)\s*["'](onnx|pt2|torchscript)["']|["'](onnx|pt2|torchscript)["']\s*(==|!=|in\b|not in\b)"""
+                     r"""|[{,]\s*["'](onnx|pt2|torchscript)["']\s*:""")
 
 
 def test_only_the_format_modules_branch_on_a_format_name():

@@ -38,7 +38,7 @@ def int8_package(tmp_path_factory, photos):
 def test_int8_file_is_written_beside_fp32_hashed_and_measured(int8_package, photos):
     package = open_package(int8_package)  # verifies every sha256
     card = package.card
-    assert set(card.artifacts) == {"onnx", "onnx-int8", "torchscript"}
+    assert set(card.artifacts) == {"onnx", "onnx-int8", "pt2", "torchscript"}
     assert card.artifacts["onnx-int8"].path == "model.int8.onnx"
     assert package.precisions("onnx") == ("fp32", "int8") and package.precisions("torchscript") == ("fp32",)
     assert card.export.precisions == ["fp32", "int8"]
@@ -137,7 +137,7 @@ def test_a_tampered_int8_file_is_refused(int8_package, tmp_path):
 def test_cli_inspect_and_predict(int8_package, photos, capsys):
     assert cli(["inspect", str(int8_package)]) == 0
     out = capsys.readouterr().out
-    assert "onnx (fp32, int8), torchscript (fp32)" in out
+    assert "onnx (fp32, int8), pt2 (fp32), torchscript (fp32)" in out
     assert "int8 onnx" in out and "serves on CPU (auto)" in out
     readme = (int8_package / "README.md").read_text()
     assert "## int8" in readme and "kept in fp32" in readme

@@ -57,9 +57,22 @@ def test_bentofiles_take_their_packages_from_pyproject():
     onnx = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"]
     assert set(onnx) == core, "bentofile.yaml must list pyproject's core dependencies and the serve"\
                               " extra's runtime packages"
-    torchscript = set(yaml.safe_load((ROOT / "bentofile.torchscript.yaml").read_text())["python"]["packages"])
     extra = set(project["optional-dependencies"]["torchscript"])
-    assert core <= torchscript <= core | extra and torchscript & extra
+    for variant in ("bentofile.torchscript.yaml", "bentofile.pt2.yaml"):
+        torch_packages = set(yaml.safe_load((ROOT / variant).read_text())["python"]["packages"])
+        assert core <= torch_packages <= core | extra and torch_packages & extra, variant
+
+
+def test_each_torch_bentofile_serves_its_own_backend():
+    """bentofile.<backend>.yaml names bento/service_<backend>.py and sets SOTA_SERVE_BACKEND to
+    that backend, both in the Bento's environment and before the service module reads it."""
+    import yaml
+
+    for backend in ("torchscript", "pt2"):
+        bentofile = yaml.safe_load((ROOT / f"bentofile.{backend}.yaml").read_text())
+        assert bentofile["service"] == f"bento.service_{backend}:SotaServe"
+        assert {"name": "SOTA_SERVE_BACKEND", "value": backend} in bentofile["envs"]
+        assert f'setdefault("SOTA_SERVE_BACKEND", "{backend}")' in (ROOT / f"bento/service_{backend}.py").read_text()
 
 
 def test_the_libraries_the_project_builds_on_have_upper_bounds():

@@ -38,17 +38,17 @@ def fp16_package(tmp_path_factory, photos):
 def test_fp16_files_are_written_beside_fp32_hashed_and_measured(fp16_package, photos):
     package = open_package(fp16_package)  # verifies all four sha256
     card = package.card
-    assert set(card.artifacts) == {"onnx", "onnx-fp16", "torchscript", "torchscript-fp16"}
+    assert set(card.artifacts) == {"onnx", "onnx-fp16", "pt2", "pt2-fp16", "torchscript", "torchscript-fp16"}
     assert card.artifacts["onnx-fp16"].path == "model.fp16.onnx"
     assert card.artifacts["torchscript-fp16"].path == "model.fp16.pt"
-    assert package.backends == ("onnx", "torchscript")
+    assert package.backends == ("onnx", "pt2", "torchscript")
     assert package.precisions("onnx") == ("fp32", "fp16")
-    assert card.export.precisions == ["fp32", "fp16"] and card.export.formats == ["onnx", "torchscript"]
+    assert card.export.precisions == ["fp32", "fp16"] and card.export.formats == ["onnx", "pt2", "torchscript"]
     assert set(card.export.max_abs_diff) == set(card.artifacts)
     # measured on the export check: the photos' crops plus 4 random images
     half = card.fp16
     assert half.source == "export check" and half.images == len(photos) + 4 and half.device == "cpu"
-    assert set(half.top1_agreement) == {"onnx", "torchscript"}
+    assert set(half.top1_agreement) == {"onnx", "pt2", "torchscript"}
     assert all(0.99 <= a <= 1 for a in half.top1_agreement.values())
     assert all(0 <= d < 1e-2 for d in half.max_abs_diff.values())
     # the fp16 files really hold half-precision weights; inputs and outputs stay uint8 / fp32
@@ -63,7 +63,7 @@ def test_fp16_files_are_written_beside_fp32_hashed_and_measured(fp16_package, ph
     assert "fp16" not in json.loads(package.card.serving_json())
 
 
-@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+@pytest.mark.parametrize("backend", ["onnx", "pt2", "torchscript"])
 def test_fp16_predicts_what_fp32_does_on_real_photos(fp16_package, photos, backend):
     images = [p.read_bytes() for p in photos]
     for tta in ("none", "five_crop"):
@@ -158,7 +158,7 @@ def test_cli_predict_and_inspect(fp16_package, photos, tiny_package, capsys):
     assert half[0]["predictions"][0]["label"] == full[0]["predictions"][0]["label"]
     assert cli(["inspect", str(fp16_package)]) == 0
     out = capsys.readouterr().out
-    assert "onnx (fp32, fp16), torchscript (fp32, fp16)" in out
+    assert "onnx (fp32, fp16), pt2 (fp32, fp16), torchscript (fp32, fp16)" in out
     assert "fp16 onnx" in out and "top-1 agreement with fp32 100.00%" in out and "serves on GPU (auto)" in out
     assert "## fp16" in (fp16_package / "README.md").read_text()
     # a package without fp16 files: a clear error, exit 2

@@ -12,9 +12,10 @@ from pathlib import Path
 from sota_serve.errors import RuntimeBackendError
 from sota_serve.formats.base import ArtifactFormat
 from sota_serve.formats.onnx import ONNX
+from sota_serve.formats.pt2 import PT2
 from sota_serve.formats.torchscript import TORCHSCRIPT
 
-REGISTRY: dict[str, ArtifactFormat] = {f.name: f for f in (ONNX, TORCHSCRIPT)}
+REGISTRY: dict[str, ArtifactFormat] = {f.name: f for f in (ONNX, PT2, TORCHSCRIPT)}
 #: Every format name, in order of preference.
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 #: What serves when nobody says: ONNX Runtime needs neither torch nor fastai.

@@ -1,7 +1,15 @@
-"""ONNX: ``model.onnx``, the card in ``metadata_props``, run by ONNX Runtime."""
+"""ONNX: ``model.onnx``, the card in ``metadata_props``, run by ONNX Runtime.
+
+Written by PyTorch's torch.export-based exporter (``dynamo=True``, which needs the onnxscript
+package), with the weights inside the one file. Where that exporter fails on a model (or
+onnxscript is missing), the TorchScript-based one writes the file instead, and the log says so;
+the card's ``export.onnx_exporter`` names the one that ran. Either file goes through the same
+parity check against the eager module.
+"""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +21,10 @@ from sota_serve.formats.onnx_members import member_prefix
 
 #: Key under which the card is embedded in an ONNX file's metadata_props.
 CARD_KEY = "sota_serve.card"
-OPSET = 17
+#: The torch.export-based exporter's lowest opset (it would convert a lower one afterwards).
+OPSET = 18
+
+log = logging.getLogger("sota_serve.export")
 
 
 class OnnxFormat(ArtifactFormat):
@@ -56,24 +67,20 @@ class OnnxFormat(ArtifactFormat):
 
     def export(self, module: Any, example: Any, path: Path) -> dict[str, Any]:
         import onnx
-        import torch
 
         output = "probabilities" if getattr(module, "softmax", True) else "logits"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                input_names=["pixels"],
-                output_names=[output],
-                dynamic_axes={"pixels": {0: "batch"}, output: {0: "batch"}},
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,  # one self-contained file; the dynamo exporter splits out weights
-            )
+        try:
+            _export_dynamo(module, example, path, output)
+            exporter = "dynamo"
+        except Exception as e:  # noqa: BLE001 - any failure of the new exporter falls back, said in the log
+            log.warning("the torch.export-based ONNX exporter failed (%s: %s); writing %s with the"
+                        " TorchScript-based exporter instead", type(e).__name__, str(e).splitlines()[0][:300],
+                        path.name)
+            path.unlink(missing_ok=True)
+            _export_legacy(module, example, path, output)
+            exporter = "torchscript"
         onnx.checker.check_model(str(path))
-        return {"onnx_opset": OPSET}
+        return {"onnx_opset": OPSET, "onnx_exporter": exporter}
 
     def embed_card(self, path: Path, card_json: str) -> None:
         import onnx
@@ -124,6 +131,41 @@ class OnnxFormat(ArtifactFormat):
         combined.ir_version = min(m.ir_version for m in models)
         onnx.checker.check_model(combined)
         onnx.save(combined, str(path))
+
+
+def _export_dynamo(module: Any, example: Any, path: Path, output: str) -> None:
+    import torch
+
+    torch.onnx.export(
+        module, (example,), str(path),
+        input_names=["pixels"], output_names=[output],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=False,  # one self-contained file (check refuses external weights)
+        verbose=False,
+    )
+
+
+def _export_legacy(module: Any, example: Any, path: Path, output: str) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        # its own notice that it is the legacy exporter (the log has just said so), and the
+        # tracer's deprecation notices; any other warning shows
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
+                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is (deprecated|not supported)",
+                                category=FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module, (example,), str(path),
+            input_names=["pixels"], output_names=[output],
+            dynamic_axes={"pixels": {0: "batch"}, output: {0: "batch"}},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
 
 
 def _default_opset(model: Any) -> int:

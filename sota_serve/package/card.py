@@ -320,6 +320,9 @@ class ExportRecord(BaseModel):
     #: the formats that have it, ONNX)
     precisions: list[str] | None = None
     onnx_opset: int | None = None
+    #: which torch exporter wrote model.onnx: "dynamo" (torch.export-based) or "torchscript"
+    #: (the legacy one, a fallback where the first fails)
+    onnx_exporter: str | None = None
     check_images: int | None = None
     max_abs_diff: dict[str, float] = Field(default_factory=dict)
     tolerance: float | None = None

@@ -1,4 +1,4 @@
-"""Open a model package (a directory, a lone ``.onnx`` or a lone ``.pt``) and check it.
+"""Open a model package (a directory, a lone ``.onnx``, ``.pt2`` or ``.pt``) and check it.
 
 Integrity: a directory's ``card.json`` records each artifact's sha256; :func:`open_package`
 checks every one, and :meth:`ModelPackage.read_artifact` checks again the very bytes it hands

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from sota_serve import formats
 from sota_serve.device import resolve_device
 from sota_serve.formats.onnx import ONNX
+from sota_serve.formats.pt2 import PT2
 from sota_serve.formats.torchscript import TORCHSCRIPT
 from sota_serve.package import precision as _precision
 from sota_serve.runtime.base import Runtime
@@ -29,6 +30,12 @@ def _onnx() -> type[Runtime]:
     return OnnxRuntime
 
 
+def _pt2() -> type[Runtime]:
+    from sota_serve.runtime.pt2 import Pt2Runtime
+
+    return Pt2Runtime
+
+
 def _torchscript() -> type[Runtime]:
     from sota_serve.runtime.torchscript import TorchScriptRuntime
 
@@ -36,7 +43,8 @@ def _torchscript() -> type[Runtime]:
 
 
 #: By format name: the runtime class that runs that format's files, imported when called.
-RUNTIMES: dict[str, Callable[[], type[Runtime]]] = {ONNX.name: _onnx, TORCHSCRIPT.name: _torchscript}
+RUNTIMES: dict[str, Callable[[], type[Runtime]]] = {ONNX.name: _onnx, PT2.name: _pt2,
+                                                       TORCHSCRIPT.name: _torchscript}
 
 
 def open_runtime(backend: str, data: bytes, card: ModelCard, *, device: str,

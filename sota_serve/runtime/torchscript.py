@@ -2,16 +2,21 @@
 
 TorchScript archives contain code: load only files from a source you trust. sota-serve
 checks the package's sha256 before the bytes reach ``torch.jit.load``.
+
+PyTorch deprecates TorchScript: the first load in a process logs one line that names the
+``pt2`` backend instead, and torch.jit's own FutureWarning is not repeated on every call.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import numpy as np
 
 from sota_serve.errors import RuntimeBackendError
+from sota_serve.formats.torchscript import quiet_jit
 from sota_serve.package.card import ModelCard
 from sota_serve.runtime.base import Runtime
 
@@ -23,6 +28,19 @@ except ImportError as e:  # pragma: no cover - torch is a dependency
     ) from e
 
 from sota_serve.device import resolve_device
+
+log = logging.getLogger("sota_serve.runtime")
+#: The one line a process logs when it first loads a TorchScript file.
+DEPRECATION_NOTE = ("TorchScript is deprecated by PyTorch: serve this package's model.pt2 with backend pt2"
+                    " instead (SOTA_SERVE_BACKEND=pt2, predict --backend pt2; `sota-serve export` writes it)")
+_noted = False
+
+
+def _note_deprecation() -> None:
+    global _noted
+    if not _noted:
+        _noted = True
+        log.warning(DEPRECATION_NOTE)
 
 
 class TorchScriptRuntime(Runtime):
@@ -44,8 +62,10 @@ class TorchScriptRuntime(Runtime):
         if intra_op_threads:
             torch.set_num_threads(intra_op_threads)
         self._torch_device = torch.device(self.device)
+        _note_deprecation()
         try:
-            self.module = torch.jit.load(io.BytesIO(model), map_location=self._torch_device)
+            with quiet_jit():
+                self.module = torch.jit.load(io.BytesIO(model), map_location=self._torch_device)
         except Exception as e:
             raise RuntimeBackendError(f"torch.jit.load cannot load the model: {e}") from e
         self.module.eval()
