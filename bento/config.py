@@ -27,7 +27,7 @@ def settings_and_package() -> tuple[Settings, Plan, ModelPackage, Any]:
     one line naming the problem when any of it is wrong."""
     try:
         settings = load_settings()
-        package = open_package(settings.model)
+        package = open_package(_model_path(settings.model))
         check_backend(package, settings.backend)
         plan = settings.plan()
     except SotaServeError as e:
@@ -36,6 +36,19 @@ def settings_and_package() -> tuple[Settings, Plan, ModelPackage, Any]:
     # BentoModel, so that `bentoml build` records it in the Bento.
     model = Path(settings.model) if Path(settings.model).exists() else bentoml.models.BentoModel(settings.model)
     return settings, plan, package, model
+
+
+def _model_path(model: str) -> str:
+    """A model-store tag as the directory BentoML keeps it in: in a Bento (its container
+    included) that is the Bento's own store, which BentoML makes current while it imports the
+    service, not ``$BENTOML_HOME/models``. A path, or a tag BentoML does not know, is handed on
+    as it is, for :func:`open_package` to open or to refuse with its one line."""
+    if Path(model).exists():
+        return model
+    try:
+        return bentoml.models.get(model).path
+    except (bentoml.exceptions.BentoMLException, ValueError):
+        return model
 
 
 def explain_port_in_use() -> None:

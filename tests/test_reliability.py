@@ -38,6 +38,26 @@ def _worker(server: Server) -> psutil.Process:
     raise AssertionError("no BentoML worker process found")
 
 
+def _in_flight(url: str) -> float:
+    """Requests in progress on /classify, from BentoML's own gauge on /metrics (the front door's
+    answers are counted there too)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               if family.name == "bentoml_service_request_in_progress"
+               for sample in family.samples if sample.labels.get("endpoint") == "/classify")
+
+
+def _wait_in_flight(url: str, count: int, timeout: float = 60) -> None:
+    """Until ``count`` requests are inside the server: on a loaded machine the clients' uploads
+    may take seconds to arrive, and a fixed sleep would kill or stop an idle server."""
+    deadline = time.monotonic() + timeout
+    while _in_flight(url) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} requests in flight after {timeout} s"
+        time.sleep(0.05)
+
+
 def _post(url: str, name: str, data: bytes, tta: str = "none", timeout: float = 60) -> httpx.Response:
     return httpx.post(f"{url}/classify", files={"image": (name, data, "image/jpeg")}, data={"tta": tta},
                       timeout=timeout)
@@ -77,7 +97,7 @@ def test_kill_9_of_the_model_worker_fails_in_flight_requests_fast_and_it_comes_b
 
         with ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(one, i) for i in range(64)]
-            time.sleep(0.5)
+            _wait_in_flight(server.url, 8)
             os.kill(worker.pid, signal.SIGKILL)
             killed_at = time.monotonic()
             for f in futures:
@@ -117,7 +137,7 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits(tiny_package, 
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(one, i) for i in range(8)]
             started.wait()
-            time.sleep(0.3)  # the 8 uploads are in flight
+            _wait_in_flight(server.url, 8)  # the 8 uploads are in flight
             os.kill(server.proc.pid, signal.SIGTERM)  # what a container runtime sends to PID 1
             term_at = time.monotonic()
             for f in futures:

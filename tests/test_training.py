@@ -172,6 +172,7 @@ def test_imagenette_preset_on_a_local_folder_with_its_layout(tmp_path):
 
 
 def test_fastai_learner_converter_round_trip(small_digits_folder, tmp_path):
+    import fastai.callback.progress  # noqa: F401  (adds Learner.no_bar)
     from fastai.data.transforms import Normalize
     from fastai.learner import Learner
     from fastai.metrics import accuracy
@@ -213,8 +214,12 @@ def test_fastai_learner_converter_round_trip(small_digits_folder, tmp_path):
     int8 = Classifier.open(tmp_path / "pkg8", device="cpu", precision="int8").probabilities(
         [f.read_bytes() for f in files])
     assert (int8.argmax(1) == ours.argmax(1)).mean() >= 0.9
+    empty = tmp_path / "no-images"
+    empty.mkdir()
     with pytest.raises(SotaServeError, match="no images found"):
-        convert_learner(tmp_path / "learner.pkl", tmp_path / "pkg9", trust=True, calibration=tmp_path / "pkg8" / "none")
+        convert_learner(tmp_path / "learner.pkl", tmp_path / "pkg9", trust=True, calibration=empty)
+    with pytest.raises(SotaServeError, match="no such folder"):
+        convert_learner(tmp_path / "learner.pkl", tmp_path / "pkg9", trust=True, calibration=tmp_path / "none")
 
 
 def test_demo_reaches_target_accuracy_and_imports(tmp_path):
