@@ -33,7 +33,7 @@ class Fallback:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            return await _lifespan(receive, send)
+            return await lifespan(receive, send)
         if scope["type"] != "http":
             return None  # no websockets: the server closes the connection
         await respond(send, self.answer(scope["method"], scope["path"]), head=scope["method"] == "HEAD")
@@ -43,17 +43,23 @@ class Fallback:
             card = self.routes.get("/card")
             if card is not None:
                 return card
-        if path in FILE_FIELDS or path == "/card":
-            allowed = "POST" if path in FILE_FIELDS else "GET, POST"
-            return 405, {"Allow": allowed}, _error(f"{path} takes {allowed}")
-        return 404, {}, _error(f"no route {method} {path}")
+        return unrouted(method, path)
+
+
+def unrouted(method: str, path: str) -> Answer:
+    """The answer to a request no route takes: 405 with ``Allow`` for a known path, else 404."""
+    if path in FILE_FIELDS or path == "/card":
+        allowed = "POST" if path in FILE_FIELDS else "GET, POST"
+        return 405, {"Allow": allowed}, _error(f"{path} takes {allowed}")
+    return 404, {}, _error(f"no route {method} {path}")
 
 
 def _error(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
+    """The ASGI lifespan protocol: nothing to start or stop."""
     while True:
         message: Message = await receive()
         if message["type"] == "lifespan.startup":
