@@ -1,6 +1,6 @@
 """The application's arguments (``serve run rayserve.app:app KEY=VALUE ...`` or a Serve config
-file's ``args``): where the model is, how replicas are placed and scaled, and any service
-setting by its field name (``device=cpu``, ``max_wait_s=5``: the ``SOTA_SERVE_*`` knobs of
+file's ``args``): where the model is, how the model replicas and the ingress replicas in front
+of them are placed and scaled, and any service setting by its field name (``device=cpu``, ``max_wait_s=5``: the ``SOTA_SERVE_*`` knobs of
 sota_serve/serving/settings.py, without the prefix).
 """
 

@@ -157,6 +157,18 @@ def test_replicas_take_a_gpu_each_when_asked_and_autoscale_by_default():
     assert (settings.device, settings.decode_threads, settings.model_threads, settings.max_wait_s) == ("cpu", 4, 2, 5)
 
 
+def test_the_ingress_is_light_holds_what_the_model_replicas_hold_and_goes_where_its_resources_are():
+    from rayserve.args import AppArgs
+
+    default = AppArgs.parse({"model": "m", "max_replicas": "3"}).ingress_options()
+    # one replica of a tenth of a CPU, anywhere; it takes what three model replicas admit
+    assert default == {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 3 * 1024}
+    placed = AppArgs.parse({"model": "m", "num_replicas": 2, "ingress_replicas": 2, "cpus_per_ingress": 0,
+                            "ingress_resources": {"ingress": 1}}).ingress_options()
+    assert placed == {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0, "resources": {"ingress": 1}},
+                      "max_ongoing_requests": 2 * 1024}
+
+
 def test_wrong_arguments_are_refused_by_name():
     from rayserve.args import AppArgs, ArgsError
 
