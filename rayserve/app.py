@@ -44,6 +44,8 @@ from sota_serve.serving.pipeline import Pipeline
 from sota_serve.serving.settings import Settings
 
 log = logging.getLogger("ray.serve.sota_serve")
+#: seconds the ingress allows beyond a model replica's own bounds for the hops to and from it
+FORWARD_MARGIN_S = 2.0
 
 
 @serve.deployment(name="sota_serve")
@@ -115,12 +117,15 @@ class SotaServeIngress:
         parsed = Settings(**settings)
         self.limits = Limits(max_body_bytes=parsed.max_body_bytes, body_timeout_s=parsed.deadline_s,
                              max_files=parsed.max_batch_images)
+        # a model replica answers within its wait at the door and its deadline (it drops a
+        # request still queued after that with 503); the margin covers the two hops
+        self.timeout_s = parsed.admission_hold_s + parsed.deadline_s + FORWARD_MARGIN_S
 
     async def _call(self, method: str, *args: Any) -> Any:
         return await getattr(self.model, method).remote(*args)
 
     def __serve_build_asgi_app__(self) -> Ingress:
-        return Ingress(self._call, self.limits)
+        return Ingress(self._call, self.limits, self.timeout_s)
 
     def node_id(self) -> str:
         """The Ray node this ingress replica runs on."""

@@ -15,6 +15,7 @@ the answer is 503 with Retry-After rather than a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -48,8 +49,8 @@ class Ingress:
     """The ASGI app of an ingress replica; ``call(method, *args)`` awaits a model replica's
     method through the deployment handle."""
 
-    def __init__(self, call: Call, limits: Limits) -> None:
-        self.call, self.limits = call, limits
+    def __init__(self, call: Call, limits: Limits, timeout_s: float) -> None:
+        self.call, self.limits, self.timeout_s = call, limits, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -86,15 +87,27 @@ class Ingress:
 
     async def forward(self, method: str, *args: Any) -> Any:
         """A model replica's answer; one more try on another replica if the first died with
-        the request (every forwarded route is idempotent), then 503 with Retry-After."""
+        the request (every forwarded route is idempotent), then 503 with Retry-After. The
+        tries together take at most ``timeout_s``: with no model replica left, Ray's router
+        waits for one, and the client is told to come back rather than left waiting."""
+        try:
+            return await asyncio.wait_for(self._tries(method, *args), self.timeout_s)
+        except TimeoutError:
+            log.warning("no model replica answered %s within %.0f s", method, self.timeout_s)
+            return _unavailable(f"no model replica answered within {self.timeout_s:.0f}s")
+
+    async def _tries(self, method: str, *args: Any) -> Any:
         for attempt in (1, 2):
             try:
                 return await self.call(method, *args)
             except REPLICA_LOST as e:
                 log.warning("a model replica was lost during %s (try %d of 2): %s", method, attempt,
                             type(e).__name__)
-        return 503, {"Retry-After": str(UNAVAILABLE_RETRY_S)}, _error(
-            f"no model replica could answer (a node was lost); retry after {UNAVAILABLE_RETRY_S}s")
+        return _unavailable("no model replica could answer (a node was lost)")
+
+
+def _unavailable(why: str) -> Answer:
+    return 503, {"Retry-After": str(UNAVAILABLE_RETRY_S)}, _error(f"{why}; retry after {UNAVAILABLE_RETRY_S}s")
 
 
 def _error(message: str) -> bytes:
