@@ -1,3 +1,3 @@
-"""Ray Serve front end: the service's replicas across the nodes of a Ray cluster
-(``serve run rayserve.app:app model=...``), each serving the HTTP contract of
-:mod:`sota_serve.http` over the serving core of :mod:`sota_serve.serving`."""
+"""Ray Serve front end: the service across the nodes of a Ray cluster (``serve run
+rayserve.app:app model=...``): ingress replicas serve the HTTP contract of :mod:`sota_serve.http`
+and forward each request to model replicas running the serving core of :mod:`sota_serve.serving`."""

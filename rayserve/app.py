@@ -1,40 +1,57 @@
 """The Ray Serve application: ``serve run rayserve.app:app model=PACKAGE_OR_TAG [KEY=VALUE ...]``,
 or ``import_path: rayserve.app:app`` in a Serve config file (deploy/ray/serve.yaml).
 
-Each replica is what one ``bentoml serve`` worker is: it opens the package (every artifact's
-sha256 checked against the card), loads and warms the model, and serves the HTTP contract
-(sota_serve.http) over the serving pipeline: decode pool, batcher, TTA on the device, OOD
-screen, admission with 503 + Retry-After. Ray's proxy routes each request to a replica; Ray
-places the replicas on the cluster's nodes and scales their number on ongoing requests
-(rayserve/args.py).
+Two deployments, composed through a deployment handle:
+
+- ``sota_serve_ingress``, light replicas that hold the HTTP contract (limits, multipart
+  parsing, JSON errors: rayserve/ingress.py) and forward each decoded request to a model
+  replica; when the model replica dies with the request in hand (its node lost), the ingress
+  tries another once and otherwise answers 503 with Retry-After, never 500;
+- ``sota_serve``, the model replicas, each what one ``bentoml serve`` worker is: it opens the
+  package (every artifact's sha256 checked against the card), loads and warms the model, and
+  runs the serving pipeline (decode pool, batcher, TTA on the device, OOD screen) behind its
+  admission, which sheds with 503 + Retry-After before decoding.
+
+Ray's proxy routes each request to an ingress replica, the ingress's handle to a model
+replica; Ray places the replicas on the cluster's nodes and scales the model replicas on
+ongoing requests (rayserve/args.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 
 from rayserve.args import AppArgs
+from rayserve.ingress import Ingress
 from rayserve.metrics import ReplicaMetrics
-from sota_serve.http.app import contract_app
-from sota_serve.http.front_door import App
+from sota_serve.errors import OverloadedError
+from sota_serve.http.errors import Answer
+from sota_serve.http.limits import Limits
+from sota_serve.http.multipart import Part
 from sota_serve.http.oip import OpenInference
 from sota_serve.http.routes import Routes
 from sota_serve.package.loading import check_backend, open_package
-from sota_serve.serving.admission import Admission
+from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.serving.pipeline import Pipeline
 from sota_serve.serving.settings import Settings
 
 log = logging.getLogger("ray.serve.sota_serve")
+#: seconds the ingress allows beyond a model replica's own bounds for the hops to and from it
+FORWARD_MARGIN_S = 2.0
 
 
 @serve.deployment(name="sota_serve")
-@serve.ingress()
-class SotaServeReplica:
+class SotaServeModel:
+    """A model replica: the routes' answers over the serving pipeline, behind admission."""
+
     def __init__(self, settings: dict[str, Any]) -> None:
         self.ready = False
         self.settings = Settings(**settings)
@@ -54,8 +71,32 @@ class SotaServeReplica:
         self.ready = True
         log.info("ready: serving %s on %s, %s (%s)", pipeline.card.tag, plan.device, pipeline.precision, plan)
 
-    def __serve_build_asgi_app__(self) -> App:
-        return contract_app(self.routes, self.admission, self.settings)
+    async def get(self, path: str, query: bytes) -> Answer | None:
+        """``GET path``'s answer, or None when no route takes it."""
+        return self.routes.get(path, query)
+
+    async def post(self, path: str, form: Sequence[Part], nbytes: int) -> Answer:
+        """An image route's answer from its parsed form of ``nbytes``."""
+        return await self._admitted(nbytes, lambda ticket: self.routes.post(path, form, ticket))
+
+    async def infer(self, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
+        """An Open Inference Protocol ``infer`` answer."""
+        assert self.routes.oip is not None
+        oip = self.routes.oip
+        return await self._admitted(len(body), lambda ticket: oip.infer(path, headers, body, ticket))
+
+    async def _admitted(self, nbytes: int, work: Callable[[Ticket], Awaitable[Answer]]) -> Answer:
+        """``work(ticket)``'s answer once admission lets the request in; 503 with Retry-After
+        when this replica's queue cannot serve it in time (before anything is decoded)."""
+        try:
+            ticket: Ticket = await self.admission.wait_enter(nbytes, self.settings.admission_hold_s)
+        except OverloadedError as e:
+            message = f"{e}; retry after {e.retry_after_s}s"
+            return 503, {"Retry-After": str(e.retry_after_s)}, json.dumps({"error": message}).encode()
+        try:
+            return await work(ticket)
+        finally:
+            self.admission.leave(ticket)
 
     def node_id(self) -> str:
         """The Ray node this replica runs on (through a deployment handle: which nodes serve)."""
@@ -66,8 +107,35 @@ class SotaServeReplica:
             raise RuntimeError("the model is not loaded")
 
 
+@serve.deployment(name="sota_serve_ingress")
+@serve.ingress()
+class SotaServeIngress:
+    """An ingress replica: the HTTP contract, forwarding to the model replicas."""
+
+    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
+        self.model = model
+        parsed = Settings(**settings)
+        self.limits = Limits(max_body_bytes=parsed.max_body_bytes, body_timeout_s=parsed.deadline_s,
+                             max_files=parsed.max_batch_images)
+        # a model replica answers within its wait at the door and its deadline (it drops a
+        # request still queued after that with 503); the margin covers the two hops
+        self.timeout_s = parsed.admission_hold_s + parsed.deadline_s + FORWARD_MARGIN_S
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        return await getattr(self.model, method).remote(*args)
+
+    def __serve_build_asgi_app__(self) -> Ingress:
+        return Ingress(self._call, self.limits, self.timeout_s)
+
+    def node_id(self) -> str:
+        """The Ray node this ingress replica runs on."""
+        return ray.get_runtime_context().get_node_id()
+
+
 def app(args: dict[str, Any]) -> Application:
     """The application builder ``serve run`` and Serve config files name; ``args`` as
     :class:`rayserve.args.AppArgs` reads them."""
     parsed = AppArgs.parse(args)
-    return SotaServeReplica.options(**parsed.deployment_options()).bind(parsed.replica_settings())
+    settings = parsed.replica_settings()
+    model = SotaServeModel.options(**parsed.deployment_options()).bind(settings)
+    return SotaServeIngress.options(**parsed.ingress_options()).bind(model, settings)

@@ -1,6 +1,6 @@
 """The application's arguments (``serve run rayserve.app:app KEY=VALUE ...`` or a Serve config
-file's ``args``): where the model is, how replicas are placed and scaled, and any service
-setting by its field name (``device=cpu``, ``max_wait_s=5``: the ``SOTA_SERVE_*`` knobs of
+file's ``args``): where the model is, how the model replicas and the ingress replicas in front
+of them are placed and scaled, and any service setting by its field name (``device=cpu``, ``max_wait_s=5``: the ``SOTA_SERVE_*`` knobs of
 sota_serve/serving/settings.py, without the prefix).
 """
 
@@ -36,6 +36,16 @@ class AppArgs(BaseModel):
     cpus_per_replica: float = Field(default=1.0, gt=0)
     #: GPUs per replica (1 on GPU nodes: a replica owns its device); 0 runs on the CPU
     gpus_per_replica: float = Field(default=0.0, ge=0)
+    #: ingress replicas (the HTTP contract, forwarding to the model replicas): each is light,
+    #: an event loop that parses requests and awaits the model replicas' answers
+    ingress_replicas: int = Field(default=1, ge=1)
+    #: CPUs Ray reserves per ingress replica
+    cpus_per_ingress: float = Field(default=0.1, ge=0)
+    #: custom Ray resources an ingress replica takes, to place it: one that only the head node
+    #: declares (``ray start --head --resources '{"ingress": 100}'`` with ``{"ingress": 1}``
+    #: here) keeps the ingress off the workers, so losing a worker loses no request's ingress
+    #: (a request in flight on a lost ingress replica gets Ray's 500). Unset: anywhere.
+    ingress_resources: dict[str, float] = Field(default_factory=dict)
     #: service settings by field name (Settings); these win over the nodes' SOTA_SERVE_* variables
     settings: dict[str, Any] = Field(default_factory=dict)
 
@@ -47,7 +57,7 @@ class AppArgs(BaseModel):
 
     @classmethod
     def parse(cls, args: dict[str, Any]) -> AppArgs:
-        """From the flat ``KEY=VALUE`` form: keys that are not this model's fields are settings."""
+        """From the flat ``KEY=VALUE`` form (or a config file's mapping): keys that are not this model's fields are settings."""
         own = {k: v for k, v in args.items() if k in cls.model_fields}
         settings = {**own.pop("settings", {}), **{k: v for k, v in args.items() if k not in cls.model_fields}}
         unknown = sorted(set(settings) - set(Settings.model_fields) - {"model"})
@@ -117,3 +127,16 @@ class AppArgs(BaseModel):
             options["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                              "target_ongoing_requests": self.target()}
         return options
+
+    def ingress_options(self) -> dict[str, Any]:
+        """``Deployment.options`` of the ingress: it holds every request the model replicas
+        hold (their admission sheds, not a queue in front of the ingress)."""
+        actor: dict[str, Any] = {"num_cpus": self.cpus_per_ingress}
+        if self.ingress_resources:
+            actor["resources"] = dict(self.ingress_resources)
+        model_replicas = self.num_replicas if self.num_replicas is not None else self.max_replicas
+        return {
+            "num_replicas": self.ingress_replicas,
+            "ray_actor_options": actor,
+            "max_ongoing_requests": self.service_settings().max_in_flight * model_replicas,
+        }

@@ -2,8 +2,9 @@
 namespace the test runs it in (``python tests/ray_cluster.py CONFIG.json``; prints one JSON
 line of results). tests/test_ray.py runs it and checks the results.
 
-A head (no CPUs: it schedules and runs Ray's HTTP proxy) and three one-CPU worker nodes; two
-one-CPU replicas, so Ray places them on two different workers. Then one replica's node is
+A head (no CPUs: it schedules and runs Ray's HTTP proxy and, through a custom resource only it
+declares, the ingress replica) and three one-CPU worker nodes; two one-CPU model replicas, so
+Ray places them on two different workers. Then one replica's node is
 removed while 32 clients keep sending, and the time until every route answers 200 again with
 two replicas running is measured. Every loop is bounded in count and time.
 """
@@ -34,7 +35,8 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
     from rayserve.app import app
 
     started = time.monotonic()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_host": "127.0.0.1"})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"ingress": 10},
+                                                                   "dashboard_host": "127.0.0.1"})
     workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
     ray.init(address=cluster.address, logging_level="warning")
     try:
@@ -43,7 +45,10 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
                   name=APP, route_prefix="/")
         results: dict[str, Any] = {"ready_s": round(time.monotonic() - started, 1)}
 
-        handle = serve.get_app_handle(APP)
+        handle = serve.get_deployment_handle("sota_serve", APP)
+        ingress = serve.get_app_handle(APP)
+        results["ingress_node"] = ingress.node_id.remote().result(timeout_s=30)
+        results["head_node"] = ray.get_runtime_context().get_node_id()
 
         def replica_nodes() -> list[str]:
             """The nodes that answer through a handle (each replica, with near certainty: the
@@ -153,7 +158,7 @@ def node_loss(remove, config: dict[str, Any], replicas_running) -> dict[str, Any
             f.result(timeout=deadline_s + 10)
     statuses = Counter(s for s, _, _, _ in outcomes)
     return {
-        "requests": len(outcomes), "before_removal": before,
+        "requests": len(outcomes), "before_removal": before, "before_rps": round(before / 3, 1),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "503_without_retry_after": sum(1 for s, ra, _, _ in outcomes if s == 503 and not ra),
         "longest_s": round(max(t for _, _, _, t in outcomes), 2),

@@ -1,6 +1,6 @@
-"""The one ASGI middleware in front of the service, whichever server runs it: BentoML adds it
-with ``add_asgi_middleware``, Ray Serve's replicas serve it as their ingress
-(sota_serve/http/app.py).
+"""The ASGI middleware in front of the service under BentoML (``add_asgi_middleware``). Ray
+Serve's ingress (rayserve/ingress.py) answers the same contract from the same parts (limits,
+multipart parsing, JSON errors, the route table in its model replicas, admission there).
 
 Per request, in this order:
 

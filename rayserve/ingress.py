@@ -1,0 +1,115 @@
+"""The HTTP contract at the ingress, in front of the model replicas it calls through a handle.
+
+The ingress answers HTTP the way the front door does (sota_serve/http/front_door.py): every
+4xx is ``{"error": ...}`` and every 503 carries ``Retry-After``; the body limits hold for every
+POST (413, 408) and the image routes' multipart forms are parsed here (415, 400). What needs
+the model goes to a model replica as a decoded request: the GET routes as path and query,
+the image routes as their form parts, ``infer`` as its headers and body. The model replica's
+admission sheds there, with 503 + Retry-After, before any image is decoded.
+
+A model replica can die with a request in hand (its node lost, its process killed). The
+image routes and ``infer`` are idempotent, so such a call is tried once more, on another
+replica (Ray's router drops a replica it saw die); if that fails too, or no replica is left,
+the answer is 503 with Retry-After rather than a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+from sota_serve.http.app import lifespan, unrouted
+from sota_serve.http.errors import Answer, json_errors
+from sota_serve.http.front_door import Receive, Scope, Send, header_map, respond
+from sota_serve.http.limits import Limits, Rejected
+from sota_serve.http.oip import OpenInference
+from sota_serve.http.routes import FILE_FIELDS
+
+log = logging.getLogger("ray.serve.sota_serve")
+
+#: seconds a client is told to wait when no model replica could answer: about the time Ray
+#: takes to notice a lost replica and route around it
+UNAVAILABLE_RETRY_S = 2
+#: what a model replica died with, as the caller of its handle sees it: the actor's death
+#: (ActorDiedError) or a lost connection to it (ActorUnavailableError), both RayActorError;
+#: Serve's own when the chosen replica is gone or the deployment has none
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+#: a model replica's method by name, called through the deployment handle
+Call = Callable[..., Awaitable[Any]]
+
+
+class Ingress:
+    """The ASGI app of an ingress replica; ``call(method, *args)`` awaits a model replica's
+    method through the deployment handle."""
+
+    def __init__(self, call: Call, limits: Limits, timeout_s: float) -> None:
+        self.call, self.limits, self.timeout_s = call, limits, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            return await lifespan(receive, send)
+        if scope["type"] != "http":
+            return None  # no websockets: the server closes the connection
+        method, path = scope["method"], scope["path"]
+        head = method == "HEAD"
+        send = json_errors(send, lambda: UNAVAILABLE_RETRY_S, head=head)
+        await respond(send, await self.answer(scope, receive, method, path), head=head)
+
+    async def answer(self, scope: Scope, receive: Receive, method: str, path: str) -> Answer:
+        if method in ("GET", "HEAD"):
+            answer = await self.forward("get", path, scope.get("query_string", b""))
+            return answer if answer is not None else unrouted(method, path)
+        if method != "POST":
+            return unrouted(method, path)
+        headers = header_map(scope)
+        declared = headers.get("content-length", "")
+        try:  # the body limit holds for every POST, not only the image routes
+            self.limits.check_declared(int(declared) if declared.isdigit() else None)
+            body = await self.limits.read_body(receive)
+            field = FILE_FIELDS.get(path)
+            if field:
+                form = self.limits.form(headers.get("content-type", ""), body, field)
+                return await self.forward("post", path, form, len(body))
+        except Rejected as e:
+            return e.status, e.headers, _error(e.message)
+        if OpenInference.is_infer(path):
+            return await self.forward("infer", path, headers, body)
+        if path == "/card":  # under BentoML an API method, so POST too
+            return await self.forward("get", path, b"")
+        return unrouted(method, path)
+
+    async def forward(self, method: str, *args: Any) -> Any:
+        """A model replica's answer; one more try on another replica if the first died with
+        the request (every forwarded route is idempotent), then 503 with Retry-After. The
+        tries together take at most ``timeout_s``: with no model replica left, Ray's router
+        waits for one, and the client is told to come back rather than left waiting."""
+        try:
+            return await asyncio.wait_for(self._tries(method, *args), self.timeout_s)
+        except TimeoutError:
+            log.warning("no model replica answered %s within %.0f s", method, self.timeout_s)
+            return _unavailable(f"no model replica answered within {self.timeout_s:.0f}s")
+
+    async def _tries(self, method: str, *args: Any) -> Any:
+        for attempt in (1, 2):
+            try:
+                return await self.call(method, *args)
+            except REPLICA_LOST as e:
+                log.warning("a model replica was lost during %s (try %d of 2): %s", method, attempt,
+                            type(e).__name__)
+        return _unavailable("no model replica could answer (a node was lost)")
+
+
+def _unavailable(why: str) -> Answer:
+    return 503, {"Retry-After": str(UNAVAILABLE_RETRY_S)}, _error(f"{why}; retry after {UNAVAILABLE_RETRY_S}s")
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
