@@ -121,8 +121,9 @@ def test_kill_9_of_the_model_worker_fails_in_flight_requests_fast_and_it_comes_b
 
 
 def test_sigterm_under_load_finishes_in_flight_requests_and_exits(tiny_package, tmp_path):
-    name, data = _jpeg(tmp_path, (2000, 1500))
-    server = Server(tiny_package, env={"SOTA_SERVE_DEVICE": "cpu"}, home=tmp_path / "bentoml").wait_ready()
+    name, data = _jpeg(tmp_path, (4000, 3000))  # ~0.1 s to decode, on one decode thread: a queue forms
+    server = Server(tiny_package, env={"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_DECODE_THREADS": "1"},
+                    home=tmp_path / "bentoml").wait_ready()
     try:
         results: list[int | str] = []
         started = threading.Event()

@@ -172,7 +172,7 @@ def test_imagenette_preset_on_a_local_folder_with_its_layout(tmp_path):
 
 
 def test_fastai_learner_converter_round_trip(small_digits_folder, tmp_path):
-    import fastai.callback.progress  # noqa: F401  (adds Learner.no_bar)
+    import fastai.callback.all  # noqa: F401  (adds Learner.fit_one_cycle, no_bar)
     from fastai.data.transforms import Normalize
     from fastai.learner import Learner
     from fastai.metrics import accuracy
