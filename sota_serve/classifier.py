@@ -29,13 +29,13 @@ from sota_serve.predictions import (
     DEFAULT_TOP_K,
     Classified,
     OODResult,
+    Ranked,
     check_top_k,
     rank_rows,
     top_k_predictions,
 )
 from sota_serve.progress import progress
 from sota_serve.runtime import Runtime, load_runtime
-from sota_serve.serving.batcher import Ranked
 
 DECODERS: tuple[str, ...] = ("pillow", "torchvision")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -87,3 +88,16 @@ def top_k_predictions(probs: np.ndarray, labels: Sequence[str], k: int,
     ``ranked``: the row's leading class indices from :func:`rank_rows`, used when it has k."""
     idx = ranked[:k] if ranked is not None and len(ranked) >= k else top_k_indices(probs, k)
     return [Prediction(label=labels[i], score=float(probs[i])) for i in idx.tolist()]
+
+
+class Ranked(NamedTuple):
+    """A batch's answer for n images: (n, C) probabilities, each row's leading class indices,
+    highest first (``rank_rows``), and the annotator's value for each image (None: no annotator)."""
+
+    probs: np.ndarray
+    ranked: np.ndarray
+    notes: list[Any] | None = None
+
+    def rows(self, start: int, stop: int) -> Ranked:
+        notes = self.notes[start:stop] if self.notes is not None else None
+        return Ranked(self.probs[start:stop], self.ranked[start:stop], notes)

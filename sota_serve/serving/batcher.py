@@ -36,13 +36,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from sota_serve.errors import OverloadedError
 from sota_serve.image.device_preprocess import concat_rows
-from sota_serve.predictions import rank_rows
+from sota_serve.predictions import Ranked, rank_rows
 from sota_serve.runtime.base import Runtime
 
 log = logging.getLogger("sota_serve.batcher")
@@ -52,19 +52,6 @@ BatchObserver = Callable[[int, int, int, float], None]  # (k, images, crops, sec
 
 #: (crops, k, policy) -> one value per image, computed on the model thread beside the model call
 Annotator = Callable[[Any, int, str], "list[Any] | None"]
-
-
-class Ranked(NamedTuple):
-    """A batch's answer for n images: (n, C) probabilities, each row's leading class indices,
-    highest first (``rank_rows``), and the annotator's value for each image (None: no annotator)."""
-
-    probs: np.ndarray
-    ranked: np.ndarray
-    notes: list[Any] | None = None
-
-    def rows(self, start: int, stop: int) -> Ranked:
-        notes = self.notes[start:stop] if self.notes is not None else None
-        return Ranked(self.probs[start:stop], self.ranked[start:stop], notes)
 
 
 @dataclass
