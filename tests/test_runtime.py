@@ -87,5 +87,5 @@ def test_open_runtime_refuses_an_unknown_backend(tiny_package):
     from sota_serve.runtime import open_runtime
 
     package = open_package(tiny_package)
-    with pytest.raises(RuntimeBackendError, match="unknown backend 'tflite'; use one of onnx, torchscript"):
+    with pytest.raises(RuntimeBackendError, match="unknown backend 'tflite'; use one of onnx, pt2, torchscript"):
         open_runtime("tflite", b"", package.card, device="cpu")

@@ -22,6 +22,7 @@ from typing import Any
 
 from sota_serve.errors import CardError, PackageError
 from sota_serve.formats.base import ArtifactFormat
+from sota_serve.formats.torch_ensemble import weighted_sum
 
 #: Name of the extra file that carries the card inside the archive.
 CARD_FILE = "card.json"
@@ -90,7 +91,7 @@ class Pt2Format(ArtifactFormat):
         shape = next(n.meta["val"].shape for n in program.graph.nodes if n.op == "placeholder"
                      and n.name in program.graph_signature.user_inputs)
         example = torch.zeros((2, *shape[1:]), dtype=torch.uint8)
-        ensemble = _ensemble_module(modules, weights)
+        ensemble = weighted_sum(modules, weights)
         with torch.no_grad():
             combined = torch.export.export(ensemble, (example,),
                                            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
@@ -121,27 +122,6 @@ def _check_payloads(config: dict[str, Any], source: str, entry: str) -> None:
 def _refuse(source: str, why: str) -> None:
     raise PackageError(f"{source}: the torch.export archive {why}; sota-serve loads only archives whose"
                        " weights are plain tensors (re-export it with sota-serve)")
-
-
-def _ensemble_module(modules: list[Any], weights: list[float]) -> Any:
-    import torch
-    from torch import nn
-
-    class Ensemble(nn.Module):
-        """``sum(w_i * member_i(pixels))`` over the members' exported graphs."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.members = nn.ModuleList(modules)
-            self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
-
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            out = self.members[0](pixels) * self.weights[0]
-            for i in range(1, len(self.members)):
-                out = out + self.members[i](pixels) * self.weights[i]
-            return out
-
-    return Ensemble()
 
 
 PT2 = Pt2Format()

@@ -21,6 +21,7 @@ from typing import Any
 
 from sota_serve.errors import CardError, PackageError
 from sota_serve.formats.base import ArtifactFormat
+from sota_serve.formats.torch_ensemble import weighted_sum
 
 #: Name of the extra file that carries the card inside a TorchScript archive.
 CARD_FILE = "card.json"
@@ -81,30 +82,8 @@ class TorchScriptFormat(ArtifactFormat):
 
         with quiet_jit():
             modules = [torch.jit.load(io.BytesIO(data), map_location="cpu") for data in members]
-            ensemble = torch.jit.script(_ensemble_module(modules, weights))
+            ensemble = torch.jit.script(weighted_sum(modules, weights).eval())
             torch.jit.save(ensemble, str(path))
-
-
-def _ensemble_module(modules: list[Any], weights: list[float]) -> Any:
-    import torch
-    from torch import nn
-
-    class Ensemble(nn.Module):
-        """``sum(w_i * member_i(pixels))`` over TorchScript members."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.members = nn.ModuleList(modules)
-            self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
-
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(0)
-            for i, member in enumerate(self.members):
-                p = member(pixels) * self.weights[i]
-                out = p if i == 0 else out + p
-            return out
-
-    return Ensemble().eval()
 
 
 TORCHSCRIPT = TorchScriptFormat()

@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any
-
-import numpy as np
 
 from sota_serve.errors import RuntimeBackendError
 from sota_serve.formats.torchscript import quiet_jit
 from sota_serve.package.card import ModelCard
-from sota_serve.runtime.base import Runtime
-
-try:
-    import torch
-except ImportError as e:  # pragma: no cover - torch is a dependency
-    raise RuntimeBackendError(
-        "the TorchScript backend needs torch; pip install torch, or use backend 'onnx'"
-    ) from e
-
-from sota_serve.device import resolve_device
+from sota_serve.runtime.torch_module import (  # torch_module says what to install
+    TorchModuleRuntime,
+    torch,
+)
 
 log = logging.getLogger("sota_serve.runtime")
 #: The one line a process logs when it first loads a TorchScript file.
@@ -43,7 +34,7 @@ def _note_deprecation() -> None:
         log.warning(DEPRECATION_NOTE)
 
 
-class TorchScriptRuntime(Runtime):
+class TorchScriptRuntime(TorchModuleRuntime):
     backend = "torchscript"
 
     def __init__(
@@ -58,31 +49,14 @@ class TorchScriptRuntime(Runtime):
         """``channels_last``: default on CUDA, where cuDNN's fast (fp16 tensor-core)
         convolutions want NHWC (xresnet50 in torch fp16 channels-last ran ~2x ORT fp32 on an
         H100, BENCHMARKS.md)."""
-        super().__init__(card, resolve_device(device))
-        if intra_op_threads:
-            torch.set_num_threads(intra_op_threads)
-        self._torch_device = torch.device(self.device)
+        super().__init__(card, device=device, intra_op_threads=intra_op_threads)
         _note_deprecation()
         try:
             with quiet_jit():
-                self.module = torch.jit.load(io.BytesIO(model), map_location=self._torch_device)
+                self.module = torch.jit.load(io.BytesIO(model), map_location=self.torch_device)
         except Exception as e:
             raise RuntimeBackendError(f"torch.jit.load cannot load the model: {e}") from e
         self.module.eval()
         self.channels_last = self.device == "cuda" if channels_last is None else channels_last
         if self.channels_last:  # 4-d weights to NHWC: every convolution then runs and returns NHWC
             self.module = self.module.to(memory_format=torch.channels_last)
-        self._softmax = card.output == "logits"
-        self.pad_batches = self.device == "cuda"
-
-    def _run(self, x: Any, crops_per_image: int) -> np.ndarray:
-        with torch.inference_mode():
-            batch = torch.as_tensor(x).to(self._torch_device, non_blocking=True)
-            if self.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            scores = self.module(batch).float()
-            if self._softmax:
-                scores = scores.softmax(dim=-1)
-            if crops_per_image > 1:
-                scores = scores.view(-1, crops_per_image, scores.shape[-1]).mean(dim=1)
-            return scores.cpu().numpy()
