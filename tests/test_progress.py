@@ -19,10 +19,12 @@ def test_export_says_each_file_the_calibration_and_the_parity_check(photos, tmp_
     crops = np.concatenate([pre(p.read_bytes()) for p in photos])
     export_package(tiny_cnn(), card, tmp_path / "pkg", check_inputs=crops, int8=True, calibration=crops, fp16=True)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[:4] == ["export onnx fp32 ...", "export onnx fp16 ...", "export torchscript fp32 ...",
-                         "export torchscript fp16 ..."]
-    assert lines[4] == f"int8 calibration: onnx on {len(crops)} images ..."
-    assert lines[5].startswith("export parity: onnx, onnx-fp16, torchscript, torchscript-fp16, onnx-int8 against")
+    assert lines[:6] == ["export onnx fp32 ...", "export onnx fp16 ...", "export pt2 fp32 ...", "export pt2 fp16 ...",
+                         "export torchscript fp32 ...", "export torchscript fp16 ..."]
+    assert lines[6] == f"int8 calibration: onnx on {len(crops)} images ..."
+    assert lines[7].startswith("export parity: onnx, onnx-fp16, pt2, pt2-fp16, torchscript, torchscript-fp16,"
+                               " onnx-int8 against")
+    assert len(lines) == 8, lines  # nothing else: no deprecation notice from the project's own export
 
 
 def test_quantize_says_the_calibration_and_the_agreement(tiny_package, digit_files, tmp_path, capsys):

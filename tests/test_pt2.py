@@ -123,15 +123,16 @@ def test_export_raises_no_torch_jit_deprecation_and_uses_the_torch_export_onnx_e
 
 
 def test_loading_torchscript_logs_one_line_naming_pt2_and_no_warning(tiny_package, caplog):
-    from sota_serve.runtime import torchscript
+    from sota_serve import runtime
+    from sota_serve.formats.torchscript import TORCHSCRIPT
 
-    torchscript._noted = False  # as in a fresh process
+    runtime._noted.clear()  # as in a fresh process
     with caplog.at_level(logging.WARNING, logger="sota_serve.runtime"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
             load_runtime(open_package(tiny_package), "torchscript", device="cpu")
     notes = [r.getMessage() for r in caplog.records if r.name == "sota_serve.runtime"]
-    assert notes == [torchscript.DEPRECATION_NOTE] and "pt2" in notes[0]
+    assert notes == [TORCHSCRIPT.deprecated] and "pt2" in notes[0]
     assert not [w for w in caught if JIT_NOTICE.search(str(w.message))]
 
 

@@ -28,6 +28,9 @@ class ArtifactFormat(ABC):
     platform: ClassVar[str]
     #: the precisions it can be written at (see :mod:`sota_serve.package.precision`)
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
+    #: for a format its framework deprecates: the one line a process logs when it first serves
+    #: a file of it, saying what to use instead
+    deprecated: ClassVar[str | None] = None
 
     # --- serving ---------------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ class TorchScriptFormat(ArtifactFormat):
     file_name = "model.pt"
     suffixes = (".pt", ".ts")
     platform = "pytorch_libtorch"
+    deprecated = ("TorchScript is deprecated by PyTorch: serve this package's model.pt2 with backend pt2"
+                  " instead (SOTA_SERVE_BACKEND=pt2, predict --backend pt2; `sota-serve export` writes it)")
 
     def read_card(self, path: Path) -> str:
         try:

@@ -6,6 +6,7 @@ imported only when its format is asked for, so an ONNX server never imports torc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from sota_serve.package.loading import ModelPackage
 
 BACKENDS: tuple[str, ...] = formats.NAMES
+log = logging.getLogger("sota_serve.runtime")
+#: formats whose deprecation this process has already logged
+_noted: set[str] = set()
 
 
 def _onnx() -> type[Runtime]:
@@ -66,7 +70,10 @@ def load_runtime(
     int8 on a CPU, when the package has it and its agreement with fp32 holds, see
     :mod:`sota_serve.package.precision`);
     its bytes are sha256-checked first."""
-    formats.get(backend)  # an unknown backend is refused before anything is read
+    fmt = formats.get(backend)  # an unknown backend is refused before anything is read
+    if fmt.deprecated and fmt.name not in _noted:  # once per process, where a user chose it
+        _noted.add(fmt.name)
+        log.warning(fmt.deprecated)
     resolved = resolve_device(device)
     chosen = _precision.choose(package.card, package.artifacts, backend, resolved, precision)
     model = package.read_artifact(_precision.artifact_key(backend, chosen))  # the exact bytes that run

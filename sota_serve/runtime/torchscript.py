@@ -3,14 +3,14 @@
 TorchScript archives contain code: load only files from a source you trust. sota-serve
 checks the package's sha256 before the bytes reach ``torch.jit.load``.
 
-PyTorch deprecates TorchScript: the first load in a process logs one line that names the
-``pt2`` backend instead, and torch.jit's own FutureWarning is not repeated on every call.
+PyTorch deprecates TorchScript: the first time a process serves a TorchScript file it logs one
+line naming the ``pt2`` backend instead (:func:`sota_serve.runtime.load_runtime`), and torch.jit's
+own FutureWarning is filtered around the project's calls.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 
 from sota_serve.errors import RuntimeBackendError
 from sota_serve.formats.torchscript import quiet_jit
@@ -19,19 +19,6 @@ from sota_serve.runtime.torch_module import (  # torch_module says what to insta
     TorchModuleRuntime,
     torch,
 )
-
-log = logging.getLogger("sota_serve.runtime")
-#: The one line a process logs when it first loads a TorchScript file.
-DEPRECATION_NOTE = ("TorchScript is deprecated by PyTorch: serve this package's model.pt2 with backend pt2"
-                    " instead (SOTA_SERVE_BACKEND=pt2, predict --backend pt2; `sota-serve export` writes it)")
-_noted = False
-
-
-def _note_deprecation() -> None:
-    global _noted
-    if not _noted:
-        _noted = True
-        log.warning(DEPRECATION_NOTE)
 
 
 class TorchScriptRuntime(TorchModuleRuntime):
@@ -50,7 +37,6 @@ class TorchScriptRuntime(TorchModuleRuntime):
         convolutions want NHWC (xresnet50 in torch fp16 channels-last ran ~2x ORT fp32 on an
         H100, BENCHMARKS.md)."""
         super().__init__(card, device=device, intra_op_threads=intra_op_threads)
-        _note_deprecation()
         try:
             with quiet_jit():
                 self.module = torch.jit.load(io.BytesIO(model), map_location=self.torch_device)
