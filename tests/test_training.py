@@ -70,7 +70,7 @@ def test_train_writes_a_complete_package_with_imagenet_stats(trained):
     assert card["input"]["height"] == 32 and card["tta"]["five_crop"]["resize_shortest_edge"] in (37, 40)
     assert card["training"]["dataset"]["fingerprint"]
     package = open_package(trained)
-    assert package.verified and set(package.backends) == {"onnx", "torchscript"}
+    assert package.verified and set(package.backends) == {"onnx", "pt2", "torchscript"}
     readme = (trained / "README.md").read_text()
     assert "ten-crop TTA" in readme and "Training history" in readme and "parity" in readme
     for png in ("training_curve.png", "confusion_matrix.png"):
@@ -79,11 +79,12 @@ def test_train_writes_a_complete_package_with_imagenet_stats(trained):
 
 def test_fp16_files_are_measured_on_the_validation_set(trained, digit_files):
     card = open_package(trained).card
-    assert set(card.artifacts) == {"onnx", "onnx-fp16", "onnx-int8", "torchscript", "torchscript-fp16"}
+    assert set(card.artifacts) == {"onnx", "onnx-fp16", "onnx-int8", "pt2", "pt2-fp16", "torchscript",
+                                  "torchscript-fp16"}
     half = card.fp16
     assert half.source == "validation" and half.images == card.metrics.valid_count == 36
     assert half.device == card.training.device
-    assert set(half.top1_agreement) == {"onnx", "torchscript"}
+    assert set(half.top1_agreement) == {"onnx", "pt2", "torchscript"}
     assert all(a >= 0.97 for a in half.top1_agreement.values()), half  # 36 images: one flip is 2.8 %
     assert all(d < 0.05 for d in half.max_abs_diff.values()), half
     images = [f.read_bytes() for f in digit_files[:24]]
