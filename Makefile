@@ -37,7 +37,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
-	$(BIN)/ruff check sota_serve training bento bench dev tests
+	$(BIN)/ruff check sota_serve training bento rayserve bench dev tests
 
 bench: install
 	$(BIN)/sota-serve bench
