@@ -19,13 +19,14 @@ from bench.measure import model_ceiling
 from bench.models import build_model
 from bench.report import machine_line, table, write_json
 from bench.run import machine_info
+from sota_serve import formats
 from sota_serve.constants import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from sota_serve.device import resolve_device
 from sota_serve.formats.onnx import ONNX
 from sota_serve.package.card import classifier_card
 from sota_serve.package.loading import open_package
 
-BACKENDS = (ONNX.name, "pt2", "torchscript")
+BACKENDS = formats.NAMES  # every registered format: onnx, pt2, torchscript
 #: name -> (architecture, input size, classes)
 MODELS: dict[str, tuple[str, int, int]] = {"demo": ("xresnet18", 64, 10), "xresnet50": ("xresnet50", 224, 1000)}
 

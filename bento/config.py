@@ -27,28 +27,27 @@ def settings_and_package() -> tuple[Settings, Plan, ModelPackage, Any]:
     one line naming the problem when any of it is wrong."""
     try:
         settings = load_settings()
-        package = open_package(_model_path(settings.model))
+        local = Path(settings.model).exists()
+        package = open_package(settings.model if local else _stored(settings.model))
         check_backend(package, settings.backend)
         plan = settings.plan()
     except SotaServeError as e:
         raise SystemExit(f"sota-serve: cannot serve: {e}") from None
     # A package directory or file is served as it is; a model-store tag is declared as a
     # BentoModel, so that `bentoml build` records it in the Bento.
-    model = Path(settings.model) if Path(settings.model).exists() else bentoml.models.BentoModel(settings.model)
+    model = Path(settings.model) if local else bentoml.models.BentoModel(settings.model)
     return settings, plan, package, model
 
 
-def _model_path(model: str) -> str:
+def _stored(tag: str) -> str:
     """A model-store tag as the directory BentoML keeps it in: in a Bento (its container
     included) that is the Bento's own store, which BentoML makes current while it imports the
-    service, not ``$BENTOML_HOME/models``. A path, or a tag BentoML does not know, is handed on
-    as it is, for :func:`open_package` to open or to refuse with its one line."""
-    if Path(model).exists():
-        return model
+    service, not ``$BENTOML_HOME/models``. A tag BentoML does not know is handed on as it is,
+    for :func:`open_package` to refuse with its one line."""
     try:
-        return bentoml.models.get(model).path
+        return bentoml.models.get(tag).path
     except (bentoml.exceptions.BentoMLException, ValueError):
-        return model
+        return tag
 
 
 def explain_port_in_use() -> None:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import bentoml
 
-_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+from sota_serve.serving.batcher import IMAGES_BUCKETS, SECONDS_BUCKETS
 
 BATCH_IMAGES = bentoml.metrics.Histogram(
     name="sota_serve_batch_images", documentation="Images per device call",
-    labelnames=["crops_per_image"], buckets=_SIZES)
+    labelnames=["crops_per_image"], buckets=IMAGES_BUCKETS)
 BATCH_SECONDS = bentoml.metrics.Histogram(
     name="sota_serve_batch_seconds", documentation="Seconds per device call",
-    labelnames=["crops_per_image"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    labelnames=["crops_per_image"], buckets=SECONDS_BUCKETS)
 SHED = bentoml.metrics.Counter(
     name="sota_serve_shed", documentation="Requests answered 503 with Retry-After", labelnames=["reason"])
 

@@ -19,7 +19,6 @@ ongoing requests (rayserve/args.py).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -33,7 +32,7 @@ from rayserve.args import AppArgs
 from rayserve.ingress import Ingress
 from rayserve.metrics import ReplicaMetrics
 from sota_serve.errors import OverloadedError
-from sota_serve.http.errors import Answer
+from sota_serve.http.errors import Answer, retry_later
 from sota_serve.http.limits import Limits
 from sota_serve.http.multipart import Part
 from sota_serve.http.oip import OpenInference
@@ -91,8 +90,7 @@ class SotaServeModel:
         try:
             ticket: Ticket = await self.admission.wait_enter(nbytes, self.settings.admission_hold_s)
         except OverloadedError as e:
-            message = f"{e}; retry after {e.retry_after_s}s"
-            return 503, {"Retry-After": str(e.retry_after_s)}, json.dumps({"error": message}).encode()
+            return retry_later(str(e), e.retry_after_s)
         try:
             return await work(ticket)
         finally:

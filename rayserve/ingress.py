@@ -16,7 +16,6 @@ the answer is 503 with Retry-After rather than a 500.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,7 +24,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from sota_serve.http.app import lifespan, unrouted
-from sota_serve.http.errors import Answer, json_errors
+from sota_serve.http.errors import Answer, json_errors, retry_later
 from sota_serve.http.front_door import Receive, Scope, Send, header_map, respond
 from sota_serve.http.limits import Limits, Rejected
 from sota_serve.http.oip import OpenInference
@@ -69,16 +68,14 @@ class Ingress:
         if method != "POST":
             return unrouted(method, path)
         headers = header_map(scope)
-        declared = headers.get("content-length", "")
         try:  # the body limit holds for every POST, not only the image routes
-            self.limits.check_declared(int(declared) if declared.isdigit() else None)
-            body = await self.limits.read_body(receive)
+            body = await self.limits.read(headers, receive)
             field = FILE_FIELDS.get(path)
             if field:
                 form = self.limits.form(headers.get("content-type", ""), body, field)
                 return await self.forward("post", path, form, len(body))
         except Rejected as e:
-            return e.status, e.headers, _error(e.message)
+            return e.answer()
         if OpenInference.is_infer(path):
             return await self.forward("infer", path, headers, body)
         if path == "/card":  # under BentoML an API method, so POST too
@@ -94,7 +91,7 @@ class Ingress:
             return await asyncio.wait_for(self._tries(method, *args), self.timeout_s)
         except TimeoutError:
             log.warning("no model replica answered %s within %.0f s", method, self.timeout_s)
-            return _unavailable(f"no model replica answered within {self.timeout_s:.0f}s")
+            return retry_later(f"no model replica answered within {self.timeout_s:.0f}s", UNAVAILABLE_RETRY_S)
 
     async def _tries(self, method: str, *args: Any) -> Any:
         for attempt in (1, 2):
@@ -103,13 +100,5 @@ class Ingress:
             except REPLICA_LOST as e:
                 log.warning("a model replica was lost during %s (try %d of 2): %s", method, attempt,
                             type(e).__name__)
-        return _unavailable("no model replica could answer (a node was lost)")
-
-
-def _unavailable(why: str) -> Answer:
-    return 503, {"Retry-After": str(UNAVAILABLE_RETRY_S)}, _error(f"{why}; retry after {UNAVAILABLE_RETRY_S}s")
-
-
-def _error(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+        return retry_later("no model replica could answer (a node was lost)", UNAVAILABLE_RETRY_S)
 

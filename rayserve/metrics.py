@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
+from sota_serve.serving.batcher import IMAGES_BUCKETS, SECONDS_BUCKETS
+
 
 class ReplicaMetrics:
     """Created in the replica (Ray's metrics belong to the process that records them)."""
@@ -14,10 +16,10 @@ class ReplicaMetrics:
         self.shed = metrics.Counter("sota_serve_shed", description="Requests answered 503 with Retry-After",
                                     tag_keys=("reason",))
         self.images = metrics.Histogram("sota_serve_batch_images", description="Images per device call",
-                                        boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
+                                        boundaries=list(IMAGES_BUCKETS),
                                         tag_keys=("crops_per_image",))
         self.seconds = metrics.Histogram("sota_serve_batch_seconds", description="Seconds per device call",
-                                         boundaries=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+                                         boundaries=list(SECONDS_BUCKETS),
                                          tag_keys=("crops_per_image",))
 
     def count_shed(self, reason: str) -> None:

@@ -5,9 +5,7 @@ and the ASGI lifespan protocol, which servers such as uvicorn and Ray Serve's re
 
 from __future__ import annotations
 
-import json
-
-from sota_serve.http.errors import Answer
+from sota_serve.http.errors import Answer, error_body
 from sota_serve.http.front_door import Message, Receive, Send
 from sota_serve.http.routes import FILE_FIELDS
 
@@ -16,12 +14,8 @@ def unrouted(method: str, path: str) -> Answer:
     """The answer to a request no route takes: 405 with ``Allow`` for a known path, else 404."""
     if path in FILE_FIELDS or path == "/card":
         allowed = "POST" if path in FILE_FIELDS else "GET, POST"
-        return 405, {"Allow": allowed}, _error(f"{path} takes {allowed}")
-    return 404, {}, _error(f"no route {method} {path}")
-
-
-def _error(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+        return 405, {"Allow": allowed}, error_body(f"{path} takes {allowed}")
+    return 404, {}, error_body(f"no route {method} {path}")
 
 
 async def lifespan(receive: Receive, send: Send) -> None:

@@ -21,10 +21,21 @@ Send = Callable[[Message], Awaitable[None]]
 Answer = tuple[int, dict[str, str], bytes]
 
 
+def error_body(message: str) -> bytes:
+    """The documented error shape, ``{"error": message}``."""
+    return json.dumps({"error": message}).encode()
+
+
 def error_answer(e: SotaServeError) -> Answer:
-    """The documented error shape, ``{"error": message}``, with ``Retry-After`` on 503."""
+    """A typed error's answer: its status and ``{"error": message}``, ``Retry-After`` on 503."""
     headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, OverloadedError) else {}
-    return e.http_status, headers, json.dumps({"error": str(e)}).encode()
+    return e.http_status, headers, error_body(str(e))
+
+
+def retry_later(why: str, retry_after_s: int) -> Answer:
+    """503 for a request shed or with no replica to serve it: the message says when to retry,
+    as ``Retry-After`` does."""
+    return 503, {"Retry-After": str(retry_after_s)}, error_body(f"{why}; retry after {retry_after_s}s")
 
 
 T = TypeVar("T")
@@ -81,7 +92,7 @@ def _error_body(body: bytes, status: int) -> bytes:
     if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict) and "error" in parsed[0]:
         return json.dumps(parsed[0]).encode()
     text = body.decode("utf-8", "replace").strip()
-    return json.dumps({"error": text or _PHRASES.get(status, f"HTTP {status}")}).encode()
+    return error_body(text or _PHRASES.get(status, f"HTTP {status}"))
 
 
 _PHRASES = {404: "Not Found", 405: "Method Not Allowed"}

@@ -17,14 +17,13 @@ Per request, in this order:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
 from sota_serve.errors import OverloadedError
-from sota_serve.http.errors import Answer, json_errors
-from sota_serve.http.limits import Limits, Rejected
+from sota_serve.http.errors import Answer, json_errors, retry_later
+from sota_serve.http.limits import Limits, Rejected, declared_length
 from sota_serve.http.oip import OpenInference
 from sota_serve.http.routes import FILE_FIELDS, Routes
 from sota_serve.serving.admission import Admission, Ticket
@@ -56,27 +55,23 @@ class FrontDoor:
         if method != "POST":
             return await self.app(scope, receive, send)
         headers = header_map(scope)
-        declared = headers.get("content-length", "")
-        declared_bytes = int(declared) if declared.isdigit() else None
         field, infer = FILE_FIELDS.get(path), OpenInference.is_infer(path)
         ticket: Ticket | None = None
         if field or infer:
             try:
-                ticket = await self.admission.wait_enter(min(declared_bytes or 0, self.limits.max_body_bytes),
-                                                         self.hold_s)
+                ticket = await self.admission.wait_enter(
+                    min(declared_length(headers) or 0, self.limits.max_body_bytes), self.hold_s)
             except OverloadedError as e:  # before the body is read: shedding must cost less than serving
-                return await respond(send, (503, {"Retry-After": str(e.retry_after_s)},
-                                             _error(f"{e}; retry after {e.retry_after_s}s")))
+                return await respond(send, retry_later(str(e), e.retry_after_s))
             TICKET.set(ticket)
         try:
             try:  # the body limit holds for every POST, not only the image routes
-                self.limits.check_declared(declared_bytes)
-                body = await self.limits.read_body(receive)
+                body = await self.limits.read(headers, receive)
                 if ticket is not None:
                     self.admission.resize(ticket, len(body))
                 form = self.limits.form(headers.get("content-type", ""), body, field) if field else []
             except Rejected as e:
-                return await respond(send, (e.status, e.headers, _error(e.message)))
+                return await respond(send, e.answer())
             if self.routes.loaded and field:
                 return await respond(send, await self.routes.post(path, form, ticket))
             if self.routes.oip is not None and infer:
@@ -94,10 +89,6 @@ def header_map(scope: Scope) -> dict[str, str]:
     for name, value in scope.get("headers", []):
         headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
     return headers
-
-
-def _error(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
 
 
 async def respond(send: Send, answer: Answer, *, head: bool = False) -> None:

@@ -10,11 +10,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sota_serve.errors import MalformedRequestError
+from sota_serve.http.errors import Answer, error_body
 from sota_serve.http.multipart import Part, boundary, parts
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -27,6 +28,15 @@ class Rejected(Exception):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
 
+    def answer(self) -> Answer:
+        return self.status, self.headers, error_body(self.message)
+
+
+def declared_length(headers: Mapping[str, str]) -> int | None:
+    """The request's Content-Length, when it sends a valid one."""
+    declared = headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else None
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -34,12 +44,15 @@ class Limits:
     body_timeout_s: float
     max_files: int
 
-    def check_declared(self, declared_bytes: int | None) -> None:
+    async def read(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+        """The whole body of a request with these ``headers``: refused at once when its
+        Content-Length is above the limit, else read within the size and time limits."""
+        declared_bytes = declared_length(headers)
         if declared_bytes is not None and declared_bytes > self.max_body_bytes:
             raise self._too_big()
+        return await self._read_body(receive)
 
-    async def read_body(self, receive: Receive) -> bytes:
-        """The whole body, within the size and time limits."""
+    async def _read_body(self, receive: Receive) -> bytes:
         chunks, size = [], 0
         try:
             async with asyncio.timeout(self.body_timeout_s):

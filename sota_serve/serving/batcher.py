@@ -48,6 +48,9 @@ from sota_serve.runtime.base import Runtime
 log = logging.getLogger("sota_serve.batcher")
 
 BatchObserver = Callable[[int, int, int, float], None]  # (k, images, crops, seconds)
+#: histogram buckets for what a BatchObserver sees (every front end's metrics use these)
+IMAGES_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SECONDS_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 #: (crops, k, policy) -> one value per image, computed on the model thread beside the model call
