@@ -9,6 +9,7 @@ from __future__ import annotations
 import bentoml
 
 from sota_serve.serving.batcher import IMAGES_BUCKETS, SECONDS_BUCKETS
+from sota_serve.serving.fallback import TTA_ANSWERS
 
 BATCH_IMAGES = bentoml.metrics.Histogram(
     name="sota_serve_batch_images", documentation="Images per device call",
@@ -18,11 +19,17 @@ BATCH_SECONDS = bentoml.metrics.Histogram(
     labelnames=["crops_per_image"], buckets=SECONDS_BUCKETS)
 SHED = bentoml.metrics.Counter(
     name="sota_serve_shed", documentation="Requests answered 503 with Retry-After", labelnames=["reason"])
+TTA = bentoml.metrics.Counter(name="sota_serve_tta_answers", documentation=TTA_ANSWERS,
+                              labelnames=["requested", "served"])
 
 
 def observe_batch(k: int, images: int, crops: int, seconds: float) -> None:
     BATCH_IMAGES.labels(crops_per_image=str(k)).observe(images)
     BATCH_SECONDS.labels(crops_per_image=str(k)).observe(seconds)
+
+
+def count_tta(requested: str, served: str) -> None:
+    TTA.labels(requested=requested, served=served).inc()
 
 
 def count_shed(reason: str) -> None:

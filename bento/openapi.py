@@ -32,8 +32,10 @@ _ERRORS = {
 }
 
 
-def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int) -> dict[str, Any]:
-    """``spec`` (BentoML's ``openapi_spec.asdict()``) completed from ``card``."""
+def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int, tta_fallback: bool = False,
+             tta_budget_s: float = 1.0) -> dict[str, Any]:
+    """``spec`` (BentoML's ``openapi_spec.asdict()``) completed from ``card`` and the server's
+    TTA fallback defaults."""
     spec = copy.deepcopy(spec)
     spec["info"] = {"title": f"sota-serve: {card.tag}", "version": card.version, "description": _about(card)}
     spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
@@ -53,6 +55,13 @@ def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int) ->
         props[field]["description"] = field_doc
         props["tta"] = {"type": "string", "enum": list(card.tta.policies()), "default": card.tta.default,
                         "description": _tta_doc(card)}
+        props["tta_fallback"] = {"type": "boolean", "default": tta_fallback, "description": (
+            "Under load, serve a cheaper TTA policy the card lists (ten_crop, five_crop, flip, none) rather"
+            " than miss the latency budget; the answer's tta names the policy served, requested_tta the one"
+            " asked for. Omitted: the server's SOTA_SERVE_TTA_FALLBACK.")}
+        props["tta_budget_s"] = {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 3600, "default": tta_budget_s,
+                                 "description": "The latency budget in seconds that tta_fallback keeps to."
+                                                " Omitted: the server's SOTA_SERVE_TTA_BUDGET_S."}
         props["top_k"].update(minimum=1, maximum=MAX_TOP_K, default=DEFAULT_TOP_K,
                               description=f"How many labels to return, best first (at most the"
                                           f" {card.num_classes} labels).")

@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from bento.config import explain_port_in_use, settings_and_package
-from bento.metrics import count_shed, observe_batch
+from bento.metrics import count_shed, count_tta, observe_batch
 from bento.openapi import describe
 from bento.upload import Upload
 from sota_serve.http.errors import Answer, answered
@@ -26,6 +26,7 @@ from sota_serve.http.oip import OpenInference
 from sota_serve.http.routes import FILE_FIELDS, Routes
 from sota_serve.http.schemas import BatchResponse, ClassifyResponse
 from sota_serve.serving.admission import Admission
+from sota_serve.serving.fallback import FallbackAsk
 from sota_serve.serving.pipeline import Pipeline
 
 # Under BentoML's logger, so that its log configuration (INFO on the console) applies.
@@ -56,11 +57,12 @@ class SotaServe:
 
     def __init__(self) -> None:
         self.ready = False
-        pipeline = Pipeline.build(PACKAGE, SETTINGS, PLAN, ADMISSION, observer=observe_batch)
+        pipeline = Pipeline.build(PACKAGE, SETTINGS, PLAN, ADMISSION, observer=observe_batch, on_tta=count_tta)
         oip = OpenInference(pipeline, backend=SETTINGS.backend, max_images=SETTINGS.max_batch_images,
                             ready=self.__is_ready__)
         ROUTES.bind(pipeline, describe(SotaServe.openapi_spec.asdict(), pipeline.card,
-                                       max_batch_images=SETTINGS.max_batch_images), oip)
+                                       max_batch_images=SETTINGS.max_batch_images, tta_fallback=SETTINGS.tta_fallback,
+                                       tta_budget_s=SETTINGS.budget_s()), oip)
         self.ready = True
         log.info("ready: serving %s on %s, %s, decode %s (%s)", pipeline.card.tag, PLAN.device,
                  pipeline.precision, pipeline.decode, PLAN)
@@ -75,13 +77,16 @@ class SotaServe:
     # Over HTTP the front door answers these routes with the same Routes methods; the
     # declarations are the contract: OpenAPI schema, BentoML clients, in-process calls.
     @bentoml.api(route="/classify")
-    async def classify(self, image: Upload, tta: str | None = None, top_k: int = 5) -> ClassifyResponse:
-        work = ROUTES.classify(image.data, tta, top_k, TICKET.get())
+    async def classify(self, image: Upload, tta: str | None = None, top_k: int = 5,
+                       tta_fallback: bool | None = None, tta_budget_s: float | None = None) -> ClassifyResponse:
+        work = ROUTES.classify(image.data, tta, top_k, TICKET.get(), FallbackAsk.parse(tta_fallback, tta_budget_s))
         return await answered(work, render=_response)  # type: ignore[arg-type]
 
     @bentoml.api(route="/classify_batch")
-    async def classify_batch(self, images: list[Upload], tta: str | None = None, top_k: int = 5) -> BatchResponse:
-        work = ROUTES.classify_batch([u.data for u in images], tta, top_k, TICKET.get())
+    async def classify_batch(self, images: list[Upload], tta: str | None = None, top_k: int = 5,
+                             tta_fallback: bool | None = None, tta_budget_s: float | None = None) -> BatchResponse:
+        work = ROUTES.classify_batch([u.data for u in images], tta, top_k, TICKET.get(),
+                                     FallbackAsk.parse(tta_fallback, tta_budget_s))
         return await answered(work, render=_response)  # type: ignore[arg-type]
 
     @bentoml.api(route="/card")

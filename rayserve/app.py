@@ -61,7 +61,8 @@ class SotaServeModel:
         self.admission = Admission(max_wait_s=self.settings.max_wait_s, max_in_flight=self.settings.max_in_flight,
                                    decode_threads=plan.decode_threads, model_threads=plan.model_threads,
                                    on_shed=self.metrics.count_shed)
-        pipeline = Pipeline.build(package, self.settings, plan, self.admission, observer=self.metrics.observe_batch)
+        pipeline = Pipeline.build(package, self.settings, plan, self.admission, observer=self.metrics.observe_batch,
+                                  on_tta=self.metrics.count_tta)
         oip = OpenInference(pipeline, backend=self.settings.backend, max_images=self.settings.max_batch_images,
                             ready=lambda: self.ready)
         self.routes = Routes()

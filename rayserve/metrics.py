@@ -7,6 +7,7 @@ from __future__ import annotations
 from ray.serve import metrics
 
 from sota_serve.serving.batcher import IMAGES_BUCKETS, SECONDS_BUCKETS
+from sota_serve.serving.fallback import TTA_ANSWERS
 
 
 class ReplicaMetrics:
@@ -21,9 +22,13 @@ class ReplicaMetrics:
         self.seconds = metrics.Histogram("sota_serve_batch_seconds", description="Seconds per device call",
                                          boundaries=list(SECONDS_BUCKETS),
                                          tag_keys=("crops_per_image",))
+        self.tta = metrics.Counter("sota_serve_tta_answers", description=TTA_ANSWERS, tag_keys=("requested", "served"))
 
     def count_shed(self, reason: str) -> None:
         self.shed.inc(tags={"reason": reason})
+
+    def count_tta(self, requested: str, served: str) -> None:
+        self.tta.inc(tags={"requested": requested, "served": served})
 
     def observe_batch(self, k: int, images: int, crops: int, seconds: float) -> None:
         tags = {"crops_per_image": str(k)}

@@ -16,9 +16,9 @@ from sota_serve.http.errors import error_answer
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
 from sota_serve.package.loading import ModelPackage, open_package
-from sota_serve.predictions import top_k_indices
+from sota_serve.predictions import check_top_k, top_k_indices
 from sota_serve.runtime import load_runtime
-from sota_serve.serving.admission import Admission
+from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.serving.batcher import DynamicBatcher, _runs
 from sota_serve.serving.pipeline import Pipeline
 from tests.helpers import card_dict
@@ -371,19 +371,21 @@ def _pipeline(card: ModelCard | None = None) -> Pipeline:
 
 @pytest.mark.parametrize(("tta", "top_k"), [("bogus", 1), ("none", 0), ("none", 10**6)])
 def test_bad_parameters_are_422(tta, top_k):
+    pipeline = _pipeline()
     with pytest.raises(BadRequestError) as e:
-        _pipeline().params(tta, top_k)
+        pipeline.policy(tta, 1, Ticket(), None)
+        check_top_k(top_k, pipeline.card.num_classes)
     assert e.value.http_status == 422
 
 
 def test_top_k_is_clamped_to_the_number_of_labels():
-    assert _pipeline().params("five_crop", 50) == ("five_crop", 5, 3)
+    assert check_top_k(50, _pipeline().card.num_classes) == 3
 
 
 def test_an_omitted_tta_is_the_cards_default():
-    assert _pipeline().params(None, 1) == ("none", 1, 1)
+    assert _pipeline().policy(None, 1, Ticket(), None) == ("none", "none")
     card = ModelCard.parse(card_dict(tta={"default": "flip", "flip": {"resize_shortest_edge": 36}}))
-    assert _pipeline(card).params(None, 1) == ("flip", 2, 1)
+    assert _pipeline(card).policy(None, 1, Ticket(), None) == ("flip", "flip")
 
 
 def test_overload_answers_carry_retry_after():

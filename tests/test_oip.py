@@ -12,7 +12,7 @@ import tritonclient.http as triton
 from tritonclient.http import InferResult
 from tritonclient.utils import InferenceServerException
 
-from sota_serve.errors import MalformedRequestError
+from sota_serve.errors import BadRequestError, MalformedRequestError
 from sota_serve.http.oip_codec import (
     classification,
     decode_bytes,
@@ -22,6 +22,7 @@ from sota_serve.http.oip_codec import (
 )
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
+from sota_serve.serving.fallback import FallbackAsk
 from sota_serve.serving.pipeline import Probabilities
 from tests.helpers import LABELS, card_dict
 from tests.test_server import post
@@ -97,6 +98,17 @@ def test_bad_requests_name_what_is_wrong(head, binary, message):
         _parse(head, binary)
 
 
+def test_the_tta_fallback_parameters_are_read_and_checked():
+    image = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(b"x").decode()]}
+    request = _parse({"inputs": [image], "parameters": {"tta_fallback": True, "tta_budget_s": 0.5}}, b"")
+    assert request.fallback == FallbackAsk(True, 0.5)
+    assert _parse({"inputs": [image]}, b"").fallback == FallbackAsk(None, None)
+    with pytest.raises(MalformedRequestError, match="parameter tta_fallback must be true or false"):
+        _parse({"inputs": [image], "parameters": {"tta_fallback": "sometimes"}}, b"")
+    with pytest.raises(BadRequestError, match="parameter tta_budget_s must be above 0"):
+        _parse({"inputs": [image], "parameters": {"tta_budget_s": -1}}, b"")
+
+
 def test_responses_decode_with_tritonclient_in_both_encodings():
     probs = np.array([[0.2, 0.7, 0.1], [0.5, 0.2, 0.3]], np.float32)
     raw = encode_bytes([b"a", b"b"])
@@ -106,11 +118,11 @@ def test_responses_decode_with_tritonclient_in_both_encodings():
                                           "parameters": {"binary_data_size": len(raw)}}],
                               "outputs": [{"name": "probabilities",
                                            "parameters": {"binary_data": binary, "classification": k}}]}, raw)
-            body, headers = encode_infer(request, Probabilities("none", probs), CARD)
+            body, headers = encode_infer(request, Probabilities("none", probs, "five_crop"), CARD)
             length = headers.get("inference-header-content-length")
             result = InferResult.from_response_body(body, header_length=int(length) if length else None)
             assert (length is not None) == binary
-            assert result.get_response()["parameters"] == {"tta": "none"}
+            assert result.get_response()["parameters"] == {"tta": "none", "requested_tta": "five_crop"}
             got = result.as_numpy("probabilities")
             if k == 0:
                 assert got.dtype == np.float32 and np.array_equal(got, probs)

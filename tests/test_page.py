@@ -11,10 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.server import Server
+from sota_serve.http import page
 from sota_serve.http.page import ASSETS, PAGE_DIR
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
 from sota_serve.tta import POLICIES
+from tests.helpers import card_dict
 from tests.test_server import post
 
 ARTIFACTS = Path(os.environ.get("SOTA_SERVE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "build" / "test-artifacts"))
@@ -187,3 +190,46 @@ def test_page_at_phone_and_desktop_size(server, photos, tmp_path, width, height)
             browser.save_screenshot(str(Path(shots) / f"page-{width}x{height}-error.png"))
     finally:
         browser.quit()
+
+
+def test_the_page_offers_each_policys_recorded_accuracy():
+    card = ModelCard.parse(card_dict(metrics={"accuracy": 0.9, "accuracy_five_crop": 0.95}))
+    _, _, html = page.asset("/", Preprocessor.from_card(card), card)
+    config = json.loads(re.search(rb'<script id="config" type="application/json">(.*?)</script>', html).group(1))
+    assert {p["name"]: p["accuracy"] for p in config["policies"]} == {
+        "none": 0.9, "flip": None, "five_crop": 0.95, "ten_crop": None}
+
+
+@pytest.mark.slow
+def test_a_degraded_answer_shows_what_it_was_asked_and_its_expected_accuracy(tiny_package, digit_files, tmp_path):
+    """A server whose latency budget nothing fits, so that a request with tta_fallback is always
+    served plain: the page says so, with the card's accuracy of both policies."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    package = tmp_path / "package"
+    shutil.copytree(tiny_package, package)
+    card = json.loads((package / "card.json").read_text())
+    card["metrics"] = {"accuracy": 0.9, "accuracy_five_crop": 0.95}
+    (package / "card.json").write_text(json.dumps(card))
+    env = {"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_TTA_BUDGET_S": "1e-6"}
+    with Server(package, home=tmp_path / "bentoml", env=env) as server:
+        server.wait_ready()
+        browser = _browser()
+        try:
+            browser.get(f"{server.url}/")
+            wait = WebDriverWait(browser, 30)
+            browser.find_element(By.CSS_SELECTOR, 'label[for="tta-five_crop"]').click()
+            browser.find_element(By.ID, "file").send_keys(str(digit_files[0]))
+            wait.until(lambda b: "five_crop" in b.find_element(By.ID, "served").text)
+            assert browser.find_element(By.ID, "served").text == (
+                "Expected accuracy with five_crop: 95.00 % (validation images).")  # not asked to fall back
+            browser.find_element(By.ID, "fallback").click()
+            browser.find_element(By.ID, "file").send_keys(str(digit_files[1]))
+            wait.until(lambda b: "busy" in b.find_element(By.ID, "served").text)
+            assert browser.find_element(By.ID, "served").text == (
+                "The server was busy: answered with none instead of five_crop."
+                " Expected accuracy 90.00 % instead of 95.00 %.")
+            assert "tta none" in browser.find_element(By.ID, "status").text
+        finally:
+            browser.quit()

@@ -8,6 +8,7 @@ import pytest
 from sota_serve.errors import MalformedRequestError
 from sota_serve.http.multipart import boundary, parts
 from sota_serve.http.routes import _form
+from sota_serve.serving.fallback import FallbackAsk
 
 
 def encoded(files, data=None) -> tuple[bytes, bytes]:
@@ -43,12 +44,13 @@ def test_truncated_body_is_malformed_not_a_short_image(cut):
 
 def test_form_reads_values_as_bentoml_does():
     body, sep = encoded({"images": ("a.jpg", b"1", "image/jpeg")}, {"tta": '"five_crop"', "top_k": "2"})
-    assert _form(list(parts(body, sep)), "images") == ([b"1"], "five_crop", 2)
-    body, sep = encoded({"images": ("a.jpg", b"1", "image/jpeg")})
-    assert _form(list(parts(body, sep)), "images") == ([b"1"], None, 5)  # None: the card's default
+    assert _form(list(parts(body, sep)), "images") == ([b"1"], "five_crop", 2, FallbackAsk())
+    body, sep = encoded({"images": ("a.jpg", b"1", "image/jpeg")}, {"tta_fallback": "true", "tta_budget_s": "0.5"})
+    assert _form(list(parts(body, sep)), "images") == ([b"1"], None, 5, FallbackAsk(True, 0.5))  # None: the card's default
 
 
-@pytest.mark.parametrize(("field", "value"), [("top_k", "abc"), ("top_k", "2.5"), ("top_k", "true"), ("tta", "3")])
+@pytest.mark.parametrize(("field", "value"), [("top_k", "abc"), ("top_k", "2.5"), ("top_k", "true"), ("tta", "3"),
+                                                     ("tta_fallback", "maybe"), ("tta_budget_s", "soon")])
 def test_malformed_values_are_400_with_the_field_named(field, value):
     body, sep = encoded({"image": ("a.jpg", b"1", "image/jpeg")}, {field: value})
     with pytest.raises(MalformedRequestError) as e:

@@ -100,7 +100,8 @@ class OpenInference:
             if length is not None and not length.isdigit():
                 raise MalformedRequestError(f"Inference-Header-Content-Length must be a number, got {length!r:.40}")
             request = parse_infer(body, int(length) if length else None, self.card, max_images=self.max_images)
-            scores = await self.pipeline.probabilities(request.images, request.pixels, request.tta, ticket)
+            scores = await self.pipeline.probabilities(request.images, request.pixels, request.tta, ticket,
+                                                       request.fallback)
             body, out_headers = encode_infer(request, scores, self.card)
         except BadRequestError as e:  # v2 has no 422: a parameter out of range is a bad request
             return error_answer(MalformedRequestError(str(e)))

@@ -6,7 +6,10 @@ Pure functions between HTTP bodies and Python values; the routes are in sota_ser
   encoded image file; or ``pixels``, UINT8 ``[N, 3, H, W]`` at the card's input size, crops
   already preprocessed (the model's own input: no resize, no crop, no TTA).
 - Request parameter ``tta``: a TTA policy the card lists, for ``image`` (omitted: the card's
-  default); ``pixels`` are single crops, so only ``none``.
+  default); ``pixels`` are single crops, so only ``none``. Request parameters
+  ``tta_fallback`` (boolean) and ``tta_budget_s`` (seconds): the TTA fallback ladder
+  (sota_serve.serving.fallback); the response's parameters ``tta`` and ``requested_tta`` name
+  the policy that ran and the one asked for.
 - Output ``probabilities``, FP32 ``[N, C]``; with the output parameter ``classification: k``
   (Triton's classification extension) BYTES ``[N, k]`` strings ``"score:index:label"``, best
   first.
@@ -34,6 +37,7 @@ from pydantic import BaseModel, Field, ValidationError
 from sota_serve.errors import MalformedRequestError
 from sota_serve.package.card import ModelCard
 from sota_serve.predictions import top_k_indices
+from sota_serve.serving.fallback import FallbackAsk
 from sota_serve.serving.pipeline import Probabilities
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -72,6 +76,7 @@ class Inference:
     tta: str | None
     classification: int  # 0: probabilities, else the top k as "score:index:label"
     binary: bool
+    fallback: FallbackAsk = FallbackAsk()
 
 
 def parse_infer(body: bytes, header_length: int | None, card: ModelCard, *, max_images: int) -> Inference:
@@ -103,7 +108,9 @@ def parse_infer(body: bytes, header_length: int | None, card: ModelCard, *, max_
         tta = "none"
         pixels = _pixels(tensor, raw, card, max_images)
     classification, binary_out = _outputs(request, card)
-    return Inference(request.id, images, pixels, tta, classification, binary_out)
+    fallback = FallbackAsk.parse(request.parameters.get("tta_fallback"), request.parameters.get("tta_budget_s"),
+                                 where="parameter ")
+    return Inference(request.id, images, pixels, tta, classification, binary_out, fallback)
 
 
 def _first_error(e: ValidationError) -> str:
@@ -234,7 +241,8 @@ def classification(probs: np.ndarray, labels: list[str], k: int) -> list[list[st
 def encode_infer(inference: Inference, scores: Probabilities, card: ModelCard) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers (content type, and the header length when binary).
 
-    The response's ``parameters.tta`` names the policy that ran.
+    The response's ``parameters.tta`` names the policy that ran, ``parameters.requested_tta``
+    the one asked for (another when the TTA fallback ladder served a cheaper one).
     """
     probs = scores.probs
     n = len(probs)
@@ -254,7 +262,7 @@ def encode_infer(inference: Inference, scores: Probabilities, card: ModelCard) -
         output["data"] = data
     else:
         output["parameters"] = {"binary_data_size": len(payload)}
-    head = {"model_name": card.name, "model_version": card.version, "parameters": {"tta": scores.tta},
+    head = {"model_name": card.name, "model_version": card.version, "parameters": {"tta": scores.tta, "requested_tta": scores.requested_tta or scores.tta},
             "outputs": [output]}
     if inference.id is not None:
         head["id"] = inference.id

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 from sota_serve.errors import MalformedRequestError, SotaServeError
 from sota_serve.http.errors import Answer, error_answer
 from sota_serve.image.preprocess import Preprocessor
-from sota_serve.package.card import ModelCard
+from sota_serve.package.card import ModelCard, accuracy_key
 from sota_serve.predictions import DEFAULT_TOP_K
 from sota_serve.tta import CROPS_PER_IMAGE, DESCRIPTIONS
 
@@ -45,7 +45,10 @@ def asset(path: str, pre: Preprocessor | None = None, card: ModelCard | None = N
 def _config(pre: Preprocessor, card: ModelCard) -> bytes:
     """What the page's script needs from the server: the policies this card offers, in
     sota_serve.tta's words, and the defaults."""
-    policies = [{"name": p, "crops": CROPS_PER_IMAGE[p], "resize": pre.edge(p), "about": DESCRIPTIONS[p]}
+    metrics = card.metrics
+    policies = [{"name": p, "crops": CROPS_PER_IMAGE[p], "resize": pre.edge(p), "about": DESCRIPTIONS[p],
+                 # the validation accuracy the card records: what an answer served with it can expect
+                 "accuracy": getattr(metrics, accuracy_key(p)) if metrics else None}
                 for p in pre.policies]
     config = {"model": card.tag, "default": card.tta.default, "top_k": DEFAULT_TOP_K, "policies": policies}
     # "</" would end the <script> element early

@@ -31,6 +31,7 @@ from sota_serve.http.oip import OpenInference
 from sota_serve.http.schemas import BatchResponse, ClassifyResponse
 from sota_serve.predictions import DEFAULT_TOP_K
 from sota_serve.serving.admission import Ticket
+from sota_serve.serving.fallback import FallbackAsk
 from sota_serve.serving.pipeline import Pipeline
 
 log = logging.getLogger("sota_serve.routes")
@@ -81,40 +82,46 @@ class Routes:
         return answer
 
     async def _post(self, path: str, form: Sequence[Part], ticket: Ticket | None) -> Answer:
-        images, tta, top_k = _form(form, FILE_FIELDS[path])
+        images, tta, top_k, fallback = _form(form, FILE_FIELDS[path])
         if path == "/classify":
             if len(images) != 1:
                 raise MalformedRequestError(f"/classify takes one 'image' file, got {len(images)};"
                                             " send several to /classify_batch as 'images'")
-            response: BaseModel = await self.classify(images[0], tta, top_k, ticket)
+            response: BaseModel = await self.classify(images[0], tta, top_k, ticket, fallback)
         else:
-            response = await self.classify_batch(images, tta, top_k, ticket)
+            response = await self.classify_batch(images, tta, top_k, ticket, fallback)
         return 200, {}, response.model_dump_json().encode()
 
-    async def classify(self, image: bytes, tta: str | None, top_k: int, ticket: Ticket | None) -> ClassifyResponse:
+    async def classify(self, image: bytes, tta: str | None, top_k: int, ticket: Ticket | None,
+                       fallback: FallbackAsk | None = None) -> ClassifyResponse:
         """``POST /classify``; raises the image's typed error."""
         assert self.pipeline is not None, "Routes.classify before bind"
-        answers = await self.pipeline.classify([image], tta, top_k, ticket)
+        answers = await self.pipeline.classify([image], tta, top_k, ticket, fallback)
         (result,) = answers.results
         if isinstance(result, ImageError):
             raise result
-        return ClassifyResponse(model=self.pipeline.card.tag, tta=answers.tta, predictions=result.predictions,
-                                ood=result.ood)
+        return ClassifyResponse(model=self.pipeline.card.tag, tta=answers.tta,
+                                requested_tta=answers.requested_tta or answers.tta,
+                                predictions=result.predictions, ood=result.ood)
 
     async def classify_batch(self, images: Sequence[bytes], tta: str | None, top_k: int,
-                             ticket: Ticket | None) -> BatchResponse:
+                             ticket: Ticket | None, fallback: FallbackAsk | None = None) -> BatchResponse:
         """``POST /classify_batch``: one entry per image; a bad image fails only its entry."""
         assert self.pipeline is not None, "Routes.classify_batch before bind"
-        answers = await self.pipeline.classify(images, tta, top_k, ticket)
+        answers = await self.pipeline.classify(images, tta, top_k, ticket, fallback)
         return BatchResponse.of(self.pipeline.card.tag, answers)
 
 
-def _form(parts: Sequence[Part], file_field: str) -> tuple[list[bytes], str | None, int]:
-    """The files of ``file_field`` and the ``tta`` and ``top_k`` values. Values are read as
-    BentoML reads them (JSON when they parse as JSON, as its clients send them, else text);
-    other fields are ignored, as BentoML ignores them."""
+#: the form's value fields
+VALUE_FIELDS = ("tta", "top_k", "tta_fallback", "tta_budget_s")
+
+
+def _form(parts: Sequence[Part], file_field: str) -> tuple[list[bytes], str | None, int, FallbackAsk]:
+    """The files of ``file_field`` and the ``tta``, ``top_k`` and TTA fallback values. Values
+    are read as BentoML reads them (JSON when they parse as JSON, as its clients send them,
+    else text); other fields are ignored, as BentoML ignores them."""
     images = [p.content for p in parts if p.name == file_field]
-    values = {p.name: _value(p.text()) for p in parts if p.name in ("tta", "top_k")}
+    values = {p.name: _value(p.text()) for p in parts if p.name in VALUE_FIELDS}
     tta = values.get("tta")  # None: the card's default
     if tta is not None and not isinstance(tta, str):
         raise MalformedRequestError(f"tta must be a string, got {tta!r:.40}")
@@ -123,7 +130,7 @@ def _form(parts: Sequence[Part], file_field: str) -> tuple[list[bytes], str | No
         top_k = int(top_k)
     if not isinstance(top_k, int) or isinstance(top_k, bool):
         raise MalformedRequestError(f"top_k must be an integer, got {top_k!r:.40}")
-    return images, tta, top_k
+    return images, tta, top_k, FallbackAsk.parse(values.get("tta_fallback"), values.get("tta_budget_s"))
 
 
 def _value(text: str) -> object:

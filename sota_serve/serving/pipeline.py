@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -27,6 +27,7 @@ from sota_serve.package.loading import ModelPackage
 from sota_serve.predictions import Classified, check_top_k
 from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.serving.batcher import BatchObserver, DynamicBatcher
+from sota_serve.serving.fallback import DEFAULT_BUDGET_SHARE, FallbackAsk, Ladder
 from sota_serve.serving.settings import Plan, Settings
 from sota_serve.tta import CROPS_PER_IMAGE
 
@@ -37,6 +38,9 @@ class Answers(NamedTuple):
 
     tta: str
     results: list[Classified | ImageError]
+    #: the policy asked for (or the card's default); differs from ``tta`` when the fallback
+    #: ladder served a cheaper one (sota_serve.serving.fallback)
+    requested_tta: str | None = None
 
 
 class Probabilities(NamedTuple):
@@ -44,12 +48,23 @@ class Probabilities(NamedTuple):
 
     tta: str
     probs: np.ndarray  # (N, C) float32
+    requested_tta: str | None = None  # as in Answers
+
+
+#: (requested policy, served policy), once per answered request (the front end's metrics)
+TTAObserver = Callable[[str, str], None]
 
 
 class Pipeline:
     def __init__(self, clf: Classifier, batcher: DynamicBatcher, admission: Admission, *,
-                 decode_threads: int, deadline_s: float) -> None:
+                 decode_threads: int, deadline_s: float, ladder: Ladder | None = None,
+                 on_tta: TTAObserver | None = None) -> None:
+        """``ladder``: the TTA fallback ladder (default: off, a request may still turn it on
+        with the server's default budget); ``on_tta``: told each answer's policies."""
         self.clf, self.batcher, self.admission, self.deadline_s = clf, batcher, admission, deadline_s
+        self.ladder = ladder or Ladder(clf.card.tta.policies(), admission, enabled=False,
+                                       budget_s=DEFAULT_BUDGET_SHARE * admission.max_wait_s)
+        self.on_tta = on_tta
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
         #: pillow or torchvision (Settings.decode), for the logs
         self.decode = "torchvision" if clf.device_preprocessor is not None else "pillow"
@@ -65,8 +80,9 @@ class Pipeline:
 
     @classmethod
     def build(cls, package: ModelPackage, settings: Settings, plan: Plan, admission: Admission,
-              observer: BatchObserver | None = None) -> Pipeline:
-        """Load the model on the plan's device, warm it up, and wire decoder and batcher."""
+              observer: BatchObserver | None = None, on_tta: TTAObserver | None = None) -> Pipeline:
+        """Load the model on the plan's device, warm it up, and wire decoder, batcher and the
+        TTA fallback ladder."""
         limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels,
                               max_aspect_ratio=settings.max_aspect_ratio)
         clf = Classifier.from_package(package, backend=settings.backend, device=plan.device,
@@ -84,7 +100,10 @@ class Pipeline:
         batcher = DynamicBatcher(runtime, max_crops=max_crops, observer=observer,
                                  seconds_per_crop=admission.seconds_per_crop, model_threads=plan.model_threads,
                                  annotate=(lambda crops, k, tta: clf.ood(crops, tta)) if clf.screen else None)
-        pipeline = cls(clf, batcher, admission, decode_threads=plan.decode_threads, deadline_s=settings.deadline_s)
+        ladder = Ladder(clf.card.tta.policies(), admission, enabled=settings.tta_fallback,
+                        budget_s=settings.budget_s())
+        pipeline = cls(clf, batcher, admission, decode_threads=plan.decode_threads, deadline_s=settings.deadline_s,
+                       ladder=ladder, on_tta=on_tta)
         pipeline.calibrate()
         return pipeline
 
@@ -105,37 +124,48 @@ class Pipeline:
 
     # --- the two entry points -------------------------------------------------------------
 
-    def params(self, tta: str | None, top_k: int) -> tuple[str, int, int]:
-        """(policy, crops per image, top k); an omitted ``tta`` is the card's ``tta.default``.
-        Raises BadRequestError (422)."""
-        tta = self.clf.policy(tta)
-        return tta, self.clf.preprocessor.crops_per_image(tta), check_top_k(top_k, self.card.num_classes)
+    def policy(self, tta: str | None, images: int, ticket: Ticket, fallback: FallbackAsk | None) -> tuple[str, str]:
+        """(requested, served) policy for ``images`` images; an omitted ``tta`` is the card's
+        ``tta.default``. Raises BadRequestError (422) for a policy the card lacks."""
+        requested = self.clf.policy(tta)
+        self.clf.preprocessor.crops_per_image(requested)  # the card lists it, or 422
+        return requested, self.ladder.choose(requested, images, ticket, fallback)
 
     async def classify(self, images: Sequence[bytes], tta: str | None, top_k: int,
-                       ticket: Ticket | None = None) -> Answers:
+                       ticket: Ticket | None = None, fallback: FallbackAsk | None = None) -> Answers:
         """``tta`` None: the card's default. Raises BadRequestError (422) for a policy the card
-        lacks or a ``top_k`` out of range; an image's own error is its entry."""
-        tta, k, top_k = self.params(tta, top_k)
-        items, ranked = await self._run(images, tta, k, ticket or Ticket())
-        return Answers(tta, ranked_answers(items, ranked, self.card.labels, top_k))
+        lacks or a ``top_k`` out of range; an image's own error is its entry. ``fallback``:
+        the request's TTA fallback options (None: the server's)."""
+        ticket = ticket or Ticket()
+        top_k = check_top_k(top_k, self.card.num_classes)
+        requested, tta = self.policy(tta, len(images), ticket, fallback)
+        items, ranked = await self._run(images, tta, self.clf.preprocessor.crops_per_image(tta), ticket)
+        self._answered(requested, tta)
+        return Answers(tta, ranked_answers(items, ranked, self.card.labels, top_k), requested)
 
     async def probabilities(self, images: Sequence[bytes] | None, pixels: np.ndarray | None,
-                            tta: str | None, ticket: Ticket | None = None) -> Probabilities:
+                            tta: str | None, ticket: Ticket | None = None,
+                            fallback: FallbackAsk | None = None) -> Probabilities:
         """(N, C) probabilities of encoded ``images`` or of preprocessed (N, 3, H, W) uint8
         ``pixels`` (one of the two; pixels are single crops, no TTA and no OOD check), for
         protocols without per-image errors: the first bad image fails the request, its message
         naming which one."""
         ticket = ticket or Ticket()
         if pixels is not None:
-            return Probabilities("none", await self._pixels(pixels, ticket))
+            return Probabilities("none", await self._pixels(pixels, ticket), "none")
         assert images is not None, "probabilities needs images or pixels"
-        tta = self.clf.policy(tta)
+        requested, tta = self.policy(tta, len(images), ticket, fallback)
         items, ranked = await self._run(images, tta, self.clf.preprocessor.crops_per_image(tta), ticket)
         for i, item in enumerate(items):
             if isinstance(item, ImageError):
                 raise type(item)(f"image {i} of {len(items)}: {item}")
+        self._answered(requested, tta)
         return Probabilities(tta, ranked[0].probs.astype(np.float32, copy=False) if ranked
-                             else np.zeros((0, self.card.num_classes), np.float32))
+                             else np.zeros((0, self.card.num_classes), np.float32), requested)
+
+    def _answered(self, requested: str, served: str) -> None:
+        if self.on_tta is not None:
+            self.on_tta(requested, served)
 
     # --- stages ---------------------------------------------------------------------------
 

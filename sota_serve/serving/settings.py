@@ -20,6 +20,7 @@ from sota_serve.constants import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from sota_serve.device import Device, resolve_device
 from sota_serve.errors import SotaServeError
 from sota_serve.package import precision
+from sota_serve.serving.fallback import DEFAULT_BUDGET_SHARE
 
 DEFAULT_MODEL = "sota-demo:latest"
 
@@ -79,6 +80,16 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=1024, ge=1)
     #: a request still queued for the model after this long is dropped with 503
     deadline_s: float = Field(default=20.0, gt=0)
+    #: the TTA fallback ladder's default for requests that do not say (``tta_fallback``): under
+    #: load, serve a cheaper policy the card lists rather than miss the latency budget
+    tta_fallback: bool = False
+    #: the latency budget of a request that does not give one (``tta_budget_s``); default: a
+    #: tenth of max_wait_s (1 s), what a person waiting on a page reads as "at once"
+    tta_budget_s: float | None = Field(default=None, gt=0, le=3600)
+
+    def budget_s(self) -> float:
+        """The default latency budget of the TTA fallback ladder, in seconds."""
+        return self.tta_budget_s or DEFAULT_BUDGET_SHARE * self.max_wait_s
 
     def plan(self) -> Plan:
         device = resolve_device(self.device)

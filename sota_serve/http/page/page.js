@@ -61,6 +61,7 @@ async function classify(file) {
   form.append("image", file, file.name || "pasted-image");
   form.append("tta", tta);
   form.append("top_k", String(config.top_k));
+  if ($("fallback").checked) form.append("tta_fallback", "true");
   let answer;
   try {
     const response = await fetch("/classify", { method: "POST", body: form });
@@ -83,8 +84,29 @@ async function classify(file) {
   drawCrops(answer.tta);
 }
 
+// What the answer can be expected to get right: the card's validation accuracy of the policy
+// that ran, and, when the server served a cheaper one than asked (tta_fallback), what that cost.
+function showServed(answer) {
+  const accuracy = (name) => {
+    const p = config.policies.find((q) => q.name === name);
+    return p && typeof p.accuracy === "number" ? `${(100 * p.accuracy).toFixed(2)} %` : null;
+  };
+  const served = accuracy(answer.tta);
+  const asked = answer.requested_tta || answer.tta;
+  const degraded = asked !== answer.tta;
+  $("served").classList.toggle("degraded", degraded);
+  if (degraded) {
+    const cost = served && accuracy(asked) ? ` Expected accuracy ${served} instead of ${accuracy(asked)}.` : "";
+    $("served").textContent = `The server was busy: answered with ${answer.tta} instead of ${asked}.${cost}`;
+  } else {
+    $("served").textContent = served ? `Expected accuracy with ${answer.tta}: ${served} (validation images).` : "";
+  }
+  $("served").hidden = !$("served").textContent;
+}
+
 function showResults(answer) {
   $("status").textContent = `${answer.model}, tta ${answer.tta}`;
+  showServed(answer);
   $("results").replaceChildren(...answer.predictions.map((p) => {
     const percent = (100 * p.score).toFixed(1);
     return el("li", { "data-label": p.label, "data-score": String(p.score) },

@@ -1,0 +1,116 @@
+"""The TTA fallback ladder under load: closed-loop clients that all ask for one policy (five-crop
+by default), against a server with the ladder off and one with it on.
+
+For each run: the share of requests answered (200) and refused (503), the share of answers
+served with a cheaper policy than asked (from the server's ``sota_serve_tta_answers_total``
+counter, read before and after), p50/p99 latency, and the accuracy those answers can expect
+(the card's validation accuracy of each served policy, weighted by how many were served).
+
+    python -m bench.fallback [--model packages/sota-demo] [--concurrency 256,512] [--seconds 20]
+        [--tta five_crop] [--budget-s S] [--out bench/results/fallback.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.images import image_set
+from bench.load import closed_loop
+from bench.report import table, write_json
+from bench.run import machine_info
+from bench.server import Server
+from sota_serve.package.card import ModelCard, accuracy_key
+from sota_serve.serving.settings import Settings
+
+_SERIES = re.compile(r'sota_serve_tta_answers_total\{requested="([a-z_]+)",served="([a-z_]+)"\} (\S+)')
+
+
+def answers_by_policy(url: str) -> dict[tuple[str, str], float]:
+    """The server's answer counter: (requested, served) -> answers so far."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {(m.group(1), m.group(2)): float(m.group(3)) for m in _SERIES.finditer(text)}
+
+
+def expected_accuracy(card: ModelCard, served: dict[str, float]) -> float | None:
+    """The card's accuracy of each served policy, weighted by its answers."""
+    total = sum(served.values())
+    if not total or card.metrics is None:
+        return None
+    values = {p: getattr(card.metrics, accuracy_key(p)) for p in served}
+    if any(v is None for v in values.values()):
+        return None
+    return sum(values[p] * n for p, n in served.items()) / total
+
+
+def measure(server: Server, card: ModelCard, images: list[Path], *, tta: str, concurrency: int,
+            seconds: float) -> dict[str, Any]:
+    before = answers_by_policy(server.url)
+    load = closed_loop(f"{server.url}/classify", images, data={"tta": tta}, concurrency=concurrency,
+                       seconds=seconds)
+    after = answers_by_policy(server.url)
+    served: dict[str, float] = {}
+    for (requested, policy), n in after.items():
+        if requested == tta and (gained := n - before.get((requested, policy), 0.0)):
+            served[policy] = gained
+    answered = sum(served.values())
+    return {
+        "concurrency": concurrency, "requests": load["requests"], "ok": load["ok"], "shed_503": load["shed_503"],
+        "errors": load["errors"], "answered_share": load["ok"] / load["requests"] if load["requests"] else 0.0,
+        "degraded_share": 1 - served.get(tta, 0.0) / answered if answered else 0.0,
+        "served": {p: int(n) for p, n in sorted(served.items())}, "throughput": load["throughput"],
+        "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"], "expected_accuracy": expected_accuracy(card, served),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fallback", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="packages/sota-demo", help="package directory (default: the demo)")
+    p.add_argument("--concurrency", default="256,512", help="comma list of closed-loop client counts")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds of load per run")
+    p.add_argument("--tta", default="five_crop", help="the policy every request asks for")
+    p.add_argument("--budget-s", type=float, help="SOTA_SERVE_TTA_BUDGET_S (default: the server's, 1 s)")
+    p.add_argument("--images", default="imagenet", help="image set: imagenet or mix (bench/images.py)")
+    p.add_argument("--out", default="bench/results/fallback.json", help="where the JSON goes")
+    args = p.parse_args(argv)
+    model = Path(args.model)
+    if not (model / "card.json").exists():
+        print(f"no model package at {model}: run `sota-serve demo` first or give --model", file=sys.stderr)
+        return 2
+    card = ModelCard.load(model / "card.json")
+    images = image_set(args.images, Path("bench/.cache/images"))
+    levels = [int(c) for c in args.concurrency.split(",")]
+    runs: list[dict[str, Any]] = []
+    for fallback in (False, True):
+        env = {"SOTA_SERVE_TTA_FALLBACK": str(fallback).lower()}
+        if args.budget_s:
+            env["SOTA_SERVE_TTA_BUDGET_S"] = str(args.budget_s)
+        with Server(model, env=env) as server:
+            server.wait_ready()
+            closed_loop(f"{server.url}/classify", images, data={"tta": args.tta}, concurrency=32, seconds=3)  # warm
+            for level in levels:
+                run = {"fallback": fallback, **measure(server, card, images, tta=args.tta, concurrency=level,
+                                                       seconds=args.seconds)}
+                runs.append(run)
+                print(f"fallback {'on ' if fallback else 'off'} {level} clients: {run['ok']}/{run['requests']} answered,"
+                      f" {100 * run['degraded_share']:.1f} % degraded, p99 {run['p99_ms']:.0f} ms", file=sys.stderr)
+    rows = [["on" if r["fallback"] else "off", r["concurrency"], f"{100 * r['answered_share']:.1f} %", r["shed_503"],
+             f"{100 * r['degraded_share']:.1f} %", " ".join(f"{p} {n}" for p, n in r["served"].items()),
+             f"{r['throughput']:.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
+             "n/a" if r["expected_accuracy"] is None else f"{100 * r['expected_accuracy']:.2f} %"] for r in runs]
+    print(table(f"{card.tag}: every request asks for {args.tta}", ["fallback", "clients", "answered", "503",
+                "degraded", "served", "req/s", "p50 ms", "p99 ms", "expected accuracy"], rows))
+    write_json({"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(), "model": card.tag,
+                "tta": args.tta, "budget_s": Settings(tta_budget_s=args.budget_s).budget_s(), "seconds": args.seconds, "runs": runs},
+               Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""The TTA fallback ladder: under load, answer with a cheaper policy instead of late or not at all.
+
+A five-crop answer costs five model calls per image. When the queue is long, a request that
+asked for it either waits (its latency grows with the queue) or, past the admission bound, is
+refused. A client that opted in (``tta_fallback``) prefers an answer within its latency
+budget at a known, slightly lower accuracy: the card records each policy's accuracy, so the
+trade is visible (``docs/tta-and-ood.md``).
+
+The ladder steps down from the requested policy through the cheaper policies the card lists
+(ten_crop -> five_crop -> flip -> none) and serves the first whose estimated completion fits
+the budget: the time since the request reached the door plus admission's estimate of how long
+its crops wait behind the work in flight (:meth:`Admission.wait_s`). When even ``none`` does not
+fit, ``none`` is served: only admission refuses work, and it does so at the door when the work
+in flight alone exceeds its bound, which no policy can fit. The decision is taken before the
+request's crops are charged, so admission accounts for the policy that runs.
+
+Off by default (``SOTA_SERVE_TTA_FALLBACK``), so that an answer's ``tta`` is the one asked
+for unless someone chose otherwise; every answer names both (``tta``, ``requested_tta``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from sota_serve.errors import BadRequestError, MalformedRequestError
+from sota_serve.serving.admission import Admission, Ticket
+from sota_serve.tta import CROPS_PER_IMAGE
+
+#: what fraction of the admission bound (SOTA_SERVE_MAX_WAIT_S) the default latency budget is
+DEFAULT_BUDGET_SHARE = 0.1
+#: what the front ends' answer counter by (requested, served) policy counts
+TTA_ANSWERS = "Answered requests by the TTA policy asked for and the one served (the fallback ladder)"
+#: the longest budget a request may ask for, in seconds
+MAX_BUDGET_S = 3600.0
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+@dataclass(frozen=True)
+class FallbackAsk:
+    """What one request asked for; None: the server's default."""
+
+    enabled: bool | None = None
+    budget_s: float | None = None
+
+    @classmethod
+    def parse(cls, enabled: object = None, budget_s: object = None, *, where: str = "") -> FallbackAsk:
+        """From a form's or a v2 request's values (JSON values, or their text). Raises
+        MalformedRequestError (400) for a value of the wrong kind, BadRequestError (422) for a
+        budget out of range; ``where`` prefixes the field names (``parameter `` for v2)."""
+        return cls(_flag(enabled, f"{where}tta_fallback"), _budget(budget_s, f"{where}tta_budget_s"))
+
+
+def _flag(value: object, name: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise MalformedRequestError(f"{name} must be true or false, got {value!r:.40}")
+
+
+def _budget(value: object, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise MalformedRequestError(f"{name} must be a number of seconds, got {value!r:.40}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedRequestError(f"{name} must be a number of seconds, got {value!r:.40}")
+    if not (math.isfinite(value) and 0 < value <= MAX_BUDGET_S):
+        raise BadRequestError(f"{name} must be above 0 and at most {MAX_BUDGET_S:g} seconds, got {value:g}")
+    return float(value)
+
+
+class Ladder:
+    """Chooses the policy a request is served with; one per worker, beside admission."""
+
+    def __init__(self, policies: tuple[str, ...], admission: Admission, *, enabled: bool, budget_s: float) -> None:
+        """``policies``: the card's (any order); ``enabled``/``budget_s``: the server's defaults."""
+        self.admission, self.enabled, self.budget_s = admission, enabled, budget_s
+        #: costliest first: the order the ladder steps down in
+        self.rungs = tuple(sorted(policies, key=lambda p: -CROPS_PER_IMAGE[p]))
+
+    def steps(self, requested: str) -> tuple[str, ...]:
+        """``requested``, then each cheaper policy the card lists, costliest first."""
+        k = CROPS_PER_IMAGE[requested]
+        return (requested, *(p for p in self.rungs if CROPS_PER_IMAGE[p] < k))
+
+    def choose(self, requested: str, images: int, ticket: Ticket, ask: FallbackAsk | None = None) -> str:
+        """The policy to serve ``images`` images of a request that asked for ``requested``."""
+        ask = ask or FallbackAsk()
+        if not (self.enabled if ask.enabled is None else ask.enabled):
+            return requested
+        budget = self.budget_s if ask.budget_s is None else ask.budget_s
+        waited = time.monotonic() - ticket.arrived_at
+        steps = self.steps(requested)
+        for policy in steps:
+            if waited + self.admission.wait_s(images * CROPS_PER_IMAGE[policy]) <= budget:
+                return policy
+        return steps[-1]

@@ -1,0 +1,181 @@
+"""The TTA fallback ladder: which policy a request is served with, what admission is charged,
+and what the answers and metrics say (the ladder itself, a real pipeline on a real model, and
+a real ``bentoml serve``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from sota_serve.classifier import Classifier
+from sota_serve.errors import BadRequestError, MalformedRequestError
+from sota_serve.package.card import ModelCard
+from sota_serve.serving.admission import Admission, Ticket
+from sota_serve.serving.batcher import DynamicBatcher, Ewma
+from sota_serve.serving.fallback import FallbackAsk, Ladder
+from sota_serve.serving.pipeline import Answers, Pipeline
+from sota_serve.serving.settings import Settings
+from tests.helpers import card_dict
+from tests.test_oip import NAME
+from tests.test_server import post
+
+ALL = ModelCard.parse(card_dict()).tta.policies()  # the test card lists every policy
+
+
+def _admission(seconds_per_crop: float, pending_crops: int = 0, model_threads: int = 1) -> Admission:
+    adm = Admission(max_wait_s=10, max_in_flight=100, decode_threads=1, model_threads=model_threads,
+                    seconds_per_crop=Ewma(initial=seconds_per_crop))
+    adm.pending_crops = pending_crops  # the work in flight the estimate reads
+    return adm
+
+
+def test_the_ladder_steps_down_through_the_cards_cheaper_policies():
+    ladder = Ladder(ALL, _admission(0.01), enabled=True, budget_s=1)
+    assert ladder.steps("ten_crop") == ("ten_crop", "five_crop", "flip", "none")
+    assert ladder.steps("five_crop") == ("five_crop", "flip", "none")
+    assert ladder.steps("none") == ("none",)
+    two = Ladder(("none", "ten_crop"), _admission(0.01), enabled=True, budget_s=1)
+    assert two.steps("ten_crop") == ("ten_crop", "none")  # only what the card lists
+
+
+@pytest.mark.parametrize(("pending", "served"), [
+    (0, "five_crop"),    # 5 crops x 0.1 s = 0.5 s: fits the 1 s budget
+    (4, "five_crop"),    # (4 + 5) x 0.1 = 0.9 s
+    (6, "flip"),         # five_crop 1.1 s, flip 0.8 s
+    (9, "none"),         # five_crop 1.4, flip 1.1, none 1.0
+    (50, "none"),        # nothing fits: the cheapest, since admission let it in
+])
+def test_the_served_policy_is_the_costliest_that_fits_the_budget(pending, served):
+    ladder = Ladder(ALL, _admission(0.1, pending), enabled=True, budget_s=1.0)
+    assert ladder.choose("five_crop", 1, Ticket(), None) == served
+
+
+def test_the_estimate_counts_the_images_the_model_threads_and_the_time_already_waited():
+    adm = _admission(0.1, 0, model_threads=2)
+    ladder = Ladder(ALL, adm, enabled=True, budget_s=1.0)
+    assert ladder.choose("five_crop", 5, Ticket(), None) == "flip"  # 25 crops on 2 threads: 1.25 s; flip 0.5 s
+    assert ladder.choose("five_crop", 2, Ticket(), None) == "five_crop"  # 10 crops on 2 threads: 0.5 s
+    held = Ticket(arrived_at=time.monotonic() - 0.85)  # held at the door 0.85 s already
+    assert ladder.choose("five_crop", 2, held, None) == "none"  # five_crop 1.35 s, flip 1.05 s, none 0.95 s
+
+
+def test_off_by_default_and_the_request_decides_over_the_server():
+    busy = _admission(0.1, 100)
+    off, on = (Ladder(ALL, busy, enabled=flag, budget_s=1.0) for flag in (False, True))
+    assert off.choose("ten_crop", 1, Ticket(), None) == "ten_crop"
+    assert off.choose("ten_crop", 1, Ticket(), FallbackAsk(enabled=True)) == "none"
+    assert on.choose("ten_crop", 1, Ticket(), None) == "none"
+    assert on.choose("ten_crop", 1, Ticket(), FallbackAsk(enabled=False)) == "ten_crop"
+    # a request's own budget replaces the server's
+    assert on.choose("ten_crop", 1, Ticket(), FallbackAsk(budget_s=12.0)) == "ten_crop"  # 110 crops: 11 s
+    assert Settings().tta_fallback is False and Settings().budget_s() == pytest.approx(1.0)
+    assert Settings(max_wait_s=4).budget_s() == pytest.approx(0.4)
+    assert Settings(tta_budget_s=2.5).budget_s() == 2.5
+
+
+@pytest.mark.parametrize(("enabled", "budget", "want"), [
+    (True, None, FallbackAsk(True, None)), ("true", "0.5", FallbackAsk(True, 0.5)),
+    ("False", 2, FallbackAsk(False, 2.0)), (1, None, FallbackAsk(True, None)), ("off", None, FallbackAsk(False)),
+    (None, None, FallbackAsk()),
+])
+def test_the_requests_options_are_read_from_json_or_text(enabled, budget, want):
+    assert FallbackAsk.parse(enabled, budget) == want
+
+
+@pytest.mark.parametrize(("enabled", "budget", "error", "message"), [
+    ("maybe", None, MalformedRequestError, "tta_fallback must be true or false"),
+    (2, None, MalformedRequestError, "tta_fallback must be true or false"),
+    (None, "soon", MalformedRequestError, "tta_budget_s must be a number of seconds"),
+    (None, True, MalformedRequestError, "tta_budget_s must be a number of seconds"),
+    (None, 0, BadRequestError, "tta_budget_s must be above 0"),
+    (None, "nan", BadRequestError, "tta_budget_s must be above 0"),
+    (None, 1e9, BadRequestError, "at most 3600"),
+])
+def test_bad_options_are_refused_with_what_is_wrong(enabled, budget, error, message):
+    with pytest.raises(error, match=message):
+        FallbackAsk.parse(enabled, budget)
+
+
+# --- a real pipeline on the tiny model ----------------------------------------------------
+
+
+def test_a_degraded_request_runs_and_is_charged_as_the_cheaper_policy(tiny_package, photos):
+    clf = Classifier.open(tiny_package, device="cpu")
+    adm = Admission(max_wait_s=10, max_in_flight=10, decode_threads=1, seconds_per_crop=Ewma(initial=0.3))
+    charged: list[tuple[int, int]] = []  # (k of the batch, crops admission holds while it runs)
+    told: list[tuple[str, str]] = []
+
+    def annotate(crops, k, policy):  # on the model thread, while the request's crops are charged
+        charged.append((k, adm.pending_crops))
+
+    async def run(ask: FallbackAsk) -> Answers:
+        batcher = DynamicBatcher(clf.runtime, max_crops=64, seconds_per_crop=adm.seconds_per_crop, annotate=annotate)
+        pipeline = Pipeline(clf, batcher, adm, decode_threads=1, deadline_s=30, on_tta=lambda *p: told.append(p),
+                            ladder=Ladder(clf.card.tta.policies(), adm, enabled=False, budget_s=1.0))
+        try:
+            images = [p.read_bytes() for p in photos[:2]]
+            return await pipeline.classify(images, "five_crop", 3, adm.enter(0), ask)
+        finally:
+            batcher.close()
+
+    # 2 images: five_crop 10 crops x 0.3 s = 3 s, flip 1.2 s, none 0.6 s: within 1 s only none
+    degraded = asyncio.run(run(FallbackAsk(enabled=True)))
+    assert (degraded.tta, degraded.requested_tta) == ("none", "five_crop")
+    assert charged == [(1, 2)] and told == [("five_crop", "none")]
+    plain = clf.probabilities([p.read_bytes() for p in photos[:2]], "none")
+    got = [[p.score for p in r.predictions] for r in degraded.results]
+    want = [sorted(row, reverse=True)[:3] for row in plain.tolist()]
+    assert np.allclose(got, want, atol=1e-6)  # the plain policy's answer, through the batcher
+
+    charged.clear(), told.clear()
+    asked = asyncio.run(run(FallbackAsk(enabled=False)))
+    assert (asked.tta, asked.requested_tta) == ("five_crop", "five_crop")
+    assert charged == [(5, 10)] and told == [("five_crop", "five_crop")]
+
+
+# --- over HTTP ----------------------------------------------------------------------------
+
+
+def test_the_answer_names_the_policy_served_and_the_one_asked_for(server, photos):
+    image = {"image": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+    # A budget shorter than any request can take: the ladder serves the cheapest policy.
+    degraded = post(server, "/classify", image, {"tta": "five_crop", "tta_fallback": "true", "tta_budget_s": "1e-6"})
+    assert degraded.status_code == 200, degraded.text
+    assert (degraded.json()["tta"], degraded.json()["requested_tta"]) == ("none", "five_crop")
+    plain = post(server, "/classify", image, {"tta": "none"}).json()
+    assert degraded.json()["predictions"] == plain["predictions"] and plain["requested_tta"] == "none"
+    asked = post(server, "/classify", image, {"tta": "five_crop", "tta_budget_s": "1e-6"}).json()
+    assert (asked["tta"], asked["requested_tta"]) == ("five_crop", "five_crop")  # off unless asked
+
+    batch = post(server, "/classify_batch", [("images", ("a.jpg", photos[0].read_bytes(), "image/jpeg"))] * 2,
+                 {"tta": "ten_crop", "tta_fallback": "1", "tta_budget_s": "1e-6"}).json()
+    assert (batch["tta"], batch["requested_tta"]) == ("none", "ten_crop") and len(batch["results"]) == 2
+
+    v2 = httpx.post(f"{server.url}/v2/models/{NAME}/infer", timeout=60, json={
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                    "data": [base64.b64encode(photos[0].read_bytes()).decode()]}],
+        "parameters": {"tta": "five_crop", "tta_fallback": True, "tta_budget_s": 1e-6}})
+    assert v2.status_code == 200, v2.text
+    assert v2.json()["parameters"] == {"tta": "none", "requested_tta": "five_crop"}
+
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    served = re.search(r'sota_serve_tta_answers_total\{requested="five_crop",served="none"\} (\S+)', metrics)
+    assert served and float(served.group(1)) >= 2
+
+
+@pytest.mark.parametrize(("data", "status", "message"), [
+    ({"tta_fallback": "sometimes"}, 400, "tta_fallback must be true or false"),
+    ({"tta_fallback": "true", "tta_budget_s": "-1"}, 422, "tta_budget_s must be above 0"),
+    ({"tta_budget_s": "soon"}, 400, "tta_budget_s must be a number"),
+])
+def test_bad_fallback_fields_get_a_clear_4xx_and_the_server_keeps_serving(server, photos, data, status, message):
+    image = {"image": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+    answer = post(server, "/classify", image, data)
+    assert answer.status_code == status and message in answer.json()["error"]
+    assert post(server, "/classify", image).status_code == 200
