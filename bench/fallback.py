@@ -7,7 +7,7 @@ counter, read before and after), p50/p99 latency, and the accuracy those answers
 (the card's validation accuracy of each served policy, weighted by how many were served).
 
     python -m bench.fallback [--model packages/sota-demo] [--concurrency 256,512] [--seconds 20]
-        [--tta five_crop] [--budget-s S] [--out bench/results/fallback.json]
+        [--tta five_crop] [--budget-s S] [--env SOTA_SERVE_X=V ...] [--out bench/results/fallback.json]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from bench.images import image_set
 from bench.load import closed_loop
 from bench.report import table, write_json
 from bench.run import machine_info
-from bench.server import Server
+from bench.server import Server, env_settings
 from sota_serve.package.card import ModelCard, accuracy_key
 from sota_serve.serving.settings import Settings
 
@@ -69,6 +69,11 @@ def measure(server: Server, card: ModelCard, images: list[Path], *, tta: str, co
     }
 
 
+def _settings(env: dict[str, str], budget_s: float | None) -> Settings:
+    given = {k.removeprefix("SOTA_SERVE_").lower(): v for k, v in env.items() if k.startswith("SOTA_SERVE_")}
+    return Settings(**{**given, **({"tta_budget_s": budget_s} if budget_s else {})})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fallback", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="packages/sota-demo", help="package directory (default: the demo)")
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of load per run")
     p.add_argument("--tta", default="five_crop", help="the policy every request asks for")
     p.add_argument("--budget-s", type=float, help="SOTA_SERVE_TTA_BUDGET_S (default: the server's, 1 s)")
+    p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
+                   help="a server setting for both servers (repeatable), e.g. SOTA_SERVE_MAX_WAIT_S=2")
     p.add_argument("--images", default="imagenet", help="image set: imagenet or mix (bench/images.py)")
     p.add_argument("--out", default="bench/results/fallback.json", help="where the JSON goes")
     args = p.parse_args(argv)
@@ -86,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     card = ModelCard.load(model / "card.json")
     images = image_set(args.images, Path("bench/.cache/images"))
     levels = [int(c) for c in args.concurrency.split(",")]
+    given = env_settings(args.env)
     runs: list[dict[str, Any]] = []
     for fallback in (False, True):
-        env = {"SOTA_SERVE_TTA_FALLBACK": str(fallback).lower()}
+        env = {**given, "SOTA_SERVE_TTA_FALLBACK": str(fallback).lower()}
         if args.budget_s:
             env["SOTA_SERVE_TTA_BUDGET_S"] = str(args.budget_s)
         with Server(model, env=env) as server:
@@ -104,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{100 * r['degraded_share']:.1f} %", " ".join(f"{p} {n}" for p, n in r["served"].items()),
              f"{r['throughput']:.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
              "n/a" if r["expected_accuracy"] is None else f"{100 * r['expected_accuracy']:.2f} %"] for r in runs]
-    print(table(f"{card.tag}: every request asks for {args.tta}", ["fallback", "clients", "answered", "503",
+    budget = _settings(given, args.budget_s).budget_s()
+    print(table(f"{card.tag}: every request asks for {args.tta}, latency budget {budget:g} s", ["fallback", "clients", "answered", "503",
                 "degraded", "served", "req/s", "p50 ms", "p99 ms", "expected accuracy"], rows))
     write_json({"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(), "model": card.tag,
-                "tta": args.tta, "budget_s": Settings(tta_budget_s=args.budget_s).budget_s(), "seconds": args.seconds, "runs": runs},
+                "tta": args.tta, "env": given,
+                "budget_s": _settings(given, args.budget_s).budget_s(), "seconds": args.seconds, "runs": runs},
                Path(args.out))
     return 0
 

@@ -179,3 +179,12 @@ def test_bad_fallback_fields_get_a_clear_4xx_and_the_server_keeps_serving(server
     answer = post(server, "/classify", image, data)
     assert answer.status_code == status and message in answer.json()["error"]
     assert post(server, "/classify", image).status_code == 200
+
+
+def test_the_benchmark_weighs_each_served_policys_accuracy_by_its_answers():
+    from bench.fallback import expected_accuracy
+
+    card = ModelCard.parse(card_dict(metrics={"accuracy": 0.9, "accuracy_five_crop": 1.0}))
+    assert expected_accuracy(card, {"five_crop": 1, "none": 3}) == pytest.approx(0.925)
+    assert expected_accuracy(card, {"flip": 1}) is None  # not recorded: no figure rather than a wrong one
+    assert expected_accuracy(card, {}) is None
