@@ -303,6 +303,8 @@ def test_the_openapi_document_lists_every_route(server):
                  "/v2/models/tiny-cnn/ready"):
         assert "get" in paths[path], path
     assert "post" in paths["/v2/models/tiny-cnn/infer"]
+    for path in ("/classify", "/classify_batch", "/explain"):
+        assert "post" in paths[path], path
     assert {"get", "post"} <= set(paths["/card"])
     page = httpx.get(f"{server.url}/docs", timeout=30).text
     assert "<title>sota-serve API</title>" in page
