@@ -1,8 +1,9 @@
 """An occlusion map as colours a person reads at once, and as a PNG over the image it explains.
 
 The scale is inferno (dark purple: covering the cell changes nothing; bright yellow: the
-largest drop of the label's score), a perceptual map that reads the same in greyscale; the
-page (sota_serve/http/page/page.js) draws the same stops, which it receives in its config.
+largest drop of the label's score), a perceptual map that reads in order in greyscale too,
+drawn more opaque the larger the drop. The page (sota_serve/http/page/page.js) draws the same
+stops and opacity, which it receives in its config.
 numpy and Pillow only: matplotlib is not a serving dependency.
 """
 
@@ -21,8 +22,9 @@ INFERNO: tuple[tuple[int, int, int], ...] = (
     (0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85),
     (227, 89, 51), (249, 140, 10), (249, 201, 50), (252, 255, 164),
 )
-#: the overlay's opacity over the image
-ALPHA = 0.55
+#: the overlay's opacity where the score drops most; a cell's opacity is ALPHA times its
+#: value on the scale, so the image shows through where covering changes nothing
+ALPHA = 0.75
 #: the PNG's shorter side is enlarged (nearest neighbour, by a whole factor) to at least this
 MIN_SIDE = 256
 LEGEND_HEIGHT = 28
@@ -54,14 +56,17 @@ def overlay(data: bytes, explained: Explanation) -> Image.Image:
     size = (region.width * factor, region.height * factor)
     region = region.resize(size, Image.Resampling.NEAREST)
     t, top = scaled(np.asarray(explained.grid))
-    heat = Image.fromarray(colours(t), "RGB").resize(size, Image.Resampling.NEAREST)
-    blended = Image.blend(region, heat, ALPHA)
+    heat = np.asarray(Image.fromarray(colours(t), "RGB").resize(size, Image.Resampling.NEAREST), np.float64)
+    alpha = np.asarray(Image.fromarray(t.astype(np.float32), "F").resize(size, Image.Resampling.NEAREST))
+    alpha = ALPHA * alpha[..., None]
+    pixels = np.asarray(region, np.float64) * (1 - alpha) + heat * alpha
+    blended = Image.fromarray(np.round(pixels).astype(np.uint8), "RGB")
     out = Image.new("RGB", (size[0], size[1] + LEGEND_HEIGHT), "white")
     out.paste(blended, (0, 0))
     ramp = colours(np.linspace(0.0, 1.0, size[0]))[None].repeat(8, axis=0)
     out.paste(Image.fromarray(ramp, "RGB"), (0, size[1] + 2))
     draw = ImageDraw.Draw(out)
     draw.text((2, size[1] + 12), "no change when covered", fill=(60, 60, 60))
-    right = f"score -{top:.3f}"
+    right = f"score {top:.2g} lower"
     draw.text((size[0] - 2 - draw.textlength(right), size[1] + 12), right, fill=(60, 60, 60))
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from sota_serve.errors import MalformedRequestError, SotaServeError
+from sota_serve.heatmap import ALPHA, INFERNO
 from sota_serve.http.errors import Answer, error_answer
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
@@ -47,7 +48,8 @@ def _config(pre: Preprocessor, card: ModelCard) -> bytes:
     sota_serve.tta's words, and the defaults."""
     policies = [{"name": p, "crops": CROPS_PER_IMAGE[p], "resize": pre.edge(p), "about": DESCRIPTIONS[p]}
                 for p in pre.policies]
-    config = {"model": card.tag, "default": card.tta.default, "top_k": DEFAULT_TOP_K, "policies": policies}
+    config = {"model": card.tag, "default": card.tta.default, "top_k": DEFAULT_TOP_K, "policies": policies,
+              "heat": {"stops": INFERNO, "alpha": ALPHA}}
     # "</" would end the <script> element early
     return json.dumps(config).replace("</", "<\\/").encode()
 
