@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 
+import bentoml
 import httpx
 import numpy as np
 import pytest
@@ -47,6 +48,10 @@ def test_explain_takes_a_label_and_a_grid(server, photos):
     answer = _explain(server, data, label="dog", grid=3).json()
     assert answer["label"] == "dog" and len(answer["grid"]) == 3 and len(answer["grid"][0]) == 3
     assert len(_explain(server, data, grid=16).json()["grid"]) == 16
+    with bentoml.SyncHTTPClient(server.url) as client:  # the declared endpoint, as BentoML's clients call it
+        got = client.explain(image=photos[0], label="bird", grid=4)
+    assert got["label"] == "bird" and len(got["grid"]) == 4
+    assert got["grid"] == _explain(server, data, label="bird", grid=4).json()["grid"]
 
 
 @pytest.mark.parametrize(("fields", "status", "message"), [
