@@ -258,3 +258,21 @@ def test_cli_prints_the_map_and_writes_the_png(digits_package, held_out, tmp_pat
     assert png.format == "PNG" and png.size == (side * factor, side * factor + LEGEND_HEIGHT)
     assert cli(["explain", str(digits_package), str(image), "--label", "cat", "--device", "cpu"]) == 2
     assert "unknown label 'cat'" in capsys.readouterr().err
+
+
+# --- the form of POST /explain --------------------------------------------------------------
+
+def test_the_form_reads_label_and_grid_as_the_other_routes_read_values():
+    from sota_serve.errors import MalformedRequestError
+    from sota_serve.http.explain_form import explain_form
+    from sota_serve.http.multipart import Part
+
+    image = Part("image", True, b"bytes")
+    assert explain_form([image]) == (b"bytes", None, 8)
+    assert explain_form([image, Part("label", False, b"7"), Part("grid", False, b" 4 ")]) == (b"bytes", "7", 4)
+    assert explain_form([image, Part("label", False, b'"cat"'), Part("grid", False, b"12")]).label == "cat"
+    for parts, message in (([], "one 'image' file, got 0"), ([image, image], "one 'image' file, got 2"),
+                           ([image, Part("grid", False, b"eight")], "grid must be an integer"),
+                           ([image, Part("grid", False, b"true")], "grid must be an integer")):
+        with pytest.raises(MalformedRequestError, match=message):
+            explain_form(parts)
