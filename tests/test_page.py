@@ -234,10 +234,14 @@ def test_page_shows_what_the_model_looked_at(server, digit_files):
         assert legend.is_displayed() and f"Lower score of {want['label']} when" in legend.text
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "explain.png"))
-        # another image hides the old map until its own is drawn; the toggle off hides it
-        browser.find_element(By.ID, "file").send_keys(str(digit_files[6]))
-        wait.until(lambda b: b.find_element(By.ID, "heat").get_attribute("title")
-                   and b.find_element(By.ID, "heat").is_displayed())
+        # another image gets its own map; the toggle off hides it
+        other = digit_files[6]
+        alpha = 255 * ALPHA * scaled(np.asarray(post(server, "/explain", {"image": (other.name, other.read_bytes())})
+                                                .json()["grid"]))[0]
+        assert np.abs(drawn[..., 3] - alpha).max() > 1  # the two maps differ
+        browser.find_element(By.ID, "file").send_keys(str(other))
+        wait.until(lambda b: b.find_element(By.ID, "heat").is_displayed() and np.abs(
+            np.array(b.execute_script(HEAT_PIXELS)).reshape(8, 8, 4)[..., 3] - alpha).max() <= 1)
         browser.find_element(By.ID, "explain-toggle").click()
         assert not browser.find_element(By.ID, "heat").is_displayed()
         assert not browser.find_element(By.ID, "heat-legend").is_displayed()
