@@ -238,8 +238,12 @@ async function explainImage(file) {
   let answer;
   try {
     const response = await fetch("/explain", { method: "POST", body: form });
-    answer = await response.json();
-    if (!response.ok) throw new Error(`${answer.error || response.statusText} (HTTP ${response.status})`);
+    const text = await response.text();
+    try { answer = JSON.parse(text); } catch { answer = { error: text || response.statusText }; }
+    if (!response.ok) {
+      const retry = response.headers.get("Retry-After");
+      throw new Error(`${answer.error || response.statusText} (HTTP ${response.status}${retry ? `, retry after ${retry} s` : ""})`);
+    }
   } catch (e) {
     if (heatFile === file) $("heat-status").textContent = `No map: ${e.message}`;
     return;
