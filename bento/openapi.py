@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from sota_serve.explain import DEFAULT_GRID, MAX_GRID, MIN_GRID
 from sota_serve.package.card import ModelCard
 from sota_serve.predictions import DEFAULT_TOP_K, MAX_TOP_K
 from sota_serve.tta import CROPS_PER_IMAGE, DESCRIPTIONS
@@ -74,7 +75,32 @@ def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int, tt
         get = {key: value for key, value in card_op.items() if key != "requestBody"}
         spec["paths"]["/card"]["get"] = {**get, "operationId": "get_card"}
     spec["paths"].update(_direct_paths(card))
+    _describe_explain(spec, card)
     return spec
+
+
+def _describe_explain(spec: dict[str, Any], card: ModelCard) -> None:
+    """``POST /explain``'s fields, limits and errors (docs/explanations.md)."""
+    operation = spec["paths"].get("/explain", {}).get("post")
+    if operation is None:
+        return
+    operation["summary"] = "Explain a prediction: which parts of the image the score depends on"
+    operation["description"] = (
+        "Occlusion sensitivity over the plain (center) crop: each cell of a grid x grid grid is covered in"
+        " turn with the normalization mean, and grid[i][j] is the label's probability on the whole crop"
+        " minus its probability with cell (row i, column j) covered. The grid*grid + 1 crops cost as"
+        " many model calls as that many plain /classify requests. `window` is the crop's box on the"
+        " uploaded image, in its pixels, to draw the map over it.")
+    props = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    props["image"]["description"] = "One image file."
+    props["label"] = {"type": "string", "enum": list(card.labels),
+                      "description": "The label to explain; omitted: the crop's top-1 label."}
+    props["grid"] = {"type": "integer", "minimum": MIN_GRID, "maximum": MAX_GRID, "default": DEFAULT_GRID,
+                     "description": "Cells per side of the occlusion grid."}
+    ok = operation["responses"].get(200) or operation["responses"]["200"]
+    errors = {**_ERRORS, "422": "label is not one of the card's labels, or grid is outside"
+                                f" {MIN_GRID}..{MAX_GRID}"}
+    operation["responses"] = {"200": ok, **{code: {**_error(code), "description": errors[code]} for code in errors}}
 
 
 def _get(summary: str, content_type: str = "application/json", **extra: Any) -> dict[str, Any]:

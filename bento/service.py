@@ -19,6 +19,7 @@ from bento.config import explain_port_in_use, settings_and_package
 from bento.metrics import count_shed, count_tta, observe_batch
 from bento.openapi import describe
 from bento.upload import Upload
+from sota_serve.explain import DEFAULT_GRID, Explanation
 from sota_serve.http.errors import Answer, answered
 from sota_serve.http.front_door import TICKET, FrontDoor
 from sota_serve.http.limits import Limits
@@ -87,6 +88,11 @@ class SotaServe:
                              tta_fallback: bool | None = None, tta_budget_s: float | None = None) -> BatchResponse:
         work = ROUTES.classify_batch([u.data for u in images], tta, top_k, TICKET.get(),
                                      FallbackAsk.parse(tta_fallback, tta_budget_s))
+        return await answered(work, render=_response)  # type: ignore[arg-type]
+
+    @bentoml.api(route="/explain")
+    async def explain(self, image: Upload, label: str | None = None, grid: int = DEFAULT_GRID) -> Explanation:
+        work = ROUTES.explain(image.data, label, grid, TICKET.get())
         return await answered(work, render=_response)  # type: ignore[arg-type]
 
     @bentoml.api(route="/card")

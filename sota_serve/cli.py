@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sota_serve import __version__, formats
+from sota_serve import __version__, explain_cli, formats
 from sota_serve.errors import ImageError, SotaServeError
 from sota_serve.package import precision
 from sota_serve.tta import CROPS_PER_IMAGE, DESCRIPTIONS, POLICIES
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode large JPEGs at reduced scale (faster, pixels differ slightly)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one entry per image")
     p.set_defaults(func=_predict)
+
+    explain_cli.register(sub)
 
     p = sub.add_parser("quantize", help="add an int8 ONNX file to a package (faster on CPUs), calibrated on"
                                         " your images, with its agreement with fp32 in the card")

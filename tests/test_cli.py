@@ -51,7 +51,8 @@ def test_predict_readable_output_and_bad_image(tiny_package, photos, tmp_path, c
     assert len([line for line in out.splitlines() if line.startswith("  0.")]) == 2
 
 
-@pytest.mark.parametrize("args", [["inspect", "/nonexistent"], ["predict", "/nonexistent", "x.jpg"]])
+@pytest.mark.parametrize("args", [["inspect", "/nonexistent"], ["predict", "/nonexistent", "x.jpg"],
+                                  ["explain", "/nonexistent", "x.jpg"]])
 def test_errors_exit_2_with_message(args, capsys):
     assert main(args) == 2
     assert "error:" in capsys.readouterr().err
@@ -59,7 +60,7 @@ def test_errors_exit_2_with_message(args, capsys):
 
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "sota_serve.cli", "--help"], capture_output=True, text=True)
-    for command in ("inspect", "predict", "quantize", "train", "demo", "export", "import", "bench"):
+    for command in ("inspect", "predict", "explain", "quantize", "train", "demo", "export", "import", "bench"):
         assert command in out.stdout
 
 

@@ -233,3 +233,63 @@ def test_a_degraded_answer_shows_what_it_was_asked_and_its_expected_accuracy(tin
             assert "tta none" in browser.find_element(By.ID, "status").text
         finally:
             browser.quit()
+
+
+#: The occlusion canvas's pixels, one per cell, as [[r, g, b], ...] row by row.
+HEAT_PIXELS = """const c = document.getElementById("heat");
+    const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+    return [...Array(c.width * c.height).keys()].map((i) => [d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]]);"""
+
+
+@pytest.mark.slow
+def test_page_shows_what_the_model_looked_at(server, digit_files):
+    """The toggle asks /explain and draws its map over the crop window, on the server's scale."""
+    import numpy as np
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from sota_serve.heatmap import ALPHA, colours, scaled
+
+    image = digit_files[5]
+    want = post(server, "/explain", {"image": (image.name, image.read_bytes())}).json()
+    browser = _browser(1000, 900)
+    try:
+        browser.get(f"{server.url}/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#card-summary dd"))
+        browser.find_element(By.ID, "file").send_keys(str(image))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results li"))
+        assert not browser.find_element(By.ID, "heat").is_displayed()  # off until asked for
+        browser.find_element(By.ID, "explain-toggle").click()
+        wait.until(lambda b: b.find_element(By.ID, "heat").is_displayed())
+        heat = browser.find_element(By.ID, "heat")
+        assert heat.get_attribute("data-label") == want["label"]
+        assert int(heat.get_attribute("width")) == int(heat.get_attribute("height")) == len(want["grid"]) == 8
+        drawn = np.array(browser.execute_script(HEAT_PIXELS)).reshape(8, 8, 4)
+        t = scaled(np.asarray(want["grid"]))[0]
+        # the API's map on the API's colour scale, more opaque the larger the drop (a canvas
+        # keeps colours premultiplied: compare them where they are opaque enough to keep)
+        assert np.abs(drawn[..., 3] - 255 * ALPHA * t).max() <= 1
+        strong = t >= 0.5
+        assert strong.any() and np.abs(drawn[strong][:, :3] - colours(t)[strong]).max() <= 3
+        # over the crop window: inside the picture, as large as the window is on it
+        frame, box = browser.find_element(By.ID, "frame").rect, heat.rect
+        assert frame["x"] - 1 <= box["x"] and box["x"] + box["width"] <= frame["x"] + frame["width"] + 1
+        assert box["width"] == pytest.approx(frame["width"] * want["window"]["width"] / 64, abs=1.5)
+        legend = browser.find_element(By.ID, "heat-legend")
+        assert legend.is_displayed() and f"Lower score of {want['label']} when" in legend.text
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "explain.png"))
+        # another image gets its own map; the toggle off hides it
+        other = digit_files[6]
+        alpha = 255 * ALPHA * scaled(np.asarray(post(server, "/explain", {"image": (other.name, other.read_bytes())})
+                                                .json()["grid"]))[0]
+        assert np.abs(drawn[..., 3] - alpha).max() > 1  # the two maps differ
+        browser.find_element(By.ID, "file").send_keys(str(other))
+        wait.until(lambda b: b.find_element(By.ID, "heat").is_displayed() and np.abs(
+            np.array(b.execute_script(HEAT_PIXELS)).reshape(8, 8, 4)[..., 3] - alpha).max() <= 1)
+        browser.find_element(By.ID, "explain-toggle").click()
+        assert not browser.find_element(By.ID, "heat").is_displayed()
+        assert not browser.find_element(By.ID, "heat-legend").is_displayed()
+    finally:
+        browser.quit()

@@ -289,7 +289,7 @@ def test_a_port_in_use_is_one_line_naming_it(tiny_package, tmp_path):
 
 
 def test_every_error_is_json(server):
-    for method, path, status in (("GET", "/classify", 405), ("GET", "/classify_batch", 405),
+    for method, path, status in (("GET", "/classify", 405), ("GET", "/classify_batch", 405), ("GET", "/explain", 405),
                                  ("GET", "/v2/models/tiny-cnn/infer", 405), ("GET", "/nowhere", 404)):
         r = httpx.request(method, f"{server.url}{path}", timeout=30)
         assert r.status_code == status and r.headers["content-type"] == "application/json", (path, r.text)
@@ -303,6 +303,8 @@ def test_the_openapi_document_lists_every_route(server):
                  "/v2/models/tiny-cnn/ready"):
         assert "get" in paths[path], path
     assert "post" in paths["/v2/models/tiny-cnn/infer"]
+    for path in ("/classify", "/classify_batch", "/explain"):
+        assert "post" in paths[path], path
     assert {"get", "post"} <= set(paths["/card"])
     page = httpx.get(f"{server.url}/docs", timeout=30).text
     assert "<title>sota-serve API</title>" in page

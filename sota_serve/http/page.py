@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from sota_serve.errors import MalformedRequestError, SotaServeError
+from sota_serve.heatmap import ALPHA, INFERNO
 from sota_serve.http.errors import Answer, error_answer
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard, accuracy_key
@@ -50,7 +51,8 @@ def _config(pre: Preprocessor, card: ModelCard) -> bytes:
                  # the validation accuracy the card records: what an answer served with it can expect
                  "accuracy": getattr(metrics, accuracy_key(p)) if metrics else None}
                 for p in pre.policies]
-    config = {"model": card.tag, "default": card.tta.default, "top_k": DEFAULT_TOP_K, "policies": policies}
+    config = {"model": card.tag, "default": card.tta.default, "top_k": DEFAULT_TOP_K, "policies": policies,
+              "heat": {"stops": INFERNO, "alpha": ALPHA}}
     # "</" would end the <script> element early
     return json.dumps(config).replace("</", "<\\/").encode()
 

@@ -24,8 +24,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from sota_serve.errors import ImageError, MalformedRequestError
+from sota_serve.explain import Explanation
 from sota_serve.http import page
 from sota_serve.http.errors import Answer, answered
+from sota_serve.http.explain_form import explain_form
 from sota_serve.http.multipart import Part
 from sota_serve.http.oip import OpenInference
 from sota_serve.http.schemas import BatchResponse, ClassifyResponse
@@ -37,7 +39,7 @@ from sota_serve.serving.pipeline import Pipeline
 log = logging.getLogger("sota_serve.routes")
 
 #: image route -> its file field
-FILE_FIELDS = {"/classify": "image", "/classify_batch": "images"}
+FILE_FIELDS = {"/classify": "image", "/classify_batch": "images", "/explain": "image"}
 _INTEGER = re.compile(r"[+-]?\d{1,9}")
 
 
@@ -82,6 +84,10 @@ class Routes:
         return answer
 
     async def _post(self, path: str, form: Sequence[Part], ticket: Ticket | None) -> Answer:
+        if path == "/explain":
+            fields = explain_form(form)
+            explained = await self.explain(fields.image, fields.label, fields.grid, ticket)
+            return 200, {}, explained.model_dump_json().encode()
         images, tta, top_k, fallback = _form(form, FILE_FIELDS[path])
         if path == "/classify":
             if len(images) != 1:
@@ -110,6 +116,12 @@ class Routes:
         assert self.pipeline is not None, "Routes.classify_batch before bind"
         answers = await self.pipeline.classify(images, tta, top_k, ticket, fallback)
         return BatchResponse.of(self.pipeline.card.tag, answers)
+
+    async def explain(self, image: bytes, label: str | None, grid: int, ticket: Ticket | None) -> Explanation:
+        """``POST /explain``: the occlusion map over the plain crop (sota_serve/explain.py);
+        raises the image's typed error, BadRequestError (422) for a label or grid out of range."""
+        assert self.pipeline is not None, "Routes.explain before bind"
+        return await self.pipeline.explain(image, label, grid, ticket)
 
 
 #: the form's value fields

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from sota_serve import explain as occlusion
 from sota_serve.classifier import Classifier, ranked_answers
 from sota_serve.errors import ImageError
 from sota_serve.image.decode import DecodeLimits
@@ -166,6 +167,32 @@ class Pipeline:
     def _answered(self, requested: str, served: str) -> None:
         if self.on_tta is not None:
             self.on_tta(requested, served)
+
+    async def explain(self, image: bytes, label: str | None, grid: int,
+                      ticket: Ticket | None = None) -> occlusion.Explanation:
+        """The occlusion map of ``label`` (None: the top-1) over the plain crop of ``image``
+        (:mod:`sota_serve.explain`): decoded on the decode pool, its grid*grid + 1 crops
+        batched as single crops with other requests' on the model threads. Raises
+        BadRequestError (422) for a label the card lacks or a grid outside 2..16, and the
+        image's typed error."""
+        grid = occlusion.check_grid(grid)
+        index = occlusion.label_index(self.card.labels, label)
+        ticket = ticket or Ticket()
+        self.admission.charge(ticket, grid * grid + 1)
+        try:
+            try:
+                # not a sample of the decode cost admission learns: a full-scale decode and
+                # grid*grid copies of the crop
+                occluded = await asyncio.get_running_loop().run_in_executor(self.decode_pool, lambda: occlusion.occlusions(
+                    self.clf.preprocessor, self.card.normalization, image, grid=grid, label=index))
+            finally:
+                self.admission.decoded(ticket)
+            # "pixels": the queue of preprocessed single crops, which the OOD annotator has no
+            # detector for (an occluded crop is out of distribution by construction)
+            ranked = await self.batcher.submit(occluded.batch, 1, ticket.admitted_at + self.deadline_s, "pixels")
+        finally:
+            self.admission.computed(ticket)
+        return occlusion.explanation(self.card.tag, self.card.labels, occluded, ranked.probs)
 
     # --- stages ---------------------------------------------------------------------------
 

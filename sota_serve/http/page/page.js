@@ -225,6 +225,89 @@ async function loadCard() {
   }
 }
 
+// --- what the model looked at ---------------------------------------------------------------
+// With the toggle on, each new image's occlusion map (POST /explain) is drawn over its plain
+// crop, on the server's colour scale (config.heat: dark = covering the cell changes nothing,
+// bright = the largest drop of the label's score).
+
+let heatFile = null; // the file whose map is drawn or asked for
+
+// A cell's colour, as sota_serve/heatmap.py blends it: the more the score drops, the brighter
+// and the more opaque, so the picture shows through where covering changes nothing.
+function heatColour(t, alpha = 1) {
+  const stops = config.heat.stops;
+  const x = Math.min(Math.max(t, 0), 1) * (stops.length - 1);
+  const i = Math.min(Math.floor(x), stops.length - 2), f = x - i;
+  const rgb = stops[i].map((v, c) => Math.round(v * (1 - f) + stops[i + 1][c] * f));
+  return `rgba(${rgb.join(",")},${alpha})`;
+}
+
+function hideHeat() {
+  $("heat").hidden = true;
+  $("heat-legend").hidden = true;
+  heatFile = null;
+}
+
+async function explainImage(file) {
+  if (!$("explain").checked || !file || heatFile === file) return;
+  heatFile = file;
+  $("heat").hidden = true;
+  $("heat-legend").hidden = false;
+  $("heat-status").textContent = "Covering each part of the crop in turn ...";
+  $("heat-top").textContent = "";
+  const form = new FormData();
+  form.append("image", file, file.name || "pasted-image");
+  let answer;
+  try {
+    const response = await fetch("/explain", { method: "POST", body: form });
+    const text = await response.text();
+    try { answer = JSON.parse(text); } catch { answer = { error: text || response.statusText }; }
+    if (!response.ok) {
+      const retry = response.headers.get("Retry-After");
+      throw new Error(`${answer.error || response.statusText} (HTTP ${response.status}${retry ? `, retry after ${retry} s` : ""})`);
+    }
+  } catch (e) {
+    if (heatFile === file) $("heat-status").textContent = `No map: ${e.message}`;
+    return;
+  }
+  if (heatFile !== file) return; // another image was chosen meanwhile
+  await drawHeat(answer);
+}
+
+async function drawHeat(answer) {
+  const img = $("preview");
+  if (!img.complete || !img.naturalWidth) await new Promise((ok) => img.addEventListener("load", ok, { once: true }));
+  const W = img.naturalWidth, H = img.naturalHeight, n = answer.grid.length;
+  const top = Math.max(...answer.grid.flat(), 1e-6);
+  const canvas = $("heat");
+  canvas.width = n;
+  canvas.height = n;
+  const ctx = canvas.getContext("2d");
+  answer.grid.forEach((row, i) => row.forEach((v, j) => {
+    const t = Math.min(Math.max(v / top, 0), 1);
+    ctx.fillStyle = heatColour(t, config.heat.alpha * t);
+    ctx.fillRect(j, i, 1, 1);
+  }));
+  const w = answer.window, pct = (v, total) => `${(100 * v / total).toFixed(3)}%`;
+  canvas.style.cssText = `left:${pct(w.left, W)};top:${pct(w.top, H)};width:${pct(w.width, W)};height:${pct(w.height, H)}`;
+  canvas.dataset.label = answer.label;
+  canvas.title = `where covering the image lowers the score of ${answer.label}`;
+  canvas.hidden = false;
+  $("heat-status").textContent = `Lower score of ${answer.label} when that part of the center crop is covered`
+    + ` (${n}×${n} cells, ${n * n + 1} model calls).`;
+  $("heat-ramp").style.background = `linear-gradient(to right, ${config.heat.stops.map((_, i) => heatColour(i / (config.heat.stops.length - 1))).join(", ")})`;
+  $("heat-top").textContent = `score ${top.toPrecision(2)} lower`;
+}
+
+function wireExplain() {
+  $("explain").addEventListener("change", () => { if ($("explain").checked) explainImage(current); else hideHeat(); });
+  // The hook: a new image hides the old map at once; a shown answer asks for the new one.
+  new MutationObserver(hideHeat).observe($("preview"), { attributes: true, attributeFilter: ["src"] });
+  new MutationObserver(() => { if ($("results").children.length) explainImage(current); })
+    .observe($("results"), { childList: true });
+}
+
 buildPolicies();
 wireInputs();
 loadCard();
+wireExplain();
