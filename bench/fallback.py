@@ -1,12 +1,14 @@
-"""The TTA fallback ladder under load: closed-loop clients that all ask for one policy (five-crop
-by default), against a server with the ladder off and one with it on.
+"""The TTA fallback ladder under load: requests that all ask for one policy (five-crop by
+default), against a server with the ladder off and one with it on, from closed-loop clients
+(each sends its next request when its answer is in) and at open-loop rates (requests arrive at
+a rate whatever the answers, as from many independent users).
 
 For each run: the share of requests answered (200) and refused (503), the share of answers
 served with a cheaper policy than asked (from the server's ``sota_serve_tta_answers_total``
 counter, read before and after), p50/p99 latency, and the accuracy those answers can expect
 (the card's validation accuracy of each served policy, weighted by how many were served).
 
-    python -m bench.fallback [--model packages/sota-demo] [--concurrency 256,512] [--seconds 20]
+    python -m bench.fallback [--model packages/sota-demo] [--concurrency 256,512] [--rates 200,250] [--seconds 20]
         [--tta five_crop] [--budget-s S] [--env SOTA_SERVE_X=V ...] [--out bench/results/fallback.json]
 """
 
@@ -22,7 +24,7 @@ from typing import Any
 import httpx
 
 from bench.images import image_set
-from bench.load import closed_loop
+from bench.load import closed_loop, open_loop
 from bench.report import table, write_json
 from bench.run import machine_info
 from bench.server import Server, env_settings
@@ -49,11 +51,16 @@ def expected_accuracy(card: ModelCard, served: dict[str, float]) -> float | None
     return sum(values[p] * n for p, n in served.items()) / total
 
 
-def measure(server: Server, card: ModelCard, images: list[Path], *, tta: str, concurrency: int,
-            seconds: float) -> dict[str, Any]:
+def measure(server: Server, card: ModelCard, images: list[Path], *, tta: str, seconds: float,
+            concurrency: int | None = None, rate: float | None = None) -> dict[str, Any]:
+    """One run: ``concurrency`` closed-loop clients, or requests arriving at ``rate`` per second."""
+    url, data = f"{server.url}/classify", {"tta": tta}
     before = answers_by_policy(server.url)
-    load = closed_loop(f"{server.url}/classify", images, data={"tta": tta}, concurrency=concurrency,
-                       seconds=seconds)
+    if rate is not None:
+        load = open_loop(url, images, data=data, rate=rate, seconds=seconds)
+    else:
+        assert concurrency is not None, "measure needs a concurrency or a rate"
+        load = closed_loop(url, images, data=data, concurrency=concurrency, seconds=seconds)
     after = answers_by_policy(server.url)
     served: dict[str, float] = {}
     for (requested, policy), n in after.items():
@@ -61,7 +68,8 @@ def measure(server: Server, card: ModelCard, images: list[Path], *, tta: str, co
             served[policy] = gained
     answered = sum(served.values())
     return {
-        "concurrency": concurrency, "requests": load["requests"], "ok": load["ok"], "shed_503": load["shed_503"],
+        "load": f"{rate:g} req/s" if rate is not None else f"{concurrency} clients",
+        "concurrency": concurrency, "rate": rate, "requests": load["requests"], "ok": load["ok"], "shed_503": load["shed_503"],
         "errors": load["errors"], "answered_share": load["ok"] / load["requests"] if load["requests"] else 0.0,
         "degraded_share": 1 - served.get(tta, 0.0) / answered if answered else 0.0,
         "served": {p: int(n) for p, n in sorted(served.items())}, "throughput": load["throughput"],
@@ -77,7 +85,8 @@ def _settings(env: dict[str, str], budget_s: float | None) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fallback", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="packages/sota-demo", help="package directory (default: the demo)")
-    p.add_argument("--concurrency", default="256,512", help="comma list of closed-loop client counts")
+    p.add_argument("--concurrency", default="256,512", help="comma list of closed-loop client counts ('' for none)")
+    p.add_argument("--rates", default="200,250", help="comma list of open-loop arrival rates, req/s ('' for none)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of load per run")
     p.add_argument("--tta", default="five_crop", help="the policy every request asks for")
     p.add_argument("--budget-s", type=float, help="SOTA_SERVE_TTA_BUDGET_S (default: the server's, 1 s)")
@@ -92,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     card = ModelCard.load(model / "card.json")
     images = image_set(args.images, Path("bench/.cache/images"))
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = [{"concurrency": int(c)} for c in args.concurrency.split(",") if c]
+    levels += [{"rate": float(r)} for r in args.rates.split(",") if r]
     given = env_settings(args.env)
     runs: list[dict[str, Any]] = []
     for fallback in (False, True):
@@ -103,17 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready()
             closed_loop(f"{server.url}/classify", images, data={"tta": args.tta}, concurrency=32, seconds=3)  # warm
             for level in levels:
-                run = {"fallback": fallback, **measure(server, card, images, tta=args.tta, concurrency=level,
-                                                       seconds=args.seconds)}
+                run = {"fallback": fallback, **measure(server, card, images, tta=args.tta, seconds=args.seconds,
+                                                       **level)}
                 runs.append(run)
-                print(f"fallback {'on ' if fallback else 'off'} {level} clients: {run['ok']}/{run['requests']} answered,"
+                print(f"fallback {'on ' if fallback else 'off'} {run['load']}: {run['ok']}/{run['requests']} answered,"
                       f" {100 * run['degraded_share']:.1f} % degraded, p99 {run['p99_ms']:.0f} ms", file=sys.stderr)
-    rows = [["on" if r["fallback"] else "off", r["concurrency"], f"{100 * r['answered_share']:.1f} %", r["shed_503"],
+    rows = [["on" if r["fallback"] else "off", r["load"], f"{100 * r['answered_share']:.1f} %", r["shed_503"],
              f"{100 * r['degraded_share']:.1f} %", " ".join(f"{p} {n}" for p, n in r["served"].items()),
              f"{r['throughput']:.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
              "n/a" if r["expected_accuracy"] is None else f"{100 * r['expected_accuracy']:.2f} %"] for r in runs]
     budget = _settings(given, args.budget_s).budget_s()
-    print(table(f"{card.tag}: every request asks for {args.tta}, latency budget {budget:g} s", ["fallback", "clients", "answered", "503",
+    print(table(f"{card.tag}: every request asks for {args.tta}, latency budget {budget:g} s", ["fallback", "load", "answered", "503",
                 "degraded", "served", "req/s", "p50 ms", "p99 ms", "expected accuracy"], rows))
     write_json({"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(), "model": card.tag,
                 "tta": args.tta, "env": given,

@@ -1,5 +1,6 @@
 """Closed-loop HTTP load from several processes: ``concurrency`` clients in all, each sending
-its next request as soon as the last one returns, bounded in time and in count.
+its next request as soon as the last one returns, bounded in time and in count; and open-loop
+load (:func:`open_loop`): requests arriving at a rate, whatever the answers.
 
 One Python process cannot load a fast server (an httpx client tops out at a few hundred
 requests/s), so the clients are spread over ``processes`` processes, each an asyncio loop in
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import random
 import resource
 import statistics
 import time
@@ -156,3 +158,65 @@ def closed_loop(url: str, images: Sequence[Path] | Sequence[tuple[str, bytes]], 
     for w in workers:
         w.join()
     return summarize(parts, concurrency)
+
+
+async def _arrivals(spec: LoadSpec, rate: float, max_outstanding: int, seed: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    host, port = endpoint(spec.url)
+    requests = [multipart_request(spec.url, spec.field, name, content, spec.data) for name, content in spec.files]
+    idle: list[Connection] = []
+    outstanding: set[asyncio.Task[None]] = set()
+    skipped = 0
+
+    async def one(request: bytes, due: float) -> None:
+        conn = idle.pop() if idle else None
+        try:
+            if conn is None or conn.closed:
+                conn = await Connection.open(host, port, spec.timeout_s)
+            status, _ = await conn.send(request, spec.timeout_s)
+        except (TimeoutError, OSError):
+            status = 0
+            if conn is not None:
+                conn.close()
+        # from when the request was due, so that a late send is not hidden (coordinated omission)
+        latencies.append(time.perf_counter() - due)
+        statuses[status] = statuses.get(status, 0) + 1
+        if conn is not None and not conn.closed:
+            idle.append(conn)
+
+    rng = random.Random(seed)
+    began = time.perf_counter()
+    due, n = began, 0
+    while due < began + spec.seconds:
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        if len(outstanding) >= max_outstanding:
+            skipped += 1  # the generator's own bound: counted, never sent
+        else:
+            task = asyncio.get_running_loop().create_task(one(requests[n % len(requests)], due))
+            outstanding.add(task)
+            task.add_done_callback(outstanding.discard)
+        n += 1
+        due += rng.expovariate(rate)
+    if outstanding:
+        await asyncio.wait(outstanding)
+    for conn in idle:
+        conn.close()
+    return {"latencies": latencies, "statuses": statuses, "elapsed": time.perf_counter() - began,
+            "skipped": skipped, "retry_after_missing": 0}
+
+
+def open_loop(url: str, images: Sequence[Path] | Sequence[tuple[str, bytes]], *, field: str = "image",
+              data: dict[str, str] | None = None, rate: float, seconds: float, max_outstanding: int = 4096,
+              seed: int = 0) -> dict[str, Any]:
+    """Requests arriving at ``rate`` per second (Poisson arrivals) for ``seconds``, each on an
+    idle keep-alive connection or a new one, whatever the answers: many independent users. A
+    closed loop cannot give that load, since there a slower server is sent fewer requests.
+    Latency counts from when a request was due. One summary dict, as :func:`closed_loop`'s,
+    with ``rate`` and ``skipped`` (arrivals not sent because ``max_outstanding`` were open)."""
+    files = [(p.name, p.read_bytes()) if isinstance(p, Path) else p for p in images]
+    spec = LoadSpec(url=url, files=files, field=field, data=tuple((data or {}).items()), seconds=seconds)
+    cpu = time.process_time()
+    result = asyncio.run(_arrivals(spec, rate, max_outstanding, seed))
+    result["cpu_s"] = time.process_time() - cpu
+    return {**summarize([result], 0), "rate": rate, "skipped": result["skipped"]}

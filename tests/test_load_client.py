@@ -11,7 +11,7 @@ import re
 import pytest
 
 from bench.http1 import Answer, Connection, endpoint, multipart_request
-from bench.load import closed_loop
+from bench.load import closed_loop, open_loop
 from bench.server import free_port
 from sota_serve.http.multipart import boundary, parts
 
@@ -132,3 +132,32 @@ def test_closed_loop_reconnects_after_close_and_counts_refusals(tmp_path):
                           seconds=0.2, max_requests=10, processes=1)
     assert refused["ok"] == 0 and refused["errors"] == refused["requests"] > 0
     assert refused["statuses"] == {"0": refused["requests"]}
+
+
+def test_open_loop_sends_at_its_rate_whatever_the_answers_take():
+    # A server that takes 0.2 s per answer on each connection: a closed loop of 2 clients would
+    # send 10 requests a second; the open loop keeps its 100 a second on as many connections as
+    # it needs, and counts latency from when each request was due.
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head).group(1)))
+                await asyncio.sleep(0.2)
+                writer.write(_answer(200, b"{}"))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await asyncio.get_running_loop().run_in_executor(None, lambda: open_loop(
+                f"http://127.0.0.1:{port}/classify", [("a.jpg", b"x" * 100)], rate=100, seconds=1.0))
+
+    result = asyncio.run(main())
+    assert 60 <= result["requests"] <= 140 and result["ok"] == result["requests"]  # Poisson around 100
+    assert result["p50_ms"] >= 200 and result["skipped"] == 0 and result["rate"] == 100
