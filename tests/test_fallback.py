@@ -18,7 +18,7 @@ from sota_serve.errors import BadRequestError, MalformedRequestError
 from sota_serve.package.card import ModelCard
 from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.serving.batcher import DynamicBatcher, Ewma
-from sota_serve.serving.fallback import FallbackAsk, Ladder
+from sota_serve.serving.fallback import FallbackAsk, Ladder, recorded_accuracy
 from sota_serve.serving.pipeline import Answers, Pipeline
 from sota_serve.serving.settings import Settings
 from tests.helpers import card_dict
@@ -42,6 +42,21 @@ def test_the_ladder_steps_down_through_the_cards_cheaper_policies():
     assert ladder.steps("none") == ("none",)
     two = Ladder(("none", "ten_crop"), _admission(0.01), enabled=True, budget_s=1)
     assert two.steps("ten_crop") == ("ten_crop", "none")  # only what the card lists
+
+
+def test_a_policy_that_a_cheaper_one_matches_in_accuracy_is_not_a_rung():
+    # the demo's figures: flip is worse than none (mirrored digits are not digits)
+    demo = {"none": 0.9944, "flip": 0.9556, "five_crop": 0.9972, "ten_crop": 0.9833}
+    ladder = Ladder(ALL, _admission(0.01), enabled=True, budget_s=1, accuracy=demo)
+    assert ladder.steps("ten_crop") == ("ten_crop", "five_crop", "none")  # asked for stays first
+    assert ladder.steps("five_crop") == ("five_crop", "none")
+    assert ladder.steps("flip") == ("flip", "none")
+    even = Ladder(ALL, _admission(0.01), enabled=True, budget_s=1, accuracy={"flip": 0.9, "none": 0.9})
+    assert even.steps("five_crop") == ("five_crop", "none")  # no better: not worth twice the work
+    partial = Ladder(ALL, _admission(0.01), enabled=True, budget_s=1, accuracy={"five_crop": 0.95})
+    assert partial.steps("ten_crop") == ("ten_crop", "five_crop", "flip", "none")  # unknown: kept
+    card = ModelCard.parse(card_dict(metrics={"accuracy": 0.9, "accuracy_flip": 0.8}))
+    assert recorded_accuracy(card) == {"none": 0.9, "flip": 0.8}
 
 
 @pytest.mark.parametrize(("pending", "served"), [

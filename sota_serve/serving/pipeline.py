@@ -28,7 +28,7 @@ from sota_serve.package.loading import ModelPackage
 from sota_serve.predictions import Classified, check_top_k
 from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.serving.batcher import BatchObserver, DynamicBatcher
-from sota_serve.serving.fallback import DEFAULT_BUDGET_SHARE, FallbackAsk, Ladder
+from sota_serve.serving.fallback import DEFAULT_BUDGET_SHARE, FallbackAsk, Ladder, recorded_accuracy
 from sota_serve.serving.settings import Plan, Settings
 from sota_serve.tta import CROPS_PER_IMAGE
 
@@ -64,7 +64,8 @@ class Pipeline:
         with the server's default budget); ``on_tta``: told each answer's policies."""
         self.clf, self.batcher, self.admission, self.deadline_s = clf, batcher, admission, deadline_s
         self.ladder = ladder or Ladder(clf.card.tta.policies(), admission, enabled=False,
-                                       budget_s=DEFAULT_BUDGET_SHARE * admission.max_wait_s)
+                                       budget_s=DEFAULT_BUDGET_SHARE * admission.max_wait_s,
+                                       accuracy=recorded_accuracy(clf.card))
         self.on_tta = on_tta
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
         #: pillow or torchvision (Settings.decode), for the logs
@@ -102,7 +103,7 @@ class Pipeline:
                                  seconds_per_crop=admission.seconds_per_crop, model_threads=plan.model_threads,
                                  annotate=(lambda crops, k, tta: clf.ood(crops, tta)) if clf.screen else None)
         ladder = Ladder(clf.card.tta.policies(), admission, enabled=settings.tta_fallback,
-                        budget_s=settings.budget_s())
+                        budget_s=settings.budget_s(), accuracy=recorded_accuracy(clf.card))
         pipeline = cls(clf, batcher, admission, decode_threads=plan.decode_threads, deadline_s=settings.deadline_s,
                        ladder=ladder, on_tta=on_tta)
         pipeline.calibrate()
