@@ -82,6 +82,7 @@ async function classify(file) {
   if (mine !== generation) return;
   showResults(answer);
   drawCrops(answer.tta);
+  explainImage(current);
 }
 
 // What the answer can be expected to get right: the card's validation accuracy of the policy
@@ -161,6 +162,7 @@ function choose(file) {
   const img = $("preview");
   if (img.src) URL.revokeObjectURL(img.src);
   $("boxes").replaceChildren();
+  hideHeat(); // the old image's map
   $("frame").hidden = true; // until the image has loaded: never a broken-image icon
   $("view").hidden = false;
   img.src = URL.createObjectURL(file);
@@ -301,10 +303,6 @@ async function drawHeat(answer) {
 
 function wireExplain() {
   $("explain").addEventListener("change", () => { if ($("explain").checked) explainImage(current); else hideHeat(); });
-  // The hook: a new image hides the old map at once; a shown answer asks for the new one.
-  new MutationObserver(hideHeat).observe($("preview"), { attributes: true, attributeFilter: ["src"] });
-  new MutationObserver(() => { if ($("results").children.length) explainImage(current); })
-    .observe($("results"), { childList: true });
 }
 
 buildPolicies();
