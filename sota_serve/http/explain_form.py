@@ -7,17 +7,14 @@ number (``label=7`` for a digit model) stays the text that was sent.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from sota_serve.errors import MalformedRequestError
 from sota_serve.explain import DEFAULT_GRID
-from sota_serve.http.multipart import Part
+from sota_serve.http.multipart import Part, field_value, integer_field
 
 FILE_FIELD = "image"
-_INTEGER = re.compile(r"[+-]?\d{1,9}")
 
 
 class ExplainForm(NamedTuple):
@@ -36,18 +33,7 @@ def explain_form(parts: Sequence[Part]) -> ExplainForm:
     texts = {p.name: p.text() for p in parts if p.name in ("label", "grid")}
     label = None
     if "label" in texts:
-        value = _value(texts["label"])
+        value = field_value(texts["label"])
         label = value if isinstance(value, str) else texts["label"]
-    grid = _value(texts["grid"]) if "grid" in texts else DEFAULT_GRID
-    if isinstance(grid, str) and _INTEGER.fullmatch(grid.strip()):
-        grid = int(grid)
-    if not isinstance(grid, int) or isinstance(grid, bool):
-        raise MalformedRequestError(f"grid must be an integer, got {grid!r:.40}")
+    grid = integer_field("grid", field_value(texts["grid"])) if "grid" in texts else DEFAULT_GRID
     return ExplainForm(images[0], label, grid)
-
-
-def _value(text: str) -> object:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text

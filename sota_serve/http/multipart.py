@@ -9,6 +9,7 @@ request under load (py-spy, demo model).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from sota_serve.errors import MalformedRequestError
 _DISPOSITION = re.compile(rb"(?im)^content-disposition:\s*form-data\s*;(.*)$")
 _NAME = re.compile(rb'(?i)(?:^|;)\s*name="([^"]*)"')
 _FILENAME = re.compile(rb"(?i)(?:^|;)\s*filename\*?=")
+_INTEGER = re.compile(r"[+-]?\d{1,9}")
 
 
 @dataclass(frozen=True)
@@ -57,3 +59,22 @@ def parts(body: bytes, boundary: bytes) -> Iterator[Part]:
             yield Part(name.group(1).decode("utf-8", "replace"), bool(_FILENAME.search(disposition.group(1))),
                        body[end + 4 : nxt])
         pos = nxt + 2
+
+
+def field_value(text: str) -> object:
+    """A value field as BentoML reads it: JSON when it parses as JSON (as its clients send
+    values), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def integer_field(name: str, value: object) -> int:
+    """``value`` (as :func:`field_value` read it) as an integer: an int, or the text of one.
+    Raises MalformedRequestError (400) naming the field."""
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MalformedRequestError(f"{name} must be an integer, got {value!r:.40}")
+    return value

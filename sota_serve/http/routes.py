@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +27,7 @@ from sota_serve.explain import Explanation
 from sota_serve.http import page
 from sota_serve.http.errors import Answer, answered
 from sota_serve.http.explain_form import explain_form
-from sota_serve.http.multipart import Part
+from sota_serve.http.multipart import Part, field_value, integer_field
 from sota_serve.http.oip import OpenInference
 from sota_serve.http.schemas import BatchResponse, ClassifyResponse
 from sota_serve.predictions import DEFAULT_TOP_K
@@ -40,7 +39,6 @@ log = logging.getLogger("sota_serve.routes")
 
 #: image route -> its file field
 FILE_FIELDS = {"/classify": "image", "/classify_batch": "images", "/explain": "image"}
-_INTEGER = re.compile(r"[+-]?\d{1,9}")
 
 
 class Routes:
@@ -133,20 +131,9 @@ def _form(parts: Sequence[Part], file_field: str) -> tuple[list[bytes], str | No
     are read as BentoML reads them (JSON when they parse as JSON, as its clients send them,
     else text); other fields are ignored, as BentoML ignores them."""
     images = [p.content for p in parts if p.name == file_field]
-    values = {p.name: _value(p.text()) for p in parts if p.name in VALUE_FIELDS}
+    values = {p.name: field_value(p.text()) for p in parts if p.name in VALUE_FIELDS}
     tta = values.get("tta")  # None: the card's default
     if tta is not None and not isinstance(tta, str):
         raise MalformedRequestError(f"tta must be a string, got {tta!r:.40}")
-    top_k = values.get("top_k", DEFAULT_TOP_K)
-    if isinstance(top_k, str) and _INTEGER.fullmatch(top_k.strip()):
-        top_k = int(top_k)
-    if not isinstance(top_k, int) or isinstance(top_k, bool):
-        raise MalformedRequestError(f"top_k must be an integer, got {top_k!r:.40}")
+    top_k = integer_field("top_k", values.get("top_k", DEFAULT_TOP_K))
     return images, tta, top_k, FallbackAsk.parse(values.get("tta_fallback"), values.get("tta_budget_s"))
-
-
-def _value(text: str) -> object:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
