@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from sota_serve.explain import DEFAULT_GRID, MAX_GRID, MIN_GRID
+from sota_serve.explain.occlusion import DEFAULT_GRID, MAX_GRID, MIN_GRID
 from sota_serve.package.card import ModelCard
 from sota_serve.predictions import DEFAULT_TOP_K, MAX_TOP_K
 from sota_serve.tta import CROPS_PER_IMAGE, DESCRIPTIONS

@@ -19,7 +19,7 @@ from bento.config import explain_port_in_use, settings_and_package
 from bento.metrics import count_shed, count_tta, observe_batch
 from bento.openapi import describe
 from bento.upload import Upload
-from sota_serve.explain import DEFAULT_GRID, Explanation
+from sota_serve.explain.occlusion import DEFAULT_GRID, Explanation
 from sota_serve.http.errors import Answer, answered
 from sota_serve.http.front_door import TICKET, FrontDoor
 from sota_serve.http.limits import Limits

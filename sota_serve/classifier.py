@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from sota_serve import explain as occlusion
 from sota_serve import formats
 from sota_serve.errors import BadRequestError, ImageError
+from sota_serve.explain import occlusion
 from sota_serve.image.decode import DecodeLimits
 from sota_serve.image.device_preprocess import DevicePreprocessor, concat_rows
 from sota_serve.image.ood import Screen
@@ -155,7 +155,7 @@ class Classifier:
                 ) -> occlusion.Explanation:
         """The occlusion map of ``label`` (None: the top-1) over the plain crop of one image, its
         grid*grid occluded crops and the unoccluded one in one runtime call
-        (:mod:`sota_serve.explain`). Raises BadRequestError (422) for a label the card lacks or a
+        (:mod:`sota_serve.explain.occlusion`). Raises BadRequestError (422) for a label the card lacks or a
         grid outside 2..16, and the image's typed error."""
         grid = occlusion.check_grid(grid)
         index = occlusion.label_index(self.card.labels, label)

@@ -21,8 +21,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sota_serve import __version__, explain_cli, formats
+from sota_serve import __version__, formats
 from sota_serve.errors import ImageError, SotaServeError
+from sota_serve.explain import cli as explain_cli
 from sota_serve.package import precision
 from sota_serve.tta import CROPS_PER_IMAGE, DESCRIPTIONS, POLICIES
 

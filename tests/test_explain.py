@@ -15,7 +15,8 @@ from PIL import Image
 from sota_serve.classifier import Classifier
 from sota_serve.cli import main as cli
 from sota_serve.errors import BadRequestError, ImageError
-from sota_serve.explain import (
+from sota_serve.explain.heatmap import LEGEND_HEIGHT, MIN_SIDE, colours
+from sota_serve.explain.occlusion import (
     cell_edges,
     crop_window,
     neutral_pixel,
@@ -23,7 +24,6 @@ from sota_serve.explain import (
     occlusion_map,
     occlusions,
 )
-from sota_serve.heatmap import LEGEND_HEIGHT, MIN_SIDE, colours
 from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.serving.batcher import DynamicBatcher
 from sota_serve.serving.pipeline import Pipeline

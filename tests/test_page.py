@@ -248,7 +248,7 @@ def test_page_shows_what_the_model_looked_at(server, digit_files):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from sota_serve.heatmap import ALPHA, colours, scaled
+    from sota_serve.explain.heatmap import ALPHA, colours, scaled
 
     image = digit_files[5]
     want = post(server, "/explain", {"image": (image.name, image.read_bytes())}).json()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from sota_serve.errors import MalformedRequestError
-from sota_serve.explain import DEFAULT_GRID
+from sota_serve.explain.occlusion import DEFAULT_GRID
 from sota_serve.http.multipart import Part, field_value, integer_field
 
 FILE_FIELD = "image"

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from sota_serve.errors import MalformedRequestError, SotaServeError
-from sota_serve.heatmap import ALPHA, INFERNO
+from sota_serve.explain.heatmap import ALPHA, INFERNO
 from sota_serve.http.errors import Answer, error_answer
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard, accuracy_key

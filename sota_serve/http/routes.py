@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from sota_serve.errors import ImageError, MalformedRequestError
-from sota_serve.explain import Explanation
+from sota_serve.explain.occlusion import Explanation
 from sota_serve.http import page
 from sota_serve.http.errors import Answer, answered
 from sota_serve.http.explain_form import explain_form
@@ -116,7 +116,7 @@ class Routes:
         return BatchResponse.of(self.pipeline.card.tag, answers)
 
     async def explain(self, image: bytes, label: str | None, grid: int, ticket: Ticket | None) -> Explanation:
-        """``POST /explain``: the occlusion map over the plain crop (sota_serve/explain.py);
+        """``POST /explain``: the occlusion map over the plain crop (sota_serve/explain/occlusion.py);
         raises the image's typed error, BadRequestError (422) for a label or grid out of range."""
         assert self.pipeline is not None, "Routes.explain before bind"
         return await self.pipeline.explain(image, label, grid, ticket)

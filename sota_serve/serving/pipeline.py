@@ -19,9 +19,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from sota_serve import explain as occlusion
 from sota_serve.classifier import Classifier, ranked_answers
 from sota_serve.errors import ImageError
+from sota_serve.explain import occlusion
 from sota_serve.image.decode import DecodeLimits
 from sota_serve.package.card import ModelCard
 from sota_serve.package.loading import ModelPackage
@@ -172,7 +172,7 @@ class Pipeline:
     async def explain(self, image: bytes, label: str | None, grid: int,
                       ticket: Ticket | None = None) -> occlusion.Explanation:
         """The occlusion map of ``label`` (None: the top-1) over the plain crop of ``image``
-        (:mod:`sota_serve.explain`): decoded on the decode pool, its grid*grid + 1 crops
+        (:mod:`sota_serve.explain.occlusion`): decoded on the decode pool, its grid*grid + 1 crops
         batched as single crops with other requests' on the model threads. Raises
         BadRequestError (422) for a label the card lacks or a grid outside 2..16, and the
         image's typed error."""

@@ -234,7 +234,7 @@ async function loadCard() {
 
 let heatFile = null; // the file whose map is drawn or asked for
 
-// A cell's colour, as sota_serve/heatmap.py blends it: the more the score drops, the brighter
+// A cell's colour, as sota_serve/explain/heatmap.py blends it: the more the score drops, the brighter
 // and the more opaque, so the picture shows through where covering changes nothing.
 function heatColour(t, alpha = 1) {
   const stops = config.heat.stops;

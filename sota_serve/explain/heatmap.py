@@ -14,7 +14,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sota_serve.explain import Explanation
+from sota_serve.explain.occlusion import Explanation
 from sota_serve.image.decode import decode_image
 
 #: inferno at 0, 1/8, ..., 1 (sRGB); colours between two stops are interpolated linearly

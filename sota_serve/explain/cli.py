@@ -1,5 +1,5 @@
 """``sota-serve explain``: the occlusion map of one image, printed, and drawn over the image
-with ``--out`` (sota_serve/explain.py, sota_serve/heatmap.py)."""
+with ``--out`` (sota_serve/explain/occlusion.py, sota_serve/explain/heatmap.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from sota_serve import formats
 from sota_serve.errors import SotaServeError
-from sota_serve.explain import DEFAULT_GRID, MAX_GRID, MIN_GRID, Explanation
+from sota_serve.explain.occlusion import DEFAULT_GRID, MAX_GRID, MIN_GRID, Explanation
 
 
 def register(sub: Any) -> None:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(explained.model_dump(), indent=2) if args.json else table(explained))
     out: Path | None = getattr(args, "out", None)
     if out is not None:
-        from sota_serve.heatmap import overlay
+        from sota_serve.explain.heatmap import overlay
 
         overlay(data, explained).save(out, format="PNG")
         if not args.json:
