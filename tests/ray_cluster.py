@@ -121,6 +121,10 @@ def contract(client: httpx.Client, config: dict[str, Any]) -> dict[str, Any]:
         "not_an_image": client.post("/classify", files={"image": ("a.txt", b"not an image")}),
         "no_such_route": client.get("/no-such-route"),
         "other_model": client.get("/v2/models/another-model"),
+        "explain": client.post("/explain", files={"image": ("photo.jpg", photo)}, data={"grid": "4"}),
+        # a budget nothing fits: the ladder serves the plain policy
+        "fallback": client.post("/classify", files={"image": ("photo.jpg", photo)},
+                                data={"tta": "five_crop", "tta_fallback": "true", "tta_budget_s": "1e-6"}),
     }
     return {key: {"status": r.status_code, "body": r.json()} for key, r in calls.items()}
 

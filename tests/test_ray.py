@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.test_server import post
@@ -104,7 +105,17 @@ def test_the_other_routes_answer_as_bentoml_serve(cluster_results, server, photo
                                  data={"tta": "none"}),
             "not_an_image": client.post("/classify", files={"image": ("a.txt", b"not an image")}),
             "other_model": client.get("/v2/models/another-model"),
+            "explain": client.post("/explain", files={"image": ("photo.jpg", photos[0].read_bytes())},
+                                   data={"grid": "4"}),
+            "fallback": client.post("/classify", files={"image": ("photo.jpg", photos[0].read_bytes())},
+                                    data={"tta": "five_crop", "tta_fallback": "true", "tta_budget_s": "1e-6"}),
         }
+    mine, theirs_map = ours.pop("explain"), theirs.pop("explain").json()
+    numbers = ("grid", "score")  # computed in batches that other work may have joined: equal within 1e-5
+    assert mine["status"] == 200 and {k: v for k, v in mine["body"].items() if k not in numbers} == {
+        k: v for k, v in theirs_map.items() if k not in numbers}
+    assert all(np.allclose(mine["body"][k], theirs_map[k], atol=1e-5) for k in numbers)
+    assert ours["fallback"]["body"]["requested_tta"] == "five_crop" and ours["fallback"]["body"]["tta"] == "none"
     for key, response in theirs.items():
         assert ours[key] == {"status": response.status_code, "body": response.json()}, key
     assert ours["no_such_route"]["status"] == 404 and "error" in ours["no_such_route"]["body"]
