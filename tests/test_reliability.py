@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -49,12 +50,15 @@ def _in_flight(url: str) -> float:
                for sample in family.samples if sample.labels.get("endpoint") == "/classify")
 
 
-def _wait_in_flight(url: str, count: int, timeout: float = 60) -> None:
-    """Until ``count`` requests are inside the server: on a loaded machine the clients' uploads
-    may take seconds to arrive, and a fixed sleep would kill or stop an idle server."""
+def _wait_in_flight(url: str, count: int, timeout: float = 60, finished: Callable[[], int] = lambda: 0) -> None:
+    """Until ``count`` requests have reached the server and some are still inside it: on a
+    loaded machine the clients' uploads may take seconds to arrive, and a fixed sleep would kill
+    or stop an idle server. ``finished``: how many of them have been answered already (the
+    first may be done before the last arrives)."""
     deadline = time.monotonic() + timeout
-    while _in_flight(url) < count:
-        assert time.monotonic() < deadline, f"fewer than {count} requests in flight after {timeout} s"
+    while (inside := _in_flight(url)) < 1 or inside + finished() < count:
+        assert finished() < count, f"all {count} requests were answered before any could be interrupted"
+        assert time.monotonic() < deadline, f"fewer than {count} requests reached the server in {timeout} s"
         time.sleep(0.05)
 
 
@@ -138,7 +142,7 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits(tiny_package, 
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(one, i) for i in range(8)]
             started.wait()
-            _wait_in_flight(server.url, 8)  # the 8 uploads are in flight
+            _wait_in_flight(server.url, 8, finished=lambda: len(results))  # all 8 arrived, some in flight
             os.kill(server.proc.pid, signal.SIGTERM)  # what a container runtime sends to PID 1
             term_at = time.monotonic()
             for f in futures:
