@@ -26,10 +26,9 @@ import httpx
 from bench.images import image_set
 from bench.load import closed_loop, open_loop
 from bench.report import table, write_json
-from bench.run import machine_info
+from bench.run import BenchConfig, machine_info
 from bench.server import Server, env_settings
 from sota_serve.package.card import ModelCard, accuracy_key
-from sota_serve.serving.settings import Settings
 
 _SERIES = re.compile(r'sota_serve_tta_answers_total\{requested="([a-z_]+)",served="([a-z_]+)"\} (\S+)')
 
@@ -77,11 +76,6 @@ def measure(server: Server, card: ModelCard, images: list[Path], *, tta: str, se
     }
 
 
-def _settings(env: dict[str, str], budget_s: float | None) -> Settings:
-    given = {k.removeprefix("SOTA_SERVE_").lower(): v for k, v in env.items() if k.startswith("SOTA_SERVE_")}
-    return Settings(**{**given, **({"tta_budget_s": budget_s} if budget_s else {})})
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fallback", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="packages/sota-demo", help="package directory (default: the demo)")
@@ -104,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     levels = [{"concurrency": int(c)} for c in args.concurrency.split(",") if c]
     levels += [{"rate": float(r)} for r in args.rates.split(",") if r]
     given = env_settings(args.env)
+    if args.budget_s:
+        given["SOTA_SERVE_TTA_BUDGET_S"] = str(args.budget_s)
+    budget = BenchConfig(server_env=given).settings("cpu").budget_s()
     runs: list[dict[str, Any]] = []
     for fallback in (False, True):
         env = {**given, "SOTA_SERVE_TTA_FALLBACK": str(fallback).lower()}
-        if args.budget_s:
-            env["SOTA_SERVE_TTA_BUDGET_S"] = str(args.budget_s)
         with Server(model, env=env) as server:
             server.wait_ready()
             closed_loop(f"{server.url}/classify", images, data={"tta": args.tta}, concurrency=32, seconds=3)  # warm
@@ -122,12 +117,11 @@ def main(argv: list[str] | None = None) -> int:
              f"{100 * r['degraded_share']:.1f} %", " ".join(f"{p} {n}" for p, n in r["served"].items()),
              f"{r['throughput']:.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
              "n/a" if r["expected_accuracy"] is None else f"{100 * r['expected_accuracy']:.2f} %"] for r in runs]
-    budget = _settings(given, args.budget_s).budget_s()
     print(table(f"{card.tag}: every request asks for {args.tta}, latency budget {budget:g} s", ["fallback", "load", "answered", "503",
                 "degraded", "served", "req/s", "p50 ms", "p99 ms", "expected accuracy"], rows))
     write_json({"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(), "model": card.tag,
                 "tta": args.tta, "env": given,
-                "budget_s": _settings(given, args.budget_s).budget_s(), "seconds": args.seconds, "runs": runs},
+                "budget_s": budget, "seconds": args.seconds, "runs": runs},
                Path(args.out))
     return 0
 

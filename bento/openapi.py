@@ -15,6 +15,7 @@ from typing import Any
 from sota_serve.explain.occlusion import DEFAULT_GRID, MAX_GRID, MIN_GRID
 from sota_serve.package.card import ModelCard
 from sota_serve.predictions import DEFAULT_TOP_K, MAX_TOP_K
+from sota_serve.serving.fallback import MAX_BUDGET_S
 from sota_serve.tta import CROPS_PER_IMAGE, DESCRIPTIONS
 
 ERROR_SCHEMA = {
@@ -60,7 +61,7 @@ def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int, tt
             "Under load, serve a cheaper TTA policy the card lists (ten_crop, five_crop, flip, none) rather"
             " than miss the latency budget; the answer's tta names the policy served, requested_tta the one"
             " asked for. Omitted: the server's SOTA_SERVE_TTA_FALLBACK.")}
-        props["tta_budget_s"] = {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 3600, "default": tta_budget_s,
+        props["tta_budget_s"] = {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_BUDGET_S, "default": tta_budget_s,
                                  "description": "The latency budget in seconds that tta_fallback keeps to."
                                                 " Omitted: the server's SOTA_SERVE_TTA_BUDGET_S."}
         props["top_k"].update(minimum=1, maximum=MAX_TOP_K, default=DEFAULT_TOP_K,

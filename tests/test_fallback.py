@@ -132,7 +132,7 @@ def test_a_degraded_request_runs_and_is_charged_as_the_cheaper_policy(tiny_packa
     async def run(ask: FallbackAsk) -> Answers:
         batcher = DynamicBatcher(clf.runtime, max_crops=64, seconds_per_crop=adm.seconds_per_crop, annotate=annotate)
         pipeline = Pipeline(clf, batcher, adm, decode_threads=1, deadline_s=30, on_tta=lambda *p: told.append(p),
-                            ladder=Ladder(clf.card.tta.policies(), adm, enabled=False, budget_s=1.0))
+                            tta_fallback=False, tta_budget_s=1.0)
         try:
             images = [p.read_bytes() for p in photos[:2]]
             return await pipeline.classify(images, "five_crop", 3, adm.enter(0), ask)

@@ -58,14 +58,15 @@ TTAObserver = Callable[[str, str], None]
 
 class Pipeline:
     def __init__(self, clf: Classifier, batcher: DynamicBatcher, admission: Admission, *,
-                 decode_threads: int, deadline_s: float, ladder: Ladder | None = None,
-                 on_tta: TTAObserver | None = None) -> None:
-        """``ladder``: the TTA fallback ladder (default: off, a request may still turn it on
-        with the server's default budget); ``on_tta``: told each answer's policies."""
+                 decode_threads: int, deadline_s: float, tta_fallback: bool = False,
+                 tta_budget_s: float | None = None, on_tta: TTAObserver | None = None) -> None:
+        """``tta_fallback``, ``tta_budget_s``: the TTA fallback ladder's defaults for requests
+        that do not say (off; the budget: a share of admission's bound, as Settings.budget_s);
+        ``on_tta``: told each answer's policies."""
         self.clf, self.batcher, self.admission, self.deadline_s = clf, batcher, admission, deadline_s
-        self.ladder = ladder or Ladder(clf.card.tta.policies(), admission, enabled=False,
-                                       budget_s=DEFAULT_BUDGET_SHARE * admission.max_wait_s,
-                                       accuracy=recorded_accuracy(clf.card))
+        self.ladder = Ladder(clf.card.tta.policies(), admission, enabled=tta_fallback,
+                             budget_s=tta_budget_s or DEFAULT_BUDGET_SHARE * admission.max_wait_s,
+                             accuracy=recorded_accuracy(clf.card))
         self.on_tta = on_tta
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
         #: pillow or torchvision (Settings.decode), for the logs
@@ -102,10 +103,8 @@ class Pipeline:
         batcher = DynamicBatcher(runtime, max_crops=max_crops, observer=observer,
                                  seconds_per_crop=admission.seconds_per_crop, model_threads=plan.model_threads,
                                  annotate=(lambda crops, k, tta: clf.ood(crops, tta)) if clf.screen else None)
-        ladder = Ladder(clf.card.tta.policies(), admission, enabled=settings.tta_fallback,
-                        budget_s=settings.budget_s(), accuracy=recorded_accuracy(clf.card))
         pipeline = cls(clf, batcher, admission, decode_threads=plan.decode_threads, deadline_s=settings.deadline_s,
-                       ladder=ladder, on_tta=on_tta)
+                       tta_fallback=settings.tta_fallback, tta_budget_s=settings.budget_s(), on_tta=on_tta)
         pipeline.calibrate()
         return pipeline
 

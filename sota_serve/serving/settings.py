@@ -20,7 +20,7 @@ from sota_serve.constants import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from sota_serve.device import Device, resolve_device
 from sota_serve.errors import SotaServeError
 from sota_serve.package import precision
-from sota_serve.serving.fallback import DEFAULT_BUDGET_SHARE
+from sota_serve.serving.fallback import DEFAULT_BUDGET_SHARE, MAX_BUDGET_S
 
 DEFAULT_MODEL = "sota-demo:latest"
 
@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     tta_fallback: bool = False
     #: the latency budget of a request that does not give one (``tta_budget_s``); default: a
     #: tenth of max_wait_s (1 s), what a person waiting on a page reads as "at once"
-    tta_budget_s: float | None = Field(default=None, gt=0, le=3600)
+    tta_budget_s: float | None = Field(default=None, gt=0, le=MAX_BUDGET_S)
 
     def budget_s(self) -> float:
         """The default latency budget of the TTA fallback ladder, in seconds."""

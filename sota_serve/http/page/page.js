@@ -52,6 +52,20 @@ function describePolicy() {
 
 // --- classify ------------------------------------------------------------------------------
 
+// POST a form; the JSON answer, or an Error with the API's message, its status and Retry-After
+// (a body that is not JSON, e.g. from a proxy, is shown as its text).
+async function post(path, form) {
+  const response = await fetch(path, { method: "POST", body: form });
+  const text = await response.text();
+  let answer;
+  try { answer = JSON.parse(text); } catch { answer = { error: text || response.statusText }; }
+  if (!response.ok) {
+    const retry = response.headers.get("Retry-After");
+    throw new Error(`${answer.error || response.statusText} (HTTP ${response.status}${retry ? `, retry after ${retry} s` : ""})`);
+  }
+  return answer;
+}
+
 async function classify(file) {
   const mine = ++generation;
   const tta = policy();
@@ -64,13 +78,7 @@ async function classify(file) {
   if ($("fallback").checked) form.append("tta_fallback", "true");
   let answer;
   try {
-    const response = await fetch("/classify", { method: "POST", body: form });
-    const text = await response.text();
-    try { answer = JSON.parse(text); } catch { answer = { error: text || response.statusText }; }
-    if (!response.ok) {
-      const retry = response.headers.get("Retry-After");
-      throw new Error(`${answer.error || response.statusText} (HTTP ${response.status}${retry ? `, retry after ${retry} s` : ""})`);
-    }
+    answer = await post("/classify", form);
   } catch (e) {
     if (mine !== generation) return;
     $("status").textContent = "";
@@ -261,13 +269,7 @@ async function explainImage(file) {
   form.append("image", file, file.name || "pasted-image");
   let answer;
   try {
-    const response = await fetch("/explain", { method: "POST", body: form });
-    const text = await response.text();
-    try { answer = JSON.parse(text); } catch { answer = { error: text || response.statusText }; }
-    if (!response.ok) {
-      const retry = response.headers.get("Retry-After");
-      throw new Error(`${answer.error || response.statusText} (HTTP ${response.status}${retry ? `, retry after ${retry} s` : ""})`);
-    }
+    answer = await post("/explain", form);
   } catch (e) {
     if (heatFile === file) $("heat-status").textContent = `No map: ${e.message}`;
     return;
