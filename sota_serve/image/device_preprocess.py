@@ -2,8 +2,9 @@
 
 With the model on a GPU, Pillow becomes the server's bottleneck: on a 16-core H100 machine
 it decodes and crops about 1,200 ImageNet-sized JPEGs/s with every core, while nvJPEG plus a
-torch resize do about 2,800/s from one thread (``bench/gpu_probe.py``), which leaves the cores
-to HTTP. The crops stay on the device and reach the runtime without a host copy.
+torch resize do about 2,800/s from one thread (``python -m dev.probes.decode_probe --device
+cuda`` measures both), which leaves the cores to HTTP. The crops stay on the device and
+reach the runtime without a host copy.
 
 The semantics are :class:`sota_serve.image.preprocess.Preprocessor`'s: the same header checks and
 limits, EXIF orientation, shortest-edge resize with Pillow's antialiasing, the TTA crops. Pixels differ slightly, since nvJPEG's IDCT and chroma upsampling are not
