@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sota_serve.classifier import Classifier
 from sota_serve.errors import BadRequestError, OverloadedError
@@ -205,6 +207,59 @@ def test_a_request_past_its_deadline_is_dropped_not_computed(runtime, crops):
     with pytest.raises(OverloadedError, match="deadline"):
         _run(main())
     assert counting.calls == []
+
+
+def _stall_mix(runtime, crops, mix):
+    """One plain request holds the only model thread while ``mix`` is queued behind it: each
+    entry is (queue, state) with queue 0 plain, 1 flip, 2 five-crop and state expired (its
+    deadline passes while it waits), cancelled (its caller goes away) or live. Returns what
+    each live entry got, waiting for nothing but the batcher itself."""
+    five, plain = crops
+    counting = CountingRuntime(runtime, delay_s=0.15)
+    shapes = {0: (plain[:1], 1, "none"), 1: (np.repeat(plain[:1], 2, axis=0), 2, "flip"),
+              2: (five[0], 5, "five_crop")}
+
+    async def main():
+        batcher = DynamicBatcher(counting, max_crops=64)
+        first = asyncio.ensure_future(batcher.submit(plain[:1], 1, time.monotonic() + 30))
+        await asyncio.sleep(0.03)  # the first request is on the model thread
+        live, doomed = [], []
+        for queue, state in mix:
+            x, k, policy = shapes[queue]
+            deadline = time.monotonic() + (0.05 if state == "expired" else 30)
+            job = asyncio.ensure_future(batcher.submit(x, k, deadline, policy))
+            await asyncio.sleep(0)  # queued in this order
+            (live if state == "live" else doomed).append((job, state))
+        for job, state in doomed:
+            if state == "cancelled":
+                job.cancel()
+        # No further submission: the live items must be answered by the batcher alone.
+        answers = await asyncio.wait_for(asyncio.gather(*(job for job, _ in live)), timeout=10)
+        await first
+        for job, state in doomed:
+            if state == "expired":
+                with pytest.raises(OverloadedError):
+                    await job
+        batcher.close()
+        return answers
+
+    return _run(main())
+
+
+def test_a_live_request_behind_a_dead_queue_is_answered_while_the_model_is_idle(runtime, crops):
+    """A five-crop request expires in its queue while the model runs a plain one; the plain
+    request queued after it must still run, not wait for somebody else's submission."""
+    answers = _stall_mix(runtime, crops, [(2, "expired"), (0, "live")])
+    np.testing.assert_allclose(answers[0].probs[0], runtime.predict(crops[1][:1])[0], atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["expired", "cancelled", "live"])),
+                min_size=1, max_size=8))
+def test_after_any_mix_of_dead_and_live_items_every_live_item_is_answered(runtime, crops, mix):
+    answers = _stall_mix(runtime, crops, mix)
+    assert len(answers) == sum(state == "live" for _, state in mix)
+    assert all(a.probs.shape == (1, 3) for a in answers)
 
 
 def test_a_failing_batch_fails_its_requests_only(runtime, crops):

@@ -162,24 +162,39 @@ class DynamicBatcher:
             self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="sota-batcher")
 
     def _next_batch(self) -> list[_Item]:
-        heads = [(q[0].queued_at, k) for k, q in self._queues.items() if q]
+        """The next batch: live items from the queue whose oldest live item is oldest.
+
+        Dead heads (cancelled, or past their deadline and failed here) are dropped from every
+        queue before choosing, so a queue that held only dead items never hides another
+        queue's live work: an empty answer means no queue holds a live item.
+        """
+        now = time.monotonic()
+        for queue in self._queues.values():
+            while queue and not self._alive(queue[0], now):
+                queue.popleft()
+        heads = [(q[0].queued_at, key) for key, q in self._queues.items() if q]
         if not heads:
             return []
         _, key = min(heads)
         queue, batch, crops, cap = self._queues[key], [], 0, self.cap(key[0])
-        now = time.monotonic()
         while queue and (not batch or crops + queue[0].crops <= cap):
             item = queue.popleft()
-            if item.future.done():  # the caller went away (cancelled)
-                continue
-            if now > item.deadline:
-                item.future.set_exception(OverloadedError(
-                    f"request dropped: it waited {now - item.queued_at:.1f}s in the queue, past its"
-                    " deadline (SOTA_SERVE_DEADLINE_S); the server is overloaded", retry_after_s=1))
-                continue
-            batch.append(item)
-            crops += item.crops
+            if self._alive(item, now):
+                batch.append(item)
+                crops += item.crops
         return batch
+
+    @staticmethod
+    def _alive(item: _Item, now: float) -> bool:
+        """Whether ``item`` still wants an answer; one past its deadline is failed here."""
+        if item.future.done():  # the caller went away (cancelled)
+            return False
+        if now > item.deadline:
+            item.future.set_exception(OverloadedError(
+                f"request dropped: it waited {now - item.queued_at:.1f}s in the queue, past its"
+                " deadline (SOTA_SERVE_DEADLINE_S); the server is overloaded", retry_after_s=1))
+            return False
+        return True
 
     async def _dispatch(self) -> None:
         # A batch is taken only when a model thread is free: until then the queue grows, and
