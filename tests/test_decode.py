@@ -1,6 +1,9 @@
 """Odd and bad images: the right pixels or the right typed error."""
 
 import io
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ from PIL import Image
 
 from bench.images import png_header
 from sota_serve.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
-from sota_serve.image.decode import DecodeLimits, decode_image
+from sota_serve.image.decode import DecodeLimits, decode_image, read_header
 from tests.helpers import encode, gradient_image
 
 
@@ -125,3 +128,84 @@ def test_jpeg_draft_is_close_to_full_decode(photos):
     full = decode_image(data)
     draft = decode_image(data, draft_edge=100)
     assert min(draft.size) >= 100 and draft.size[0] < full.size[0]
+
+
+# --- decompression bombs, on several threads at once ------------------------------------------
+
+#: 10,000 x 10,000 = 100 MP: above Pillow's MAX_IMAGE_PIXELS (89.5 MP) and below twice it, the
+#: range where Pillow warns (DecompressionBombWarning) instead of raising
+WARNED_SIDE = 10_000
+NO_PIXEL_LIMIT = DecodeLimits(max_pixels=10**12)
+
+
+def test_a_bomb_is_refused_where_pillow_would_only_warn_and_no_warning_escapes():
+    assert Image.MAX_IMAGE_PIXELS < WARNED_SIDE**2 <= 2 * Image.MAX_IMAGE_PIXELS
+    bomb = png_header(WARNED_SIDE, WARNED_SIDE)
+    with warnings.catch_warnings(record=True) as seen:  # this test's own thread only
+        warnings.simplefilter("always")
+        with pytest.raises(ImageTooLargeError, match="decompression bomb refused.*MAX_IMAGE_PIXELS") as e:
+            decode_image(bomb, limits=NO_PIXEL_LIMIT)
+        with pytest.raises(ImageTooLargeError, match="decompression bomb refused"):
+            read_header(bomb, limits=NO_PIXEL_LIMIT)
+    assert e.value.http_status == 413
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    with warnings.catch_warnings():  # a process that runs with -W error gets the same typed error
+        warnings.simplefilter("error")
+        with pytest.raises(ImageTooLargeError, match="decompression bomb refused"):
+            decode_image(bomb, limits=NO_PIXEL_LIMIT)
+
+
+def test_pillows_documented_limit_is_honoured(monkeypatch):
+    data = encode(gradient_image(100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 9_999)
+    with pytest.raises(ImageTooLargeError, match="10,000 pixels, above Pillow's limit of 9,999"):
+        decode_image(data, limits=NO_PIXEL_LIMIT)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's switch for "no bomb check"
+    assert decode_image(data, limits=NO_PIXEL_LIMIT).size == (100, 100)
+
+
+def test_concurrent_decodes_give_each_image_its_answer_and_leave_the_warning_filters_alone(photos):
+    """Decode threads never swap the process's warning filters (``warnings.catch_warnings`` is
+    not thread-safe before Python 3.14): a watcher sees the same filters throughout, while
+    four threads decode bombs, photos and a format outside the allowlist in turn."""
+    photo, small = photos[0].read_bytes(), encode(gradient_image(97, 71))
+    ico = encode(gradient_image(32, 32), "ICO")
+    want = {"photo": np.asarray(decode_image(photo)), "small": np.asarray(decode_image(small))}
+    inputs = [("photo", photo, NO_PIXEL_LIMIT), ("warned-bomb", png_header(WARNED_SIDE, WARNED_SIDE), NO_PIXEL_LIMIT),
+              ("small", small, DecodeLimits()), ("giant", png_header(60000, 60000), DecodeLimits()),
+              ("ico", ico, DecodeLimits())]
+    original, before = warnings.filters, list(warnings.filters)
+    changed: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if warnings.filters is not original or warnings.filters != before:
+                changed.append(repr(warnings.filters[:2]))
+                return
+
+    def decode(i: int) -> tuple[str, object]:
+        name, data, limits = inputs[i % len(inputs)]
+        try:
+            return name, np.asarray(decode_image(data, limits=limits))
+        except Exception as e:
+            return name, e
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(decode, range(100)))
+    finally:
+        stop.set()
+        watcher.join()
+    assert not changed, f"decoding changed warnings.filters: {changed[0]}"
+    assert warnings.filters is original and warnings.filters == before
+    for name, got in results:
+        if name in want:
+            assert isinstance(got, np.ndarray) and np.array_equal(got, want[name]), name
+        elif name == "ico":
+            assert isinstance(got, UnsupportedImageFormatError), (name, got)
+        else:
+            assert isinstance(got, ImageTooLargeError), (name, got)
+            assert ("decompression bomb" in str(got)) == (name == "warned-bomb"), (name, got)

@@ -2,20 +2,21 @@
 
 The card's decoding semantics are: open, apply the EXIF orientation, convert to RGB. This
 module adds what a server needs around that: a format allowlist checked before decoding,
-byte and pixel limits checked before the pixels are decoded, decompression bombs and
-truncated files refused, 16-bit images scaled (not clipped) to 8 bits, and every failure
+byte and pixel limits checked before the pixels are decoded, decompression bombs refused
+without touching the process's warning filters (safe on the decode threads), truncated files
+refused, 16-bit images scaled (not clipped) to 8 bits, and every failure
 raised as a typed :mod:`sota_serve.errors` exception.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
 
 from sota_serve.constants import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from sota_serve.errors import (
@@ -155,35 +156,65 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def _open(data: bytes) -> Image.Image:
     try:
-        # Pillow would swallow a warning turned error here and report "unidentified"; the
-        # pixel limit is enforced by _check_pixels right after, below Pillow's own.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError as e:
+        img = _identify(data, ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(f"decompression bomb refused: {e}") from e
-    except UnidentifiedImageError as e:
+    except Exception as e:  # Pillow's header parsers raise many types on hostile input
+        raise InvalidImageError(f"the image header is invalid: {_describe(e)}") from e
+    if img is None:
         fmt = _identify_any(data)
         if fmt:
             raise UnsupportedImageFormatError(
                 f"{fmt} images are not accepted; send one of {', '.join(ALLOWED_FORMATS)}"
-            ) from e
+            )
         raise InvalidImageError(
             f"the bytes are not a recognised image (accepted: {', '.join(ALLOWED_FORMATS)})"
-        ) from e
-    except Exception as e:  # Pillow's header parsers raise many types on hostile input
-        raise InvalidImageError(f"the image header is invalid: {_describe(e)}") from e
+        )
+    return img  # its size is checked next (_check_pixels), before anything else reads it
+
+
+def _identify(data: bytes, formats: tuple[str, ...] | list[str]) -> ImageFile.ImageFile | None:
+    """``Image.open(data, formats=formats)`` without its decompression-bomb check, or None when
+    no format's parser takes the bytes.
+
+    Pillow's check warns (``DecompressionBombWarning``) between its limit and twice it, and the
+    only way to turn a warning into an error is ``warnings.catch_warnings()``, which swaps
+    process-wide state and is not thread-safe before Python 3.14: two decode threads that
+    enter and leave it out of order leave the filters of the other one behind. The size is
+    checked here instead, against the same limit (:func:`_check_pixels`), before a pixel is
+    decoded: Pillow's later checks at load time see the same size and stay silent.
+    """
+    if any(fmt not in Image.OPEN for fmt in formats):
+        Image.init()  # registers every plugin once (Image.open does the same)
+    fp = io.BytesIO(data)
+    prefix = data[:16]
+    for fmt in formats:
+        if fmt not in Image.OPEN:
+            continue
+        factory, accept = Image.OPEN[fmt]
+        taken = not accept or accept(prefix)
+        if not taken or isinstance(taken, str):  # a str: the plugin knows the format but cannot read it
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # not this format: as Image.open
+            continue
+    return None
 
 
 def _identify_any(data: bytes) -> str | None:
     """Name a real image format outside the allowlist (for a 415 rather than a 400)."""
+    Image.init()
+    others = [fmt for fmt in Image.ID if fmt not in ALLOWED_FORMATS]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as other:
-                return other.format
-    except Exception:
+        other = _identify(data, others)
+    except Exception:  # a parser's other errors, or a bomb's: not a format we name
         return None
+    if other is None:
+        return None
+    with other:
+        return other.format
 
 
 def _check_bytes(size: int, limits: DecodeLimits, what: str) -> None:
@@ -199,6 +230,12 @@ def _check_pixels(img: Image.Image, limits: DecodeLimits) -> None:
         raise ImageTooLargeError(
             f"the image is {w}x{h} = {w * h:,} pixels, above the limit of {limits.max_pixels:,}"
         )
+    bomb = Image.MAX_IMAGE_PIXELS
+    if bomb is not None and w * h > bomb:  # where Pillow would warn: refused, as the warning would be
+        raise ImageTooLargeError(
+            f"decompression bomb refused: the image is {w}x{h} = {w * h:,} pixels, above Pillow's"
+            f" limit of {bomb:,} (PIL.Image.MAX_IMAGE_PIXELS)"
+        )
     if max(w, h) > limits.max_aspect_ratio * min(w, h):
         raise ImageGeometryError(
             f"the image is {w}x{h}, an aspect ratio of {max(w, h) / min(w, h):,.1f}:1, above the"
@@ -210,10 +247,8 @@ def _load(img: Image.Image) -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # a global another library may have flipped
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a warning: under -W error
         raise ImageTooLargeError(f"decompression bomb refused: {e}") from e
     except Exception as e:  # OSError (truncated), SyntaxError, ValueError, struct.error, ...
         raise InvalidImageError(f"the image data is damaged: {_describe(e)}") from e
