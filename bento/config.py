@@ -2,9 +2,10 @@
 machine, and the model package, opened and checked against the settings.
 
 All of it happens when the service module is imported, which `bentoml serve` and `bentoml
-build` do before anything else: a missing model, a directory without card.json or a backend
-the package lacks stops them there with one line (:func:`settings_and_package`). The same
-failure in the service's ``__init__`` would restart the worker forever.
+build` do before anything else: a missing model, a directory without card.json, a backend or
+precision the package lacks, or any other setting it or this machine cannot serve
+(:meth:`Settings.check`) stops them there with one line (:func:`settings_and_package`). The
+same failure in the service's ``__init__`` would restart the worker forever.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def settings_and_package() -> tuple[Settings, Plan, ModelPackage, Any]:
         package = open_package(settings.model if local else _stored(settings.model))
         check_backend(package, settings.backend)
         plan = settings.plan()
+        settings.check(package, plan)
     except SotaServeError as e:
         raise SystemExit(f"sota-serve: cannot serve: {e}") from None
     # A package directory or file is served as it is; a model-store tag is declared as a

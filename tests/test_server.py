@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -274,6 +275,23 @@ def test_a_backend_the_package_lacks_stops_serve_and_build(tiny_package, tmp_pat
                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
                            env={**env, "SOTA_SERVE_MODEL": "onnx-only:latest"})
     assert build.returncode != 0 and "SOTA_SERVE_BACKEND=torchscript" in build.stdout + build.stderr
+
+
+BAD_SETTINGS = [  # each checked against the package before any worker starts
+    ({"SOTA_SERVE_PRECISION": "fp16"}, "SOTA_SERVE_PRECISION=fp16: the package has no fp16 onnx artifact"),
+    ({"SOTA_SERVE_PRECISION": "int8", "SOTA_SERVE_BACKEND": "pt2"}, "int8 files are ONNX only"),
+    ({"SOTA_SERVE_MAX_WAIT_S": "-1"}, "SOTA_SERVE_MAX_WAIT_S: Input should be greater than 0"),
+]
+
+
+@pytest.mark.parametrize(("env", "message"), BAD_SETTINGS, ids=["fp16", "int8-pt2", "max-wait"])
+def test_a_setting_the_package_cannot_serve_stops_the_server_with_one_line(tiny_package, tmp_path, env, message):
+    # A worker that failed on it instead would be restarted forever, the port bound and
+    # /readyz hanging: the 120 s timeout of _serve fails this test then.
+    start = time.monotonic()
+    line = _one_line(_serve(tiny_package, tmp_path / "bentoml", env=env))
+    print(f"\n{env}: stopped in {time.monotonic() - start:.1f} s: {line}")
+    assert line.startswith("sota-serve: cannot serve: ") and message in line, line
 
 
 def test_a_port_in_use_is_one_line_naming_it(tiny_package, tmp_path):

@@ -61,3 +61,26 @@ def test_bad_settings_name_the_variable(monkeypatch):
     monkeypatch.setenv("SOTA_SERVE_MAX_WAIT_S", "-1")
     with pytest.raises(SotaServeError, match="SOTA_SERVE_MAX_WAIT_S"):
         load_settings()
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"precision": "fp16"}, "SOTA_SERVE_PRECISION=fp16: the package has no fp16 onnx artifact .* export with --fp16"),
+    ({"precision": "int8"}, "SOTA_SERVE_PRECISION=int8: the package has no int8 onnx artifact .* sota-serve quantize"),
+    ({"precision": "int8", "backend": "torchscript"}, "SOTA_SERVE_PRECISION=int8: .* int8 files are ONNX only"),
+])
+def test_a_precision_the_package_lacks_is_refused_naming_the_variable(tiny_package, given, message):
+    from sota_serve.package.loading import open_package
+
+    package = open_package(tiny_package)
+    settings = Settings(device="cpu", **given)
+    with pytest.raises(SotaServeError, match=message):
+        settings.check(package, settings.plan())
+
+
+def test_settings_the_package_and_machine_serve_pass_the_check(tiny_package):
+    from sota_serve.package.loading import open_package
+
+    package = open_package(tiny_package)
+    for given in ({}, {"precision": "fp32"}, {"backend": "pt2"}, {"decode": "torchvision"}):
+        settings = Settings(device="cpu", **given)
+        settings.check(package, settings.plan())

@@ -48,6 +48,8 @@ CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
 MIN_AGREEMENT = 0.99
 #: The precision ``auto`` prefers on each kind of device, when the package has it and it agrees.
 PREFERRED: dict[str, str] = {"cuda": "fp16", "cpu": "int8"}
+#: how a package gets a file of each lower precision
+_ADD = {"fp16": "export with --fp16 to add one", "int8": "add one with sota-serve quantize"}
 
 
 def choose(card: ModelCard, available: Iterable[str], backend: str, device: str, requested: str) -> str:
@@ -64,7 +66,8 @@ def choose(card: ModelCard, available: Iterable[str], backend: str, device: str,
         if requested not in have:
             raise PackageError(
                 f"the package has no {requested} {backend} artifact (it has: {', '.join(sorted(keys))});"
-                f" export with --{requested} to add one, or serve with precision auto or fp32"
+                f" {_ADD[requested] if requested != 'int8' or backend == 'onnx' else 'int8 files are ONNX only'},"
+                " or serve with precision auto or fp32"
             )
         return requested
     preferred = PREFERRED.get(device)

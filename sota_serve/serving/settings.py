@@ -9,8 +9,10 @@ from the device.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +23,9 @@ from sota_serve.device import Device, resolve_device
 from sota_serve.errors import SotaServeError
 from sota_serve.package import precision
 from sota_serve.serving.fallback import DEFAULT_BUDGET_SHARE, MAX_BUDGET_S
+
+if TYPE_CHECKING:
+    from sota_serve.package.loading import ModelPackage
 
 DEFAULT_MODEL = "sota-demo:latest"
 
@@ -139,6 +144,29 @@ class Settings(BaseSettings):
         model_threads = self.model_threads or cores
         return model_threads, max(1, cores // model_threads)
 
+    def check(self, package: ModelPackage, plan: Plan) -> None:
+        """Refuse, naming the variable, a setting that ``package`` or this machine cannot serve.
+
+        For where the settings are read before any worker starts (the service module's import):
+        a worker that fails on the same setting while loading the model exits, and BentoML
+        starts it again, forever, with the port bound and ``/readyz`` never answering. What is
+        left to the worker is what needs the model loaded or a CUDA context opened (nvJPEG
+        decoding a JPEG for ``SOTA_SERVE_DECODE=torchvision`` on a GPU).
+        """
+        try:
+            precision.choose(package.card, package.artifacts, self.backend, plan.device, self.precision)
+        except SotaServeError as e:
+            raise SotaServeError(f"SOTA_SERVE_PRECISION={self.precision}: {e}") from None
+        if self.backend in TORCH_BACKENDS and (reason := _torch_unavailable(plan.device)):
+            raise SotaServeError(f"SOTA_SERVE_BACKEND={self.backend}: {reason}; or set SOTA_SERVE_BACKEND=onnx")
+        if self.backend == formats.DEFAULT and plan.device == "cuda" and (reason := _onnx_cuda_unavailable()):
+            raise SotaServeError(f"SOTA_SERVE_DEVICE={self.device}: {reason}; or set SOTA_SERVE_DEVICE=cpu")
+        if self.decode == "torchvision":
+            if plan.device == "cpu":
+                self.decoder("cpu")  # decodes a JPEG on the CPU: no CUDA context
+            elif reason := _torch_unavailable("cuda", "torchvision"):
+                raise SotaServeError(f"SOTA_SERVE_DECODE=torchvision: {reason}; or set SOTA_SERVE_DECODE=pillow")
+
     def decoder(self, device: Device) -> str:
         """``pillow`` or ``torchvision``, for the process that runs the model (asked there
         only: proving that torchvision decodes on a GPU opens a CUDA context)."""
@@ -165,6 +193,33 @@ class Plan:
     model_threads: int
     max_batch_size: int
     max_batch_size_tta: int
+
+
+#: backends that run on torch (the ``torchscript`` extra)
+TORCH_BACKENDS = ("pt2", "torchscript")
+
+
+def _torch_unavailable(device: Device, *modules: str) -> str | None:
+    """Why torch (and ``modules``) cannot run on ``device`` here, or None. Asks torch whether
+    it sees a CUDA device, which opens no CUDA context."""
+    missing = [m for m in ("torch", *modules) if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed; pip install 'sota-serve[torchscript]'"
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"this torch ({torch.__version__}) sees no CUDA device"
+    return None
+
+
+def _onnx_cuda_unavailable() -> str | None:
+    """Why ONNX Runtime cannot run on the CUDA device that is present, or None."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "a CUDA device is present but this onnxruntime has no CUDA provider; pip install onnxruntime-gpu"
+    return None
 
 
 def load_settings() -> Settings:
