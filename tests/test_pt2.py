@@ -111,6 +111,57 @@ def test_an_archive_with_sample_inputs_or_foreign_entries_is_refused(tmp_path):
         get_format("pt2").check(foreign.read_bytes(), source=str(foreign))
 
 
+def _pickling(name: str, data: bytes) -> bytes:
+    """The weights config of a real archive, rewritten to ask torch to unpickle a weight."""
+    if not name.endswith("_weights_config.json"):
+        return data
+    config = json.loads(data)
+    config["config"][next(iter(config["config"]))]["use_pickle"] = True
+    return json.dumps(config).encode()
+
+
+def _crafted(entries: list[tuple[str, bytes]], into: Path) -> Path:
+    """A zip of ``entries`` in this order, names repeated as given (zipfile warns, and writes)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Duplicate name": what is being crafted
+        for name, data in entries:
+            z.writestr(name, data)
+    into.write_bytes(out.getvalue())
+    return into
+
+
+@pytest.mark.parametrize("layout", ["duplicate-entry", "second-root", "top-level-entry"])
+def test_an_archive_that_zipfile_and_torch_could_read_differently_is_refused(tiny_package, tmp_path, layout):
+    """A pickling weights config first, where torch's reader looks, and a clean copy where
+    Python's zipfile looks: the last of two entries of one name, or the same entries under a
+    second root folder after the first. Neither passes; nor does an entry outside any folder."""
+    with zipfile.ZipFile(tiny_package / "model.pt2") as z:
+        real = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+    root = real[0][0].partition("/")[0]
+    assert all(name.startswith(f"{root}/") for name, _ in real)
+    bad = [(name, _pickling(name, data)) for name, data in real]
+    config = next(name for name, _ in real if name.endswith("_weights_config.json"))
+    extra = {"duplicate-entry": [(config, dict(real)[config])],
+             "second-root": [(f"decoy/{name.partition('/')[2]}", data) for name, data in real],
+             "top-level-entry": [("model.so", b"\x7fELF")]}[layout]
+    crafted = _crafted(bad + extra, tmp_path / "crafted.pt2")
+    message = re.escape({"duplicate-entry": f"{config!r}); a zip reader may read either copy",
+                         "second-root": f"outside one root folder (roots: {root!r}, 'decoy');",
+                         "top-level-entry": "outside one root folder"}[layout])
+    with pytest.raises(PackageError, match=message) as e:
+        get_format("pt2").check(crafted.read_bytes(), source=str(crafted))
+    assert "torch.export.save or `sota-serve export`" in str(e.value)
+    with pytest.raises(PackageError, match="outside one root folder|more than once"):
+        load_runtime(open_package(crafted), "pt2", device="cpu")  # a lone file: refused when its card is read
+    if layout != "top-level-entry":  # the first entries alone are refused for what they are
+        alone = _crafted(bad, tmp_path / "alone.pt2")
+        with pytest.raises(PackageError, match="pickled or as a custom object"):
+            get_format("pt2").check(alone.read_bytes(), source=str(alone))
+    clean = _crafted(real, tmp_path / "clean.pt2")  # rewritten entry by entry, the archive still loads
+    get_format("pt2").check(clean.read_bytes(), source=str(clean))
+
+
 def test_export_raises_no_torch_jit_deprecation_and_uses_the_torch_export_onnx_exporter(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

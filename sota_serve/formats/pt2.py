@@ -9,7 +9,10 @@ Security: ``torch.export.load`` rebuilds the graph from JSON and calls only regi
 operators, but it unpickles some entries when an archive has them (weights or constants saved
 with ``use_pickle``, custom or opaque objects, the legacy layout's weight and sample-input
 files). sota-serve writes none of them, and :meth:`Pt2Format.check` refuses an archive that
-has any, before the bytes reach ``torch.export.load``.
+has any, before the bytes reach ``torch.export.load``. The check reads the archive with
+Python's ``zipfile`` and torch with its own reader, so it also refuses what the two could read
+differently: two entries of one name (``zipfile`` reads the last, torch's reader may read
+another) and entries under more than one root folder (torch looks only below the first entry's).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ class Pt2Format(ArtifactFormat):
     def read_card(self, path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
+                _check_names(archive.namelist(), str(path))
                 names = [n for n in archive.namelist() if n.endswith(f"/extra/{CARD_FILE}")]
                 if not names:
                     raise CardError(f"{path}: no sota-serve card in the torch.export archive (extra file"
@@ -53,6 +58,7 @@ class Pt2Format(ArtifactFormat):
         """Refuse an archive with an entry that ``torch.export.load`` would unpickle."""
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                _check_names(archive.namelist(), source)
                 entries = {_below_root(n): n for n in archive.namelist() if not n.endswith("/")}
                 for entry, full in entries.items():
                     if not entry.startswith(_ALLOWED_PREFIXES):
@@ -113,15 +119,34 @@ def _below_root(name: str) -> str:
     return name.partition("/")[2]
 
 
+def _check_names(names: list[str], source: str) -> None:
+    """Each entry once, all below one root folder: otherwise what ``zipfile`` checks need not be
+    what torch's reader loads."""
+    twice = sorted(name for name, count in Counter(names).items() if count > 1)
+    if twice:
+        _refuse(source, f"has {len(twice)} name(s) stored more than once ({', '.join(map(repr, twice[:3]))});"
+                " a zip reader may read either copy, so the one checked need not be the one loaded",
+                fix=_WRITE_AGAIN)
+    roots = list(dict.fromkeys(n.partition("/")[0] for n in names))  # in the archive's order
+    if len(roots) > 1 or any("/" not in n for n in names):
+        _refuse(source, f"has entries outside one root folder (roots: {', '.join(map(repr, roots[:4]))});"
+                " torch reads only below the first entry's folder, so the others would be checked but not loaded",
+                fix=_WRITE_AGAIN)
+
+
 def _check_payloads(config: dict[str, Any], source: str, entry: str) -> None:
     for fqn, payload in config.get("config", {}).items():
         if payload.get("use_pickle") or not str(payload.get("path_name", "")).startswith(("weight_", "tensor_")):
             _refuse(source, f"stores {fqn!r} pickled or as a custom object ({entry})")
 
 
-def _refuse(source: str, why: str) -> None:
-    raise PackageError(f"{source}: the torch.export archive {why}; sota-serve loads only archives whose"
-                       " weights are plain tensors (re-export it with sota-serve)")
+_PLAIN_TENSORS = "sota-serve loads only archives whose weights are plain tensors (re-export it with sota-serve)"
+_WRITE_AGAIN = ("write the archive again with torch.export.save or `sota-serve export`, which store each entry"
+                " once under one root folder, rather than editing it with a zip tool")
+
+
+def _refuse(source: str, why: str, *, fix: str = _PLAIN_TENSORS) -> None:
+    raise PackageError(f"{source}: the torch.export archive {why}; {fix}")
 
 
 PT2 = Pt2Format()

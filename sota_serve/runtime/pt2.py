@@ -1,7 +1,8 @@
 """torch.export backend: ``model.pt2`` through ``torch.export.load`` (imports torch; the ONNX
 backend does not).
 
-The archive is checked first (sha256 against the card, then no pickled entry, see
+The archive is checked first (sha256 against the card, then no pickled entry, no entry name
+stored twice and one root folder, see
 :mod:`sota_serve.formats.pt2`); what runs is the exported graph of registered torch operators.
 """
 
