@@ -17,7 +17,7 @@ from sota_serve.http.page import ASSETS, PAGE_DIR
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
 from sota_serve.tta import POLICIES
-from tests.helpers import card_dict
+from tests.helpers import PHOTOS, card_dict
 from tests.test_server import post
 
 ARTIFACTS = Path(os.environ.get("SOTA_SERVE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "build" / "test-artifacts"))
@@ -76,7 +76,9 @@ def test_crops_are_the_preprocessors_windows_on_the_original(server, tiny_packag
         assert response.status_code in (400, 422) and message in response.json()["error"]
 
 
-def _browser(width: int = 390, height: int = 1200):
+def _browser(width: int = 390, height: int = 844):
+    """Headless Chromium whose page is exactly width x height CSS pixels (a window's size would
+    include the browser's own bars); below 600 px wide, a phone's (its viewport meta honoured)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the [test] extra")
     binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver = shutil.which("chromedriver")
@@ -86,9 +88,12 @@ def _browser(width: int = 390, height: int = 1200):
 
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height + 200}"):
         options.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver), options=options)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+    return browser
 
 
 @pytest.mark.slow
@@ -108,19 +113,28 @@ def test_page_in_a_real_browser_classifies_an_uploaded_digit(server, digit_files
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results li"))
         shown = [li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "#results li")]
         assert shown[:3] == [p["label"] for p in want["predictions"]]
-        # five-crop on: the page asks again and draws the five crops on the image
+        # a plain answer: its one crop outlined, with no number on it
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#boxes .box")) == 1)
+        assert not browser.find_elements(By.CSS_SELECTOR, "#boxes b")
+        # five-crop on: the page asks again and draws the five crops on the image, numbered
         browser.find_element(By.CSS_SELECTOR, 'label[for="tta-five_crop"]').click()
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#boxes .box")) == 5)
         wait.until(lambda b: "five_crop" in b.find_element(By.ID, "status").text)
+        assert [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#boxes b")] == ["1", "2", "3", "4", "5"]
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "page.png"))
-        # an API error is shown as the API's message
+        # an API error: in words for a person, with the API's message and status below them, and
+        # nothing of the earlier answer left under it
         bad = ARTIFACTS / "not-an-image.png"
         bad.write_bytes(b"plain text, not a PNG")
         browser.find_element(By.ID, "file").send_keys(str(bad))
         wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
-        assert "not a recognised image" in browser.find_element(By.ID, "error").text
-        assert "HTTP 400" in browser.find_element(By.ID, "error").text
+        error = browser.find_element(By.ID, "error")
+        assert error.text.splitlines()[0] == "This file is not an image. Try a JPEG or PNG."
+        detail = error.find_element(By.CLASS_NAME, "detail").text
+        assert "not a recognised image" in detail and "HTTP 400" in detail
+        assert not browser.find_elements(By.CSS_SELECTOR, "#results li, #boxes .box")
+        assert not browser.find_element(By.ID, "served").is_displayed()
     finally:
         browser.quit()
 
@@ -128,6 +142,9 @@ def test_page_in_a_real_browser_classifies_an_uploaded_digit(server, digit_files
 #: Visible <img> elements with no picture: no src yet, or one the browser could not draw.
 BROKEN_IMAGES = """return [...document.images].filter((i) => i.getClientRects().length
     && getComputedStyle(i).visibility !== "hidden" && (!i.getAttribute("src") || !i.naturalWidth)).length"""
+#: Whether an element is on screen from its top down to another's bottom.
+IN_VIEW = """const top = arguments[0].getBoundingClientRect().top, bottom = arguments[1].getBoundingClientRect().bottom;
+    return top >= 0 && bottom <= window.innerHeight;"""
 #: The page-relative boxes of the crop badges.
 BADGES = """return [...document.querySelectorAll("#boxes b")].map((b) => {
     const r = b.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom, b.textContent]; })"""
@@ -141,7 +158,8 @@ def _overlap(a, b) -> bool:
 @pytest.mark.parametrize(("width", "height"), [(390, 844), (1280, 900)])
 def test_page_at_phone_and_desktop_size(server, photos, tmp_path, width, height):
     """What a person sees first: no broken-image icon before an upload or under an error, the
-    top label in view without scrolling, the API's TTA names, ten crops' badges apart."""
+    out-of-distribution warning above the labels and both in view when the answer arrives, the
+    API's TTA names, one column and a full-width picture on a phone, ten crops' badges apart."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -160,16 +178,33 @@ def test_page_at_phone_and_desktop_size(server, photos, tmp_path, width, height)
         assert [r.get_attribute("value") for r in radios] == list(POLICIES)
         assert [el.text for el in browser.find_elements(By.CSS_SELECTOR, "#tta-options span")] == list(POLICIES)
 
+        # the fallback choice promises no more than the ladder does
+        assert "at once" not in browser.find_element(By.ID, "fallback-choice").text
+        assert "can still come later than the budget" in browser.find_element(By.ID, "fallback-help").text
+
         browser.find_element(By.ID, "file").send_keys(str(photos[0]))
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results li"))
         wait.until(lambda b: b.find_element(By.ID, "preview").is_displayed())
-        viewport = browser.execute_script("return [window.scrollY, window.innerHeight]")
-        first = browser.execute_script("return document.querySelector('#results li').getBoundingClientRect().bottom")
-        assert viewport[0] == 0 and first < viewport[1] <= height, (first, viewport)
+        ood, first = browser.find_element(By.ID, "ood"), browser.find_element(By.CSS_SELECTOR, "#results li")
+        # a photo is unlike the digits the tiny model knows: the warning leads the answer
+        assert ood.is_displayed() and ood.rect["y"] + ood.rect["height"] <= first.rect["y"]
+        wait.until(lambda b: b.execute_script(IN_VIEW, ood, first))
+        assert browser.execute_script("return window.innerHeight") == height
+        if width >= 1000:  # beside the choices: in view as it is, nothing scrolls
+            assert browser.execute_script("return window.scrollY") == 0
         assert browser.execute_script(BROKEN_IMAGES) == 0
+        frame, answer = browser.find_element(By.ID, "frame").rect, browser.find_element(By.ID, "answer").rect
+        view = browser.find_element(By.ID, "view").rect
+        if width < 520:  # one column: the answer, then the picture as wide as the page's column
+            assert frame["y"] >= answer["y"] + answer["height"] and frame["width"] >= view["width"] - 1
+        else:  # two: the picture on the left
+            assert frame["x"] + frame["width"] <= answer["x"] and frame["y"] == pytest.approx(answer["y"], abs=1)
 
-        browser.find_element(By.CSS_SELECTOR, 'label[for="tta-ten_crop"]').click()
+        # an answer that arrives while the page is scrolled elsewhere is brought into view
+        browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+        browser.execute_script("document.getElementById('tta-ten_crop').click()")
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#boxes .box")) == 10)
+        wait.until(lambda b: b.execute_script(IN_VIEW, ood, b.find_element(By.CSS_SELECTOR, "#results li")))
         badges = browser.execute_script(BADGES)
         assert len(badges) == 10
         piled = [(a[4], b[4]) for i, a in enumerate(badges) for b in badges[i + 1:] if _overlap(a, b)]
@@ -186,6 +221,9 @@ def test_page_at_phone_and_desktop_size(server, photos, tmp_path, width, height)
         browser.find_element(By.ID, "file").send_keys(str(bad))
         wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
         assert browser.execute_script(BROKEN_IMAGES) == 0
+        error = browser.find_element(By.ID, "error")
+        wait.until(lambda b: b.execute_script(IN_VIEW, error, error))
+        assert not browser.find_element(By.ID, "ood").is_displayed()
         if shots:
             browser.save_screenshot(str(Path(shots) / f"page-{width}x{height}-error.png"))
     finally:
@@ -201,9 +239,11 @@ def test_the_page_offers_each_policys_recorded_accuracy():
 
 
 @pytest.mark.slow
-def test_a_degraded_answer_shows_what_it_was_asked_and_its_expected_accuracy(tiny_package, digit_files, tmp_path):
+def test_a_degraded_answer_shows_what_it_was_asked_and_its_expected_accuracy(tiny_package, digit_files, photos,
+                                                                              tmp_path):
     """A server whose latency budget nothing fits, so that a request with tta_fallback is always
-    served plain: the page says so, with the card's accuracy of both policies."""
+    served plain: the page says so, with the card's accuracy of both policies; for an image
+    unlike the training images, with no accuracy at all; and none of it stays under an error."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -224,6 +264,12 @@ def test_a_degraded_answer_shows_what_it_was_asked_and_its_expected_accuracy(tin
             wait.until(lambda b: "five_crop" in b.find_element(By.ID, "served").text)
             assert browser.find_element(By.ID, "served").text == (
                 "Expected accuracy with five_crop: 95.00 % (validation images).")  # not asked to fall back
+            assert not browser.find_element(By.ID, "ood").is_displayed()
+            # a photo: the warning, and no accuracy promised for it
+            browser.find_element(By.ID, "file").send_keys(str(photos[0]))
+            wait.until(lambda b: b.find_element(By.ID, "ood").is_displayed())
+            assert not browser.find_element(By.ID, "served").is_displayed()
+            assert "accuracy does not apply" in browser.find_element(By.ID, "ood").text
             browser.find_element(By.ID, "fallback").click()
             browser.find_element(By.ID, "file").send_keys(str(digit_files[1]))
             wait.until(lambda b: "busy" in b.find_element(By.ID, "served").text)
@@ -231,6 +277,19 @@ def test_a_degraded_answer_shows_what_it_was_asked_and_its_expected_accuracy(tin
                 "The server was busy: answered with none instead of five_crop."
                 " Expected accuracy 90.00 % instead of 95.00 %.")
             assert "tta none" in browser.find_element(By.ID, "status").text
+            assert not browser.find_element(By.ID, "ood").is_displayed()
+            browser.find_element(By.ID, "file").send_keys(str(photos[1]))
+            wait.until(lambda b: b.find_element(By.ID, "ood").is_displayed())
+            served = browser.find_element(By.ID, "served")
+            assert served.text == "The server was busy: answered with none instead of five_crop."
+            assert browser.find_element(By.ID, "ood").rect["y"] < served.rect["y"]
+            # an error: the last answer's accuracy line goes with its scores
+            bad = tmp_path / "not-an-image.png"
+            bad.write_bytes(b"plain text, not a PNG")
+            browser.find_element(By.ID, "file").send_keys(str(bad))
+            wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
+            assert not browser.find_element(By.ID, "served").is_displayed()
+            assert not browser.find_element(By.ID, "ood").is_displayed()
         finally:
             browser.quit()
 
@@ -260,8 +319,12 @@ def test_page_shows_what_the_model_looked_at(server, digit_files):
         browser.find_element(By.ID, "file").send_keys(str(image))
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results li"))
         assert not browser.find_element(By.ID, "heat").is_displayed()  # off until asked for
+        wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#boxes .box").is_displayed())
         browser.find_element(By.ID, "explain-toggle").click()
         wait.until(lambda b: b.find_element(By.ID, "heat").is_displayed())
+        # the map alone over the picture: the crop's outline is hidden under it, and the legend says so
+        assert not browser.find_element(By.CSS_SELECTOR, "#boxes .box").is_displayed()
+        assert "outlines are hidden" in browser.find_element(By.ID, "heat-note").text
         heat = browser.find_element(By.ID, "heat")
         assert heat.get_attribute("data-label") == want["label"]
         assert int(heat.get_attribute("width")) == int(heat.get_attribute("height")) == len(want["grid"]) == 8
@@ -288,8 +351,63 @@ def test_page_shows_what_the_model_looked_at(server, digit_files):
         browser.find_element(By.ID, "file").send_keys(str(other))
         wait.until(lambda b: b.find_element(By.ID, "heat").is_displayed() and np.abs(
             np.array(b.execute_script(HEAT_PIXELS)).reshape(8, 8, 4)[..., 3] - alpha).max() <= 1)
+        assert not browser.find_element(By.CSS_SELECTOR, "#boxes .box").is_displayed()
         browser.find_element(By.ID, "explain-toggle").click()
         assert not browser.find_element(By.ID, "heat").is_displayed()
         assert not browser.find_element(By.ID, "heat-legend").is_displayed()
+        assert browser.find_element(By.CSS_SELECTOR, "#boxes .box").is_displayed()
     finally:
         browser.quit()
+
+
+def shoot_docs(model: str, out: Path) -> None:
+    """The documents' screenshots, from a real ``bentoml serve`` of ``model`` (the demo:
+    packages/sota-demo or sota-demo:latest): page.png (1280x900) and page-phone.png (390x844),
+    Grace Hopper's photo with five-crop; explain.png (1280x900), examples/three.png's map."""
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    three = Path(__file__).resolve().parents[1] / "examples" / "three.png"
+
+    def settled(browser) -> bool:  # the smooth scroll to the answer has ended
+        first = browser.execute_script("return window.scrollY")
+        time.sleep(0.3)
+        return browser.execute_script("return window.scrollY") == first
+
+    with Server(model) as server:
+        server.wait_ready()
+        for name, (width, height) in {"page.png": (1280, 900), "page-phone.png": (390, 844)}.items():
+            browser = _browser(width, height)
+            try:
+                browser.get(f"{server.url}/")
+                wait = WebDriverWait(browser, 60)
+                wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#card-summary dd"))
+                browser.execute_script("document.getElementById('tta-five_crop').click()")
+                browser.find_element(By.ID, "file").send_keys(str(PHOTOS[0]))
+                wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#boxes .box")) == 5
+                           and b.find_element(By.ID, "preview").is_displayed())
+                wait.until(settled)
+                browser.save_screenshot(str(out / name))
+            finally:
+                browser.quit()
+        browser = _browser(1280, 900)
+        try:
+            browser.get(f"{server.url}/")
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#card-summary dd"))
+            browser.find_element(By.ID, "explain-toggle").click()
+            browser.find_element(By.ID, "file").send_keys(str(three))
+            wait.until(lambda b: b.find_element(By.ID, "heat").is_displayed()
+                       and b.find_element(By.ID, "preview").is_displayed())
+            wait.until(settled)
+            browser.save_screenshot(str(out / "explain.png"))
+        finally:
+            browser.quit()
+
+
+if __name__ == "__main__":  # python -m tests.test_page packages/sota-demo docs
+    import sys
+
+    shoot_docs(sys.argv[1], Path(sys.argv[2]))

@@ -24,9 +24,55 @@ function policy() {
   return checked ? checked.value : config.default;
 }
 
-function showError(message) {
-  $("error").textContent = message;
-  $("error").hidden = !message;
+// A failed request, in words for a person, from its HTTP status (0: no answer at all) and the
+// server's message; the server's message stays beside them, since it names the limit or the format.
+class Failure extends Error {
+  constructor(status, message, retryAfter = null) {
+    super(message);
+    this.status = status;
+    this.retryAfter = retryAfter;
+  }
+
+  get words() {
+    const { status, message } = this;
+    if (status === 0) return "The server could not be reached. Check the connection and try again.";
+    if (status === 400 && /empty \(0 bytes\)/.test(message)) return "This file is empty. Choose an image.";
+    if (status === 400 && /not a recognised image/.test(message)) return "This file is not an image. Try a JPEG or PNG.";
+    if (status === 400 && /aspect ratio/.test(message)) return "This image is too long and thin to classify. Crop it and try again.";
+    if (status === 400 && /damaged|invalid|truncated/.test(message)) return "This image is damaged or incomplete. Try saving it again, or another image.";
+    if (status === 408) return "The upload took too long. Check the connection and try again.";
+    if (status === 413) return "This image is too large for this server. Try a smaller one.";
+    if (status === 415) return "This kind of image is not accepted here. Try a JPEG or PNG.";
+    if (status === 503) return `The server is busy. Try again ${this.retryAfter ? `in ${this.retryAfter} s` : "in a moment"}.`;
+    if (status >= 500) return "The server could not answer. Try again later.";
+    return "The server did not accept this request.";
+  }
+
+  get detail() {
+    const retry = this.retryAfter ? `, retry after ${this.retryAfter} s` : "";
+    return this.status ? `The server said: ${this.message} (HTTP ${this.status}${retry})` : `The browser said: ${this.message}`;
+  }
+}
+
+// A failure's words and, below them, the server's own, into node.
+function sayFailure(node, failure, lead = "") {
+  node.replaceChildren(`${lead}${failure.words}`, el("span", { class: "detail" }, failure.detail));
+}
+
+function showError(failure) {
+  if (failure) sayFailure($("error"), failure);
+  else $("error").replaceChildren();
+  $("error").hidden = !failure;
+  if (failure) reveal($("error"), $("error"));
+}
+
+// Bring what just arrived into view when it is not (on a phone the answer is below the
+// choices): its start at the top of the screen, unless it is already visible down to last.
+function reveal(node, last) {
+  const top = node.getBoundingClientRect().top, bottom = last.getBoundingClientRect().bottom;
+  if (top >= 0 && bottom <= window.innerHeight) return;
+  const still = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  node.scrollIntoView({ block: "start", behavior: still ? "auto" : "smooth" });
 }
 
 // --- TTA choice ----------------------------------------------------------------------------
@@ -52,16 +98,20 @@ function describePolicy() {
 
 // --- classify ------------------------------------------------------------------------------
 
-// POST a form; the JSON answer, or an Error with the API's message, its status and Retry-After
-// (a body that is not JSON, e.g. from a proxy, is shown as its text).
+// POST a form; the JSON answer, or a Failure with the API's message, its status and Retry-After
+// (a body that is not JSON, e.g. from a proxy, is kept as its text; no answer at all is status 0).
 async function post(path, form) {
-  const response = await fetch(path, { method: "POST", body: form });
-  const text = await response.text();
+  let response, text;
+  try {
+    response = await fetch(path, { method: "POST", body: form });
+    text = await response.text();
+  } catch (e) {
+    throw new Failure(0, e.message);
+  }
   let answer;
   try { answer = JSON.parse(text); } catch { answer = { error: text || response.statusText }; }
   if (!response.ok) {
-    const retry = response.headers.get("Retry-After");
-    throw new Error(`${answer.error || response.statusText} (HTTP ${response.status}${retry ? `, retry after ${retry} s` : ""})`);
+    throw new Failure(response.status, answer.error || response.statusText, response.headers.get("Retry-After"));
   }
   return answer;
 }
@@ -69,7 +119,7 @@ async function post(path, form) {
 async function classify(file) {
   const mine = ++generation;
   const tta = policy();
-  showError("");
+  showError(null);
   $("status").textContent = `Classifying (tta ${tta}) ...`;
   const form = new FormData();
   form.append("image", file, file.name || "pasted-image");
@@ -81,10 +131,13 @@ async function classify(file) {
     answer = await post("/classify", form);
   } catch (e) {
     if (mine !== generation) return;
+    // nothing of an earlier answer stays under the error: its scores, its accuracy, its crops
     $("status").textContent = "";
     $("results").replaceChildren();
     $("ood").hidden = true;
-    showError(e.message);
+    $("served").hidden = true;
+    $("boxes").replaceChildren();
+    showError(e instanceof Failure ? e : new Failure(0, String(e)));
     return;
   }
   if (mine !== generation) return;
@@ -95,12 +148,13 @@ async function classify(file) {
 
 // What the answer can be expected to get right: the card's validation accuracy of the policy
 // that ran, and, when the server served a cheaper one than asked (tta_fallback), what that cost.
-function showServed(answer) {
+// Not for an image unlike the training images: the validation accuracy says nothing about it.
+function showServed(answer, unlike) {
   const accuracy = (name) => {
     const p = config.policies.find((q) => q.name === name);
     return p && typeof p.accuracy === "number" ? `${(100 * p.accuracy).toFixed(2)} %` : null;
   };
-  const served = accuracy(answer.tta);
+  const served = unlike ? null : accuracy(answer.tta);
   const asked = answer.requested_tta || answer.tta;
   const degraded = asked !== answer.tta;
   $("served").classList.toggle("degraded", degraded);
@@ -114,20 +168,25 @@ function showServed(answer) {
 }
 
 function showResults(answer) {
+  const ood = answer.ood;
+  const unlike = Boolean(ood && ood.out_of_distribution);
   $("status").textContent = `${answer.model}, tta ${answer.tta}`;
-  showServed(answer);
+  // first, above the scores: they are a guess for this image
+  $("ood").hidden = !unlike;
+  if (unlike) {
+    $("ood").textContent = `This image does not look like the training images (distance ${ood.distance}, `
+      + `threshold ${ood.threshold.toFixed(2)}): the labels below are a guess outside what the model was `
+      + "measured on, and its measured accuracy does not apply.";
+  }
+  showServed(answer, unlike);
   $("results").replaceChildren(...answer.predictions.map((p) => {
     const percent = (100 * p.score).toFixed(1);
     return el("li", { "data-label": p.label, "data-score": String(p.score) },
       el("div", { class: "row" }, el("span", { class: "label" }, p.label), el("span", {}, `${percent} %`)),
       el("div", { class: "bar" }, el("span", { style: `width: ${percent}%` })));
   }));
-  const ood = answer.ood;
-  $("ood").hidden = !(ood && ood.out_of_distribution);
-  if (ood && ood.out_of_distribution) {
-    $("ood").textContent = `This image does not look like the training images (distance ${ood.distance}, `
-      + `threshold ${ood.threshold.toFixed(2)}): the labels above are a guess outside what the model was measured on.`;
-  }
+  // from the line that names the model and the policy that ran
+  reveal($("status"), $("results").firstElementChild || $("answer"));
 }
 
 async function drawCrops(tta) {
@@ -139,11 +198,14 @@ async function drawCrops(tta) {
   if (!response.ok) return; // the boxes are an illustration; the answer is already shown
   const { windows } = await response.json();
   const pct = (v, total) => `${(100 * v / total).toFixed(3)}%`;
+  // a lone crop needs no number
+  const badge = (w, i) => (windows.length > 1
+    ? [el("b", { style: badgePlace(w, W, H) }, w.mirrored ? `${i + 1}↔` : String(i + 1))] : []);
   $("boxes").replaceChildren(...windows.map((w, i) => el("div", {
     class: w.mirrored ? "box mirrored" : "box",
     title: `crop ${i + 1}${w.mirrored ? ", mirrored" : ""}`,
     style: `left:${pct(w.left, W)};top:${pct(w.top, H)};width:${pct(w.width, W)};height:${pct(w.height, H)}`,
-  }, el("b", { style: badgePlace(w, W, H) }, w.mirrored ? `${i + 1}↔` : String(i + 1)))));
+  }, ...badge(w, i))));
 }
 
 // Where a crop's number sits: in the corner of its window that points away from the image's
@@ -252,8 +314,16 @@ function heatColour(t, alpha = 1) {
   return `rgba(${rgb.join(",")},${alpha})`;
 }
 
+// The map or the crop outlines, never both: outlines and numbers over the map's cells make
+// either unreadable, most of all on a phone's small picture.
+function showHeat(on) {
+  $("heat").hidden = !on;
+  $("heat-note").hidden = !on;
+  $("boxes").hidden = on;
+}
+
 function hideHeat() {
-  $("heat").hidden = true;
+  showHeat(false);
   $("heat-legend").hidden = true;
   heatFile = null;
 }
@@ -261,7 +331,7 @@ function hideHeat() {
 async function explainImage(file) {
   if (!$("explain").checked || !file || heatFile === file) return;
   heatFile = file;
-  $("heat").hidden = true;
+  showHeat(false);
   $("heat-legend").hidden = false;
   $("heat-status").textContent = "Covering each part of the crop in turn ...";
   $("heat-top").textContent = "";
@@ -271,7 +341,7 @@ async function explainImage(file) {
   try {
     answer = await post("/explain", form);
   } catch (e) {
-    if (heatFile === file) $("heat-status").textContent = `No map: ${e.message}`;
+    if (heatFile === file) sayFailure($("heat-status"), e instanceof Failure ? e : new Failure(0, String(e)), "No map. ");
     return;
   }
   if (heatFile !== file) return; // another image was chosen meanwhile
@@ -296,7 +366,7 @@ async function drawHeat(answer) {
   canvas.style.cssText = `left:${pct(w.left, W)};top:${pct(w.top, H)};width:${pct(w.width, W)};height:${pct(w.height, H)}`;
   canvas.dataset.label = answer.label;
   canvas.title = `where covering the image lowers the score of ${answer.label}`;
-  canvas.hidden = false;
+  showHeat(true);
   $("heat-status").textContent = `Lower score of ${answer.label} when that part of the center crop is covered`
     + ` (${n}×${n} cells, ${n * n + 1} model calls).`;
   $("heat-ramp").style.background = `linear-gradient(to right, ${config.heat.stops.map((_, i) => heatColour(i / (config.heat.stops.length - 1))).join(", ")})`;
