@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -14,6 +17,8 @@ from tritonclient.utils import InferenceServerException
 
 from sota_serve.errors import BadRequestError, MalformedRequestError
 from sota_serve.http.oip_codec import (
+    MAX_JSON_VALUES,
+    JsonTooLargeError,
     classification,
     decode_bytes,
     encode_bytes,
@@ -229,3 +234,61 @@ def test_bad_tensors_get_4xx_with_a_message(client, server, photos):
         assert response.status_code == status and "error" in response.json()
     assert httpx.post(f"{server.url}/v2/models/other/infer", content=b"{}").status_code == 404
     assert client.is_server_ready()  # and it keeps serving
+
+
+def test_a_json_head_with_too_many_values_is_refused_before_it_is_parsed():
+    big = {"inputs": [{"name": "pixels", "shape": [1, 3, 32, 32], "datatype": "UINT8",
+                       "data": [7] * (MAX_JSON_VALUES + 1)}]}
+    with pytest.raises(JsonTooLargeError, match="binary tensor extension") as e:
+        _parse(big)
+    assert e.value.http_status == 413
+    # Not by parsing it: a head that is not even JSON past its values is refused the same way.
+    with pytest.raises(JsonTooLargeError):
+        parse_infer(b"{" + b"1," * MAX_JSON_VALUES + b"oops", None, CARD, max_images=8)
+    # The binary part is not counted: a body of any size there is the binary extension's.
+    pixels = np.full((1, 3, 32, 32), 44, np.uint8).tobytes() * 1
+    ok = _parse({"inputs": [{"name": "pixels", "shape": [1, 3, 32, 32], "datatype": "UINT8",
+                             "parameters": {"binary_data_size": len(pixels)}}]}, pixels)
+    assert ok.pixels.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_a_client_sending_huge_json_bodies_does_not_hold_a_probe_on_another_connection(server):
+    """Four connections keep sending infer bodies of JSON pixels near the body limit (18 MB
+    each) while a liveness probe on its own connection is timed: each probe is answered
+    within 100 ms, and every big body gets its 413."""
+    n = 1464  # images of 3 x 32 x 32: 18 MB of JSON, under the 21 MB body limit
+    body = json.dumps({"inputs": [{"name": "pixels", "shape": [n, 3, 32, 32], "datatype": "UINT8",
+                                   "data": [200] * (n * 3072)}]}, separators=(",", ":")).encode()
+    assert 17_000_000 < len(body) < 20_000_000
+    statuses, stop = [], threading.Event()
+    host, port = server.url.removeprefix("http://").split(":")
+
+    def send():  # http.client sends the body with one sendall, which leaves the GIL to the probe
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        while not stop.is_set():
+            connection.request("POST", f"/v2/models/{NAME}/infer", body=body)
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        connection.close()
+
+    senders = [threading.Thread(target=send) for _ in range(4)]
+    for t in senders:
+        t.start()
+    probes = []
+    try:
+        with httpx.Client(timeout=10) as probe:
+            probe.get(f"{server.url}/v2/health/live")
+            deadline = time.monotonic() + 6
+            while time.monotonic() < deadline or len(statuses) < 8:
+                started = time.perf_counter()
+                assert probe.get(f"{server.url}/v2/health/live").status_code == 200
+                probes.append(time.perf_counter() - started)
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in senders:
+            t.join()
+    assert statuses and set(statuses) == {413}
+    assert max(probes) < 0.1, f"slowest probe {max(probes) * 1000:.0f} ms of {len(probes)}"

@@ -11,9 +11,11 @@ the other routes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable, Mapping
+from functools import partial
 
 from sota_serve import __version__, formats
 from sota_serve.errors import BadRequestError, MalformedRequestError, SotaServeError
@@ -99,7 +101,10 @@ class OpenInference:
             length = headers.get(HEADER_LENGTH)
             if length is not None and not length.isdigit():
                 raise MalformedRequestError(f"Inference-Header-Content-Length must be a number, got {length!r:.40}")
-            request = parse_infer(body, int(length) if length else None, self.card, max_images=self.max_images)
+            # Off the event loop, as decoding is: parsing is bounded (MAX_JSON_VALUES) but not free.
+            request = await asyncio.get_running_loop().run_in_executor(
+                self.pipeline.decode_pool, partial(parse_infer, body, int(length) if length else None, self.card,
+                                                   max_images=self.max_images))
             scores = await self.pipeline.probabilities(request.images, request.pixels, request.tta, ticket,
                                                        request.fallback)
             body, out_headers = encode_infer(request, scores, self.card)
