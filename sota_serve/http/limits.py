@@ -19,6 +19,9 @@ from sota_serve.http.errors import Answer, error_body
 from sota_serve.http.multipart import Part, boundary, parts
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+#: The option fields a form may carry beside its files (tta, top_k, tta_fallback, ...), with room
+#: for the fields a client adds that the route ignores.
+MAX_OPTION_FIELDS = 32
 
 
 class Rejected(Exception):
@@ -85,9 +88,9 @@ class Limits:
         if separator is None:
             raise Rejected(400, "malformed multipart body: no boundary in the content-type")
         try:
-            form = list(parts(body, separator))
+            form = list(parts(body, separator, max_parts=self.max_files + MAX_OPTION_FIELDS))
         except MalformedRequestError as e:
-            raise Rejected(400, str(e)) from e
+            raise Rejected(e.http_status, str(e)) from e
         files = [p for p in form if p.name == field]
         for part in files:
             if not part.is_file:

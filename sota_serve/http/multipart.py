@@ -20,6 +20,9 @@ _DISPOSITION = re.compile(rb"(?im)^content-disposition:\s*form-data\s*;(.*)$")
 _NAME = re.compile(rb'(?i)(?:^|;)\s*name="([^"]*)"')
 _FILENAME = re.compile(rb"(?i)(?:^|;)\s*filename\*?=")
 _INTEGER = re.compile(r"[+-]?\d{1,9}")
+#: A part's header lines (Content-Disposition, Content-Type) take a few hundred bytes; a
+#: browser's longest file name is 255. Past this bound a header is not a form's.
+MAX_PART_HEADER_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,18 +40,29 @@ def boundary(content_type: str) -> bytes | None:
     return match.group(1).encode("latin-1") if match else None
 
 
-def parts(body: bytes, boundary: bytes) -> Iterator[Part]:
-    """Each named part of ``body``, in order; raises :class:`MalformedRequestError` (400)."""
+class TooManyPartsError(MalformedRequestError):
+    """A multipart body with more parts than a form of this route can have."""
+
+    http_status = 413
+
+
+def parts(body: bytes, boundary: bytes, *, max_parts: int = 1024) -> Iterator[Part]:
+    """Each named part of ``body``, in order; raises :class:`MalformedRequestError` (400), or
+    :class:`TooManyPartsError` (413) past ``max_parts`` parts. Both bounds (parts, and bytes
+    per part header) keep the work of one body on the event loop small, whatever it holds."""
     delimiter = b"--" + boundary
     pos = body.find(delimiter)
     if pos == -1:
         raise MalformedRequestError("malformed multipart body: the boundary does not occur in it")
-    while True:
+    for _ in range(max_parts + 1):
         start = pos + len(delimiter)
         if body[start : start + 2] == b"--":  # closing delimiter
             return
-        end = body.find(b"\r\n\r\n", start)
+        end = body.find(b"\r\n\r\n", start, start + MAX_PART_HEADER_BYTES + 4)
         if end == -1:
+            if len(body) - start > MAX_PART_HEADER_BYTES:
+                raise MalformedRequestError(f"malformed multipart body: a part's header is longer than"
+                                            f" {MAX_PART_HEADER_BYTES:,} bytes")
             raise MalformedRequestError("malformed multipart body: a part has no header end")
         nxt = body.find(b"\r\n" + delimiter, end + 2)
         if nxt == -1:
@@ -59,6 +73,8 @@ def parts(body: bytes, boundary: bytes) -> Iterator[Part]:
             yield Part(name.group(1).decode("utf-8", "replace"), bool(_FILENAME.search(disposition.group(1))),
                        body[end + 4 : nxt])
         pos = nxt + 2
+    raise TooManyPartsError(f"more than {max_parts} parts in one multipart body; a form here has its"
+                            " file parts and a few option fields")
 
 
 def field_value(text: str) -> object:
