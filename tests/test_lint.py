@@ -123,6 +123,76 @@ def test_public_apis_only():
                 "bentoml._internal") and "._private" not in name, f"{path.relative_to(ROOT)} imports {name}"
 
 
+def _library(module: str) -> bool:
+    """A third-party module: neither the project's nor the standard library's (whose typing
+    names, such as argparse._SubParsersAction, are stable)."""
+    return module.split(".")[0] not in PROJECT and module.split(".")[0] not in sys.stdlib_module_names
+
+
+def _third_party_names(tree: ast.AST) -> set[str]:
+    """The names a module binds to third-party modules or their members."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if _library(a.name)}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _library(node.module):
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_private_names_of_a_library_imported_or_reached():
+    """``from bentoml import _x`` and ``bentoml.server._x`` reach as far into a library as a
+    private module does; neither is in its public API."""
+    for path in _sources("sota_serve", "bento", "rayserve", "training", "bench"):
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(ROOT)
+        libraries = _third_party_names(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _library(node.module):
+                private = [a.name for a in node.names if _private(a.name)]
+                assert not private, f"{where}:{node.lineno} imports {private} from {node.module}"
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                base = node.value
+                while isinstance(base, ast.Attribute):
+                    base = base.value
+                assert not (isinstance(base, ast.Name) and base.id in libraries), (
+                    f"{where}:{node.lineno} reaches {ast.unparse(node)}")
+
+
+#: Dunder methods that a library calls by name and documents: BentoML's readiness hook
+#: ("Configure lifecycle hooks" in its docs) and pydantic's custom-type hook ("Custom types").
+#: Python's own data model needs no entry.
+DOCUMENTED_HOOKS = {"__is_ready__", "__get_pydantic_core_schema__", "__get_pydantic_json_schema__"}
+
+
+def _data_model_names() -> set[str]:
+    import collections.abc
+    import contextlib
+
+    types = (object, type, int, float, list, dict, set, str, bytes, BaseException, property,
+             contextlib.AbstractContextManager, contextlib.AbstractAsyncContextManager,
+             collections.abc.Coroutine, collections.abc.AsyncIterator, collections.abc.Iterator,
+             collections.abc.Callable, collections.abc.Mapping)
+    names = {n for t in types for n in dir(t) if n.startswith("__")}
+    return names | {"__post_init__", "__set_name__", "__get__", "__set__", "__delete__", "__missing__",
+                    "__getattr__", "__class_getitem__", "__fspath__", "__index__", "__call__", "__buffer__"}
+
+
+def test_no_undocumented_dunder_hooks():
+    """A class may define Python's data-model methods and hooks its library documents; an
+    undocumented hook (a name a library happens to look up) breaks on its next release."""
+    allowed = _data_model_names() | DOCUMENTED_HOOKS
+    for path in _sources("sota_serve", "bento", "rayserve", "training", "bench"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("__") \
+                    and node.name.endswith("__"):
+                assert node.name in allowed, f"{path.relative_to(ROOT)}:{node.lineno} defines {node.name}"
+
+
 def test_no_monkeypatching():
     """No assignment to an attribute of an imported module or of a class imported from one:
     an upgrade of the library would undo the patch without a word."""
