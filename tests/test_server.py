@@ -194,6 +194,49 @@ def test_client_errors_are_one_log_line_without_traceback(server, photos):
     assert "Traceback" not in log and "[ERROR]" not in log, log[-3000:]
 
 
+CLIENT_ERRORS = [  # (method, path, request keywords, status): answered by the limits, the routes, BentoML
+    ("POST", "/classify", {"files": {"image": ("big.jpg", b"\xff\xd8" + b"\x00" * (22 * 1024 * 1024))}}, 413),
+    ("POST", "/classify", {"json": {"image": "/etc/passwd"}}, 415),
+    ("POST", "/classify", {"files": {"tta": (None, "none")}}, 400),
+    ("POST", "/classify_batch", {"files": {"images": (None, "http://127.0.0.1:1/x.jpg")}}, 400),
+    ("POST", "/classify", {"files": {"image": ("x.png", b"")}, "data": {"tta": "twelve_crop"}}, 422),
+    ("POST", "/v2/models/tiny-cnn/infer", {"content": b"{not json"}, 400),
+    ("GET", "/nowhere", {}, 404),
+    ("GET", "/classify", {}, 405),
+]
+
+
+def _new_lines(server: Server, before: int, want: str) -> list[str]:
+    """The server's log lines after the first ``before`` characters, once one holds ``want``
+    (a worker's log line reaches the file a moment after its answer)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = server.output()[before:].splitlines()
+        if any(want in line for line in lines) or time.monotonic() > deadline:
+            return lines
+
+
+def test_every_client_error_is_one_warning_line_whoever_answers(server):
+    for method, path, kwargs, status in CLIENT_ERRORS:
+        before = len(server.output())
+        r = httpx.request(method, f"{server.url}{path}", timeout=60, **kwargs)
+        assert r.status_code == status, (path, r.text[:300])
+        want = f"{method} {path} -> {status}: {r.json()['error']}"
+        lines = _new_lines(server, before, f"{method} {path} -> {status}")
+        logged = [line for line in lines if f"{method} {path} -> " in line]
+        assert len(logged) == 1 and want in logged[0] and "WARNING" in logged[0].upper(), (want, lines)
+        assert not any("Traceback" in line for line in lines), lines
+
+
+def test_answers_and_errors_are_one_json_encoding_ending_in_a_newline(server, photos):
+    ok = post(server, "/classify", {"image": ("x.jpg", photos[0].read_bytes(), "image/jpeg")})
+    bad = post(server, "/classify", {"image": ("x.jpg", photos[0].read_bytes(), "image/jpeg")}, {"top_k": "abc"})
+    card = httpx.get(f"{server.url}/card", timeout=30)
+    for r in (ok, bad, card):
+        assert r.content.endswith(b"}\n") and r.content.count(b"\n") == 1, r.content[-80:]
+        assert r.content == json.dumps(r.json(), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
 def test_truncated_jpeg_and_huge_header(server, photos):
     data = photos[0].read_bytes()
     r = post(server, "/classify", {"image": ("t.jpg", data[: len(data) // 3], "image/jpeg")})

@@ -1,17 +1,28 @@
-"""One error shape for every answer: ``{"error": message}``, and ``Retry-After`` on every 503.
+"""One error shape for every answer: ``{"error": message}``, ``Retry-After`` on every 503, and
+one warning line in the log for every 4xx.
 
 The front door's own refusals, the direct routes' and the ``@bentoml.api`` methods' errors go
 through :func:`answered` (a typed sota-serve error becomes its documented status and message
 instead of an exception: BentoML would log a traceback for each client mistake and replace
 the message of any 5xx with a generic one). What BentoML answers itself (its 4xx as
 ``[{"error": ...}]``, a plain-text 404 or 405, its own 503) is reshaped by :func:`json_errors`.
+Every answer of the front door passes through that, whoever made it, so it is where a 4xx is
+logged: the limits' 413, 408, 415 and 400, the routes' 400 and 422, the Open Inference
+Protocol's, BentoML's 404 and 405 alike. A front end that hands its answers to its web
+framework instead (the Ray ingress) logs them with :func:`log_answer`, in the same line.
+
+Every JSON body, an answer or an error, is :func:`json_body`'s encoding.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from sota_serve.errors import OverloadedError, SotaServeError
 
@@ -20,10 +31,22 @@ Send = Callable[[Message], Awaitable[None]]
 #: an HTTP answer: status, headers, body (JSON unless the headers say otherwise)
 Answer = tuple[int, dict[str, str], bytes]
 
+log = logging.getLogger("sota_serve.http")
+#: a logged message is cut here: messages can quote what a client sent
+MAX_LOGGED = 300
+
+
+def json_body(value: Any) -> bytes:
+    """The JSON encoding of every body: compact, UTF-8, one line ending in a newline (what a
+    pydantic model writes, so that an answer and an error read alike)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump_json().encode() + b"\n"
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
 
 def error_body(message: str) -> bytes:
     """The documented error shape, ``{"error": message}``."""
-    return json.dumps({"error": message}).encode()
+    return json_body({"error": message})
 
 
 def error_answer(e: SotaServeError) -> Answer:
@@ -50,9 +73,11 @@ async def answered(work: Awaitable[T], render: Callable[[Answer], T]) -> T:
         return render(error_answer(e))
 
 
-def json_errors(send: Send, retry_after: Callable[[], int], *, head: bool = False) -> Send:
-    """``send`` that adds ``Retry-After`` to a 503 without one and rewrites a 4xx body that is
-    not ``{"error": ...}`` into that shape (not for ``head`` requests: their answer has none)."""
+def json_errors(send: Send, retry_after: Callable[[], int], *, head: bool = False, request: str = "") -> Send:
+    """``send`` that adds ``Retry-After`` to a 503 without one, rewrites a 4xx body that is
+    not ``{"error": ...}`` into that shape (not for ``head`` requests: their answer has none)
+    and logs each 4xx as one warning line, ``request -> status: message`` (``request``: the
+    method and path)."""
     state: dict[str, Any] = {}
 
     async def wrapped(message: Message) -> None:
@@ -61,7 +86,9 @@ def json_errors(send: Send, retry_after: Callable[[], int], *, head: bool = Fals
             if status == 503 and not any(k.lower() == b"retry-after" for k, _ in message.get("headers", [])):
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"retry-after", str(retry_after()).encode())]}
-            if 400 <= status < 500 and not head:
+            if 400 <= status < 500 and head:
+                log_client_error(request, status, HTTPStatus(status).phrase)  # a HEAD answer has no body
+            elif 400 <= status < 500:
                 state["start"], state["body"] = message, b""
                 return
         elif message["type"] == "http.response.body" and "start" in state:
@@ -74,6 +101,7 @@ def json_errors(send: Send, retry_after: Callable[[], int], *, head: bool = Fals
 
     async def _send_whole(send: Send, start: Message, raw: bytes) -> None:
         body = _error_body(raw, start["status"])
+        log_client_error(request, start["status"], json.loads(body)["error"])
         headers = [(k, v) for k, v in start["headers"] if k.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
         await send({**start, "headers": headers})
@@ -82,15 +110,36 @@ def json_errors(send: Send, retry_after: Callable[[], int], *, head: bool = Fals
     return wrapped
 
 
+def log_answer(request: str, answer: Answer) -> None:
+    """Log ``answer`` to ``request`` (method and path) as :func:`json_errors` does, for a front
+    end that hands its answers to its web framework instead of sending them through it."""
+    status, _, body = answer
+    if 400 <= status < 500:
+        log_client_error(request, status, json.loads(_error_body(body, status))["error"])
+
+
+def log_client_error(request: str, status: int, message: object) -> None:
+    """One warning line, no traceback: a client's mistake is worth a line, not an alarm. The
+    path and the message can carry what a client sent (a line break in a percent-encoded
+    path): each is kept to one line and ``MAX_LOGGED`` characters."""
+    log.warning("%s -> %d: %s", _one_line(request), status, _one_line(str(message)))
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_LOGGED else text[:MAX_LOGGED] + "..."
+
+
 def _error_body(body: bytes, status: int) -> bytes:
+    """``{"error": message}`` in :func:`json_body`'s encoding, from whatever 4xx body was sent."""
     try:
         parsed = json.loads(body)
     except ValueError:
         parsed = None
+    if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
+        parsed = parsed[0]  # BentoML's [{"error": ...}]
     if isinstance(parsed, dict) and "error" in parsed:
-        return body
-    if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict) and "error" in parsed[0]:
-        return json.dumps(parsed[0]).encode()
+        return json_body(parsed)
     text = body.decode("utf-8", "replace").strip()
     return error_body(text or _PHRASES.get(status, f"HTTP {status}"))
 

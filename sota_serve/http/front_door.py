@@ -4,8 +4,8 @@ multipart parsing, JSON errors, the route table in its model replicas, admission
 
 Per request, in this order:
 
-1. errors: every 4xx is ``{"error": ...}`` and every 503 carries ``Retry-After``, whoever
-   answers (sota_serve/http/errors.py);
+1. errors: every 4xx is ``{"error": ...}`` and one warning line in the log, and every 503
+   carries ``Retry-After``, whoever answers (sota_serve/http/errors.py);
 2. the GET routes it knows (the page, the card, the OpenAPI document, ``/v2``) are answered
    from the route table (sota_serve/http/routes.py);
 3. admission (sota_serve.serving.admission): an image or ``infer`` request the queue cannot
@@ -47,7 +47,7 @@ class FrontDoor:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
-        send = json_errors(send, self.admission.retry_after, head=method == "HEAD")
+        send = json_errors(send, self.admission.retry_after, head=method == "HEAD", request=f"{method} {path}")
         if method in ("GET", "HEAD"):
             answer = self.routes.get(path, scope.get("query_string", b""))
             if answer is not None:

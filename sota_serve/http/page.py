@@ -12,7 +12,7 @@ from urllib.parse import parse_qs
 
 from sota_serve.errors import MalformedRequestError, SotaServeError
 from sota_serve.explain.heatmap import ALPHA, INFERNO
-from sota_serve.http.errors import Answer, error_answer
+from sota_serve.http.errors import Answer, error_answer, json_body
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard, accuracy_key
 from sota_serve.predictions import DEFAULT_TOP_K
@@ -98,7 +98,7 @@ def crops(pre: Preprocessor, query: bytes) -> Answer:
     body = {"tta": tta, "resize_shortest_edge": pre.edge(tta),
             "windows": [{"left": round(x, 2), "top": round(y, 2), "width": round(w, 2), "height": round(h, 2),
                          "mirrored": mirrored} for x, y, w, h, mirrored in boxes]}
-    return 200, {}, json.dumps(body).encode()
+    return 200, {}, json_body(body)
 
 
 def _side(params: dict[str, str], name: str) -> int:
