@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sota_serve import __version__, formats
+from sota_serve.constants import IMAGE_SUFFIXES
 from sota_serve.errors import ImageError, SotaServeError
 from sota_serve.explain import cli as explain_cli
 from sota_serve.package import precision
@@ -109,8 +110,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     clf = Classifier.open(args.package, backend=args.backend, device=args.device, jpeg_draft=args.jpeg_draft,
                           precision=args.precision)
+    names = image_paths(args.images)
     images: list[bytes] = []
-    for name in args.images:
+    for name in names:
         try:
             images.append(Path(name).read_bytes())
         except OSError as e:
@@ -118,7 +120,7 @@ def _predict(args: argparse.Namespace) -> int:
     results = clf.classify(images, tta=args.tta, top_k=args.top_k)
     failed = 0
     out = []
-    for name, result in zip(args.images, results, strict=True):
+    for name, result in zip(names, results, strict=True):
         if isinstance(result, ImageError):
             failed += 1
             out.append({"image": name, "error": str(result)})
@@ -141,18 +143,41 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def image_paths(names: Sequence[str]) -> list[str]:
+    """``names`` with each folder replaced by its image files (by suffix: JPEG, PNG, WebP, BMP,
+    GIF, TIFF), subfolders included, sorted; a file named is kept whatever it is, for the
+    decoder to judge."""
+    paths: list[str] = []
+    for name in names:
+        folder = Path(name)
+        if not folder.is_dir():
+            paths.append(name)
+            continue
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise SotaServeError(f"{name}: a folder with no image files in it (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+        paths += [str(p) for p in files]
+    return paths
+
+
 def _quantize(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
     from sota_serve.building.calibration import image_files
-    from sota_serve.building.quantize import add_int8
+    from sota_serve.building.quantize import Int8ExistsError, add_int8
     from sota_serve.package.loading import store_model_dir
+
+    def quantized(path: Path | str) -> None:
+        try:
+            _quantized(add_int8(path, files, seed=args.seed, overwrite=args.overwrite), args.package)
+        except Int8ExistsError as e:  # said with this command's flag and the package as given
+            raise e.told(args.package, "pass --overwrite") from None
 
     files = image_files(args.calibration)
     stored = None if Path(args.package).exists() else store_model_dir(args.package)
     if stored is None:
-        _quantized(add_int8(args.package, files, seed=args.seed, overwrite=args.overwrite), args.package)
+        quantized(args.package)
         return 0
     # A store entry is never changed (a Bento built on its tag keeps its bytes): quantize a
     # copy and import that as a new version of the same model.
@@ -160,7 +185,7 @@ def _quantize(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sota-serve-quantize-") as tmp:
         copy = Path(tmp) / name
         shutil.copytree(stored, copy, ignore=shutil.ignore_patterns(STORE_RECORD))
-        _quantized(add_int8(copy, files, seed=args.seed, overwrite=args.overwrite), args.package)
+        quantized(copy)
         print(f"{args.package} ({name}:{stored.name}) is left as it is; the int8 file goes into a new version")
         return main(["import", str(copy), "--name", name])
 
@@ -221,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("package", help="package directory, .onnx, .pt2 or .pt file, or BentoML model-store tag"
                                    " (name[:version], e.g. sota-demo:latest)")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF), or folders: their image files,"
+                        " subfolders included, in sorted order")
     p.add_argument("--backend", choices=formats.NAMES, default=formats.DEFAULT, help="which exported file runs")
     p.add_argument("--precision", choices=precision.CHOICES, default="auto",
                    help="fp32, fp16 or int8 (the package's file of that precision), or auto: fp16 on a"
@@ -276,7 +303,12 @@ EXTRAS = {"torch": "torchscript", "torchvision": "torchscript", "fastai": "train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if not argv:  # argparse alone would say a COMMAND is missing but not which there are
+        parser.print_help(sys.stderr)
+        print(f"{parser.prog}: error: a COMMAND is required", file=sys.stderr)
+        return 2  # argparse's status for a command line it cannot run
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":  # its options are the benchmark's own (python -m bench --help)
         args.bench_args = rest

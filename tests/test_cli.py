@@ -79,6 +79,37 @@ def test_predict_and_inspect_take_a_model_store_tag(tiny_package, photos, tmp_pa
     assert main(["inspect", "tiny-test:nope"]) == 2 and "model-store tag" in capsys.readouterr().err
 
 
+def test_no_arguments_print_the_commands_and_exit_2():
+    out = subprocess.run([sys.executable, "-m", "sota_serve.cli"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    for command in ("inspect", "predict", "explain", "quantize", "import", "bench"):
+        assert f"\n    {command} " in out.stderr, out.stderr
+    assert out.stderr.startswith("usage: sota-serve") and out.stderr.count("usage:") == 1
+    assert out.stderr.rstrip().endswith("sota-serve: error: a COMMAND is required")
+
+
+def test_predict_reads_the_image_files_of_a_folder_in_sorted_order(tiny_package, photos, tmp_path, capsys):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(photos[0], folder / "b.jpg")
+    shutil.copy(photos[1], folder / "sub" / "c.JPG")
+    shutil.copy(photos[1], folder / "a.jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "folder.png").mkdir()  # a folder named like an image is not one
+    assert main(["predict", str(tiny_package), str(folder), str(photos[0]), "--json", "--device", "cpu"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    names = [folder / "a.jpeg", folder / "b.jpg", folder / "sub" / "c.JPG", photos[0]]
+    assert [r["image"] for r in results] == list(map(str, names))
+    assert main(["predict", str(tiny_package), *map(str, names), "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out) == results  # as if each file had been named
+
+
+def test_predict_on_a_folder_without_images_exits_2_naming_it(tiny_package, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert main(["predict", str(tiny_package), str(tmp_path)]) == 2
+    assert f"{tmp_path}: a folder with no image files" in capsys.readouterr().err
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])

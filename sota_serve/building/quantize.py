@@ -28,7 +28,17 @@ from sota_serve.progress import step
 
 
 class Int8ExistsError(PackageError):
-    """The package has an int8 file already and replacing it was not asked for."""
+    """The package has an int8 file already and replacing it was not asked for; ``how`` says
+    how to ask, in the words of the caller (a keyword here, a flag on the command line)."""
+
+    def __init__(self, package: str | Path, files: Sequence[str], how: str = "pass overwrite=True") -> None:
+        self.package, self.files = str(package), list(files)
+        super().__init__(f"{package}: already has {', '.join(files)}, kept as it is; {how} to calibrate it"
+                         " again on these images")
+
+    def told(self, package: str | Path, how: str) -> Int8ExistsError:
+        """The same refusal about ``package`` as the caller named it, asked for with ``how``."""
+        return Int8ExistsError(package, self.files, how)
 
 
 #: Fewer images than twice this, and the agreement is measured on all of them, the
@@ -64,8 +74,7 @@ def add_int8(package_dir: str | Path, images: Sequence[Path], *, seed: int = 0,
     existing = [package.artifacts[k].name for k in (precision.artifact_key(f, "int8") for f in targets)
                 if k in package.artifacts]
     if existing and not overwrite:
-        raise Int8ExistsError(f"{package_dir}: already has {', '.join(existing)}, kept as it is; pass --overwrite"
-                              " (overwrite=True) to calibrate it again on these images")
+        raise Int8ExistsError(package_dir, existing)
     if check_images:
         calib_files = calibration.sample(images, calibration.CALIBRATION_IMAGES, seed=seed)
         check_files, source = list(check_images), "validation"
