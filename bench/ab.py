@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench.images import image_set
 from bench.load import closed_loop
-from bench.report import machine_line, service_label, table, write_json
+from bench.report import machine_line, model_fields, service_label, table, write_json
 from bench.run import BenchConfig, Offline, machine_info, package_for
 from bench.server import Server, env_settings
 from sota_serve import formats
@@ -163,6 +164,18 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def checkout_commit(checkout: Path | None) -> str:
+    """The commit a baseline checkout is at (short hash), which a result records rather than
+    the checkout's path on the machine that measured; "" without a baseline checkout."""
+    if checkout is None:
+        return ""
+    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"--baseline-checkout {checkout}: not a git checkout ({done.stderr.strip()})")
+    return done.stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo", help="demo, xresnet50, tiny, or a package directory")
@@ -204,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.litserve_workers:
         cfg.litserve_workers = tuple(int(w) for w in args.litserve_workers.split(","))
     device = machine_info()["device"]
-    result = {"model": args.model, "package": str(package), "concurrency": args.concurrency,
+    result = {**model_fields(args.model, open_package(package).card.tag), "concurrency": args.concurrency,
               "seconds": args.seconds, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": machine_info(), "server_env": env,
-              "baseline_env": baseline_env, "baseline_checkout": str(args.baseline_checkout or ""),
+              "baseline_env": baseline_env, "baseline_commit": checkout_commit(args.baseline_checkout),
               "litserve_precision": args.litserve_precision,
               "policies": compare(package, images, policies=policies, concurrency=args.concurrency,
                                   rounds=args.rounds, seconds=args.seconds, warmup_s=args.warmup,

@@ -7,6 +7,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+#: the benchmark's own models, by name (``--model``); any other name is a package directory
+MODEL_NAMES = ("demo", "xresnet50", "tiny")
+
+
+def model_fields(name: str, card_tag: str) -> dict[str, str]:
+    """How a result names what it measured: a benchmark model by its name, a package
+    directory by its card's tag (name:version), and the card's tag in either case; never by
+    where the package lay, a path of the machine that measured, which no reader has."""
+    return {"model": name if name in MODEL_NAMES else card_tag, "card": card_tag}
+
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     cells = [[_cell(c) for c in row] for row in rows]

@@ -14,6 +14,7 @@ from bench.images import image_set
 from bench.load import closed_loop
 from bench.measure import decode_share, model_ceiling, offline_pipeline
 from bench.models import synthetic_package
+from bench.report import model_fields
 from bench.server import Server
 from sota_serve import formats
 from sota_serve.classifier import Classifier
@@ -223,7 +224,7 @@ def bench_model(name: str, package_dir: Path, images: list[Path], cfg: BenchConf
                     log.info("[%s] HTTP naive concurrency=%d", name, c)
                     http.append({"service": "naive", "tta": "none",
                                  **cfg.load(f"{server.url}/classify", images, c, None)})
-    return {"model": name, "package": str(package_dir), "card": package.card.tag,
+    return {**model_fields(name, package.card.tag),
             "input": f"{package.card.input.width}x{package.card.input.height}",
             "best_batch_size": best_bs, "decode": decode, "precision": served_precision, "ceiling": ceiling, "offline": offline,
             "time_per_image_single_thread": breakdown, "http": http,

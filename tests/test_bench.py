@@ -47,6 +47,27 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "quick.png").stat().st_size > 1000
 
 
+def test_results_name_packages_by_their_card_not_by_where_they_lay():
+    from pathlib import Path
+
+    from bench.report import model_fields
+
+    assert model_fields("demo", "digits-xresnet18:1") == {"model": "demo", "card": "digits-xresnet18:1"}
+    assert model_fields("/tmp/mine", "mine:2") == {"model": "mine:2", "card": "mine:2"}
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    for path in sorted(results.glob("*.json")):
+        absolute = [s for s in strings(json.loads(path.read_text())) if s.startswith(("/", "~"))]
+        assert not absolute, f"{path.name} records paths of the machine that measured it: {absolute}"
+
+
 def _refuse(constant: str) -> None:
     raise AssertionError(f"the results JSON holds {constant}, which strict JSON parsers refuse")
 
@@ -103,6 +124,7 @@ def test_alternating_rounds_against_litserve(tmp_path, capsys):
     assert "ratio to best" in shown and "ratio to baseline" in shown and "HTTP / offline" in shown
     assert shown.startswith("machine: ")
     result = json.loads((tmp_path / "ab.json").read_text(), parse_constant=_refuse)
+    assert result["model"] == "tiny" and result["card"].startswith("tiny") and "package" not in result
     none = result["policies"]["none"]
     peers = ("litserve", "litserve (2 workers)")
     baseline = "sota-serve (SOTA_SERVE_MODEL_THREADS=1)"
