@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,79 @@ from PIL import Image
 
 from bench.server import Server
 from tests.helpers import PHOTOS, card_dict, tiny_cnn
+
+#: Set (to anything but 0) by CI: a test that skips fails instead, with the skip's reason, so
+#: that a run missing a browser, podman or a network namespace cannot pass.
+STRICT = "SOTA_SERVE_TEST_STRICT"
+#: Tests that need a CUDA device: left out unless ``-m`` names this marker (``make test-gpu``).
+GPU = "gpu"
+
+
+def strict() -> bool:
+    return os.environ.get(STRICT, "") not in ("", "0")
+
+
+def _skip_reason(longrepr: object) -> str:
+    # a skip's longrepr is (file, line, "Skipped: reason")
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return str(reason).removeprefix("Skipped: ")
+
+
+def _fail_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if report.skipped and strict() and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"{STRICT}={os.environ[STRICT]}: a skip fails this run: {_skip_reason(report.longrepr)}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _fail_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield  # a module-level skip (importorskip at import) is a skipped collection
+    _fail_skip(report)
+    return report
+
+
+def _gpu_selected(config: pytest.Config) -> bool:
+    """Whether ``-m`` names the marker (``gpu``, ``not gpu``, ``gpu and not slow``): then the
+    expression alone decides."""
+    return re.search(rf"\b{GPU}\b", config.option.markexpr or "") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the ``gpu`` tests unless ``-m`` names the marker: deselected tests are not
+    skips, so a CPU machine's strict run leaves them out without failing, whatever other ``-m``
+    it is given (``make test-fast``'s ``not slow``)."""
+    if _gpu_selected(config):
+        return
+    gpu = [item for item in items if item.get_closest_marker(GPU)]
+    if gpu:
+        items[:] = [item for item in items if not item.get_closest_marker(GPU)]
+        config.hook.pytest_deselected(items=gpu)
+
+
+def pytest_report_header(config):
+    if not _gpu_selected(config):
+        return f"{GPU} tests: deselected (run them with -m {GPU}: make test-gpu)"
+    from sota_serve.device import cuda_device_count
+
+    return f"{GPU} tests: as -m says; CUDA devices here: {cuda_device_count()}"
+
+
+def pytest_runtest_setup(item):
+    """A ``gpu`` test fails, never skips, where no CUDA device is found: ``make test-gpu`` on
+    the wrong machine must not look like a pass."""
+    if item.get_closest_marker(GPU):
+        from sota_serve.device import cuda_device_count
+
+        if cuda_device_count() == 0:
+            pytest.fail("no CUDA device was found (the driver reports none); the gpu tests need one",
+                        pytrace=False)
 
 
 @pytest.fixture(scope="session")
