@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 DEMO ?= sota-demo
 
-.PHONY: install install-serve serve demo test test-fast lint bench clean
+.PHONY: install install-serve serve demo test test-fast test-gpu lint bench clean
 
 # One venv; each target installs the extras it needs (pyproject.toml): serving the demo needs
 # `serve` and, to train it the first time, `train`; the tests need everything.
@@ -35,6 +35,12 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+# The tests marked gpu, which `make test` leaves out: ONNX Runtime's CUDA provider, fp16, batch
+# padding, GPU decoding and a multi-worker server on one GPU (minutes). Strict: on a machine
+# without a CUDA device each fails, saying so.
+test-gpu: install
+	SOTA_SERVE_TEST_STRICT=1 $(BIN)/python -m pytest -m gpu
 
 lint: install
 	$(BIN)/ruff check sota_serve training bento rayserve bench dev tests

@@ -2,7 +2,8 @@
 
 Everything here runs on the CPU (CI has no GPU): ONNX Runtime and torch both run fp16 graphs
 there, slowly, which is enough to check what the files compute. Which precision a GPU would
-serve is checked on ``precision.choose`` with the device given.
+serve is checked on ``precision.choose`` with the device given; fp16 on a real GPU is
+tests/test_gpu.py's (``make test-gpu``).
 """
 
 from __future__ import annotations
