@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -7,6 +12,8 @@ from sota_serve.package.card import ModelCard
 from sota_serve.package.loading import open_package
 from sota_serve.runtime import load_runtime
 from tests.helpers import card_dict, tiny_cnn
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torchscript"])
@@ -62,10 +69,59 @@ def test_device_resolution_on_this_machine():
 
 
 def test_cuda_request_without_gpu_is_a_clear_error(tiny_package):
-    if resolve_device("auto") == "cuda":
-        pytest.skip("this machine has a CUDA device")
-    with pytest.raises(RuntimeBackendError, match="no CUDA device"):
-        load_runtime(open_package(tiny_package), "onnx", device="cuda")
+    """Run in a process that sees no CUDA device (CUDA_VISIBLE_DEVICES empty hides the GPUs
+    from the driver itself), so that a GPU machine checks it too."""
+    code = (
+        "import sys\n"
+        "from sota_serve.device import resolve_device\n"
+        "from sota_serve.errors import RuntimeBackendError\n"
+        "from sota_serve.package.loading import open_package\n"
+        "from sota_serve.runtime import load_runtime\n"
+        "assert resolve_device('auto') == 'cpu'\n"
+        "try:\n"
+        "    load_runtime(open_package(sys.argv[1]), 'onnx', device='cuda')\n"
+        "except RuntimeBackendError as e:\n"
+        "    print(e)\n"
+        "else:\n"
+        "    sys.exit('a runtime was opened on cuda')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_package)], capture_output=True, text=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no CUDA device is visible" in out.stdout
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_padded_batches_give_the_unpadded_answers_at_every_size(tiny_package, k):
+    """What a CUDA runtime does (pad_batches), on the CPU: each batch of n images runs as the
+    next power of two, the padding's rows dropped from the answer."""
+    unpadded = load_runtime(open_package(tiny_package), "onnx", device="cpu")
+    padded = load_runtime(open_package(tiny_package), "onnx", device="cpu")
+    padded.pad_batches = True
+    x = np.random.default_rng(k).integers(0, 256, (17 * k, 3, 32, 32), dtype=np.uint8)
+    for n in range(1, 18):
+        rows = x[: n * k]
+        assert padded._pad(rows, k).shape[0] == (1 << (n - 1).bit_length()) * k
+        np.testing.assert_allclose(padded.predict(rows, crops_per_image=k),
+                                   unpadded.predict(rows, crops_per_image=k), atol=1e-6)
+
+
+def test_buckets_are_powers_of_two_up_to_the_largest_batch(tiny_package):
+    runtime = load_runtime(open_package(tiny_package), "onnx", device="cpu")
+    assert runtime.buckets(128) == [128]  # a CPU pads nothing: one shape
+    runtime.pad_batches = True
+    assert runtime.buckets(1) == [1]
+    assert runtime.buckets(8) == [1, 2, 4, 8]
+    assert runtime.buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert runtime.buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert runtime.buckets(12) == [1, 2, 4, 8, 12]
+
+    def runs_as(n: int) -> int:  # the images a batch of n runs as
+        return runtime._pad(np.zeros((n, 3, 32, 32), np.uint8), 1).shape[0]
+
+    # warming up the buckets runs every shape a batch of up to `top` images runs as
+    for top in (1, 8, 12, 100, 128):
+        assert {runs_as(n) for n in range(1, top + 1)} == {runs_as(b) for b in runtime.buckets(top)}
 
 
 def test_cpu_session_uses_cpu_provider_only(tiny_package):
