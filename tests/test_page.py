@@ -88,7 +88,8 @@ def _browser(width: int = 390, height: int = 844):
 
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height + 200}"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--hide-scrollbars",
+                f"--window-size={width},{height + 200}"):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
