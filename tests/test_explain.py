@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 
 from sota_serve.classifier import Classifier
 from sota_serve.cli import main as cli
-from sota_serve.errors import BadRequestError, ImageError
+from sota_serve.errors import BadRequestError, ImageError, OverloadedError
 from sota_serve.explain.heatmap import LEGEND_HEIGHT, MIN_SIDE, colours
 from sota_serve.explain.occlusion import (
     cell_edges,
@@ -158,7 +159,7 @@ def test_one_batch_equals_one_occlusion_at_a_time(clf, held_out):
     data, _ = held_out[0]
     explained = clf.explain(data, grid=6)
     occluded = occlusions(clf.preprocessor, clf.card.normalization, data, grid=6, label=None)
-    single = np.concatenate([clf.runtime.predict(occluded.batch[n : n + 1]) for n in range(37)])
+    single = np.concatenate([clf.runtime.predict(occluded.rows(n, n + 1)) for n in range(37)])
     one_by_one = occlusion_map(single, DIGITS.index(explained.label), 6)
     assert np.abs(np.asarray(explained.grid) - one_by_one).max() < 1e-5
     assert explained.label == DIGITS[int(single[0].argmax())] and explained.score == pytest.approx(single[0].max())
@@ -236,6 +237,56 @@ def test_the_pipeline_batches_explanations_and_releases_what_admission_charged(c
         assert np.abs(np.asarray(got.grid) - np.asarray(want.grid)).max() < 1e-5
     assert pending == 0 and all(t.crops == 0 for t in tickets)
     assert batches < 3  # 3 x 26 crops, at most 64 a call: concurrent explanations share calls
+
+
+def test_explanations_in_flight_hold_a_bounded_number_of_occluded_crops(clf, held_out):
+    """32 grid-16 explanations at once (8,224 crops, 101 MB of them at 64 px) through the
+    server's pipeline: the memory numpy allocates meanwhile (tracemalloc, which numpy reports
+    its buffers to) stays within the crop budget, the batcher's joined copies and one plain crop
+    per explanation, plus 4 MiB for everything else; the maps are those of one batch."""
+    images = [data for data, _ in held_out[:8]]
+    offline = [clf.explain(data, grid=16) for data in images[:2]]
+    crop_bytes = 3 * clf.card.input.height * clf.card.input.width
+
+    async def main():
+        admission = Admission(max_wait_s=3600, max_in_flight=64, decode_threads=2)
+        batcher = DynamicBatcher(clf.runtime, max_crops=32, model_threads=2)
+        pipeline = Pipeline(clf, batcher, admission, decode_threads=2, deadline_s=3600)
+        await pipeline.explain(images[0], None, 16, Ticket())  # threads and runtime warm
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            answers = await asyncio.gather(*[pipeline.explain(images[i % 8], None, 16, Ticket()) for i in range(32)])
+            grown = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        batcher.close()
+        return answers, grown, pipeline.explain_budget, admission.pending_crops
+
+    answers, grown, budget, pending = asyncio.run(main())
+    assert budget.capacity == 2 * 2 * 32  # two plain batches per model thread
+    assert budget.peak == budget.capacity and budget.in_use == 0 and pending == 0
+    bound = (budget.capacity + 2 * 32 + 32) * crop_bytes + 4 * 1024 * 1024
+    assert grown < bound, f"{grown / 2**20:.1f} MiB allocated while 32 explanations ran, bound {bound / 2**20:.1f} MiB"
+    for got, want in zip(answers[:2], offline, strict=True):
+        assert got.label == want.label and np.abs(np.asarray(got.grid) - np.asarray(want.grid)).max() < 1e-5
+
+
+def test_an_explanation_past_its_deadline_gives_its_crops_back(clf, held_out):
+    async def main():
+        admission = Admission(max_wait_s=10, max_in_flight=64, decode_threads=2)
+        batcher = DynamicBatcher(clf.runtime, max_crops=16)
+        pipeline = Pipeline(clf, batcher, admission, decode_threads=2, deadline_s=1e-6)
+        ticket = Ticket()
+        with pytest.raises(OverloadedError, match="deadline"):
+            await pipeline.explain(held_out[0][0], None, 8, ticket)  # 65 crops: 5 slices of at most 16
+        await asyncio.sleep(0.1)  # the slices cancelled after the first failure finish unwinding
+        batcher.close()
+        return pipeline.explain_budget, admission.pending_crops, ticket
+
+    budget, pending, ticket = asyncio.run(main())
+    assert budget.capacity == 32 and budget.in_use == 0 and budget.peak > 0
+    assert pending == 0 and ticket.crops == 0
 
 
 # --- the command line ----------------------------------------------------------------------

@@ -2,9 +2,14 @@
 
 A grid over the plain policy's crop (the center crop of ``none``); each cell in turn is covered
 with a neutral patch, the card's normalization mean as uint8, which the model sees as ~0 after
-its own normalization. The grid*grid occluded crops and the unoccluded one go through the model
-as one batch, and ``map[i][j] = p(label | original) - p(label | cell (i, j) covered)``: a large
-value is a part of the image the label depends on.
+its own normalization. The grid*grid occluded crops and the unoccluded one go through the model,
+and ``map[i][j] = p(label | original) - p(label | cell (i, j) covered)``: a large value is a
+part of the image the label depends on.
+
+The occluded crops are made on demand (:meth:`Occlusions.rows`), a slice at a time: a grid-16
+explanation of a 224 px model is 257 crops, 39 MB, and a server making them all at once for
+every request in flight holds that much per request (:mod:`sota_serve.serving.pipeline` bounds
+the crops alive at once).
 
 The functions here are pure (numpy in, numpy out); :meth:`sota_serve.classifier.Classifier.explain`
 runs them offline and :meth:`sota_serve.serving.pipeline.Pipeline.explain` through the server's
@@ -52,14 +57,32 @@ class Explanation(BaseModel):
 
 
 class Occlusions(NamedTuple):
-    """What the model runs for one explanation, and what the answer needs besides its output."""
+    """What the model runs for one explanation, and what the answer needs besides its output:
+    the crops to run are made from ``crop`` on demand (:meth:`rows`)."""
 
-    #: (grid*grid + 1, 3, H, W) uint8: the unoccluded crop, then cell (0, 0), (0, 1), ... covered
-    batch: np.ndarray
+    #: (1, 3, H, W) uint8: the unoccluded plain crop
+    crop: np.ndarray
+    #: (3,) uint8: the patch's pixel
+    fill: np.ndarray
     grid: int
     window: CropWindow
     #: the asked label's index; None: the unoccluded crop's top-1
     label: int | None
+
+    @property
+    def count(self) -> int:
+        """How many crops the model runs: grid*grid + 1."""
+        return self.grid * self.grid + 1
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Crops ``start``..``stop`` (exclusive) of :attr:`batch`, made now, as a new array."""
+        return occluded_rows(self.crop, self.grid, self.fill, start, stop)
+
+    @property
+    def batch(self) -> np.ndarray:
+        """(grid*grid + 1, 3, H, W) uint8: the unoccluded crop, then cell (0, 0), (0, 1), ...
+        covered; all of them at once (one image offline; a server runs :meth:`rows` slices)."""
+        return self.rows(0, self.count)
 
 
 def check_grid(grid: int) -> int:
@@ -95,15 +118,22 @@ def cell_edges(size: int, grid: int) -> list[int]:
 def occluded_batch(crop: np.ndarray, grid: int, fill: np.ndarray) -> np.ndarray:
     """(1, 3, H, W) uint8 -> (grid*grid + 1, 3, H, W): ``crop``, then ``crop`` with each cell
     in row-major order set to ``fill`` ((3,) uint8)."""
+    return occluded_rows(crop, grid, fill, 0, grid * grid + 1)
+
+
+def occluded_rows(crop: np.ndarray, grid: int, fill: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start``..``stop`` (exclusive) of :func:`occluded_batch`, without making the others."""
     if crop.ndim != 4 or crop.shape[0] != 1 or crop.dtype != np.uint8:
-        raise ValueError(f"occluded_batch takes one (1, 3, H, W) uint8 crop, got {crop.shape} {crop.dtype}")
+        raise ValueError(f"occluded crops are made from one (1, 3, H, W) uint8 crop, got {crop.shape} {crop.dtype}")
+    if not 0 <= start <= stop <= grid * grid + 1:
+        raise ValueError(f"rows {start}..{stop} are outside the {grid * grid + 1} crops of grid {grid}")
     _, _, height, width = crop.shape
     rows, cols = cell_edges(height, grid), cell_edges(width, grid)
-    batch = np.repeat(crop, grid * grid + 1, axis=0)
+    batch = np.repeat(crop, stop - start, axis=0)
     patch = fill.reshape(3, 1, 1)
-    for i in range(grid):
-        for j in range(grid):
-            batch[1 + i * grid + j, :, rows[i] : rows[i + 1], cols[j] : cols[j + 1]] = patch
+    for row in range(max(start, 1), stop):  # row 0 is the unoccluded crop
+        i, j = divmod(row - 1, grid)
+        batch[row - start, :, rows[i] : rows[i + 1], cols[j] : cols[j + 1]] = patch
     return batch
 
 
@@ -125,11 +155,12 @@ def crop_window(pre: Preprocessor, width: int, height: int) -> CropWindow:
 
 def occlusions(pre: Preprocessor, normalization: NormalizationSpec, data: bytes, *,
                grid: int, label: int | None) -> Occlusions:
-    """Decode ``data`` (at full scale, so the window is in the upload's own pixels), cut its
-    plain crop and build the occluded batch. Raises the image's typed error."""
+    """Decode ``data`` (at full scale, so the window is in the upload's own pixels) and cut its
+    plain crop; the occluded crops are made later, by :meth:`Occlusions.rows`. Raises the
+    image's typed error."""
     img = decode_image(data, limits=pre.limits, exif_transpose=pre.exif_transpose)
-    batch = occluded_batch(pre.plain(img), grid, neutral_pixel(normalization))
-    return Occlusions(batch, grid, crop_window(pre, img.width, img.height), label)
+    return Occlusions(pre.plain(img), neutral_pixel(normalization), grid, crop_window(pre, img.width, img.height),
+                      label)
 
 
 def explanation(model: str, labels: Sequence[str], occluded: Occlusions, probs: np.ndarray) -> Explanation:

@@ -22,6 +22,7 @@ from PIL import Image
 from sota_serve.classifier import Classifier, ranked_answers
 from sota_serve.errors import ImageError
 from sota_serve.explain import occlusion
+from sota_serve.explain.budget import CropBudget
 from sota_serve.image.decode import DecodeLimits
 from sota_serve.package.card import ModelCard
 from sota_serve.package.loading import ModelPackage
@@ -59,11 +60,16 @@ TTAObserver = Callable[[str, str], None]
 class Pipeline:
     def __init__(self, clf: Classifier, batcher: DynamicBatcher, admission: Admission, *,
                  decode_threads: int, deadline_s: float, tta_fallback: bool = False,
-                 tta_budget_s: float | None = None, on_tta: TTAObserver | None = None) -> None:
+                 tta_budget_s: float | None = None, on_tta: TTAObserver | None = None,
+                 explain_crops: int | None = None) -> None:
         """``tta_fallback``, ``tta_budget_s``: the TTA fallback ladder's defaults for requests
         that do not say (off; the budget: a share of admission's bound, as Settings.budget_s);
-        ``on_tta``: told each answer's policies."""
+        ``on_tta``: told each answer's policies; ``explain_crops``: the most occluded crops
+        that exist at once across all explanations (default: two plain batches per model
+        thread, one running and one ready)."""
         self.clf, self.batcher, self.admission, self.deadline_s = clf, batcher, admission, deadline_s
+        self._explain_crops = explain_crops
+        self._explain_budget: CropBudget | None = None
         self.ladder = Ladder(clf.card.tta.policies(), admission, enabled=tta_fallback,
                              budget_s=tta_budget_s or DEFAULT_BUDGET_SHARE * admission.max_wait_s,
                              accuracy=recorded_accuracy(clf.card))
@@ -71,6 +77,20 @@ class Pipeline:
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
         #: pillow or torchvision (Settings.decode), for the logs
         self.decode = "torchvision" if clf.device_preprocessor is not None else "pillow"
+
+    @property
+    def explain_budget(self) -> CropBudget:
+        """The occluded crops that may exist at once across all explanations: an explanation's
+        crops are made a slice (:attr:`explain_slice`) at a time within it, so that their memory
+        is bounded whatever the number of explanations in flight."""
+        if self._explain_budget is None:
+            self._explain_budget = CropBudget(self._explain_crops or 2 * self.batcher.model_threads * self.batcher.cap(1))
+        return self._explain_budget
+
+    @property
+    def explain_slice(self) -> int:
+        """Crops per slice: one plain device call's worth."""
+        return min(self.batcher.cap(1), self.explain_budget.capacity)
 
     @property
     def card(self) -> ModelCard:
@@ -172,6 +192,7 @@ class Pipeline:
                       ticket: Ticket | None = None) -> occlusion.Explanation:
         """The occlusion map of ``label`` (None: the top-1) over the plain crop of ``image``
         (:mod:`sota_serve.explain.occlusion`): decoded on the decode pool, its grid*grid + 1 crops
+        made a slice at a time within the server's crop budget (:attr:`explain_budget`) and
         batched as single crops with other requests' on the model threads. Raises
         BadRequestError (422) for a label the card lacks or a grid outside 2..16, and the
         image's typed error."""
@@ -181,18 +202,47 @@ class Pipeline:
         self.admission.charge(ticket, grid * grid + 1)
         try:
             try:
-                # not a sample of the decode cost admission learns: a full-scale decode and
-                # grid*grid copies of the crop
+                # not a sample of the decode cost admission learns: a full-scale decode
                 occluded = await asyncio.get_running_loop().run_in_executor(self.decode_pool, lambda: occlusion.occlusions(
                     self.clf.preprocessor, self.card.normalization, image, grid=grid, label=index))
             finally:
                 self.admission.decoded(ticket)
-            # "pixels": the queue of preprocessed single crops, which the OOD annotator has no
-            # detector for (an occluded crop is out of distribution by construction)
-            ranked = await self.batcher.submit(occluded.batch, 1, ticket.admitted_at + self.deadline_s, "pixels")
+            probs = await self._occluded_probs(occluded, ticket)
         finally:
             self.admission.computed(ticket)
-        return occlusion.explanation(self.card.tag, self.card.labels, occluded, ranked.probs)
+        return occlusion.explanation(self.card.tag, self.card.labels, occluded, probs)
+
+    async def _occluded_probs(self, occluded: occlusion.Occlusions, ticket: Ticket) -> np.ndarray:
+        """The (grid*grid + 1, C) probabilities of an explanation's crops, made and scored a
+        slice at a time: each slice is made only once the budget holds room for it and is freed
+        once scored. All slices are asked for at once (the budget serves the oldest request's
+        first), so one explanation alone still keeps every model thread busy."""
+        step = self.explain_slice
+        jobs = [asyncio.ensure_future(self._occluded_slice(occluded, start, min(start + step, occluded.count), ticket))
+                for start in range(0, occluded.count, step)]
+        try:
+            parts = await asyncio.gather(*jobs)
+        except BaseException:
+            for job in jobs:  # one slice failed (or the request went away): the others are not wanted
+                job.cancel()
+            raise
+        return np.concatenate(parts)
+
+    async def _occluded_slice(self, occluded: occlusion.Occlusions, start: int, stop: int, ticket: Ticket) -> np.ndarray:
+        await self.explain_budget.acquire(stop - start, (ticket.admitted_at, id(ticket), start))
+        try:
+            return await self._score_rows(occluded, start, stop, ticket.admitted_at + self.deadline_s)
+        finally:  # the slice's crops are gone once _score_rows has returned
+            self.explain_budget.release(stop - start)
+
+    async def _score_rows(self, occluded: occlusion.Occlusions, start: int, stop: int, deadline: float) -> np.ndarray:
+        # made on the decode pool: a slice is a copy of up to batch-size crops, which would hold
+        # the event loop (and its GIL) as long
+        crops = await asyncio.get_running_loop().run_in_executor(self.decode_pool, occluded.rows, start, stop)
+        # "pixels": the queue of preprocessed single crops, which the OOD annotator has no
+        # detector for (an occluded crop is out of distribution by construction)
+        ranked = await self.batcher.submit(crops, 1, deadline, "pixels")
+        return ranked.probs
 
     # --- stages ---------------------------------------------------------------------------
 
