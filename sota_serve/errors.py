@@ -92,3 +92,8 @@ class OverloadedError(SotaServeError):
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class BudgetExceededError(OverloadedError):
+    """A request with a strict latency budget (``tta_budget_strict``) that not even the
+    cheapest policy can answer within it: refused at once rather than answered late."""

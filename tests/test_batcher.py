@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sota_serve.classifier import Classifier
-from sota_serve.errors import BadRequestError, OverloadedError
+from sota_serve.errors import BadRequestError, BudgetExceededError, OverloadedError
 from sota_serve.http.errors import error_answer
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
@@ -260,6 +260,33 @@ def test_after_any_mix_of_dead_and_live_items_every_live_item_is_answered(runtim
     answers = _stall_mix(runtime, crops, mix)
     assert len(answers) == sum(state == "live" for _, state in mix)
     assert all(a.probs.shape == (1, 3) for a in answers)
+
+
+def test_a_strict_item_that_cannot_make_its_due_time_is_refused_at_dispatch_not_run(runtime, crops):
+    """Clockwork's rule: work that cannot meet its deadline is dropped before it runs. A
+    strict item waits behind a 0.3 s call; when it reaches the model its own call (0.3 s at
+    the measured tail) would end past its due time, so it is refused and never computed,
+    while a request without a strict budget in the same queue is answered."""
+    _, plain = crops
+    counting = CountingRuntime(runtime, delay_s=0.3)
+
+    async def main():
+        batcher = DynamicBatcher(counting, max_crops=1)  # one crop a call: each item its own call
+        batcher.profile.add(1, 0.3)
+        first = asyncio.ensure_future(batcher.submit(plain[:1], 1, time.monotonic() + 30))
+        await asyncio.sleep(0.05)
+        strict = asyncio.ensure_future(batcher.submit(plain[1:2], 1, time.monotonic() + 30, due=time.monotonic() + 0.4))
+        late = asyncio.ensure_future(batcher.submit(plain[2:3], 1, time.monotonic() + 30))
+        await first
+        with pytest.raises(BudgetExceededError, match="budget"):
+            await strict
+        answer = await late
+        batcher.close()
+        return answer
+
+    answer = _run(main())
+    np.testing.assert_allclose(answer.probs[0], runtime.predict(plain[2:3])[0], atol=1e-6)
+    assert [n for n, _ in counting.calls] == [1, 1]  # the first and the late one; never the strict one
 
 
 def test_a_failing_batch_fails_its_requests_only(runtime, crops):

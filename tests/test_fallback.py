@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sota_serve.classifier import Classifier
-from sota_serve.errors import BadRequestError, MalformedRequestError
+from sota_serve.errors import BadRequestError, BudgetExceededError, MalformedRequestError
 from sota_serve.package.card import ModelCard
 from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.serving.batcher import DynamicBatcher, Ewma
@@ -71,13 +71,63 @@ def test_the_served_policy_is_the_costliest_that_fits_the_budget(pending, served
     assert ladder.choose("five_crop", 1, Ticket(), None) == served
 
 
-def test_the_estimate_counts_the_images_the_model_threads_and_the_time_already_waited():
+def test_the_estimate_counts_the_images_the_queue_over_the_model_threads_and_the_time_already_waited():
     adm = _admission(0.1, 0, model_threads=2)
     ladder = Ladder(ALL, adm, enabled=True, budget_s=1.0)
-    assert ladder.choose("five_crop", 5, Ticket(), None) == "flip"  # 25 crops on 2 threads: 1.25 s; flip 0.5 s
-    assert ladder.choose("five_crop", 2, Ticket(), None) == "five_crop"  # 10 crops on 2 threads: 0.5 s
+    # A request's own crops run as one call on one thread: 5 images five-crop = 2.5 s, flip
+    # 1.0 s (plus the microseconds since it arrived), none 0.5 s.
+    assert ladder.choose("five_crop", 5, Ticket(), None) == "none"
+    assert ladder.choose("five_crop", 1, Ticket(), None) == "five_crop"  # 0.5 s
+    adm.pending_crops = 10  # the crops in flight drain over both threads: 0.5 s, then its own
+    assert ladder.choose("five_crop", 1, Ticket(), None) == "flip"  # five_crop 1.0 s + waited; flip 0.7 s
     held = Ticket(arrived_at=time.monotonic() - 0.85)  # held at the door 0.85 s already
-    assert ladder.choose("five_crop", 2, held, None) == "none"  # five_crop 1.35 s, flip 1.05 s, none 0.95 s
+    adm.pending_crops = 0
+    assert ladder.choose("five_crop", 1, held, None) == "none"  # five_crop 1.35 s, flip 1.05 s, none 0.95 s
+
+
+def test_the_estimate_reads_each_batch_sizes_tail_not_the_mean():
+    adm = _admission(0.01)
+    for _ in range(19):
+        adm.profile.add(5, 0.05)  # five-crop calls: usually 10 ms a crop
+    adm.profile.add(5, 1.0)  # and one in twenty slow: 200 ms a crop
+    for _ in range(20):
+        adm.profile.add(1, 0.02)  # single crops: 20 ms
+    assert adm.completion_s(5) == pytest.approx(1.0)  # the tail of 5-crop calls, not their mean
+    assert adm.completion_s(1) == pytest.approx(0.02)
+    ladder = Ladder(ALL, adm, enabled=True, budget_s=0.5)
+    # five-crop: 1.0 s at the tail (its mean, 0.06 s, said five_crop); flip, unmeasured, is read
+    # from the nearest smaller call's tail: 2 x 20 ms
+    assert ladder.choose("five_crop", 1, Ticket(), None) == "flip"
+
+
+def test_the_estimate_counts_the_requests_own_decode_behind_the_bytes_ahead():
+    adm = Admission(max_wait_s=10, max_in_flight=100, decode_threads=2, seconds_per_crop=Ewma(initial=0.01))
+    for _ in range(10):
+        adm.learn_decode(1000, 0.1)  # 100 us a byte
+    mine = adm.enter(3000)
+    adm.enter(4000)  # admitted before, not decoded yet: shared by the two decode threads
+    # 4000 bytes ahead over 2 threads (0.2 s), then its own 3000 on one thread (0.3 s), then 1 crop
+    assert adm.completion_s(1, mine.bytes) == pytest.approx(0.2 + 0.3 + 0.01)
+    ladder = Ladder(ALL, adm, enabled=True, budget_s=0.515)
+    assert ladder.choose("five_crop", 1, mine, None) == "none"  # five-crop 0.55 s, flip 0.52 s
+
+
+def test_a_strict_budget_refuses_at_once_when_not_even_none_fits():
+    busy = _admission(0.1, 100)  # 10 s of work in flight
+    ladder = Ladder(ALL, busy, enabled=True, budget_s=1.0)
+    assert ladder.choose("five_crop", 1, Ticket(), None) == "none"  # late, not refused
+    with pytest.raises(BudgetExceededError, match="tta_budget_strict") as e:
+        ladder.choose("five_crop", 1, Ticket(), FallbackAsk(strict=True))
+    assert e.value.http_status == 503 and e.value.retry_after_s == 10
+    strict = Ladder(ALL, busy, enabled=True, budget_s=1.0, strict=True)  # the server's default
+    with pytest.raises(BudgetExceededError):
+        strict.choose("five_crop", 1, Ticket(), None)
+    assert strict.choose("five_crop", 1, Ticket(), FallbackAsk(strict=False)) == "none"
+    arrived = Ticket()
+    assert strict.due(arrived) == pytest.approx(arrived.arrived_at + 1.0)
+    assert ladder.due(arrived) is None and strict.due(arrived, FallbackAsk(enabled=False)) is None
+    idle = Ladder(ALL, _admission(0.1), enabled=True, budget_s=1.0, strict=True)
+    assert idle.choose("five_crop", 1, Ticket(), None) == "five_crop"  # strict refuses only what cannot fit
 
 
 def test_off_by_default_and_the_request_decides_over_the_server():

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from sota_serve.errors import OverloadedError
 from sota_serve.serving.batcher import Ewma
+from sota_serve.serving.profile import LatencyProfile, RecentTail
 
 
 @dataclass
@@ -57,6 +58,10 @@ class Admission:
         self.model_threads = model_threads
         self.seconds_per_crop = seconds_per_crop or Ewma()
         self.seconds_per_byte = seconds_per_byte or Ewma()
+        #: the same costs at their recent tail, for a request's completion (:meth:`completion_s`):
+        #: per crop by batch size (fed by the batcher), per byte of decoding
+        self.profile = LatencyProfile()
+        self.byte_tail = RecentTail()
         self.in_flight = 0
         self.pending_bytes = 0  # admitted, not yet decoded
         self.pending_crops = 0  # queued for or running in the model
@@ -84,6 +89,25 @@ class Admission:
         decode = (self.seconds_per_byte.value or 0.0) * self.pending_bytes / max(1, self.decode_threads)
         model = (self.seconds_per_crop.value or 0.0) * (self.pending_crops + crops) / max(1, self.model_threads)
         return max(decode, model)
+
+    def completion_s(self, crops: int, own_bytes: int = 0) -> float:
+        """Seconds until a request whose ``own_bytes`` are admitted and not yet decoded, and
+        which is about to queue ``crops`` crops, has its answer, at the tail of the measured
+        costs (:mod:`sota_serve.serving.profile`), not their mean.
+
+        Its images are decoded once the bytes ahead of them are (shared by the decode
+        threads), its own on one thread each; meanwhile the crops in flight drain over the
+        model threads; then its own crops run as one device call on one model thread, which
+        the other threads do not shorten.
+        """
+        per_byte = self.byte_tail.value or self.seconds_per_byte.value or 0.0
+        ahead = max(0, self.pending_bytes - own_bytes)
+        decoded = per_byte * (ahead / max(1, self.decode_threads) + own_bytes)
+        mean_per_crop = self.seconds_per_crop.value or 0.0
+        per_crop = self.profile.per_crop_s(self.pending_crops) or mean_per_crop
+        drained = per_crop * self.pending_crops / max(1, self.model_threads)
+        own = self.profile.run_s(crops) if crops else 0.0
+        return max(decoded, drained) + (own if own is not None else mean_per_crop * crops)
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self.drain_s()))
@@ -201,3 +225,4 @@ class Admission:
         """One image of ``nbytes`` took ``seconds`` of one decode thread."""
         with self._lock:
             self.seconds_per_byte.add(seconds / max(1, nbytes))
+        self.byte_tail.add(seconds / max(1, nbytes))

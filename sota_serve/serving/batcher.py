@@ -40,10 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from sota_serve.errors import OverloadedError
+from sota_serve.errors import BudgetExceededError, OverloadedError
 from sota_serve.image.device_preprocess import concat_rows
 from sota_serve.predictions import Ranked, rank_rows
 from sota_serve.runtime.base import Runtime
+from sota_serve.serving.profile import LatencyProfile
 
 log = logging.getLogger("sota_serve.batcher")
 
@@ -67,6 +68,8 @@ class _Item:
     deadline: float  # time.monotonic()
     future: asyncio.Future[Ranked]
     queued_at: float = field(default_factory=time.monotonic)
+    #: a strict latency budget's end: past it the answer is not wanted (None: no such budget)
+    due: float | None = None
 
     @property
     def crops(self) -> int:
@@ -106,10 +109,14 @@ class Ewma:
 class DynamicBatcher:
     def __init__(self, runtime: Runtime, *, max_crops: int | Mapping[int, int],
                  observer: BatchObserver | None = None, seconds_per_crop: Ewma | None = None,
-                 model_threads: int = 1, annotate: Annotator | None = None) -> None:
+                 model_threads: int = 1, annotate: Annotator | None = None,
+                 profile: LatencyProfile | None = None) -> None:
         """``max_crops``: crops per device call, one figure or one per group size k.
         ``model_threads``: device calls that may run at once. ``annotate``: a per-image value
-        computed from each batch's crops on the model thread (the server's OOD check)."""
+        computed from each batch's crops on the model thread (the server's OOD check).
+        ``profile``: told every device call's size and time (admission's, for the tail of a
+        request's completion); it also decides at dispatch whether a strict item can still
+        make its due time."""
         caps = max_crops.values() if isinstance(max_crops, Mapping) else [max_crops]
         if min(caps) < 1:
             raise ValueError(f"max_crops must be >= 1, got {max_crops}")
@@ -123,23 +130,27 @@ class DynamicBatcher:
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self.seconds_per_crop = seconds_per_crop or Ewma()
+        self.profile = profile or LatencyProfile()
         self.batches = 0
 
     # --- caller side ----------------------------------------------------------------------
 
-    async def submit(self, crops: Any, k: int, deadline: float, policy: str = "") -> Ranked:
+    async def submit(self, crops: Any, k: int, deadline: float, policy: str = "", due: float | None = None) -> Ranked:
         """(n*k, 3, H, W) uint8, as one array or a list of them (each whole images) -> the n
         images' probabilities and rankings, computed in a shared batch with other requests
         of the same ``policy`` (the TTA policy, named to the annotator).
 
-        A request larger than ``max_crops`` is split on image boundaries.
+        A request larger than ``max_crops`` is split on image boundaries. ``due``: a strict
+        budget's end; a request that the batch it would join cannot finish by then, at the
+        tail of the measured call times, is refused (:class:`BudgetExceededError`) instead of
+        computed late.
         """
         self._ensure_running()
         step = max(k, self.cap(k) // k * k)
         loop = asyncio.get_running_loop()
         futures = []
         for run in _runs(crops if isinstance(crops, list) else [crops], step):
-            item = _Item(run, k, policy, deadline, loop.create_future())
+            item = _Item(run, k, policy, deadline, loop.create_future(), due=due)
             self._queues.setdefault((k, policy), deque()).append(item)
             futures.append(item.future)
         self._wakeup.set()
@@ -169,20 +180,35 @@ class DynamicBatcher:
         queue's live work: an empty answer means no queue holds a live item.
         """
         now = time.monotonic()
-        for queue in self._queues.values():
-            while queue and not self._alive(queue[0], now):
-                queue.popleft()
-        heads = [(q[0].queued_at, key) for key, q in self._queues.items() if q]
-        if not heads:
-            return []
-        _, key = min(heads)
-        queue, batch, crops, cap = self._queues[key], [], 0, self.cap(key[0])
-        while queue and (not batch or crops + queue[0].crops <= cap):
-            item = queue.popleft()
-            if self._alive(item, now):
-                batch.append(item)
-                crops += item.crops
-        return batch
+        while True:
+            for queue in self._queues.values():
+                while queue and not self._alive(queue[0], now):
+                    queue.popleft()
+            heads = [(q[0].queued_at, key) for key, q in self._queues.items() if q]
+            if not heads:
+                return []
+            _, key = min(heads)
+            queue, batch, crops, cap = self._queues[key], [], 0, self.cap(key[0])
+            while queue and (not batch or crops + queue[0].crops <= cap):
+                item = queue.popleft()
+                if self._alive(item, now) and self._in_time(item, crops + item.crops, now):
+                    batch.append(item)
+                    crops += item.crops
+            if batch:  # else every item taken was refused: choose again among what is left
+                return batch
+
+    def _in_time(self, item: _Item, batch_crops: int, now: float) -> bool:
+        """Whether a strict item, run in a call of ``batch_crops`` crops, is answered by its due
+        time; one that is not is refused here, before any model time is spent on it."""
+        if item.due is None:
+            return True
+        run_s = self.profile.run_s(batch_crops)
+        if run_s is None or now + run_s <= item.due:
+            return True
+        item.future.set_exception(BudgetExceededError(
+            f"refused before running: its answer would come about {now + run_s - item.due:.2f} s after its"
+            " budget (tta_budget_strict); the server is busy", retry_after_s=1))
+        return False
 
     @staticmethod
     def _alive(item: _Item, now: float) -> bool:
@@ -228,6 +254,7 @@ class DynamicBatcher:
             return
         elapsed = time.perf_counter() - started
         self.seconds_per_crop.add(elapsed / crops)
+        self.profile.add(crops, elapsed)
         self.batches += 1
         if self.observer:
             self.observer(k, crops // k, crops, elapsed)

@@ -10,11 +10,15 @@ The ladder steps down from the requested policy through the cheaper policies the
 (ten_crop -> five_crop -> flip -> none), leaving out a policy whose recorded accuracy a cheaper
 one matches (on the demo, flip's 95.6 % against none's 99.4 %: mirrored digits are not digits,
 so flip would cost twice none's work for a worse answer), and serves the first whose estimated completion fits
-the budget: the time since the request reached the door plus admission's estimate of how long
-its crops wait behind the work in flight (:meth:`Admission.wait_s`). When even ``none`` does not
-fit, ``none`` is served: only admission refuses work, and it does so at the door when the work
-in flight alone exceeds its bound, which no policy can fit. The decision is taken before the
-request's crops are charged, so admission accounts for the policy that runs.
+the budget: the time since the request reached the door plus admission's estimate of when its
+answer is ready at the tail of the measured costs (:meth:`Admission.completion_s`: its own
+decode behind the bytes ahead of it, the crops in flight, then its own crops as one device
+call). When even ``none`` does not fit, ``none`` is served, late; with a strict budget
+(``tta_budget_strict``) the request is refused at once instead (503 + Retry-After,
+:class:`BudgetExceededError`), and once more at dispatch if its crops can no longer be
+answered in time (the crops already cut for one policy cannot be served as another: each
+policy resizes the image to its own scale). The decision is taken before the request's crops
+are charged, so admission accounts for the policy that runs.
 
 Off by default (``SOTA_SERVE_TTA_FALLBACK``), so that an answer's ``tta`` is the one asked
 for unless someone chose otherwise; every answer names both (``tta``, ``requested_tta``).
@@ -26,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from sota_serve.errors import BadRequestError, MalformedRequestError
+from sota_serve.errors import BadRequestError, BudgetExceededError, MalformedRequestError
 from sota_serve.package.card import ModelCard, accuracy_key
 from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.tta import CROPS_PER_IMAGE
@@ -47,13 +51,17 @@ class FallbackAsk:
 
     enabled: bool | None = None
     budget_s: float | None = None
+    #: refuse (503) rather than answer after the budget
+    strict: bool | None = None
 
     @classmethod
-    def parse(cls, enabled: object = None, budget_s: object = None, *, where: str = "") -> FallbackAsk:
+    def parse(cls, enabled: object = None, budget_s: object = None, strict: object = None, *,
+              where: str = "") -> FallbackAsk:
         """From a form's or a v2 request's values (JSON values, or their text). Raises
         MalformedRequestError (400) for a value of the wrong kind, BadRequestError (422) for a
         budget out of range; ``where`` prefixes the field names (``parameter `` for v2)."""
-        return cls(_flag(enabled, f"{where}tta_fallback"), _budget(budget_s, f"{where}tta_budget_s"))
+        return cls(_flag(enabled, f"{where}tta_fallback"), _budget(budget_s, f"{where}tta_budget_s"),
+                   _flag(strict, f"{where}tta_budget_strict"))
 
 
 def _flag(value: object, name: str) -> bool | None:
@@ -93,10 +101,11 @@ class Ladder:
     """Chooses the policy a request is served with; one per worker, beside admission."""
 
     def __init__(self, policies: tuple[str, ...], admission: Admission, *, enabled: bool, budget_s: float,
-                 accuracy: dict[str, float] | None = None) -> None:
-        """``policies``: the card's (any order); ``enabled``/``budget_s``: the server's defaults;
-        ``accuracy``: each policy's recorded accuracy, where known (:func:`recorded_accuracy`)."""
-        self.admission, self.enabled, self.budget_s = admission, enabled, budget_s
+                 accuracy: dict[str, float] | None = None, strict: bool = False) -> None:
+        """``policies``: the card's (any order); ``enabled``/``budget_s``/``strict``: the
+        server's defaults; ``accuracy``: each policy's recorded accuracy, where known
+        (:func:`recorded_accuracy`)."""
+        self.admission, self.enabled, self.budget_s, self.strict = admission, enabled, budget_s, strict
         self.accuracy = accuracy or {}
         #: costliest first: the order the ladder steps down in
         self.rungs = tuple(sorted(policies, key=lambda p: -CROPS_PER_IMAGE[p]))
@@ -113,7 +122,8 @@ class Ladder:
         return mine is not None and any(self.accuracy.get(q, -1.0) >= mine for q in cheaper)
 
     def choose(self, requested: str, images: int, ticket: Ticket, ask: FallbackAsk | None = None) -> str:
-        """The policy to serve ``images`` images of a request that asked for ``requested``."""
+        """The policy to serve ``images`` images of a request that asked for ``requested``.
+        Raises :class:`BudgetExceededError` when the budget is strict and no policy fits."""
         ask = ask or FallbackAsk()
         if not (self.enabled if ask.enabled is None else ask.enabled):
             return requested
@@ -121,6 +131,23 @@ class Ladder:
         waited = time.monotonic() - ticket.arrived_at
         steps = self.steps(requested)
         for policy in steps:
-            if waited + self.admission.wait_s(images * CROPS_PER_IMAGE[policy]) <= budget:
+            if waited + self.admission.completion_s(images * CROPS_PER_IMAGE[policy], ticket.bytes) <= budget:
                 return policy
+        if self._strict(ask):
+            raise BudgetExceededError(
+                f"not even tta 'none' can be answered within the {budget:g} s budget now (about"
+                f" {waited + self.admission.completion_s(images, ticket.bytes):.2f} s); refused at once"
+                " because the budget is strict (tta_budget_strict)",
+                retry_after_s=self.admission.retry_after())
         return steps[-1]
+
+    def due(self, ticket: Ticket, ask: FallbackAsk | None = None) -> float | None:
+        """When a strict request's answer stops being wanted (``time.monotonic()``), for the
+        batcher's check at dispatch; None for a request that takes a late answer."""
+        ask = ask or FallbackAsk()
+        if not ((self.enabled if ask.enabled is None else ask.enabled) and self._strict(ask)):
+            return None
+        return ticket.arrived_at + (self.budget_s if ask.budget_s is None else ask.budget_s)
+
+    def _strict(self, ask: FallbackAsk) -> bool:
+        return self.strict if ask.strict is None else ask.strict
