@@ -152,3 +152,68 @@ def test_onnx_serving_imports_no_torch(tiny_package, photos):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_package_is_moved_into_place_whole_or_not_at_all(tmp_path):
+    """training.staging: what a run writes appears at ``out`` when the run completes; a run
+    stopped part-way (Ctrl-C, an error) leaves ``out`` as it was and nothing beside it."""
+    from training.staging import DestinationError, staged
+
+    out = tmp_path / "packages" / "pkg"
+    with pytest.raises(KeyboardInterrupt), staged(out) as staging:
+        assert staging.parent == out.parent and staging.name.startswith(".pkg.")
+        (staging / "model.onnx").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert list(out.parent.iterdir()) == []
+
+    with staged(out) as staging:
+        (staging / "model.onnx").write_bytes(b"new model")
+        (staging / "card.json").write_text("{}")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pkg"]
+    assert (out / "model.onnx").read_bytes() == b"new model"
+
+    (out / "notes.txt").write_text("mine")  # an existing package: its own files replaced, others kept
+    with pytest.raises(ValueError), staged(out) as staging:
+        (staging / "model.onnx").write_bytes(b"half")
+        raise ValueError("an error part-way")
+    assert (out / "model.onnx").read_bytes() == b"new model"
+    with staged(out) as staging:
+        (staging / "model.onnx").write_bytes(b"newer model")
+        (staging / "card.json").write_text('{"v": 2}')
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pkg"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
+        "model.onnx": b"newer model", "card.json": b'{"v": 2}', "notes.txt": b"mine"}
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DestinationError, match="not a folder"), staged(tmp_path / "file"):
+        pass
+
+
+def test_the_exporters_chatter_is_hidden_during_an_export_only(caplog):
+    """training.quiet: INFO and WARNING records and warnings of torch.onnx, onnxscript and
+    onnx_ir are dropped within quiet_export; ERROR records still show, and afterwards all do."""
+    import logging
+    import warnings
+
+    from training.quiet import EXPORT_LOGGERS, quiet_export
+
+    caplog.set_level(logging.INFO)
+    before = [logging.getLogger(n).level for n in EXPORT_LOGGERS]
+    chatty = logging.getLogger("onnx_ir.passes.common.unused_removal")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")  # where quiet_export is not, every warning shows
+        with quiet_export():
+            chatty.info("Removed 200 unused nodes")
+            logging.getLogger("onnxscript.optimizer").warning("Skipping constant folding")
+            logging.getLogger("torch.onnx._internal.exporter").info("Obtain model graph")
+            exec(compile("import warnings; warnings.warn('a pass warns')", "onnxscript/x.py", "exec"),
+                 {"__name__": "onnxscript.rewriter"})
+            logging.getLogger("onnxscript").error("a real error")
+            logging.getLogger("sota_serve.training").info("our own line")
+            warnings.warn("a warning of our own", UserWarning, stacklevel=1)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("onnxscript", "a real error"), ("sota_serve.training", "our own line")]
+    assert [str(w.message) for w in shown] == ["a warning of our own"]
+    assert [logging.getLogger(n).level for n in EXPORT_LOGGERS] == before
+    chatty.info("Removed 3 unused nodes")
+    assert caplog.records[-1].getMessage() == "Removed 3 unused nodes"

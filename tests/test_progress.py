@@ -38,3 +38,22 @@ def test_quantize_says_the_calibration_and_the_agreement(tiny_package, digit_fil
     err = capsys.readouterr().err.splitlines()
     assert err == ["int8 calibration: onnx on 20 images ...",
                    "int8 agreement with fp32 on 20 held-out calibration images (cpu) ..."]
+
+
+def test_a_pacer_says_at_most_once_per_interval_and_nothing_off_a_terminal(capsys):
+    import time
+
+    from sota_serve.progress import Pacer
+
+    off = Pacer(0.0, enabled=False)
+    assert not any(off.due() for _ in range(5))
+    assert not Pacer(0.0).enabled  # stderr is captured here: not a terminal
+    on = Pacer(0.2, enabled=True)
+    assert not on.due()  # the first line comes one interval in, not at once
+    time.sleep(0.25)
+    assert on.due() and not on.due()  # then once per interval
+    assert on.elapsed >= 0.25
+    on.restart()
+    assert on.elapsed < 0.2 and not on.due()
+    on.say("epoch 1 (stage 1, 48px): batch 3/23, loss 1.2345, 10s")
+    assert capsys.readouterr().err == "epoch 1 (stage 1, 48px): batch 3/23, loss 1.2345, 10s\n"

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow
 TINY_STAGES = "24:1:32:1e-2,32:1:32:5e-3"
 
 
-def _train(folder: Path, out: Path, *extra: str) -> dict:
-    assert cli(["train", "--data", str(folder), "--arch", "xresnet18", "--stages", TINY_STAGES,
+def _train(folder: Path, out: Path, *extra: str, stages: str = TINY_STAGES) -> dict:
+    assert cli(["train", "--data", str(folder), "--arch", "xresnet18", "--stages", stages,
                 "--mixup", "0.2", "--label-smoothing", "0.1", "--name", "tiny-digits", "--out", str(out),
                 *extra]) == 0
     return json.loads((out / "card.json").read_text())
@@ -138,10 +138,13 @@ def test_photos_sent_to_a_digit_model_are_flagged_out_of_distribution(trained, s
     assert result.ood.out_of_distribution and result.ood.distance > result.ood.threshold
 
 
-def test_dataset_stats_are_measured_on_the_training_images(small_digits_folder, tmp_path):
+def test_dataset_stats_are_measured_on_the_training_images(small_digits_folder, tmp_path, capsys):
     from torchvision.transforms import v2
 
-    card = _train(small_digits_folder, tmp_path / "pkg", "--normalization", "dataset")
+    # one stage at the final size and no int8 file: the stats are all this test reads
+    card = _train(small_digits_folder, tmp_path / "pkg", "--normalization", "dataset", "--no-int8",
+                  stages="32:1:32:1e-2")
+    assert "batch" not in capsys.readouterr().err  # not on a terminal: no lines within an epoch
     pixels = []
     for path in sorted((small_digits_folder / "train").rglob("*.png")):
         img = v2.CenterCrop(32)(v2.Resize(32)(Image.open(path).convert("RGB")))
@@ -164,7 +167,7 @@ def test_imagenette_preset_on_a_local_folder_with_its_layout(tmp_path):
                for w, d in wnids.items()}
     folder = make_image_folder(tmp_path / "imagenette2-320", classes, valid_name="val")
     recipe = load_recipe(preset="imagenette", overrides={
-        "data": str(folder), "arch": "xresnet18",
+        "data": str(folder), "arch": "xresnet18", "int8": False,
         "stages": [{"size": 32, "epochs": 1, "batch_size": 16, "lr": 1e-2}]})
     assert recipe.normalization == "imagenet" and recipe.label_smoothing == 0.1
     card = train_package(recipe, tmp_path / "pkg").to_dict()
@@ -272,11 +275,21 @@ def test_tta_default_needs_a_gain_above_the_noise():
 
 
 def test_a_model_trained_without_a_name_is_named_after_its_folder_and_each_step_is_said(
-        small_digits_folder, tmp_path, capsys):
+        small_digits_folder, tmp_path, capsys, caplog, monkeypatch):
     """``train --data "My Digits"``: the model is ``my-digits``, not ``model``; after the
-    training, each evaluation and export step says so on stderr."""
+    training, each evaluation and export step says so on stderr. On a terminal (forced here,
+    with a line per batch instead of one every 10 s), each epoch says how far it is; the
+    exporters' own INFO and WARNING records stay out of the log."""
+    import logging
+    import re
     import shutil
 
+    import training.train
+    from training.quiet import EXPORT_LOGGERS
+
+    monkeypatch.setattr(training.train, "interactive", lambda: True)
+    monkeypatch.setattr(training.train, "PROGRESS_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO)
     folder = tmp_path / "My Digits"
     shutil.copytree(small_digits_folder, folder)
     out = tmp_path / "pkg"
@@ -284,6 +297,22 @@ def test_a_model_trained_without_a_name_is_named_after_its_folder_and_each_step_
     card = json.loads((out / "card.json").read_text())
     assert card["name"] == "my-digits" and card["training"]["recipe"]["name"] == "my-digits"
     said = capsys.readouterr()
+    line = re.compile(r"epoch (\d) \(stage (\d), (\d+)px\): (batch|validation batch) (\d+)/(\d+)(, loss \d+\.\d{4})?, \d+s")
+    lines = said.err.splitlines()
+    progress = [m.groups() for m in map(line.fullmatch, lines) if m]
+    # 108 training images in batches of 32 (the last, short one dropped), 36 validation images
+    assert {(e, s, px, phase, n) for e, s, px, phase, _, n, _ in progress} == {
+        ("1", "1", "24", "batch", "3"), ("1", "1", "24", "validation batch", "2"),
+        ("2", "2", "32", "batch", "3"), ("2", "2", "32", "validation batch", "2"),
+        ("3", "2", "32", "batch", "3"), ("3", "2", "32", "validation batch", "2")}, said.err
+    assert all((loss is not None) == (phase == "batch") for _, _, _, phase, _, _, loss in progress)
+    last = max(i for i, text in enumerate(lines) if line.fullmatch(text))
+    assert last < lines.index("fastai evaluation on 36 validation images ...")  # evaluation: silent
+    chatter = [r for r in caplog.records if r.levelno < logging.ERROR
+               and any(r.name == n or r.name.startswith(n + ".") for n in EXPORT_LOGGERS)]
+    assert not chatter, [f"{r.name}: {r.getMessage()}" for r in chatter]
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "sota_serve.training"][:2] == [
+        "dataset My Digits: 108 train, 36 valid images, 3 classes", "epoch 1"]
     assert f"({card['name']}:" in said.out  # the summary's tag
     steps = [line.removesuffix(" ...") for line in said.err.splitlines() if line.endswith(" ...")]
     want = ["fastai evaluation on 36 validation images", "export onnx fp32", "export torchscript fp32",
@@ -294,3 +323,35 @@ def test_a_model_trained_without_a_name_is_named_after_its_folder_and_each_step_
     assert None not in at and at == sorted(at), steps
     tta = [s for s in steps[at[5]:at[6]] if s.startswith("evaluate tta ")]  # the edge search, then each policy
     assert {s.split()[2] for s in tta} == {"none", "flip", "five_crop", "ten_crop"}, steps
+
+
+def test_ctrl_c_says_so_in_one_line_and_leaves_the_destination_as_it_was(small_digits_folder, tmp_path):
+    """SIGINT to a real ``sota-serve train`` while it writes the package (its first export):
+    one line, exit status 130 as a shell reports Ctrl-C, no traceback; the destination holds
+    what it held before, and no partial folder is left beside it."""
+    import signal
+
+    out = tmp_path / "packages" / "pkg"
+    out.mkdir(parents=True)
+    (out / "card.json").write_text('{"old": true}')
+    # Python's own SIGINT handler, as a command started from a terminal has it (a job that a
+    # shell starts in the background inherits SIGINT ignored, and Python then leaves it so)
+    code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from sota_serve.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "train", "--data", str(small_digits_folder), "--stages", "24:1:32:1e-2",
+         "--no-int8", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    before = []
+    for line in proc.stderr:  # the package is being written from the first export on
+        before.append(line)
+        if line.startswith("export onnx fp32"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, after = proc.communicate(timeout=300)
+    err = "".join(before) + after
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and after.strip().splitlines() == [
+        f"sota-serve train: interrupted; nothing was written to {out}"], err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pkg"]  # no partial folder beside it
+    assert [p.name for p in out.iterdir()] == ["card.json"] and (out / "card.json").read_text() == '{"old": true}'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,8 +18,21 @@ DEMO_NAME = "sota-demo"
 DEMO_DIR = Path("packages") / DEMO_NAME
 
 
+#: The exit status of a command stopped by Ctrl-C, as a shell reports it (128 + SIGINT).
+INTERRUPTED = 130
+
+
 class EnsembleArgumentError(SotaServeError, ValueError):
     """``train --seeds/--ensemble`` asked for something impossible."""
+
+
+def _interrupted(command: str, out: Path | None, note: str = "") -> int:
+    """Ctrl-C: one line instead of the traceback of wherever training was. The package is
+    written into a hidden folder and moved into place once complete (training.staging), so
+    the destination is as it was."""
+    where = f" to {out}" if out is not None else ""
+    print(f"sota-serve {command}: interrupted; nothing was written{where}{note}", file=sys.stderr, flush=True)
+    return INTERRUPTED
 
 
 def _logging() -> None:
@@ -46,6 +60,16 @@ def _precisions(card: ModelCard) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    writing: list[Path | None] = [None]  # the package being written, for the Ctrl-C line
+    done: list[Path] = []
+    try:
+        return _train_packages(args, writing, done)
+    except KeyboardInterrupt:
+        kept = f" ({', '.join(map(str, done))} complete)" if done else ""
+        return _interrupted("train", writing[0], kept)
+
+
+def _train_packages(args: argparse.Namespace, writing: list[Path | None], done: list[Path]) -> int:
     from training.pipeline import train_package
     from training.recipe import load_recipe, parse_stages
 
@@ -65,30 +89,34 @@ def _train(args: argparse.Namespace) -> int:
     if args.seeds < 1 or (args.ensemble and args.seeds < 2):
         raise EnsembleArgumentError("--seeds must be >= 1, and >= 2 with --ensemble")
     if args.seeds == 1:
+        writing[0] = out
         _summary(train_package(recipe, out), out)
         return 0
-    members = []
     for seed in range(recipe.seed, recipe.seed + args.seeds):  # one package per seed, beside `out`
-        member = out.with_name(f"{out.name}-seed{seed}")
+        member = writing[0] = out.with_name(f"{out.name}-seed{seed}")
         seeded = recipe.model_copy(update={"seed": seed, "name": f"{recipe.name}-seed{seed}"})
         _summary(train_package(seeded, member), member)
-        members.append(member)
+        done.append(member)
     if args.ensemble:
         from training.ensemble import ensemble_packages
 
-        card = ensemble_packages(members, out, name=recipe.name, data=recipe.data, int8=recipe.int8,
+        writing[0] = out
+        card = ensemble_packages(done, out, name=recipe.name, data=recipe.data, int8=recipe.int8,
                                  seed=recipe.seed)
         _ensemble_summary(card, out)
     return 0
 
 
 def _ensemble(args: argparse.Namespace) -> int:
-    from training.ensemble import ensemble_packages
+    try:
+        from training.ensemble import ensemble_packages
 
-    _logging()
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    card = ensemble_packages(args.packages, args.out, weights=weights, name=args.name, data=args.data,
-                             int8=False if args.no_int8 else None)
+        _logging()
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+        card = ensemble_packages(args.packages, args.out, weights=weights, name=args.name, data=args.data,
+                                 int8=False if args.no_int8 else None)
+    except KeyboardInterrupt:
+        return _interrupted("ensemble", Path(args.out))
     _ensemble_summary(card, Path(args.out))
     return 0
 
@@ -108,27 +136,38 @@ def _ensemble_summary(card: ModelCard, out: Path) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from training.pipeline import train_package
-    from training.recipe import load_recipe
-
-    _logging()
     out = Path(args.out)
-    card = train_package(load_recipe(preset="digits"), out)
+    try:
+        from training.pipeline import train_package
+        from training.recipe import load_recipe
+
+        _logging()
+        card = train_package(load_recipe(preset="digits"), out)
+    except KeyboardInterrupt:
+        return _interrupted("demo", out)
     _summary(card, out)
     if not args.no_import:
         from sota_serve.cli import main as sota_serve
 
         # Through the CLI's `import` command (the serving part's), so training never imports it.
-        return sota_serve(["import", str(out), "--name", args.name])
+        try:
+            return sota_serve(["import", str(out), "--name", args.name])
+        except KeyboardInterrupt:
+            print(f"sota-serve demo: interrupted; {out} is complete but was not imported (sota-serve"
+                  f" import {out} --name {args.name})", file=sys.stderr, flush=True)
+            return INTERRUPTED
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from training.convert import convert_learner
+    try:
+        from training.convert import convert_learner
 
-    _logging()
-    card = convert_learner(args.learner, args.out, trust=args.trust, name=args.name, fp16=args.fp16,
-                           calibration=args.calibration)
+        _logging()
+        card = convert_learner(args.learner, args.out, trust=args.trust, name=args.name, fp16=args.fp16,
+                               calibration=args.calibration)
+    except KeyboardInterrupt:
+        return _interrupted("export", Path(args.out))
     _summary(card, Path(args.out))
     return 0
 

@@ -18,6 +18,8 @@ from sota_serve.building.export import export_package
 from sota_serve.constants import IMAGENET_MEAN, IMAGENET_STD
 from sota_serve.errors import SotaServeError
 from sota_serve.package.card import ModelCard, classifier_card
+from training.quiet import quiet_export
+from training.staging import check_destination, staged
 
 log = logging.getLogger("sota_serve.training")
 
@@ -93,6 +95,7 @@ def convert_learner(pkl: str | Path, out_dir: str | Path, *, trust: bool, name: 
         )
     from fastai.learner import load_learner
 
+    out = check_destination(out_dir)
     learn = load_learner(pkl, cpu=True)
     activation = getattr(learn.loss_func, "activation", None)
     if activation is None or "sigmoid" in getattr(activation, "__name__", ""):
@@ -107,4 +110,5 @@ def convert_learner(pkl: str | Path, out_dir: str | Path, *, trust: bool, name: 
     )
     model = learn.model.float().cpu().eval()
     crops = calibration_folder(calibration, card) if calibration is not None else None
-    return export_package(model, card, out_dir, fp16=fp16, int8=crops is not None, calibration=crops)
+    with staged(out) as staging, quiet_export():  # the package whole, or nothing
+        return export_package(model, card, staging, fp16=fp16, int8=crops is not None, calibration=crops)

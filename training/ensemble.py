@@ -13,6 +13,8 @@ from sota_serve.building.quantize import add_int8
 from sota_serve.package.card import ModelCard
 from sota_serve.package.loading import open_package
 from training.datasets import resolve_dataset
+from training.quiet import quiet_export
+from training.staging import staged
 
 
 def validation_set(data: str, labels: Sequence[str]) -> Validation:
@@ -42,10 +44,13 @@ def ensemble_packages(paths: Sequence[str | Path], out: str | Path, *, weights: 
         raise EnsembleError("an int8 ensemble needs --data: its training images set the int8 ranges")
     members = [open_package(p) for p in paths]  # opened (and their hashes checked) once
     validation = validation_set(data, members[0].card.labels) if data else None
-    card = build_ensemble(members, out, weights=weights, name=name, validation=validation)
     if int8 is None:
         int8 = data is not None and all(any("int8" in m.precisions(b) for b in m.backends) for m in members)
-    if not int8:
-        return card
-    assert data is not None and validation is not None  # int8 without data was refused above
-    return add_int8(out, resolve_dataset(data).files("train"), seed=seed, check_images=validation.files)
+    with staged(out) as staging:  # the package whole, or nothing
+        with quiet_export():
+            card = build_ensemble(members, staging, weights=weights, name=name, validation=validation)
+        if int8:
+            assert data is not None and validation is not None  # int8 without data was refused above
+            card = add_int8(staging, resolve_dataset(data).files("train"), seed=seed,
+                            check_images=validation.files)
+    return card

@@ -31,10 +31,12 @@ from training.evaluate import (
     package_probs,
     parity,
 )
+from training.quiet import quiet_export
 from training.recipe import Recipe
 from training.report import confusion_matrix_plot, lr_find_plot, training_curve
+from training.staging import check_destination, staged
 from training.stats import recipe_stats
-from training.train import export_model, train
+from training.train import TrainResult, export_model, train
 from training.weights import SourceWeights, WeightsError, read_weights
 
 log = logging.getLogger("sota_serve.training")
@@ -60,7 +62,9 @@ def _versions() -> dict[str, str]:
 
 
 def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
-    out = Path(out_dir)
+    """Train, evaluate and export ``recipe`` into the package ``out_dir``, which is written
+    whole or not at all (:func:`training.staging.staged`)."""
+    out = check_destination(out_dir)
     folder = resolve_dataset(recipe.data)
     train_files, valid_files = folder.files("train"), folder.files("valid")
     log.info("dataset %s: %d train, %d valid images, %d classes", folder.name,
@@ -74,6 +78,21 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
                                  edge=recipe.resize_edge, sample=recipe.stats_sample, seed=recipe.seed)
     result = train(recipe, folder, mean, std, weights)
     log.info("trained in %.1fs on %s; evaluating", result.seconds, result.device)
+    with staged(out) as staging:
+        card = _evaluate_and_write(recipe, folder, weights, result, mean, std, staging, out)
+    if card.parity.top1_agreement < MIN_PARITY:
+        raise ParityError(
+            f"the package agrees with fastai on only {100 * card.parity.top1_agreement:.2f}% of"
+            f" validation images (need {100 * MIN_PARITY:.0f}%); it was written to {out} for"
+            " inspection but must not be served"
+        )
+    return card
+
+
+def _evaluate_and_write(recipe: Recipe, folder: ImageFolder, weights: SourceWeights | None,
+                        result: TrainResult, mean, std, out: Path, destination: Path) -> ModelCard:
+    """Everything after training, written into ``out``; ``destination`` is where it goes."""
+    train_files = folder.files("train")
     step(f"fastai evaluation on {len(result.learn.dls.valid.items)} validation images")
     fa = fastai_eval(result.learn)
     valid_items = [Path(p) for p in result.learn.dls.valid.items]  # the order of get_preds
@@ -85,8 +104,9 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     # int8 ranges from a seeded sample of the training images
     calibration = (crops(pre, sample(train_files, CALIBRATION_IMAGES, seed=recipe.seed))
                    if recipe.int8 else None)
-    graphs = export_graphs(export_model(result.learn), card, out, check_inputs=check, fp16=recipe.fp16,
-                           int8=recipe.int8, calibration=calibration)
+    with quiet_export():
+        graphs = export_graphs(export_model(result.learn), card, out, check_inputs=check, fp16=recipe.fp16,
+                               int8=recipe.int8, calibration=calibration)
 
     # Evaluate the exported files before their card is final: the TTA edges, the default
     # policy and the OOD fit measured here are part of what the files embed.
@@ -106,7 +126,7 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     int8 = (measure(draft, valid_items, "int8", device="cpu", source="validation",
                     known={formats.DEFAULT: served}) if recipe.int8 else None)
 
-    step(f"write the package to {out}")
+    step(f"write the package to {destination}")
     figures = {
         "training_curve": training_curve(result.history, out / "training_curve.png").name,
         "confusion_matrix": confusion_matrix_plot(
@@ -114,7 +134,7 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
     }
     if result.lr_finds:
         figures["lr_find"] = lr_find_plot(result.lr_finds, out / "lr_find.png").name
-    card = write_package(out, card.with_updates(
+    return write_package(out, card.with_updates(
         tta=tta.card_tta(),
         ood=ood,
         export=graphs.record,
@@ -155,13 +175,6 @@ def train_package(recipe: Recipe, out_dir: str | Path) -> ModelCard:
             " pixel statistics are unlike the training images'."
         ),
     ), graphs.files)
-    if agreement.top1_agreement < MIN_PARITY:
-        raise ParityError(
-            f"the package agrees with fastai on only {100 * agreement.top1_agreement:.2f}% of"
-            f" validation images (need {100 * MIN_PARITY:.0f}%); it was written to {out} for"
-            " inspection but must not be served"
-        )
-    return card
 
 
 def _resolve_normalization(recipe: Recipe, weights: SourceWeights | None) -> Recipe:

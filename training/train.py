@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,13 +13,14 @@ import fastai.callback.schedule  # noqa: F401  (patches fit_one_cycle / fine_tun
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
+from fastai.callback.schedule import LRFinder
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropy
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed, trainable_params
 from fastai.vision.models.xresnet import xresnet18, xresnet34, xresnet50
 
-from sota_serve.progress import interactive
+from sota_serve.progress import Pacer, interactive
 from training.dataloaders import make_dataloaders
 from training.datasets import ImageFolder
 from training.recipe import Recipe
@@ -29,6 +29,10 @@ from training.weights import SourceWeights, head_splitter, load_into
 log = logging.getLogger("sota_serve.training")
 
 _XRESNETS = {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}
+
+#: Seconds between progress lines within an epoch, on a terminal: an epoch takes half a minute
+#: on an idle 2-core machine for the demo, and several on a loaded one.
+PROGRESS_EVERY_S = 10.0
 
 
 def build_model(arch: str, n_out: int) -> torch.nn.Module:
@@ -97,6 +101,33 @@ class History(Callback):
         )
 
 
+class EpochProgress(Callback):
+    """On a terminal, a line every ``every`` seconds within an epoch (or an lr_find run): the
+    batch, the smoothed training loss, the seconds since the epoch began. Off a terminal,
+    nothing: History's epoch lines are what a log keeps. Silent in the evaluation's get_preds,
+    validate and tta, which fire batch events too."""
+
+    order = 61  # after Recorder (its smoothed loss) and History (the epoch's number)
+
+    def __init__(self, every: float, *, enabled: bool) -> None:
+        self.pacer = Pacer(every, enabled=enabled)
+
+    def before_epoch(self) -> None:
+        self.pacer.restart()
+
+    def after_batch(self) -> None:
+        history: History = self.learn.history  # type: ignore[attr-defined]
+        finding = any(isinstance(cb, LRFinder) for cb in self.learn.cbs)
+        if not (history.recording or finding) or not self.pacer.due():
+            return
+        where = f"stage {history.stage}, {history.size}px"
+        what = f"lr_find ({where})" if finding else f"epoch {len(history.rows) + 1} ({where})"
+        phase = "batch" if self.learn.training else "validation batch"
+        loss = f", loss {float(self.learn.recorder.smooth_loss.value):.4f}" if self.learn.training else ""
+        self.pacer.say(f"{what}: {phase} {self.learn.iter + 1}/{self.learn.n_iter}{loss},"
+                       f" {self.pacer.elapsed:.0f}s")
+
+
 @dataclass
 class TrainResult:
     learn: Learner
@@ -137,7 +168,7 @@ def train(recipe: Recipe, folder: ImageFolder, mean, std, weights: SourceWeights
     set_seed(recipe.seed, reproducible=True)
     loss = (LabelSmoothingCrossEntropy(eps=recipe.label_smoothing) if recipe.label_smoothing
             else CrossEntropyLossFlat())
-    cbs: list[Callback] = [History()]
+    cbs: list[Callback] = [History(), EpochProgress(PROGRESS_EVERY_S, enabled=interactive())]
     if recipe.mixup:
         cbs.append(MixUp(recipe.mixup))
     dls = _dls(recipe, folder, 0, mean, std, device)
@@ -155,10 +186,9 @@ def train(recipe: Recipe, folder: ImageFolder, mean, std, weights: SourceWeights
         learn.add_cb(ChannelsLast())
     history: History = learn.history  # type: ignore[attr-defined]
     start = time.perf_counter()
-    with ExitStack() as quiet:
-        if not interactive():  # fastai's bars and tables only on a terminal
-            quiet.enter_context(learn.no_bar())
-            quiet.enter_context(learn.no_logging())
+    # fastai's bar and table neither: History's epoch lines and, on a terminal, EpochProgress's
+    # lines say the same in the same words, on a terminal and in a log alike
+    with learn.no_bar(), learn.no_logging():
         finds = []
         for i, stage in enumerate(recipe.stages):
             history.stage, history.size = i + 1, stage.size
