@@ -14,7 +14,12 @@ Two deployments, composed through a deployment handle:
 
 Ray's proxy routes each request to an ingress replica, the ingress's handle to a model
 replica; Ray places the replicas on the cluster's nodes and scales the model replicas on
-ongoing requests (rayserve/args.py).
+ongoing requests (rayserve/args.py). A model replica takes ``max_ongoing_requests`` at a time;
+the handle's router holds up to ``max_queued_requests`` more at the ingress and refuses the
+next at once, which the ingress answers 503 + Retry-After before the body goes on.
+
+The builder checks the placement against the cluster it is connected to and refuses, in one
+line, replicas its nodes cannot hold (they would stay pending, and every request would wait).
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import click
 import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
 
 from rayserve.args import AppArgs
 from rayserve.ingress import Ingress
@@ -43,6 +51,8 @@ from sota_serve.serving.pipeline import Pipeline
 from sota_serve.serving.settings import Settings
 
 log = logging.getLogger("ray.serve.sota_serve")
+#: the namespace ``serve run`` connects in (ray.serve._private.constants.SERVE_NAMESPACE)
+SERVE_NAMESPACE = "serve"
 #: seconds the ingress allows beyond a model replica's own bounds for the hops to and from it
 FORWARD_MARGIN_S = 2.0
 
@@ -107,24 +117,31 @@ class SotaServeModel:
 
 
 @serve.deployment(name="sota_serve_ingress")
-@serve.ingress()
 class SotaServeIngress:
-    """An ingress replica: the HTTP contract, forwarding to the model replicas."""
+    """An ingress replica: the HTTP contract, forwarding to the model replicas. Ray Serve's
+    documented HTTP form: ``__call__`` takes the Starlette request (whose ``receive`` streams
+    the body through the limits) and returns a Starlette response."""
 
     def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
         self.model = model
         parsed = Settings(**settings)
-        self.limits = Limits(max_body_bytes=parsed.max_body_bytes, body_timeout_s=parsed.deadline_s,
-                             max_files=parsed.max_batch_images)
+        limits = Limits(max_body_bytes=parsed.max_body_bytes, body_timeout_s=parsed.deadline_s,
+                        max_files=parsed.max_batch_images)
         # a model replica answers within its wait at the door and its deadline (it drops a
         # request still queued after that with 503); the margin covers the two hops
-        self.timeout_s = parsed.admission_hold_s + parsed.deadline_s + FORWARD_MARGIN_S
+        self.metrics = ReplicaMetrics()  # the requests its router sheds, as sota_serve_shed
+        self.front = Ingress(self._call, limits, parsed.admission_hold_s + parsed.deadline_s + FORWARD_MARGIN_S,
+                             on_shed=self.metrics.count_shed)
 
     async def _call(self, method: str, *args: Any) -> Any:
         return await getattr(self.model, method).remote(*args)
 
-    def __serve_build_asgi_app__(self) -> Ingress:
-        return Ingress(self._call, self.limits, self.timeout_s)
+    async def __call__(self, request: Request) -> Response:
+        status, headers, body = await self.front.handle(request.scope, request.receive)
+        headers = {k.lower(): v for k, v in headers.items()}
+        headers.setdefault("content-type", "application/json")
+        headers["content-length"] = str(len(body))  # a HEAD answer's too, without the body
+        return Response(b"" if request.method == "HEAD" else body, status_code=status, headers=headers)
 
     def node_id(self) -> str:
         """The Ray node this ingress replica runs on."""
@@ -133,8 +150,34 @@ class SotaServeIngress:
 
 def app(args: dict[str, Any]) -> Application:
     """The application builder ``serve run`` and Serve config files name; ``args`` as
-    :class:`rayserve.args.AppArgs` reads them."""
-    parsed = AppArgs.parse(args)
+    :class:`rayserve.args.AppArgs` reads them, fitted to the cluster (ArgsError, in one line,
+    for replicas its nodes cannot hold)."""
+    parsed = AppArgs.parse(args).fit(cluster_nodes())
     settings = parsed.replica_settings()
     model = SotaServeModel.options(**parsed.deployment_options()).bind(settings)
     return SotaServeIngress.options(**parsed.ingress_options()).bind(model, settings)
+
+
+def cluster_nodes() -> list[dict[str, float]] | None:
+    """The total resources of each live node of the cluster this process is connected to;
+    None when it is not connected (and is not ``serve run``, which connects for it)."""
+    if not ray.is_initialized() and not _connect_as_serve_run():
+        log.warning("not connected to Ray: the placement is not checked against the cluster")
+        return None
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def _connect_as_serve_run() -> bool:
+    """``serve run IMPORT_PATH`` calls the builder before it connects to Ray
+    (ray/serve/scripts.py), then keeps a connection it finds: connect here as it would, with
+    its ``--address`` (default RAY_ADDRESS, else the cluster ``ray start`` began, else a new
+    local one) in Serve's namespace, so the placement is checked against that cluster. With a
+    runtime environment (``--working-dir``, ``--runtime-env``) ``serve run`` connects itself."""
+    context = click.get_current_context(silent=True)
+    if context is None or context.info_name != "run" or "address" not in context.params:
+        return False
+    params = context.params
+    if params.get("runtime_env") or params.get("runtime_env_json") or params.get("working_dir"):
+        return False
+    ray.init(address=params["address"], namespace=SERVE_NAMESPACE)
+    return True

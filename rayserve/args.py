@@ -6,12 +6,22 @@ sota_serve/serving/settings.py, without the prefix).
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sota_serve.errors import SotaServeError
 from sota_serve.serving.settings import Settings
+
+log = logging.getLogger("ray.serve.sota_serve")
+
+#: model replicas by default where the cluster holds them: with one, losing its node is an outage
+DEFAULT_REPLICAS = 2
+#: a node's resources by name ("CPU", "GPU", custom ones), as Ray reports them
+Resources = Mapping[str, float]
 
 
 class ArgsError(SotaServeError):
@@ -27,7 +37,8 @@ class AppArgs(BaseModel):
     model: str
     #: a fixed number of replicas; unset: autoscaling between min_replicas and max_replicas
     num_replicas: int | None = Field(default=None, ge=1)
-    min_replicas: int = Field(default=1, ge=0)
+    #: unset: two where the cluster holds them (and max_replicas allows), else one (:meth:`fit`)
+    min_replicas: int | None = Field(default=None, ge=0)
     max_replicas: int = Field(default=4, ge=1)
     #: ongoing requests per replica that autoscaling aims at; unset: the replica's work in
     #: hand (:meth:`target`)
@@ -46,12 +57,23 @@ class AppArgs(BaseModel):
     #: here) keeps the ingress off the workers, so losing a worker loses no request's ingress
     #: (a request in flight on a lost ingress replica gets Ray's 500). Unset: anywhere.
     ingress_resources: dict[str, float] = Field(default_factory=dict)
+    #: requests Ray sends to one model replica at a time; unset: twice its work in hand
+    #: (:meth:`target`), so a batch runs while the next one fills. More wait in Ray's router
+    #: at the ingress, bodies not yet sent, where max_queued_requests bounds them
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    #: requests each ingress replica's router holds for the model replicas when all of them
+    #: have max_ongoing_requests; one more is answered 503 + Retry-After at once, before its
+    #: body goes to a model replica. Unset: max_ongoing_requests (one more replica's worth)
+    max_queued_requests: int | None = Field(default=None, ge=1)
+    #: refuse a placement the cluster's nodes cannot hold (:func:`placement_problem`); false
+    #: where nodes join after the application is deployed (KubeRay's workers, an autoscaler)
+    check_placement: bool = True
     #: service settings by field name (Settings); these win over the nodes' SOTA_SERVE_* variables
     settings: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _bounds(self) -> AppArgs:
-        if self.min_replicas > self.max_replicas:
+        if self.min_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
         return self
 
@@ -105,18 +127,30 @@ class AppArgs(BaseModel):
         assert settings.decode_threads and settings.model_threads
         return float(settings.decode_threads + settings.model_threads * batch)
 
+    def replica_limit(self) -> int:
+        """Requests Ray sends to one model replica at a time (``max_ongoing_requests``)."""
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return min(self.service_settings().max_in_flight, math.ceil(2 * self.target()))
+
+    def queue_limit(self) -> int:
+        """Requests an ingress replica's router holds while every model replica is at its limit."""
+        return self.max_queued_requests if self.max_queued_requests is not None else self.replica_limit()
+
     def deployment_options(self) -> dict[str, Any]:
-        """``Deployment.options`` for these arguments."""
-        settings = self.service_settings()
+        """``Deployment.options`` for these arguments (after :meth:`fit`, which settles
+        min_replicas)."""
         actor: dict[str, Any] = {"num_cpus": self.cpus_per_replica}
         if self.gpus_per_replica:
             actor["num_gpus"] = self.gpus_per_replica
         options: dict[str, Any] = {
             "ray_actor_options": actor,
-            # requests go on to the replica, whose admission sheds with 503 + Retry-After
-            # when its queue cannot drain in time; Ray's own bound (default 5) would queue
-            # them in front of it instead. max_in_flight is admission's memory backstop.
-            "max_ongoing_requests": settings.max_in_flight,
+            # a replica gets what it works on (plus a batch filling); the rest wait in the
+            # router at the ingress, bounded there, so a request over the bound is answered
+            # 503 before its body travels on. The replica's own admission still sheds what it
+            # holds when its queue cannot drain within max_wait_s (costly TTA requests).
+            "max_ongoing_requests": self.replica_limit(),
+            "max_queued_requests": self.queue_limit(),
             # a replica that loads and warms up the model takes seconds; a stuck one is replaced
             "health_check_period_s": 5,
             "health_check_timeout_s": 30,
@@ -124,13 +158,14 @@ class AppArgs(BaseModel):
         if self.num_replicas is not None:
             options["num_replicas"] = self.num_replicas
         else:
-            options["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+            options["autoscaling_config"] = {"min_replicas": self.initial_replicas(),
+                                             "max_replicas": self.max_replicas,
                                              "target_ongoing_requests": self.target()}
         return options
 
     def ingress_options(self) -> dict[str, Any]:
-        """``Deployment.options`` of the ingress: it holds every request the model replicas
-        hold (their admission sheds, not a queue in front of the ingress)."""
+        """``Deployment.options`` of the ingress: it has room for every request the model
+        replicas and its router's queue hold, so that shedding happens at that queue."""
         actor: dict[str, Any] = {"num_cpus": self.cpus_per_ingress}
         if self.ingress_resources:
             actor["resources"] = dict(self.ingress_resources)
@@ -140,3 +175,77 @@ class AppArgs(BaseModel):
             "ray_actor_options": actor,
             "max_ongoing_requests": self.service_settings().max_in_flight * model_replicas,
         }
+
+    # --- placement ------------------------------------------------------------------------
+
+    def initial_replicas(self) -> int:
+        """Model replicas at the start: num_replicas, else min_replicas, else the default."""
+        if self.num_replicas is not None:
+            return self.num_replicas
+        return self.min_replicas if self.min_replicas is not None else min(DEFAULT_REPLICAS, self.max_replicas)
+
+    def demands(self, model_replicas: int) -> list[tuple[str, dict[str, float]]]:
+        """What each replica asks Ray for, by kind: the ingress replicas and ``model_replicas``."""
+        model = {"CPU": self.cpus_per_replica, "GPU": self.gpus_per_replica}
+        ingress = {"CPU": self.cpus_per_ingress, **self.ingress_resources}
+        return ([("ingress replica", _nonzero(ingress))] * self.ingress_replicas
+                + [("model replica", _nonzero(model))] * model_replicas)
+
+    def fit(self, nodes: Sequence[Resources] | None) -> AppArgs:
+        """These arguments for a cluster whose live nodes have ``nodes`` (None: not known).
+
+        Unless min_replicas or num_replicas is given, two model replicas where the cluster
+        holds them, else one (a warning says that losing its node is then an outage). Raises
+        ArgsError, in one line, when the replicas asked for cannot all be placed: Ray would
+        leave the rest pending for good and every request would wait (two one-CPU model
+        replicas and the ingress on a 2-CPU machine)."""
+        if not self.check_placement:
+            nodes = None  # nodes join later: what is there now says nothing
+        settled = self
+        if self.num_replicas is None and self.min_replicas is None:
+            replicas = self.initial_replicas()
+            problem = placement_problem(self.demands(replicas), nodes) if nodes is not None and replicas > 1 else None
+            if problem:
+                log.warning("%s; serving with one model replica: losing its node stops the service", problem)
+                replicas = 1
+            settled = self.model_copy(update={"min_replicas": replicas})
+        if nodes is not None:
+            problem = placement_problem(settled.demands(settled.initial_replicas()), nodes)
+            if problem:
+                raise ArgsError(f"{problem}; ask for fewer or smaller replicas (num_replicas, min_replicas,"
+                                " cpus_per_replica, cpus_per_ingress), or check_placement=false where nodes"
+                                " join later")
+        return settled
+
+
+def placement_problem(demands: Sequence[tuple[str, Mapping[str, float]]], nodes: Sequence[Resources]) -> str | None:
+    """Why Ray cannot place every replica of ``demands`` ((kind, resources) each) on ``nodes``
+    (each node's total resources), or None when it can. Each replica is a Ray actor that
+    must fit whole on one node: placed largest first, each on the first node with room."""
+    free = [dict(node) for node in nodes]
+    for _, need in sorted(demands, key=lambda d: sum(d[1].values()), reverse=True):
+        node = next((n for n in free if all(n.get(k, 0.0) >= v - 1e-9 for k, v in need.items())), None)
+        if node is None:
+            return _unplaceable(demands, nodes)
+        for k, v in need.items():
+            node[k] = node.get(k, 0.0) - v
+    return None
+
+
+def _unplaceable(demands: Sequence[tuple[str, Mapping[str, float]]], nodes: Sequence[Resources]) -> str:
+    counts: dict[tuple[str, str], int] = {}
+    for kind, need in demands:
+        key = (kind, _resources(need))
+        counts[key] = counts.get(key, 0) + 1
+    asked = " and ".join(f"{n} {kind}{'s' if n > 1 else ''} of {need}" for (kind, need), n in counts.items())
+    names = sorted({k for _, need in demands for k in need})
+    have = ", ".join(_resources({k: node.get(k, 0.0) for k in names}) for node in nodes) or "none"
+    return f"the cluster cannot hold {asked}: its {len(nodes)} live node(s) have {have}"
+
+
+def _nonzero(resources: Mapping[str, float]) -> dict[str, float]:
+    return {k: v for k, v in resources.items() if v}
+
+
+def _resources(resources: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items()) + "}" if resources else "{}"

@@ -11,6 +11,12 @@ A model replica can die with a request in hand (its node lost, its process kille
 image routes and ``infer`` are idempotent, so such a call is tried once more, on another
 replica (Ray's router drops a replica it saw die); if that fails too, or no replica is left,
 the answer is 503 with Retry-After rather than a 500.
+
+When every model replica has its ``max_ongoing_requests`` and Ray's router here already holds
+``max_queued_requests`` for them, the router refuses the call at once (BackPressureError): the
+answer is 503 with Retry-After, and the body never goes to a model replica. Any other
+exception, a model replica's included (Ray raises it here as a RayTaskError), is a JSON 500,
+its traceback in the ingress's log.
 """
 
 from __future__ import annotations
@@ -21,11 +27,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 
-from sota_serve.http.app import lifespan, unrouted
-from sota_serve.http.errors import Answer, json_errors, retry_later
-from sota_serve.http.front_door import Receive, Scope, Send, header_map, respond
+from sota_serve.http.app import unrouted
+from sota_serve.http.errors import Answer, error_body, retry_later
+from sota_serve.http.front_door import Receive, Scope, header_map
 from sota_serve.http.limits import Limits, Rejected
 from sota_serve.http.oip import OpenInference
 from sota_serve.http.routes import FILE_FIELDS
@@ -35,6 +45,9 @@ log = logging.getLogger("ray.serve.sota_serve")
 #: seconds a client is told to wait when no model replica could answer: about the time Ray
 #: takes to notice a lost replica and route around it
 UNAVAILABLE_RETRY_S = 2
+#: seconds a client is told to wait when the router's queue for the model replicas is full:
+#: the requests in it reach a replica within about two batch times
+QUEUE_FULL_RETRY_S = 1
 #: what a model replica died with, as the caller of its handle sees it: the actor's death
 #: (ActorDiedError) or a lost connection to it (ActorUnavailableError), both RayActorError;
 #: Serve's own when the chosen replica is gone or the deployment has none
@@ -45,21 +58,25 @@ Call = Callable[..., Awaitable[Any]]
 
 
 class Ingress:
-    """The ASGI app of an ingress replica; ``call(method, *args)`` awaits a model replica's
-    method through the deployment handle."""
+    """The HTTP contract of an ingress replica; ``call(method, *args)`` awaits a model
+    replica's method through the deployment handle."""
 
-    def __init__(self, call: Call, limits: Limits, timeout_s: float) -> None:
-        self.call, self.limits, self.timeout_s = call, limits, timeout_s
+    def __init__(self, call: Call, limits: Limits, timeout_s: float,
+                 on_shed: Callable[[str], None] | None = None) -> None:
+        self.call, self.limits, self.timeout_s, self.on_shed = call, limits, timeout_s, on_shed
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            return await lifespan(receive, send)
-        if scope["type"] != "http":
-            return None  # no websockets: the server closes the connection
+    async def handle(self, scope: Scope, receive: Receive) -> Answer:
+        """The answer to one HTTP request (``scope``, its body from ``receive``): never an
+        exception, so that no client gets Ray's plain-text 500."""
         method, path = scope["method"], scope["path"]
-        head = method == "HEAD"
-        send = json_errors(send, lambda: UNAVAILABLE_RETRY_S, head=head)
-        await respond(send, await self.answer(scope, receive, method, path), head=head)
+        root = scope.get("root_path", "")  # Ray's route prefix, which the path includes
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        try:
+            return await self.answer(scope, receive, method, path)
+        except Exception as e:  # noqa: BLE001 - the contract's JSON error instead of Ray's text
+            log.exception("%s %s failed", method, path)
+            return 500, {}, error_body(f"internal server error ({_kind(e)}); the ingress's log has the traceback")
 
     async def answer(self, scope: Scope, receive: Receive, method: str, path: str) -> Answer:
         if method in ("GET", "HEAD"):
@@ -97,8 +114,19 @@ class Ingress:
         for attempt in (1, 2):
             try:
                 return await self.call(method, *args)
+            except BackPressureError:  # raised here, in the router, before anything is sent (Ray logs it)
+                if self.on_shed is not None:
+                    self.on_shed("router_queue")
+                return retry_later("server busy: every model replica is at its max_ongoing_requests and"
+                                   " this ingress already queues max_queued_requests for them", QUEUE_FULL_RETRY_S)
             except REPLICA_LOST as e:
                 log.warning("a model replica was lost during %s (try %d of 2): %s", method, attempt,
                             type(e).__name__)
         return retry_later("no model replica could answer (a node was lost)", UNAVAILABLE_RETRY_S)
 
+
+
+def _kind(e: BaseException) -> str:
+    """The exception's own type: a model replica's, not Ray's wrapper (RayTaskError(TypeError))."""
+    cause = getattr(e, "cause", None)
+    return type(cause if isinstance(cause, BaseException) else e).__name__

@@ -4,9 +4,12 @@ line of results). tests/test_ray.py runs it and checks the results.
 
 A head (no CPUs: it schedules and runs Ray's HTTP proxy and, through a custom resource only it
 declares, the ingress replica) and three one-CPU worker nodes; two one-CPU model replicas, so
-Ray places them on two different workers. Then one replica's node is
-removed while 32 clients keep sending, and the time until every route answers 200 again with
-two replicas running is measured. Every loop is bounded in count and time.
+Ray places them on two different workers. The builder is asked for four (refused) and for
+the default (two). A second application on the third worker takes one request at a time and
+queues one: a burst shows the router's 503s, and a form its model replica cannot read shows
+its exception as the ingress answers it. Then one replica's node is removed while 32 clients
+keep sending, and the time until every route answers 200 again with two replicas running is
+measured. Every loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
         with httpx.Client(base_url=URL, timeout=30) as client:
             results["answers"] = answers(client, config)
             results["contract"] = contract(client, config)
+        results["placement"] = placement(config)
+        results["busy"] = busy(config)  # on the third worker, given back before a node is lost
         victim = next(w for w in workers if w.node_id == nodes[0])
         results["load"] = node_loss(lambda: cluster.remove_node(victim, allow_graceful=False), config,
                                     replicas_running=replicas_running)
@@ -79,6 +84,61 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
+
+
+def placement(config: dict[str, Any]) -> dict[str, Any]:
+    """What the builder makes of this cluster (3 one-CPU workers, the head with the ingress
+    resource): four one-CPU model replicas refused at once, and two by default."""
+    from rayserve.app import app, cluster_nodes
+    from rayserve.args import AppArgs, ArgsError
+
+    started = time.monotonic()
+    try:
+        app({"model": config["package"], "num_replicas": 4, "device": "cpu", **config["args"]})
+        refused = None
+    except ArgsError as e:
+        refused = str(e)
+    default = AppArgs.parse({"model": config["package"], **config["args"]}).fit(cluster_nodes())
+    return {"refused": refused, "refused_in_s": round(time.monotonic() - started, 2),
+            "default_replicas": default.initial_replicas()}
+
+
+def busy(config: dict[str, Any]) -> dict[str, Any]:
+    """A second application under /busy, one model replica taking one request at a time and
+    one more queued at the ingress's router: 16 /explain requests at once. Then a real
+    exception in that model replica (a form it cannot read) through the real ingress code."""
+    import asyncio
+
+    from ray import serve
+
+    from rayserve.app import app
+    from rayserve.ingress import Ingress
+    from sota_serve.http.limits import Limits
+
+    serve.run(app({"model": config["package"], "num_replicas": 1, "device": "cpu", **config["args"],
+                   "max_ongoing_requests": 1, "max_queued_requests": 1}), name="busy", route_prefix="/busy")
+    photo = Path(config["photos"][0]).read_bytes()
+    start = threading.Barrier(16)
+
+    def explain(_: int) -> dict[str, Any]:
+        with httpx.Client(base_url=URL, timeout=60) as client:
+            start.wait(timeout=30)
+            r = client.post("/busy/explain", files={"image": ("p.jpg", photo)}, data={"grid": "16"})
+            return {"status": r.status_code, "retry_after": r.headers.get("retry-after"), "body": r.json()}
+
+    with ThreadPoolExecutor(16) as pool:
+        burst = list(pool.map(explain, range(16)))
+    handle = serve.get_deployment_handle("sota_serve", "busy")
+    front = Ingress(lambda method, *args: handle.post.remote("/classify", None, 0),
+                    Limits(max_body_bytes=1 << 20, body_timeout_s=10, max_files=1), timeout_s=30)
+
+    async def nothing() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    status, headers, body = asyncio.run(front.handle({"type": "http", "method": "GET", "path": "/card",
+                                                      "headers": []}, nothing))
+    serve.delete("busy")
+    return {"burst": burst, "broken": {"status": status, "headers": headers, "body": json.loads(body)}}
 
 
 def answers(client: httpx.Client, config: dict[str, Any]) -> dict[str, Any]:

@@ -135,6 +135,42 @@ def test_losing_a_node_under_load(cluster_results):
     assert len(cluster_results["replica_nodes_after"]) == 2
 
 
+@pytest.mark.slow
+def test_the_placement_is_checked_against_the_cluster(cluster_results):
+    placement = cluster_results["placement"]
+    # three one-CPU workers: four one-CPU model replicas cannot be placed, and the builder says
+    # so in one line before anything is deployed; unasked, it takes two
+    assert placement["refused"] is not None and "\n" not in placement["refused"], placement
+    refused = placement["refused"]
+    assert refused.startswith("the cluster cannot hold 1 ingress replica of {ingress: 1} and 4 model replicas"
+                              " of {CPU: 1}: its 4 live node(s) have "), placement
+    assert "{CPU: 0, ingress: 10}" in refused and refused.count("{CPU: 1, ingress: 0}") == 3, placement
+    assert placement["refused_in_s"] < 5, placement
+    assert placement["default_replicas"] == 2, placement
+
+
+@pytest.mark.slow
+def test_a_full_queue_is_answered_503_at_the_ingress(cluster_results):
+    burst = cluster_results["busy"]["burst"]
+    statuses = sorted(r["status"] for r in burst)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 1, statuses
+    shed = [r for r in burst if r["status"] == 503]
+    assert shed, "16 requests at once against one request at a time and one queued: some are shed"
+    for r in shed:
+        # the router's refusal, in the contract's shape, not a model replica's admission
+        assert r["retry_after"] is not None and int(r["retry_after"]) >= 1, r
+        assert "max_queued_requests" in r["body"]["error"], r
+    assert all(r["body"]["label"] for r in burst if r["status"] == 200)
+
+
+@pytest.mark.slow
+def test_a_model_replicas_exception_is_a_json_500(cluster_results):
+    broken = cluster_results["busy"]["broken"]
+    # the replica raised TypeError on a form it could not read; Ray raised it at the ingress
+    assert broken["status"] == 500, broken
+    assert set(broken["body"]) == {"error"} and "TypeError" in broken["body"]["error"], broken
+
+
 def _config_args() -> list[dict]:
     import yaml
 
@@ -159,13 +195,45 @@ def test_replicas_take_a_gpu_each_when_asked_and_autoscale_by_default():
     options = gpu.deployment_options()
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert gpu.service_settings().device == "cuda"
-    # one decode thread, one model call of 128 images (the GPU batch): 129 ongoing requests
-    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 129.0}
-    assert options["max_ongoing_requests"] == 1024  # admission sheds, not Ray's queue
+    # one decode thread, one model call of 128 images (the GPU batch): 129 ongoing requests;
+    # two replicas unless the cluster holds only one
+    assert options["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 8, "target_ongoing_requests": 129.0}
+    # a replica takes twice its work in hand; the router at the ingress queues as many more
+    assert options["max_ongoing_requests"] == 258 and options["max_queued_requests"] == 258
     cpu = AppArgs.parse({"model": "m", "num_replicas": 3, "cpus_per_replica": 2, "max_wait_s": "5"})
     assert cpu.deployment_options()["num_replicas"] == 3 and "autoscaling_config" not in cpu.deployment_options()
     settings = cpu.service_settings()
     assert (settings.device, settings.decode_threads, settings.model_threads, settings.max_wait_s) == ("cpu", 4, 2, 5)
+    bounded = AppArgs.parse({"model": "m", "max_ongoing_requests": 8, "max_queued_requests": "3"}).deployment_options()
+    assert (bounded["max_ongoing_requests"], bounded["max_queued_requests"]) == (8, 3)
+
+
+def test_a_placement_the_nodes_cannot_hold_is_refused_in_one_line():
+    from rayserve.args import AppArgs, ArgsError
+
+    two_cores = [{"CPU": 2.0, "memory": 8e9, "node:127.0.0.1": 1.0}]
+    # two one-CPU model replicas and the ingress's tenth of a CPU: 2.1 CPUs on a 2-CPU machine
+    with pytest.raises(ArgsError, match=r"cannot hold 1 ingress replica of \{CPU: 0.1\} and 2 model replicas"
+                                        r" of \{CPU: 1\}: its 1 live node\(s\) have \{CPU: 2\}") as refused:
+        AppArgs.parse({"model": "m", "num_replicas": 2}).fit(two_cores)
+    assert "\n" not in str(refused.value)
+    # unasked, one replica where two do not fit, two where they do
+    assert AppArgs.parse({"model": "m"}).fit(two_cores).deployment_options()["autoscaling_config"]["min_replicas"] == 1
+    assert AppArgs.parse({"model": "m"}).fit([{"CPU": 4.0}]).initial_replicas() == 2
+    assert AppArgs.parse({"model": "m", "max_replicas": 1}).fit([{"CPU": 4.0}]).initial_replicas() == 1
+    # each replica fits whole on one node: 3 CPUs in all, but no node holds two one-CPU replicas
+    with pytest.raises(ArgsError, match="3 model replicas"):
+        AppArgs.parse({"model": "m", "num_replicas": 3, "cpus_per_ingress": 0}).fit([{"CPU": 1.5}, {"CPU": 1.5}])
+    assert AppArgs.parse({"model": "m", "num_replicas": 3, "cpus_per_ingress": 0}).fit(
+        [{"CPU": 2.0}, {"CPU": 1.0}]).initial_replicas() == 3
+    with pytest.raises(ArgsError, match=r"GPU: 1"):
+        AppArgs.parse({"model": "m", "gpus_per_replica": 1, "min_replicas": 1}).fit([{"CPU": 8.0}])
+    with pytest.raises(ArgsError, match=r"ingress: 1"):  # no node declares the ingress's resource
+        AppArgs.parse({"model": "m", "ingress_resources": {"ingress": 1}}).fit([{"CPU": 8.0}])
+    # nodes that join later (check_placement=false), or no cluster to look at: not checked
+    late = AppArgs.parse({"model": "m", "min_replicas": 2, "check_placement": "false"}).fit([{"CPU": 0.0}])
+    assert late.initial_replicas() == 2
+    assert AppArgs.parse({"model": "m", "num_replicas": 9}).fit(None).initial_replicas() == 9
 
 
 def test_the_ingress_is_light_holds_what_the_model_replicas_hold_and_goes_where_its_resources_are():
