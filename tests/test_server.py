@@ -232,7 +232,10 @@ def test_answers_and_errors_are_one_json_encoding_ending_in_a_newline(server, ph
     ok = post(server, "/classify", {"image": ("x.jpg", photos[0].read_bytes(), "image/jpeg")})
     bad = post(server, "/classify", {"image": ("x.jpg", photos[0].read_bytes(), "image/jpeg")}, {"top_k": "abc"})
     card = httpx.get(f"{server.url}/card", timeout=30)
-    for r in (ok, bad, card):
+    posted_card = httpx.post(f"{server.url}/card", timeout=30)
+    ready = httpx.get(f"{server.url}/v2/health/ready", timeout=30)
+    for r in (ok, bad, card, posted_card, ready):
+        assert r.status_code in (200, 400), r.text[:300]
         assert r.content.endswith(b"}\n") and r.content.count(b"\n") == 1, r.content[-80:]
         assert r.content == json.dumps(r.json(), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 

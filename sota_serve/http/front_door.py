@@ -11,8 +11,9 @@ Per request, in this order:
 3. admission (sota_serve.serving.admission): an image or ``infer`` request the queue cannot
    serve in time gets 503 with Retry-After before its body is read;
 4. limits (sota_serve/http/limits.py): body size (413), time to receive it (408), file parts (415/400);
-5. the image routes and ``infer`` are answered from the buffered body (sota_serve/http/routes.py);
-   anything else goes on to the wrapped app (BentoML's) with the body replayed.
+5. the image routes, ``infer`` and ``POST /card`` are answered from the buffered body
+   (sota_serve/http/routes.py); anything else goes on to the wrapped app (BentoML's) with the
+   body replayed.
 """
 
 from __future__ import annotations
@@ -69,17 +70,28 @@ class FrontDoor:
                 body = await self.limits.read(headers, receive)
                 if ticket is not None:
                     self.admission.resize(ticket, len(body))
-                form = self.limits.form(headers.get("content-type", ""), body, field) if field else []
+                answer = await self._post(path, headers, body, field, ticket)
             except Rejected as e:
-                return await respond(send, e.answer())
-            if self.routes.loaded and field:
-                return await respond(send, await self.routes.post(path, form, ticket))
-            if self.routes.oip is not None and infer:
-                return await respond(send, await self.routes.oip.infer(path, headers, body, ticket))
+                answer = e.answer()
+            if answer is not None:
+                return await respond(send, answer)
             await self.app(scope, _replay(body, receive), send)
         finally:
             if ticket is not None:
                 self.admission.leave(ticket)
+
+    async def _post(self, path: str, headers: dict[str, str], body: bytes, field: str | None,
+                    ticket: Ticket | None) -> Answer | None:
+        """The answer to a POST of ``body`` that the route table gives, or None to leave it to
+        the wrapped app; raises Rejected for a form the limits refuse."""
+        if field:
+            form = self.limits.form(headers.get("content-type", ""), body, field)
+            return await self.routes.post(path, form, ticket) if self.routes.loaded else None
+        if self.routes.oip is not None and OpenInference.is_infer(path):
+            return await self.routes.oip.infer(path, headers, body, ticket)
+        if path == "/card":  # an API method under BentoML, which its clients POST: answered as GET /card is
+            return self.routes.get(path)
+        return None
 
 
 def header_map(scope: Scope) -> dict[str, str]:

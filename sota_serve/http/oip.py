@@ -12,14 +12,13 @@ the other routes.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Callable, Mapping
 from functools import partial
 
 from sota_serve import __version__, formats
 from sota_serve.errors import BadRequestError, MalformedRequestError, SotaServeError
-from sota_serve.http.errors import Answer, error_answer
+from sota_serve.http.errors import Answer, error_answer, json_body
 from sota_serve.http.oip_codec import HEADER_LENGTH, encode_infer, model_metadata, parse_infer
 from sota_serve.serving.admission import Ticket
 from sota_serve.serving.pipeline import Pipeline
@@ -29,7 +28,7 @@ _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|i
 
 
 def _json(status: int, body: object) -> Answer:
-    return status, {}, json.dumps(body).encode()
+    return status, {}, json_body(body)
 
 
 _LIVE = _json(200, {"live": True})  # the process answers: live, whether or not the model is loaded
