@@ -243,7 +243,8 @@ def test_the_page_offers_each_policys_recorded_accuracy():
 def test_a_degraded_answer_shows_what_it_was_asked_and_its_expected_accuracy(tiny_package, digit_files, photos,
                                                                               tmp_path):
     """A server whose latency budget nothing fits, so that a request with tta_fallback is always
-    served plain: the page says so, with the card's accuracy of both policies; for an image
+    served plain (the page asks for a late answer rather than a strict budget's 503): the page
+    says so, with the card's accuracy of both policies; for an image
     unlike the training images, with no accuracy at all; and none of it stays under an error."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -253,7 +254,8 @@ def test_a_degraded_answer_shows_what_it_was_asked_and_its_expected_accuracy(tin
     card = json.loads((package / "card.json").read_text())
     card["metrics"] = {"accuracy": 0.9, "accuracy_five_crop": 0.95}
     (package / "card.json").write_text(json.dumps(card))
-    env = {"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_TTA_BUDGET_S": "1e-6"}
+    # budgets strict by default: the page's choice still gets a late answer, never a 503 for the budget
+    env = {"SOTA_SERVE_DEVICE": "cpu", "SOTA_SERVE_TTA_BUDGET_S": "1e-6", "SOTA_SERVE_TTA_BUDGET_STRICT": "1"}
     with Server(package, home=tmp_path / "bentoml", env=env) as server:
         server.wait_ready()
         browser = _browser()

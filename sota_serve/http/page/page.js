@@ -125,7 +125,11 @@ async function classify(file) {
   form.append("image", file, file.name || "pasted-image");
   form.append("tta", tta);
   form.append("top_k", String(config.top_k));
-  if ($("fallback").checked) form.append("tta_fallback", "true");
+  if ($("fallback").checked) {
+    form.append("tta_fallback", "true");
+    // a late answer rather than a refusal, whatever the server's default: what the choice says
+    form.append("tta_budget_strict", "false");
+  }
   let answer;
   try {
     answer = await post("/classify", form);
