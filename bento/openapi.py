@@ -35,7 +35,7 @@ _ERRORS = {
 
 
 def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int, tta_fallback: bool = False,
-             tta_budget_s: float = 1.0) -> dict[str, Any]:
+             tta_budget_s: float = 1.0, tta_budget_strict: bool = False) -> dict[str, Any]:
     """``spec`` (BentoML's ``openapi_spec.asdict()``) completed from ``card`` and the server's
     TTA fallback defaults."""
     spec = copy.deepcopy(spec)
@@ -64,6 +64,10 @@ def describe(spec: dict[str, Any], card: ModelCard, *, max_batch_images: int, tt
         props["tta_budget_s"] = {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_BUDGET_S, "default": tta_budget_s,
                                  "description": "The latency budget in seconds that tta_fallback keeps to."
                                                 " Omitted: the server's SOTA_SERVE_TTA_BUDGET_S."}
+        props["tta_budget_strict"] = {"type": "boolean", "default": tta_budget_strict, "description": (
+            "With tta_fallback: when not even tta none can be answered within the budget, answer 503 with"
+            " Retry-After at once (and at dispatch, when the batch could no longer end in time) instead of"
+            " late. Omitted: the server's SOTA_SERVE_TTA_BUDGET_STRICT.")}
         props["top_k"].update(minimum=1, maximum=MAX_TOP_K, default=DEFAULT_TOP_K,
                               description=f"How many labels to return, best first (at most the"
                                           f" {card.num_classes} labels).")

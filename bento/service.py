@@ -63,7 +63,7 @@ class SotaServe:
                             ready=self.__is_ready__)
         ROUTES.bind(pipeline, describe(SotaServe.openapi_spec.asdict(), pipeline.card,
                                        max_batch_images=SETTINGS.max_batch_images, tta_fallback=SETTINGS.tta_fallback,
-                                       tta_budget_s=SETTINGS.budget_s()), oip)
+                                       tta_budget_s=SETTINGS.budget_s(), tta_budget_strict=SETTINGS.tta_budget_strict), oip)
         self.ready = True
         log.info("ready: serving %s on %s, %s, decode %s (%s)", pipeline.card.tag, PLAN.device,
                  pipeline.precision, pipeline.decode, PLAN)
@@ -78,16 +78,18 @@ class SotaServe:
     # Over HTTP the front door answers these routes with the same Routes methods; the
     # declarations are the contract: OpenAPI schema, BentoML clients, in-process calls.
     @bentoml.api(route="/classify")
-    async def classify(self, image: Upload, tta: str | None = None, top_k: int = 5,
-                       tta_fallback: bool | None = None, tta_budget_s: float | None = None) -> ClassifyResponse:
-        work = ROUTES.classify(image.data, tta, top_k, TICKET.get(), FallbackAsk.parse(tta_fallback, tta_budget_s))
+    async def classify(self, image: Upload, tta: str | None = None, top_k: int = 5, tta_fallback: bool | None = None,
+                       tta_budget_s: float | None = None, tta_budget_strict: bool | None = None) -> ClassifyResponse:
+        fallback = FallbackAsk.parse(tta_fallback, tta_budget_s, tta_budget_strict)
+        work = ROUTES.classify(image.data, tta, top_k, TICKET.get(), fallback)
         return await answered(work, render=_response)  # type: ignore[arg-type]
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(self, images: list[Upload], tta: str | None = None, top_k: int = 5,
-                             tta_fallback: bool | None = None, tta_budget_s: float | None = None) -> BatchResponse:
-        work = ROUTES.classify_batch([u.data for u in images], tta, top_k, TICKET.get(),
-                                     FallbackAsk.parse(tta_fallback, tta_budget_s))
+                             tta_fallback: bool | None = None, tta_budget_s: float | None = None,
+                             tta_budget_strict: bool | None = None) -> BatchResponse:
+        fallback = FallbackAsk.parse(tta_fallback, tta_budget_s, tta_budget_strict)
+        work = ROUTES.classify_batch([u.data for u in images], tta, top_k, TICKET.get(), fallback)
         return await answered(work, render=_response)  # type: ignore[arg-type]
 
     @bentoml.api(route="/explain")

@@ -204,7 +204,52 @@ def test_a_degraded_request_runs_and_is_charged_as_the_cheaper_policy(tiny_packa
     assert charged == [(5, 10)] and told == [("five_crop", "five_crop")]
 
 
+def test_a_strict_budget_that_nothing_fits_is_refused_before_any_work_and_counted(tiny_package, photos):
+    clf = Classifier.open(tiny_package, device="cpu")
+    adm = Admission(max_wait_s=10, max_in_flight=10, decode_threads=1, seconds_per_crop=Ewma(initial=0.3))
+    told: list[tuple[str, str]] = []
+    calls: list[int] = []
+
+    async def run(ask: FallbackAsk):
+        batcher = DynamicBatcher(clf.runtime, max_crops=64, annotate=lambda crops, k, policy: calls.append(len(crops)))
+        pipeline = Pipeline(clf, batcher, adm, decode_threads=1, deadline_s=30, on_tta=lambda *p: told.append(p),
+                            tta_fallback=True, tta_budget_s=0.5)
+        ticket = adm.enter(0)
+        try:
+            return await pipeline.classify([p.read_bytes() for p in photos[:2]], "five_crop", 3, ticket, ask)
+        finally:
+            adm.leave(ticket)
+            batcher.close()
+
+    # 2 images within 0.5 s: five_crop 3 s, flip 1.2 s, none 0.6 s: nothing fits
+    with pytest.raises(BudgetExceededError, match="0.5 s budget"):
+        asyncio.run(run(FallbackAsk(strict=True)))
+    assert told == [("five_crop", "refused")] and calls == [] and adm.pending_crops == 0
+    late = asyncio.run(run(FallbackAsk()))  # not strict: the cheapest, late
+    assert (late.tta, late.requested_tta) == ("none", "five_crop") and calls == [2]
+
+
 # --- over HTTP ----------------------------------------------------------------------------
+
+
+def test_a_strict_budget_answers_503_with_retry_after_and_metrics_count_it(server, photos):
+    image = {"image": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+    strict = {"tta": "five_crop", "tta_fallback": "true", "tta_budget_s": "1e-6", "tta_budget_strict": "true"}
+    refused = post(server, "/classify", image, strict)
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert "tta_budget_strict" in refused.json()["error"]
+    v2 = httpx.post(f"{server.url}/v2/models/{NAME}/infer", timeout=60, json={
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                    "data": [base64.b64encode(photos[0].read_bytes()).decode()]}],
+        "parameters": {"tta": "five_crop", "tta_fallback": True, "tta_budget_s": 1e-6, "tta_budget_strict": True}})
+    assert v2.status_code == 503 and "retry-after" in v2.headers
+    relaxed = post(server, "/classify", image, {**strict, "tta_budget_s": "60"})
+    assert relaxed.status_code == 200 and relaxed.json()["tta"] == "five_crop"  # strict only refuses what cannot fit
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    counted = re.search(r'sota_serve_tta_answers_total\{requested="five_crop",served="refused"\} (\S+)', metrics)
+    assert counted and float(counted.group(1)) >= 2
+
+
 
 
 def test_the_answer_names_the_policy_served_and_the_one_asked_for(server, photos):
@@ -238,6 +283,7 @@ def test_the_answer_names_the_policy_served_and_the_one_asked_for(server, photos
     ({"tta_fallback": "sometimes"}, 400, "tta_fallback must be true or false"),
     ({"tta_fallback": "true", "tta_budget_s": "-1"}, 422, "tta_budget_s must be above 0"),
     ({"tta_budget_s": "soon"}, 400, "tta_budget_s must be a number"),
+    ({"tta_budget_strict": "perhaps"}, 400, "tta_budget_strict must be true or false"),
 ])
 def test_bad_fallback_fields_get_a_clear_4xx_and_the_server_keeps_serving(server, photos, data, status, message):
     image = {"image": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}

@@ -7,7 +7,8 @@ Pure functions between HTTP bodies and Python values; the routes are in sota_ser
   already preprocessed (the model's own input: no resize, no crop, no TTA).
 - Request parameter ``tta``: a TTA policy the card lists, for ``image`` (omitted: the card's
   default); ``pixels`` are single crops, so only ``none``. Request parameters
-  ``tta_fallback`` (boolean) and ``tta_budget_s`` (seconds): the TTA fallback ladder
+  ``tta_fallback`` (boolean), ``tta_budget_s`` (seconds) and ``tta_budget_strict`` (boolean):
+  the TTA fallback ladder
   (sota_serve.serving.fallback); the response's parameters ``tta`` and ``requested_tta`` name
   the policy that ran and the one asked for.
 - Output ``probabilities``, FP32 ``[N, C]``; with the output parameter ``classification: k``
@@ -122,6 +123,7 @@ def parse_infer(body: bytes, header_length: int | None, card: ModelCard, *, max_
         pixels = _pixels(tensor, raw, card, max_images)
     classification, binary_out = _outputs(request, card)
     fallback = FallbackAsk.parse(request.parameters.get("tta_fallback"), request.parameters.get("tta_budget_s"),
+                                 request.parameters.get("tta_budget_strict"),
                                  where="parameter ")
     return Inference(request.id, images, pixels, tta, classification, binary_out, fallback)
 

@@ -117,7 +117,7 @@ class Routes:
 
 
 #: the form's value fields
-VALUE_FIELDS = ("tta", "top_k", "tta_fallback", "tta_budget_s")
+VALUE_FIELDS = ("tta", "top_k", "tta_fallback", "tta_budget_s", "tta_budget_strict")
 
 
 def _form(parts: Sequence[Part], file_field: str) -> tuple[list[bytes], str | None, int, FallbackAsk]:
@@ -130,4 +130,5 @@ def _form(parts: Sequence[Part], file_field: str) -> tuple[list[bytes], str | No
     if tta is not None and not isinstance(tta, str):
         raise MalformedRequestError(f"tta must be a string, got {tta!r:.40}")
     top_k = integer_field("top_k", values.get("top_k", DEFAULT_TOP_K))
-    return images, tta, top_k, FallbackAsk.parse(values.get("tta_fallback"), values.get("tta_budget_s"))
+    fallback = FallbackAsk.parse(values.get("tta_fallback"), values.get("tta_budget_s"), values.get("tta_budget_strict"))
+    return images, tta, top_k, fallback

@@ -38,7 +38,10 @@ from sota_serve.tta import CROPS_PER_IMAGE
 #: what fraction of the admission bound (SOTA_SERVE_MAX_WAIT_S) the default latency budget is
 DEFAULT_BUDGET_SHARE = 0.1
 #: what the front ends' answer counter by (requested, served) policy counts
-TTA_ANSWERS = "Answered requests by the TTA policy asked for and the one served (the fallback ladder)"
+TTA_ANSWERS = ("Answered requests by the TTA policy asked for and the one served (the fallback ladder;"
+               " served=refused: a strict budget's 503)")
+#: the served policy the answer counter names for a request a strict budget refused
+REFUSED = "refused"
 #: the longest budget a request may ask for, in seconds
 MAX_BUDGET_S = 3600.0
 

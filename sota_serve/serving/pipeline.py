@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from sota_serve.classifier import Classifier, ranked_answers
-from sota_serve.errors import ImageError
+from sota_serve.errors import BudgetExceededError, ImageError
 from sota_serve.explain import occlusion
 from sota_serve.explain.budget import CropBudget
 from sota_serve.image.decode import DecodeLimits
@@ -29,7 +29,13 @@ from sota_serve.package.loading import ModelPackage
 from sota_serve.predictions import Classified, check_top_k
 from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.serving.batcher import BatchObserver, DynamicBatcher
-from sota_serve.serving.fallback import DEFAULT_BUDGET_SHARE, FallbackAsk, Ladder, recorded_accuracy
+from sota_serve.serving.fallback import (
+    DEFAULT_BUDGET_SHARE,
+    REFUSED,
+    FallbackAsk,
+    Ladder,
+    recorded_accuracy,
+)
 from sota_serve.serving.settings import Plan, Settings
 from sota_serve.tta import CROPS_PER_IMAGE
 
@@ -60,9 +66,9 @@ TTAObserver = Callable[[str, str], None]
 class Pipeline:
     def __init__(self, clf: Classifier, batcher: DynamicBatcher, admission: Admission, *,
                  decode_threads: int, deadline_s: float, tta_fallback: bool = False,
-                 tta_budget_s: float | None = None, on_tta: TTAObserver | None = None,
+                 tta_budget_s: float | None = None, tta_budget_strict: bool = False, on_tta: TTAObserver | None = None,
                  explain_crops: int | None = None) -> None:
-        """``tta_fallback``, ``tta_budget_s``: the TTA fallback ladder's defaults for requests
+        """``tta_fallback``, ``tta_budget_s``, ``tta_budget_strict``: the TTA fallback ladder's defaults for requests
         that do not say (off; the budget: a share of admission's bound, as Settings.budget_s);
         ``on_tta``: told each answer's policies; ``explain_crops``: the most occluded crops
         that exist at once across all explanations (default: two plain batches per model
@@ -72,7 +78,7 @@ class Pipeline:
         self._explain_budget: CropBudget | None = None
         self.ladder = Ladder(clf.card.tta.policies(), admission, enabled=tta_fallback,
                              budget_s=tta_budget_s or DEFAULT_BUDGET_SHARE * admission.max_wait_s,
-                             accuracy=recorded_accuracy(clf.card))
+                             accuracy=recorded_accuracy(clf.card), strict=tta_budget_strict)
         self.on_tta = on_tta
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
         #: pillow or torchvision (Settings.decode), for the logs
@@ -121,10 +127,12 @@ class Pipeline:
             runtime.warmup(plan.max_batch_size_tta, k)
         admission.seconds_per_crop.add(_seconds_per_crop(clf, plan.max_batch_size))
         batcher = DynamicBatcher(runtime, max_crops=max_crops, observer=observer,
-                                 seconds_per_crop=admission.seconds_per_crop, model_threads=plan.model_threads,
+                                 seconds_per_crop=admission.seconds_per_crop, profile=admission.profile,
+                                 model_threads=plan.model_threads,
                                  annotate=(lambda crops, k, tta: clf.ood(crops, tta)) if clf.screen else None)
         pipeline = cls(clf, batcher, admission, decode_threads=plan.decode_threads, deadline_s=settings.deadline_s,
-                       tta_fallback=settings.tta_fallback, tta_budget_s=settings.budget_s(), on_tta=on_tta)
+                       tta_fallback=settings.tta_fallback, tta_budget_s=settings.budget_s(),
+                       tta_budget_strict=settings.tta_budget_strict, on_tta=on_tta)
         pipeline.calibrate()
         return pipeline
 
@@ -159,8 +167,7 @@ class Pipeline:
         the request's TTA fallback options (None: the server's)."""
         ticket = ticket or Ticket()
         top_k = check_top_k(top_k, self.card.num_classes)
-        requested, tta = self.policy(tta, len(images), ticket, fallback)
-        items, ranked = await self._run(images, tta, self.clf.preprocessor.crops_per_image(tta), ticket)
+        requested, tta, items, ranked = await self._served(images, tta, ticket, fallback)
         self._answered(requested, tta)
         return Answers(tta, ranked_answers(items, ranked, self.card.labels, top_k), requested)
 
@@ -175,14 +182,28 @@ class Pipeline:
         if pixels is not None:
             return Probabilities("none", await self._pixels(pixels, ticket), "none")
         assert images is not None, "probabilities needs images or pixels"
-        requested, tta = self.policy(tta, len(images), ticket, fallback)
-        items, ranked = await self._run(images, tta, self.clf.preprocessor.crops_per_image(tta), ticket)
+        requested, tta, items, ranked = await self._served(images, tta, ticket, fallback)
         for i, item in enumerate(items):
             if isinstance(item, ImageError):
                 raise type(item)(f"image {i} of {len(items)}: {item}")
         self._answered(requested, tta)
         return Probabilities(tta, ranked[0].probs.astype(np.float32, copy=False) if ranked
                              else np.zeros((0, self.card.num_classes), np.float32), requested)
+
+    async def _served(self, images: Sequence[bytes], tta: str | None, ticket: Ticket,
+                      fallback: FallbackAsk | None) -> tuple[str, str, list[Any], list[Any]]:
+        """(requested, served policy, each image's crops or error, the scored batch): the
+        ladder's choice, run with a strict budget's due time; a strict refusal, at the door
+        or at dispatch, is counted as served ``refused`` before it propagates (503)."""
+        requested = self.clf.policy(tta)
+        try:
+            requested, served = self.policy(tta, len(images), ticket, fallback)
+            items, ranked = await self._run(images, served, self.clf.preprocessor.crops_per_image(served), ticket,
+                                            due=self.ladder.due(ticket, fallback))
+        except BudgetExceededError:
+            self._answered(requested, REFUSED)
+            raise
+        return requested, served, items, ranked
 
     def _answered(self, requested: str, served: str) -> None:
         if self.on_tta is not None:
@@ -246,7 +267,8 @@ class Pipeline:
 
     # --- stages ---------------------------------------------------------------------------
 
-    async def _run(self, images: Sequence[bytes], tta: str, k: int, ticket: Ticket) -> tuple[list[Any], list[Any]]:
+    async def _run(self, images: Sequence[bytes], tta: str, k: int, ticket: Ticket,
+                   due: float | None = None) -> tuple[list[Any], list[Any]]:
         """Each image's crops or typed error, and the scored batch of the good ones (a list
         of none or one). Progress is reported on ``ticket`` (decoded bytes, queued crops)."""
         deadline = ticket.admitted_at + self.deadline_s  # the request's deadline counts from its admission
@@ -258,7 +280,7 @@ class Pipeline:
         good = [item for item in decoded if not isinstance(item, ImageError)]
         try:
             # joined on the model thread: a copy of 224 px crops would give up the loop's GIL
-            ranked = [await self.batcher.submit(good, k, deadline, tta)] if good else []
+            ranked = [await self.batcher.submit(good, k, deadline, tta, due=due)] if good else []
         finally:
             self.admission.computed(ticket)
         return decoded, ranked

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     #: the latency budget of a request that does not give one (``tta_budget_s``); default: a
     #: tenth of max_wait_s (1 s), what a person waiting on a page reads as "at once"
     tta_budget_s: float | None = Field(default=None, gt=0, le=MAX_BUDGET_S)
+    #: the default of requests that do not say (``tta_budget_strict``): when not even ``none``
+    #: can be answered within the budget, 503 + Retry-After at once instead of a late answer
+    tta_budget_strict: bool = False
 
     def budget_s(self) -> float:
         """The default latency budget of the TTA fallback ladder, in seconds."""
