@@ -34,7 +34,7 @@ from ray.serve.exceptions import (
 )
 
 from sota_serve.http.app import unrouted
-from sota_serve.http.errors import Answer, error_body, retry_later
+from sota_serve.http.errors import Answer, error_body, log_answer, retry_later
 from sota_serve.http.front_door import Receive, Scope, header_map
 from sota_serve.http.limits import Limits, Rejected
 from sota_serve.http.oip import OpenInference
@@ -73,10 +73,12 @@ class Ingress:
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         try:
-            return await self.answer(scope, receive, method, path)
+            answer = await self.answer(scope, receive, method, path)
         except Exception as e:  # noqa: BLE001 - the contract's JSON error instead of Ray's text
             log.exception("%s %s failed", method, path)
             return 500, {}, error_body(f"internal server error ({_kind(e)}); the ingress's log has the traceback")
+        log_answer(f"{method} {path}", answer)  # every 4xx one warning line, as under bentoml serve
+        return answer
 
     async def answer(self, scope: Scope, receive: Receive, method: str, path: str) -> Answer:
         if method in ("GET", "HEAD"):

@@ -56,3 +56,65 @@ def test_malformed_values_are_400_with_the_field_named(field, value):
     with pytest.raises(MalformedRequestError) as e:
         _form(list(parts(body, sep)), "image")
     assert field in str(e.value) and e.value.http_status == 400
+
+
+def _sent(send_messages):
+    """A real ASGI ``send`` that keeps what it is given."""
+    async def send(message):
+        send_messages.append(message)
+    return send
+
+
+@pytest.mark.parametrize(("status", "body", "head", "logged"), [
+    (404, b"Not Found", False, "GET /nowhere -> 404: Not Found"),  # BentoML's plain text
+    (400, b'[{"error": "bad\\nfield"}]', False, "GET /nowhere -> 400: bad field"),  # its list, one line
+    (405, b"", True, "GET /nowhere -> 405: Method Not Allowed"),  # HEAD: no body to read
+    (200, b'{"ok": true}', False, None),
+    (503, b"busy", False, None),
+])
+def test_json_errors_logs_each_4xx_once_as_one_line(caplog, status, body, head, logged):
+    import asyncio
+
+    from sota_serve.http.errors import json_errors
+
+    out: list[dict] = []
+    send = json_errors(_sent(out), lambda: 3, head=head, request="GET /nowhere")
+
+    async def answer():
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": body[:3], "more_body": True})
+        await send({"type": "http.response.body", "body": body[3:]})
+
+    with caplog.at_level("WARNING", logger="sota_serve.http"):
+        asyncio.run(answer())
+    lines = [r.getMessage() for r in caplog.records if r.name == "sota_serve.http"]
+    assert lines == ([logged] if logged else []), lines
+    assert all(r.levelname == "WARNING" for r in caplog.records if r.name == "sota_serve.http")
+    if 400 <= status < 500 and not head:
+        sent = b"".join(m.get("body", b"") for m in out if m["type"] == "http.response.body")
+        assert sent.endswith(b"\n") and list(__import__("json").loads(sent)) == ["error"]
+
+
+def test_the_ray_ingress_logs_the_4xx_it_answers_itself(caplog):
+    """The Ray front end hands its answers to Ray rather than sending them through
+    json_errors: a 413 from its body limit is one warning line there too."""
+    import asyncio
+
+    from rayserve.ingress import Ingress
+    from sota_serve.http.limits import Limits
+
+    async def call(method, *args):  # never reached: the limit answers first
+        raise AssertionError(f"{method} forwarded")
+
+    ingress = Ingress(call, Limits(max_body_bytes=1024, body_timeout_s=5, max_files=4), timeout_s=5)
+    scope = {"type": "http", "method": "POST", "path": "/classify", "root_path": "",
+             "headers": [(b"content-length", b"4096"), (b"content-type", b"multipart/form-data; boundary=x")]}
+
+    async def receive():
+        return {"type": "http.request", "body": b"x" * 4096, "more_body": False}
+
+    with caplog.at_level("WARNING", logger="sota_serve.http"):
+        status, _, _ = asyncio.run(ingress.handle(scope, receive))
+    assert status == 413
+    lines = [r.getMessage() for r in caplog.records if r.name == "sota_serve.http"]
+    assert len(lines) == 1 and lines[0].startswith("POST /classify -> 413: request body above the limit"), lines
