@@ -366,7 +366,8 @@ def test_page_shows_what_the_model_looked_at(server, digit_files):
 def shoot_docs(model: str, out: Path) -> None:
     """The documents' screenshots, from a real ``bentoml serve`` of ``model`` (the demo:
     packages/sota-demo or sota-demo:latest): page.png (1280x900) and page-phone.png (390x844),
-    Grace Hopper's photo with five-crop; explain.png (1280x900), examples/three.png's map."""
+    Grace Hopper's photo with five-crop; explain.png (1280x980, down to the map's legend),
+    examples/three.png's map."""
     import time
 
     from selenium.webdriver.common.by import By
@@ -395,7 +396,7 @@ def shoot_docs(model: str, out: Path) -> None:
                 browser.save_screenshot(str(out / name))
             finally:
                 browser.quit()
-        browser = _browser(1280, 900)
+        browser = _browser(1280, 980)
         try:
             browser.get(f"{server.url}/")
             wait = WebDriverWait(browser, 60)
