@@ -234,7 +234,9 @@ def test_answers_and_errors_are_one_json_encoding_ending_in_a_newline(server, ph
     card = httpx.get(f"{server.url}/card", timeout=30)
     posted_card = httpx.post(f"{server.url}/card", timeout=30)
     ready = httpx.get(f"{server.url}/v2/health/ready", timeout=30)
-    for r in (ok, bad, card, posted_card, ready):
+    infer = httpx.post(f"{server.url}/v2/models/tiny-cnn/infer", timeout=60, json={"inputs": [
+        {"name": "pixels", "shape": [1, 3, 32, 32], "datatype": "UINT8", "data": [128] * 3072}]})
+    for r in (ok, bad, card, posted_card, ready, infer):
         assert r.status_code in (200, 400), r.text[:300]
         assert r.content.endswith(b"}\n") and r.content.count(b"\n") == 1, r.content[-80:]
         assert r.content == json.dumps(r.json(), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"

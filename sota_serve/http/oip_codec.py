@@ -53,6 +53,10 @@ _U32 = struct.Struct("<I")
 MAX_JSON_VALUES = 2**18
 
 
+#: bytes of a JSON head counted in one call (the call holds the GIL: about 0.3 ms)
+_SCAN_BYTES = 1 << 20
+
+
 class JsonTooLargeError(SotaServeError):
     """A JSON inference head with more values than :data:`MAX_JSON_VALUES`."""
 
@@ -133,10 +137,14 @@ def _check_json_values(head: bytes) -> None:
     after the first follows a comma, and counting commas is a C scan of the bytes, whatever
     they hold (commas inside strings only make the count an over-estimate, never an under one,
     and a base64 string holds none)."""
-    values = head.count(b",") + 1
+    values = 1
+    for start in range(0, len(head), _SCAN_BYTES):  # a slice at a time: the GIL is free between slices
+        values += head.count(b",", start, start + _SCAN_BYTES)
+        if values > MAX_JSON_VALUES:
+            break
     if values > MAX_JSON_VALUES:
         raise JsonTooLargeError(
-            f"the JSON inference request holds about {values} values, more than {MAX_JSON_VALUES} that"
+            f"the JSON inference request holds more than {MAX_JSON_VALUES} values, the most that"
             " JSON tensors may carry here; send the tensor in the binary tensor extension"
             " (parameters.binary_data_size, and the Inference-Header-Content-Length header:"
             " tritonclient's InferInput.set_data_from_numpy(..., binary_data=True), its default)")
@@ -296,8 +304,8 @@ def encode_infer(inference: Inference, scores: Probabilities, card: ModelCard) -
     if inference.id is not None:
         head["id"] = inference.id
     header = json.dumps(head, separators=(",", ":")).encode()
-    if payload is None:
-        return header, {"content-type": "application/json"}
+    if payload is None:  # a JSON body ends in a newline, as every JSON answer does
+        return header + b"\n", {"content-type": "application/json"}
     return header + payload, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
 
