@@ -10,6 +10,11 @@ counter, read before and after), p50/p99 latency, and the accuracy those answers
 
     python -m bench.fallback [--model packages/sota-demo] [--concurrency 256,512] [--rates 200,250] [--seconds 20]
         [--tta five_crop] [--budget-s S] [--env SOTA_SERVE_X=V ...] [--out bench/results/fallback.json]
+
+With ``--sweep 0.5,1,1.5,2`` it first measures the plain capacity for the policy (closed-loop
+clients, ladder off) and then offers open-loop arrivals at those multiples of it to three
+servers, the ladder off, on, and on with strict budgets, and plots p99 against the offered
+load with the budget as a line (the JSON's name, ``.png``).
 """
 
 from __future__ import annotations
@@ -73,7 +78,66 @@ def measure(server: Server, card: ModelCard, images: list[Path], *, tta: str, se
         "degraded_share": 1 - served.get(tta, 0.0) / answered if answered else 0.0,
         "served": {p: int(n) for p, n in sorted(served.items())}, "throughput": load["throughput"],
         "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"], "expected_accuracy": expected_accuracy(card, served),
+        **{key: load[key] for key in ("p999_ms", "answered_p99_ms", "answered_p999_ms", "answered_max_ms")
+           if key in load},
     }
+
+
+MODES = {"off": {"SOTA_SERVE_TTA_FALLBACK": "false"}, "on": {"SOTA_SERVE_TTA_FALLBACK": "true"},
+         "strict": {"SOTA_SERVE_TTA_FALLBACK": "true", "SOTA_SERVE_TTA_BUDGET_STRICT": "true"}}
+
+
+def sweep(model: Path, card: ModelCard, images: list[Path], *, tta: str, factors: list[float], seconds: float,
+          given: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
+    """(the plain capacity for ``tta`` in req/s, one run per mode and offered load)."""
+    with Server(model, env={**given, **MODES["off"]}) as server:
+        closed_loop(f"{server.url}/classify", images, data={"tta": tta}, concurrency=32, seconds=3)  # warm
+        capacity = closed_loop(f"{server.url}/classify", images, data={"tta": tta}, concurrency=64,
+                               seconds=seconds)["throughput"]
+    print(f"capacity: {capacity:.1f} req/s of {tta} (64 closed-loop clients, ladder off)", file=sys.stderr)
+    runs: list[dict[str, Any]] = []
+    for mode, env in MODES.items():
+        with Server(model, env={**given, **env}) as server:
+            closed_loop(f"{server.url}/classify", images, data={"tta": tta}, concurrency=32, seconds=3)  # warm
+            for factor in factors:
+                run = {"mode": mode, "factor": factor, **measure(server, card, images, tta=tta, seconds=seconds,
+                                                                 rate=factor * capacity)}
+                runs.append(run)
+                print(f"{mode:6s} {factor:g}x: {run['ok']}/{run['requests']} answered, {run['shed_503']} x 503,"
+                      f" {100 * run['degraded_share']:.1f} % degraded, p99 {run['p99_ms']:.0f} ms", file=sys.stderr)
+    return capacity, runs
+
+
+def plot_sweep(runs: list[dict[str, Any]], capacity: float, budget_s: float, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for mode, marker in zip(MODES, "osD", strict=True):
+        mine = [r for r in runs if r["mode"] == mode]
+        key = "answered_p99_ms" if mode == "strict" else "p99_ms"
+        label = "strict (answers' p99)" if mode == "strict" else f"ladder {mode}"
+        ax.plot([r["factor"] for r in mine], [r[key] / 1000 for r in mine], marker=marker, label=label)
+    ax.axhline(budget_s, color="grey", linestyle="--", label=f"budget {budget_s:g} s")
+    ax.set(xlabel=f"offered load (x the plain capacity, {capacity:.0f} req/s)", ylabel="p99 latency (s)",
+           title=title, yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _sweep_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
+    def ms(value: float) -> str:
+        return f"{value:.0f}" if value == value else "n/a"  # nan: no answer in the run
+
+    return [[r["mode"], f"{r['factor']:g}x ({r['rate']:.0f}/s)", f"{100 * r['answered_share']:.1f} %", r["shed_503"],
+             ms(r["p50_ms"]), ms(r["p99_ms"]), ms(r["p999_ms"]), ms(r["answered_p99_ms"]), ms(r["answered_max_ms"]),
+             f"{100 * r['degraded_share']:.1f} %",
+             "n/a" if r["expected_accuracy"] is None else f"{100 * r['expected_accuracy']:.2f} %"] for r in runs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="a server setting for both servers (repeatable), e.g. SOTA_SERVE_MAX_WAIT_S=2")
     p.add_argument("--images", default="imagenet", help="image set: imagenet or mix (bench/images.py)")
+    p.add_argument("--sweep", default="", help="comma list of multiples of the plain capacity to offer"
+                                               " open-loop to the ladder off, on and strict (e.g. 0.5,1,1.5,2)")
     p.add_argument("--out", default="bench/results/fallback.json", help="where the JSON goes")
     args = p.parse_args(argv)
     model = Path(args.model)
@@ -101,6 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_s:
         given["SOTA_SERVE_TTA_BUDGET_S"] = str(args.budget_s)
     budget = BenchConfig(server_env=given).settings("cpu").budget_s()
+    if args.sweep:
+        factors = [float(f) for f in args.sweep.split(",")]
+        capacity, runs = sweep(model, card, images, tta=args.tta, factors=factors, seconds=args.seconds, given=given)
+        title = f"{card.tag}: {args.tta} requests, budget {budget:g} s"
+        print(table(title, ["mode", "offered", "answered", "503", "p50 ms", "p99 ms", "p99.9 ms", "200s p99 ms",
+                            "200s max ms", "degraded", "expected accuracy"], _sweep_rows(runs)))
+        out = write_json({"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(),
+                          "model": card.tag, "tta": args.tta, "env": given, "budget_s": budget, "seconds": args.seconds,
+                          "capacity_rps": capacity, "runs": runs}, Path(args.out))
+        plot_sweep(runs, capacity, budget, title, out.with_suffix(".png"))
+        return 0
     runs: list[dict[str, Any]] = []
     for fallback in (False, True):
         env = {**given, "SOTA_SERVE_TTA_FALLBACK": str(fallback).lower()}
