@@ -242,3 +242,30 @@ def test_the_serving_core_has_no_web_framework():
 
 def test_the_service_file_reads_at_a_glance():
     assert len((ROOT / "bento" / "service.py").read_text().splitlines()) < 120
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement)[0].lower().replace("_", "-")
+
+
+def test_every_library_the_code_imports_is_declared():
+    """A third-party module imported by the shipped code (sota_serve, bento, rayserve, training)
+    comes from a distribution pyproject.toml names, in the core or an extra: one that only
+    arrives as another package's dependency can vanish with that package's next release."""
+    import importlib.metadata
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_requirement_name(d) for d in project["dependencies"]}
+    declared |= {_requirement_name(d) for extra in project["optional-dependencies"].values() for d in extra}
+    providers = importlib.metadata.packages_distributions()
+    missing = {}
+    for path in _sources("sota_serve", "bento", "rayserve", "training"):
+        for name in _imported(ast.parse(path.read_text())):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top in PROJECT:
+                continue
+            dists = {d.lower().replace("_", "-") for d in providers.get(top, [top])}
+            if not dists & declared:
+                missing.setdefault(top, path.relative_to(ROOT).as_posix())
+    assert not missing, f"imported but not declared in pyproject.toml (module: first file): {missing}"
