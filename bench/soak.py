@@ -23,6 +23,9 @@ from bench.report import write_json
 from bench.run import BenchConfig, package_for
 from bench.server import Server
 
+#: how long the soak's client keeps an idle connection: under the server's keep-alive timeout
+CLIENT_IDLE_S = 4.0
+
 
 def _rss_mb(pid: int) -> float:
     proc = psutil.Process(pid)
@@ -46,9 +49,11 @@ def _mix(images: list[Path]) -> list[tuple[str, dict, dict, int]]:
     return mix
 
 
-async def _soak(url: str, mix, n: int, concurrency: int, pid: int | None = None,
-                samples: int = 50) -> tuple[dict[str, int], list[dict[str, float]]]:
-    """Send ``n`` requests drawn from ``mix``; every n/samples requests, record RSS and p99."""
+async def _soak(url: str, mix, n: int, concurrency: int, pid: int | None = None, samples: int = 50,
+                failures: list[dict[str, object]] | None = None) -> tuple[dict[str, int], list[dict[str, float]]]:
+    """Send ``n`` requests drawn from ``mix``; every n/samples requests, record RSS and p99.
+    A request without an HTTP answer is added to ``failures`` with its wall-clock time, to be
+    found in a packet capture of the server's port."""
     counts: dict[str, int] = {}
     rng = random.Random(0)
     queue = [rng.choice(mix) for _ in range(n)]
@@ -56,7 +61,13 @@ async def _soak(url: str, mix, n: int, concurrency: int, pid: int | None = None,
     window: list[float] = []
     series: list[dict[str, float]] = []
     began = time.perf_counter()
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+    # Idle connections are dropped after 4 s, under the server's 5 s keep-alive (uvicorn's default
+    # under bentoml serve): with httpx's default of 5 s both ends time out together, and a
+    # request sent on a connection the server is closing that moment is reset (ReadError): the
+    # packet capture of a 100,000-request soak showed the server's FIN on connections idle 5 s
+    # and a RST on the one the client had just sent on.
+    limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=CLIENT_IDLE_S)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         async def worker() -> None:
             while queue:
                 path, files, data, expected = queue.pop()
@@ -66,6 +77,9 @@ async def _soak(url: str, mix, n: int, concurrency: int, pid: int | None = None,
                     status = (await client.post(url + path, files=files, data=data)).status_code
                 except httpx.HTTPError as e:  # no HTTP answer: name the transport error
                     status = type(e).__name__
+                    if failures is not None:
+                        failures.append({"at": time.time(), "path": path, "error": f"{status}: {e!r:.300}",
+                                         "after_s": round(time.perf_counter() - start, 4)})
                 window.append(time.perf_counter() - start)
                 key = f"{status}" if status == expected else f"unexpected {status} (wanted {expected})"
                 counts[key] = counts.get(key, 0) + 1
@@ -108,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model) if args.model else package_for("tiny", BenchConfig())
     images = bench_images(Path("bench/.cache/images"), (300, 640, 1024))
     mix = _mix(images)
+    failures: list[dict[str, object]] = []
     with Server(model) as server:
+        print(f"serving on {server.url}", flush=True)  # the port to capture
         asyncio.run(_soak(server.url, mix, 200, args.concurrency))  # warm-up: caches, arenas, pools
         before = _rss_mb(server.proc.pid)
         start = time.perf_counter()
-        counts, series = asyncio.run(_soak(server.url, mix, args.requests, args.concurrency, server.proc.pid))
+        counts, series = asyncio.run(_soak(server.url, mix, args.requests, args.concurrency, server.proc.pid,
+                                           failures=failures))
         seconds = time.perf_counter() - start
         after = _rss_mb(server.proc.pid)
         ready = httpx.get(server.url + "/readyz", timeout=10).status_code
@@ -126,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               "statuses": counts, "server_errors_logged": len(errors),
               "rss_mb_before": round(before, 1), "rss_mb_at_half": half, "rss_mb_after": round(after, 1),
               "rss_growth_second_half_pct": round(100 * (after - half) / half, 2),
-              "ready_after": ready, "series": series}
+              "ready_after": ready, "failures": failures, "series": series}
     print(json.dumps({k: v for k, v in result.items() if k != "series"}, indent=2))
     out = write_json(result, Path(args.out))
     if series:
