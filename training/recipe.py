@@ -57,6 +57,8 @@ class Recipe(BaseModel):
     freeze_epochs: int = Field(default=1, ge=0, le=100)
     #: run fastai's lr_find before each stage and train at its suggestion (``--lr find``)
     lr_find: bool = False
+    #: batches each lr_find run trains on, whatever the data (fastai's default: 100)
+    lr_find_iterations: int = Field(default=100, ge=20, le=10_000)
     #: training images sampled to compute ``dataset`` stats
     stats_sample: int = Field(default=512, ge=8)
     #: the first stage runs fit_one_cycle, later ones fine_tune (the book's schedule)

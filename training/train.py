@@ -57,8 +57,8 @@ class LRFind:
         return {"stage": self.stage, "suggested_lr": self.suggested, "used_lr": self.suggested}
 
 
-def find_lr(learn: Learner, stage: int) -> LRFind:
-    suggestion = learn.lr_find(show_plot=False)
+def find_lr(learn: Learner, stage: int, iterations: int = 100) -> LRFind:
+    suggestion = learn.lr_find(num_it=iterations, show_plot=False)
     lrs = [float(x) for x in learn.recorder.lrs]
     losses = [float(x) for x in learn.recorder.losses]
     return LRFind(stage, float(suggestion.valley), lrs, losses)
@@ -199,7 +199,7 @@ def train(recipe: Recipe, folder: ImageFolder, mean, std, weights: SourceWeights
             if recipe.lr_find:
                 if fine_tune and recipe.freeze_epochs:
                     learn.freeze()  # the rate of fine_tune's first, head-only phase
-                finds.append(find_lr(learn, i + 1))
+                finds.append(find_lr(learn, i + 1, recipe.lr_find_iterations))
                 lr = finds[-1].suggested
                 log.info("stage %d: lr_find suggests %.2e", i + 1, lr)
             history.recording = True
