@@ -23,7 +23,7 @@ install-serve: $(BIN)/.installed-serve,train
 # Train and import the demo model unless the BentoML store already has it.
 demo: install-serve
 	@$(BIN)/bentoml models get $(DEMO):latest >/dev/null 2>&1 \
-		|| { echo "==> training the demo model (handwritten digits, 3-4.5 minutes on 2 cores), then evaluating, exporting and quantizing it"; \
+		|| { echo "==> training the demo model (handwritten digits, 3-4.5 minutes on 2 idle AMD EPYC cores, longer on busy ones), then evaluating, exporting and quantizing it"; \
 		     $(BIN)/sota-serve demo --name $(DEMO); }
 
 serve: demo

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,11 @@ def _interrupted(command: str, out: Path | None, note: str = "") -> int:
 
 
 def _logging() -> None:
+    """The training commands' console: INFO lines, and not the FutureWarning that importing
+    fastai raises about its own use of torch.jit.script, which a user cannot act on. Called
+    at a command's start, before any thread, so the process-wide filter is safe to set."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 
 def _summary(card: ModelCard, out: Path) -> None:
