@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
+from sota_serve import formats
 from sota_serve.errors import PackageError, RuntimeBackendError
 from sota_serve.package.card import ModelCard
 from sota_serve.package.keys import (
@@ -50,6 +51,9 @@ MIN_AGREEMENT = 0.99
 PREFERRED: dict[str, str] = {"cuda": "fp16", "cpu": "int8"}
 #: how a package gets a file of each lower precision
 _ADD = {"fp16": "export with --fp16 to add one", "int8": "add one with sota-serve quantize"}
+#: what to say where the backend's format is never written at that precision
+_NOT_WRITTEN = {"fp16": "this backend's files are never written in fp16",
+                "int8": "int8 files are ONNX only"}
 
 
 def choose(card: ModelCard, available: Iterable[str], backend: str, device: str, requested: str) -> str:
@@ -66,7 +70,7 @@ def choose(card: ModelCard, available: Iterable[str], backend: str, device: str,
         if requested not in have:
             raise PackageError(
                 f"the package has no {requested} {backend} artifact (it has: {', '.join(sorted(keys))});"
-                f" {_ADD[requested] if requested != 'int8' or backend == 'onnx' else 'int8 files are ONNX only'},"
+                f" {_ADD[requested] if requested in formats.get(backend).precisions else _NOT_WRITTEN[requested]},"
                 " or serve with precision auto or fp32"
             )
         return requested
