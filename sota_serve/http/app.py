@@ -1,12 +1,10 @@
 """What a front end that serves the HTTP contract without BentoML answers itself (Ray Serve's
-ingress, rayserve/ingress.py): the routes no handler takes, with 404 or 405 as ``{"error": ...}``,
-and the ASGI lifespan protocol, which servers such as uvicorn and Ray Serve's replicas speak.
+ingress, rayserve/ingress.py): the routes no handler takes, with 404 or 405 as ``{"error": ...}``.
 """
 
 from __future__ import annotations
 
 from sota_serve.http.errors import Answer, error_body
-from sota_serve.http.front_door import Message, Receive, Send
 from sota_serve.http.routes import FILE_FIELDS
 
 
@@ -17,13 +15,3 @@ def unrouted(method: str, path: str) -> Answer:
         return 405, {"Allow": allowed}, error_body(f"{path} takes {allowed}")
     return 404, {}, error_body(f"no route {method} {path}")
 
-
-async def lifespan(receive: Receive, send: Send) -> None:
-    """The ASGI lifespan protocol: nothing to start or stop."""
-    while True:
-        message: Message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
