@@ -34,6 +34,7 @@ from bench.report import table, write_json
 from bench.run import BenchConfig, machine_info
 from bench.server import Server, env_settings
 from sota_serve.package.card import ModelCard, accuracy_key
+from sota_serve.serving.fallback import REFUSED
 
 _SERIES = re.compile(r'sota_serve_tta_answers_total\{requested="([a-z_]+)",served="([a-z_]+)"\} (\S+)')
 
@@ -70,13 +71,15 @@ def measure(server: Server, card: ModelCard, images: list[Path], *, tta: str, se
     for (requested, policy), n in after.items():
         if requested == tta and (gained := n - before.get((requested, policy), 0.0)):
             served[policy] = gained
+    refused = served.pop(REFUSED, 0.0)  # a strict budget's 503s: not answers
     answered = sum(served.values())
     return {
         "load": f"{rate:g} req/s" if rate is not None else f"{concurrency} clients",
         "concurrency": concurrency, "rate": rate, "requests": load["requests"], "ok": load["ok"], "shed_503": load["shed_503"],
         "errors": load["errors"], "answered_share": load["ok"] / load["requests"] if load["requests"] else 0.0,
         "degraded_share": 1 - served.get(tta, 0.0) / answered if answered else 0.0,
-        "served": {p: int(n) for p, n in sorted(served.items())}, "throughput": load["throughput"],
+        "served": {p: int(n) for p, n in sorted(served.items())}, "refused_strict": int(refused),
+        "throughput": load["throughput"],
         "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"], "expected_accuracy": expected_accuracy(card, served),
         **{key: load[key] for key in ("p999_ms", "answered_p99_ms", "answered_p999_ms", "answered_max_ms")
            if key in load},
