@@ -80,14 +80,8 @@ class Admission:
         larger of the two, not their sum (the sum counted the sharing twice and shed
         five-crop load at 512 clients while the true queue was 6.6 s, under the 10 s bound).
         """
-        return self.wait_s(0)
-
-    def wait_s(self, crops: int) -> float:
-        """Seconds until ``crops`` more crops, queued behind the work in flight, are through the
-        model: what a request that is about to queue them can expect to wait (its own bytes were
-        counted at the door)."""
         decode = (self.seconds_per_byte.value or 0.0) * self.pending_bytes / max(1, self.decode_threads)
-        model = (self.seconds_per_crop.value or 0.0) * (self.pending_crops + crops) / max(1, self.model_threads)
+        model = (self.seconds_per_crop.value or 0.0) * self.pending_crops / max(1, self.model_threads)
         return max(decode, model)
 
     def completion_s(self, crops: int, own_bytes: int = 0) -> float:

@@ -128,9 +128,9 @@ class Ladder:
         """The policy to serve ``images`` images of a request that asked for ``requested``.
         Raises :class:`BudgetExceededError` when the budget is strict and no policy fits."""
         ask = ask or FallbackAsk()
-        if not (self.enabled if ask.enabled is None else ask.enabled):
+        if not self._enabled(ask):
             return requested
-        budget = self.budget_s if ask.budget_s is None else ask.budget_s
+        budget = self._budget(ask)
         waited = time.monotonic() - ticket.arrived_at
         steps = self.steps(requested)
         for policy in steps:
@@ -148,9 +148,16 @@ class Ladder:
         """When a strict request's answer stops being wanted (``time.monotonic()``), for the
         batcher's check at dispatch; None for a request that takes a late answer."""
         ask = ask or FallbackAsk()
-        if not ((self.enabled if ask.enabled is None else ask.enabled) and self._strict(ask)):
+        if not (self._enabled(ask) and self._strict(ask)):
             return None
-        return ticket.arrived_at + (self.budget_s if ask.budget_s is None else ask.budget_s)
+        return ticket.arrived_at + self._budget(ask)
+
+    # A request's own choice, else the server's default.
+    def _enabled(self, ask: FallbackAsk) -> bool:
+        return self.enabled if ask.enabled is None else ask.enabled
+
+    def _budget(self, ask: FallbackAsk) -> float:
+        return self.budget_s if ask.budget_s is None else ask.budget_s
 
     def _strict(self, ask: FallbackAsk) -> bool:
         return self.strict if ask.strict is None else ask.strict
