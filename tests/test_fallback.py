@@ -19,6 +19,7 @@ from sota_serve.package.card import ModelCard
 from sota_serve.serving.admission import Admission, Ticket
 from sota_serve.serving.batcher import DynamicBatcher, Ewma
 from sota_serve.serving.fallback import FallbackAsk, Ladder, recorded_accuracy
+from sota_serve.serving.loop_lag import LoopLag
 from sota_serve.serving.pipeline import Answers, Pipeline
 from sota_serve.serving.settings import Settings
 from tests.helpers import card_dict
@@ -227,6 +228,75 @@ def test_a_strict_budget_that_nothing_fits_is_refused_before_any_work_and_counte
     assert told == [("five_crop", "refused")] and calls == [] and adm.pending_crops == 0
     late = asyncio.run(run(FallbackAsk()))  # not strict: the cheapest, late
     assert (late.tta, late.requested_tta) == ("none", "five_crop") and calls == [2]
+
+
+def test_a_strict_answer_that_comes_too_late_is_refused_not_sent(tiny_package, photos):
+    """The last check a strict budget gets: the device call ran longer than any measurement
+    said (here nothing is measured yet, so every estimate is zero and the request is let through
+    the door and the dispatch), and the answer is ready after its due time: 503, not a late 200."""
+    clf = Classifier.open(tiny_package, device="cpu")
+    adm = Admission(max_wait_s=10, max_in_flight=10, decode_threads=1)
+    told: list[tuple[str, str]] = []
+    calls: list[int] = []
+
+    async def run(ask: FallbackAsk):
+        batcher = DynamicBatcher(clf.runtime, max_crops=64, annotate=lambda crops, k, policy: calls.append(len(crops)))
+        pipeline = Pipeline(clf, batcher, adm, decode_threads=1, deadline_s=30, on_tta=lambda *p: told.append(p),
+                            tta_fallback=True, tta_budget_s=0.001)
+        ticket = adm.enter(0)
+        try:
+            return await pipeline.classify([p.read_bytes() for p in photos[:2]], "five_crop", 3, ticket, ask)
+        finally:
+            adm.leave(ticket)
+            batcher.close()
+
+    with pytest.raises(BudgetExceededError, match="too late for its 0.001 s budget") as e:
+        asyncio.run(run(FallbackAsk(strict=True)))
+    assert e.value.http_status == 503 and e.value.retry_after_s >= 1
+    assert calls == [10] and told == [("five_crop", "refused")]  # computed, then refused
+    late = asyncio.run(run(FallbackAsk()))  # not strict: the same answer, late
+    assert late.tta == "five_crop" and told[-1] == ("five_crop", "five_crop")
+
+
+def test_the_bytes_ahead_are_read_at_the_mean_and_the_requests_own_at_the_tail():
+    adm = Admission(max_wait_s=10, max_in_flight=100, decode_threads=2, seconds_per_crop=Ewma(initial=0.0))
+    for _ in range(19):
+        adm.learn_decode(1000, 0.1)  # 100 us a byte
+    adm.learn_decode(1000, 1.0)  # one image in twenty ten times slower per byte
+    mean, tail = adm.seconds_per_byte.value, adm.byte_tail.value
+    assert tail == pytest.approx(1e-3) and mean < 3e-4
+    mine = adm.enter(3000)
+    adm.enter(40_000)  # forty images' worth ahead: their sum is near the mean
+    assert adm.completion_s(0, mine.bytes) == pytest.approx(mean * 40_000 / 2 + tail * 3000)
+
+
+def test_the_estimate_adds_the_event_loops_lag_that_an_answer_waits_out():
+    adm = _admission(0.01)
+    quiet = adm.completion_s(1)
+    for _ in range(20):
+        adm.loop_lag.tail.add(0.2)
+    assert adm.delivery_s() == pytest.approx(0.2)
+    assert adm.completion_s(1) == pytest.approx(quiet + 0.2)
+    ladder = Ladder(ALL, adm, enabled=True, budget_s=0.22)
+    assert ladder.choose("five_crop", 1, Ticket(), None) == "none"  # five_crop 0.25 s with the lag
+
+
+def test_the_loop_lag_is_measured_on_a_loop_that_is_held():
+    lag = LoopLag(interval_s=0.005)
+
+    async def main() -> tuple[float, float]:
+        lag.ensure_running()
+        lag.ensure_running()  # once
+        await asyncio.sleep(0.1)
+        idle = lag.value
+        for _ in range(15):
+            time.sleep(0.1)  # a callback that holds the loop 100 ms
+            await asyncio.sleep(0)
+        return idle, lag.value
+
+    idle, held = asyncio.run(main())
+    assert idle < 0.05 and held >= 0.08
+    assert LoopLag().value == 0.0  # not sampled yet: no lag assumed
 
 
 # --- over HTTP ----------------------------------------------------------------------------

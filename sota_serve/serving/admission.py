@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from sota_serve.errors import OverloadedError
 from sota_serve.serving.batcher import Ewma
+from sota_serve.serving.loop_lag import LoopLag
 from sota_serve.serving.profile import LatencyProfile, RecentTail
 
 
@@ -62,6 +63,8 @@ class Admission:
         #: per crop by batch size (fed by the batcher), per byte of decoding
         self.profile = LatencyProfile()
         self.byte_tail = RecentTail()
+        #: the event loop's lag, which an answer waits out once the model is done
+        self.loop_lag = LoopLag()
         self.in_flight = 0
         self.pending_bytes = 0  # admitted, not yet decoded
         self.pending_crops = 0  # queued for or running in the model
@@ -86,22 +89,35 @@ class Admission:
 
     def completion_s(self, crops: int, own_bytes: int = 0) -> float:
         """Seconds until a request whose ``own_bytes`` are admitted and not yet decoded, and
-        which is about to queue ``crops`` crops, has its answer, at the tail of the measured
-        costs (:mod:`sota_serve.serving.profile`), not their mean.
+        which is about to queue ``crops`` crops, has its answer written.
 
         Its images are decoded once the bytes ahead of them are (shared by the decode
         threads), its own on one thread each; meanwhile the crops in flight drain over the
         model threads; then its own crops run as one device call on one model thread, which
-        the other threads do not shorten.
+        the other threads do not shorten; then the answer waits for the event loop
+        (:attr:`delivery_s`).
+
+        Which figure each part reads (:mod:`sota_serve.serving.profile`): the bytes ahead are
+        many images, whose decode times vary with their content, not with the load, so their
+        sum is near its mean per byte (the tail per byte, applied to each of them, made the
+        decode estimate three to four times the measured wait on the demo); the request's own
+        decode and its own device call are one sample each, read at the tail. The crops in
+        flight drain at the tail per crop: what slows one device call (the cores shared with
+        decoding and the HTTP work) slows the calls after it too.
         """
-        per_byte = self.byte_tail.value or self.seconds_per_byte.value or 0.0
+        mean_per_byte = self.seconds_per_byte.value or 0.0
+        tail_per_byte = self.byte_tail.value or mean_per_byte
         ahead = max(0, self.pending_bytes - own_bytes)
-        decoded = per_byte * (ahead / max(1, self.decode_threads) + own_bytes)
+        decoded = mean_per_byte * ahead / max(1, self.decode_threads) + tail_per_byte * own_bytes
         mean_per_crop = self.seconds_per_crop.value or 0.0
         per_crop = self.profile.per_crop_s(self.pending_crops) or mean_per_crop
         drained = per_crop * self.pending_crops / max(1, self.model_threads)
         own = self.profile.run_s(crops) if crops else 0.0
-        return max(decoded, drained) + (own if own is not None else mean_per_crop * crops)
+        return max(decoded, drained) + (own if own is not None else mean_per_crop * crops) + self.delivery_s()
+
+    def delivery_s(self) -> float:
+        """Seconds a finished answer waits for the event loop to write it (its recent lag)."""
+        return self.loop_lag.value
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self.drain_s()))
@@ -120,6 +136,7 @@ class Admission:
         that calls :meth:`leave`.
         """
         arrived = time.monotonic()
+        self.loop_lag.ensure_running()
         try:
             return self._arrived(self.enter(nbytes, count_shed=hold_s <= 0), arrived)
         except OverloadedError:

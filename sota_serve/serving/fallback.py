@@ -11,13 +11,16 @@ The ladder steps down from the requested policy through the cheaper policies the
 one matches (on the demo, flip's 95.6 % against none's 99.4 %: mirrored digits are not digits,
 so flip would cost twice none's work for a worse answer), and serves the first whose estimated completion fits
 the budget: the time since the request reached the door plus admission's estimate of when its
-answer is ready at the tail of the measured costs (:meth:`Admission.completion_s`: its own
-decode behind the bytes ahead of it, the crops in flight, then its own crops as one device
-call). When even ``none`` does not fit, ``none`` is served, late; with a strict budget
-(``tta_budget_strict``) the request is refused at once instead (503 + Retry-After,
-:class:`BudgetExceededError`), and once more at dispatch if its crops can no longer be
-answered in time (the crops already cut for one policy cannot be served as another: each
-policy resizes the image to its own scale). The decision is taken before the request's crops
+answer is written (:meth:`Admission.completion_s`: its own decode behind the bytes ahead of
+it, the crops in flight, its own crops as one device call at the tail of that call's measured
+times, then the event loop's lag). When even ``none`` does not fit, ``none`` is served, late;
+with a strict budget (``tta_budget_strict``) the request is refused at once instead (503 +
+Retry-After, :class:`BudgetExceededError`), again at dispatch if its crops can no longer be
+answered in time, and a last time when its answer is ready after the due time: a strict
+request gets its answer within the budget or a 503, never a late answer. At dispatch the
+crops already cut for one policy cannot be served as another (each policy resizes the image
+to its own scale, and cutting again would cost a second decode), so a request that no longer
+fits is refused there if strict and run as it is if not. The decision is taken before the request's crops
 are charged, so admission accounts for the policy that runs.
 
 Off by default (``SOTA_SERVE_TTA_FALLBACK``), so that an answer's ``tta`` is the one asked

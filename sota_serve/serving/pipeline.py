@@ -196,10 +196,19 @@ class Pipeline:
         ladder's choice, run with a strict budget's due time; a strict refusal, at the door
         or at dispatch, is counted as served ``refused`` before it propagates (503)."""
         requested = self.clf.policy(tta)
+        self.admission.loop_lag.ensure_running()
         try:
             requested, served = self.policy(tta, len(images), ticket, fallback)
+            due = self.ladder.due(ticket, fallback)
+            # the model must be done early enough for the answer to be written by the due time
+            finish_by = None if due is None else due - self.admission.delivery_s()
             items, ranked = await self._run(images, served, self.clf.preprocessor.crops_per_image(served), ticket,
-                                            due=self.ladder.due(ticket, fallback))
+                                            due=finish_by)
+            if finish_by is not None and time.monotonic() > finish_by:
+                raise BudgetExceededError(
+                    f"answered {time.monotonic() - finish_by:.2f} s too late for its {due - ticket.arrived_at:g} s"
+                    " budget (a device call ran longer than measured); refused instead of answered late because"
+                    " the budget is strict (tta_budget_strict)", retry_after_s=self.admission.retry_after())
         except BudgetExceededError:
             self._answered(requested, REFUSED)
             raise
