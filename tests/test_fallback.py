@@ -254,8 +254,9 @@ def test_a_strict_answer_that_comes_too_late_is_refused_not_sent(tiny_package, p
         asyncio.run(run(FallbackAsk(strict=True)))
     assert e.value.http_status == 503 and e.value.retry_after_s >= 1
     assert calls == [10] and told == [("five_crop", "refused")]  # computed, then refused
-    late = asyncio.run(run(FallbackAsk()))  # not strict: the same answer, late
-    assert late.tta == "five_crop" and told[-1] == ("five_crop", "five_crop")
+    assert len(adm.forecast_miss) == 1  # the miss is learned: the next forecast is longer
+    late = asyncio.run(run(FallbackAsk()))  # not strict: answered late (with the cheapest policy)
+    assert late.tta == "none" and told[-1] == ("five_crop", "none")
 
 
 def test_the_bytes_ahead_are_read_at_the_mean_and_the_requests_own_at_the_tail():
@@ -279,6 +280,52 @@ def test_the_estimate_adds_the_event_loops_lag_that_an_answer_waits_out():
     assert adm.completion_s(1) == pytest.approx(quiet + 0.2)
     ladder = Ladder(ALL, adm, enabled=True, budget_s=0.22)
     assert ladder.choose("five_crop", 1, Ticket(), None) == "none"  # five_crop 0.25 s with the lag
+
+
+def test_the_forecast_adds_the_recent_tail_of_how_far_it_missed():
+    adm = _admission(0.01)
+    plain = adm.completion_s(1)
+    for _ in range(100):
+        ticket = Ticket(forecast=(time.monotonic() - 0.5, 0.2))  # forecast 0.2 s, ready after 0.5 s
+        adm.learn_ready(ticket)
+        assert ticket.forecast is None  # learned once
+    assert adm.calibration_s() == pytest.approx(0.3, abs=0.01)
+    assert adm.completion_s(1) == pytest.approx(plain + 0.3, abs=0.01)
+    early = _admission(0.01)
+    for _ in range(100):
+        early.learn_ready(Ticket(forecast=(time.monotonic(), 5.0)))  # answers far sooner than forecast
+    assert early.calibration_s() == 0.0  # the forecast is never shortened below the model's
+
+
+def test_the_ladder_keeps_its_uncorrected_forecast_and_a_real_answer_teaches_admission(tiny_package, photos):
+    clf = Classifier.open(tiny_package, device="cpu")
+    adm = Admission(max_wait_s=10, max_in_flight=10, decode_threads=1, seconds_per_crop=Ewma(initial=0.001))
+    for _ in range(10):
+        adm.learn_ready(Ticket(forecast=(time.monotonic() - 0.2, 0.0)))
+    ladder = Ladder(ALL, adm, enabled=True, budget_s=1.0)
+    ticket = Ticket()
+    assert ladder.choose("five_crop", 1, ticket, None) == "five_crop"
+    assert ticket.forecast is not None and ticket.forecast[1] == pytest.approx(adm.ready_s(5))  # not + 0.2
+
+    async def run() -> Answers:
+        batcher = DynamicBatcher(clf.runtime, max_crops=64, seconds_per_crop=adm.seconds_per_crop)
+        pipeline = Pipeline(clf, batcher, adm, decode_threads=1, deadline_s=30, tta_fallback=True, tta_budget_s=5.0)
+        try:
+            return await pipeline.classify([photos[0].read_bytes()], "five_crop", 3, adm.enter(0))
+        finally:
+            batcher.close()
+
+    learned = len(adm.forecast_miss)
+    assert asyncio.run(run()).tta == "five_crop" and len(adm.forecast_miss) == learned + 1
+
+
+def test_time_before_the_door_counts_against_the_budget():
+    adm = _admission(0.1)  # five_crop 0.5 s, none 0.1 s
+    ladder = Ladder(ALL, adm, enabled=True, budget_s=1.0, strict=True)
+    assert ladder.choose("five_crop", 1, Ticket(), None) == "five_crop"
+    late = Ticket(before_s=0.85)  # its bytes waited 0.85 s behind a busy event loop
+    assert ladder.choose("five_crop", 1, late, None) == "none"  # five_crop 1.35 s, flip 1.05 s
+    assert ladder.due(late) == pytest.approx(late.arrived_at - 0.85 + 1.0)
 
 
 def test_the_loop_lag_is_measured_on_a_loop_that_is_held():

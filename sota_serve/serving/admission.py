@@ -38,6 +38,11 @@ from sota_serve.serving.batcher import Ewma
 from sota_serve.serving.loop_lag import LoopLag
 from sota_serve.serving.profile import LatencyProfile, RecentTail
 
+#: forecast misses kept, and the quantile added: p99 of the last 512 answers (about two seconds
+#: at the load where it matters), so the 5th-latest miss, not the single latest
+FORECAST_SAMPLES = 512
+FORECAST_QUANTILE = 0.99
+
 
 @dataclass
 class Ticket:
@@ -46,8 +51,17 @@ class Ticket:
     bytes: int = 0  # upload bytes not yet decoded
     crops: int = 0  # crops not yet through the model
     admitted_at: float = field(default_factory=time.monotonic)
-    #: when the request reached the door (before any hold there): a latency budget counts from it
+    #: when the request reached the door (before any hold there)
     arrived_at: float = field(default_factory=time.monotonic)
+    #: the event loop's lag when it did: about how long its bytes waited to be read before
+    before_s: float = 0.0
+    #: (when, seconds): the ladder's forecast of its answer being ready, kept to learn from
+    forecast: tuple[float, float] | None = None
+
+    @property
+    def sent_at(self) -> float:
+        """About when the client sent it: a latency budget counts from here."""
+        return self.arrived_at - self.before_s
 
 
 class Admission:
@@ -63,8 +77,10 @@ class Admission:
         #: per crop by batch size (fed by the batcher), per byte of decoding
         self.profile = LatencyProfile()
         self.byte_tail = RecentTail()
-        #: the event loop's lag, which an answer waits out once the model is done
+        #: the event loop's lag, which a request waits out before the door and its answer after
         self.loop_lag = LoopLag()
+        #: how much later than forecast answers were ready: the last few seconds' misses
+        self.forecast_miss = RecentTail(size=FORECAST_SAMPLES, quantile=FORECAST_QUANTILE)
         self.in_flight = 0
         self.pending_bytes = 0  # admitted, not yet decoded
         self.pending_crops = 0  # queued for or running in the model
@@ -87,15 +103,15 @@ class Admission:
         model = (self.seconds_per_crop.value or 0.0) * self.pending_crops / max(1, self.model_threads)
         return max(decode, model)
 
-    def completion_s(self, crops: int, own_bytes: int = 0) -> float:
+    def ready_s(self, crops: int, own_bytes: int = 0) -> float:
         """Seconds until a request whose ``own_bytes`` are admitted and not yet decoded, and
-        which is about to queue ``crops`` crops, has its answer written.
+        which is about to queue ``crops`` crops, has its answer computed, from the measured
+        costs.
 
         Its images are decoded once the bytes ahead of them are (shared by the decode
         threads), its own on one thread each; meanwhile the crops in flight drain over the
         model threads; then its own crops run as one device call on one model thread, which
-        the other threads do not shorten; then the answer waits for the event loop
-        (:attr:`delivery_s`).
+        the other threads do not shorten.
 
         Which figure each part reads (:mod:`sota_serve.serving.profile`): the bytes ahead are
         many images, whose decode times vary with their content, not with the load, so their
@@ -113,7 +129,32 @@ class Admission:
         per_crop = self.profile.per_crop_s(self.pending_crops) or mean_per_crop
         drained = per_crop * self.pending_crops / max(1, self.model_threads)
         own = self.profile.run_s(crops) if crops else 0.0
-        return max(decoded, drained) + (own if own is not None else mean_per_crop * crops) + self.delivery_s()
+        return max(decoded, drained) + (own if own is not None else mean_per_crop * crops)
+
+    def completion_s(self, crops: int, own_bytes: int = 0) -> float:
+        """Seconds until such a request's answer is written: :meth:`ready_s`, plus what the
+        estimate has recently missed by (:meth:`calibration_s`), plus the event loop's lag
+        that the finished answer waits out (:meth:`delivery_s`)."""
+        return self.ready_s(crops, own_bytes) + self.calibration_s() + self.delivery_s()
+
+    def calibration_s(self) -> float:
+        """How much later than :meth:`ready_s` forecast answers have recently been ready, at
+        the 99th percentile (0 when the forecasts hold).
+
+        The estimate models decoding and the device; what it leaves out (the GIL and the cores
+        shared with HTTP work, threads scheduled late) shows up as answers later than
+        forecast. Adding the recent tail of that miss makes the forecast hold for 99 % of
+        answers whatever its cause, as a conformal prediction interval does; it is learned
+        from the uncorrected forecast, so the correction does not feed on itself.
+        """
+        return max(0.0, self.forecast_miss.value or 0.0)
+
+    def learn_ready(self, ticket: Ticket) -> None:
+        """The request of ``ticket`` has its answer now: learn how far its forecast missed."""
+        if ticket.forecast is not None:
+            at, forecast = ticket.forecast
+            self.forecast_miss.add(time.monotonic() - at - forecast)
+            ticket.forecast = None
 
     def delivery_s(self) -> float:
         """Seconds a finished answer waits for the event loop to write it (its recent lag)."""
@@ -166,9 +207,8 @@ class Admission:
         # the last word: admitted, or refused with the current estimate
         return self._arrived(self.enter(nbytes), arrived)
 
-    @staticmethod
-    def _arrived(ticket: Ticket, at: float) -> Ticket:
-        ticket.arrived_at = at
+    def _arrived(self, ticket: Ticket, at: float) -> Ticket:
+        ticket.arrived_at, ticket.before_s = at, self.loop_lag.value
         return ticket
 
     def enter(self, nbytes: int, *, count_shed: bool = True) -> Ticket:

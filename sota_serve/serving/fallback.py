@@ -134,18 +134,25 @@ class Ladder:
         if not self._enabled(ask):
             return requested
         budget = self._budget(ask)
-        waited = time.monotonic() - ticket.arrived_at
+        now = time.monotonic()
+        waited = now - ticket.sent_at
         steps = self.steps(requested)
         for policy in steps:
             if waited + self.admission.completion_s(images * CROPS_PER_IMAGE[policy], ticket.bytes) <= budget:
-                return policy
+                return self._forecast(policy, images, ticket, now)
         if self._strict(ask):
             raise BudgetExceededError(
                 f"not even tta 'none' can be answered within the {budget:g} s budget now (about"
                 f" {waited + self.admission.completion_s(images, ticket.bytes):.2f} s); refused at once"
                 " because the budget is strict (tta_budget_strict)",
                 retry_after_s=self.admission.retry_after())
-        return steps[-1]
+        return self._forecast(steps[-1], images, ticket, now)
+
+    def _forecast(self, policy: str, images: int, ticket: Ticket, now: float) -> str:
+        """``policy``, with its uncorrected forecast kept on the ticket for admission to learn
+        from when the answer is ready (:meth:`Admission.learn_ready`)."""
+        ticket.forecast = (now, self.admission.ready_s(images * CROPS_PER_IMAGE[policy], ticket.bytes))
+        return policy
 
     def due(self, ticket: Ticket, ask: FallbackAsk | None = None) -> float | None:
         """When a strict request's answer stops being wanted (``time.monotonic()``), for the
@@ -153,7 +160,7 @@ class Ladder:
         ask = ask or FallbackAsk()
         if not (self._enabled(ask) and self._strict(ask)):
             return None
-        return ticket.arrived_at + self._budget(ask)
+        return ticket.sent_at + self._budget(ask)
 
     # A request's own choice, else the server's default.
     def _enabled(self, ask: FallbackAsk) -> bool:

@@ -204,9 +204,10 @@ class Pipeline:
             finish_by = None if due is None else due - self.admission.delivery_s()
             items, ranked = await self._run(images, served, self.clf.preprocessor.crops_per_image(served), ticket,
                                             due=finish_by)
+            self.admission.learn_ready(ticket)
             if finish_by is not None and time.monotonic() > finish_by:
                 raise BudgetExceededError(
-                    f"answered {time.monotonic() - finish_by:.2f} s too late for its {due - ticket.arrived_at:g} s"
+                    f"answered {time.monotonic() - finish_by:.2f} s too late for its {due - ticket.sent_at:g} s"
                     " budget (a device call ran longer than measured); refused instead of answered late because"
                     " the budget is strict (tta_budget_strict)", retry_after_s=self.admission.retry_after())
         except BudgetExceededError:
