@@ -1,4 +1,5 @@
-"""Prometheus metrics of the in-process batcher and the admission policy (on ``/metrics``).
+"""Prometheus metrics of the in-process batcher, the admission policy and the gRPC calls (on
+``/metrics``).
 
 BentoML's own ``bentoml_service_adaptive_batch_size`` is not used any more (the service does
 its own batching); these count images and crops, not requests.
@@ -19,6 +20,8 @@ BATCH_SECONDS = bentoml.metrics.Histogram(
     labelnames=["crops_per_image"], buckets=SECONDS_BUCKETS)
 SHED = bentoml.metrics.Counter(
     name="sota_serve_shed", documentation="Requests answered 503 with Retry-After", labelnames=["reason"])
+GRPC = bentoml.metrics.Counter(name="sota_serve_grpc_requests", documentation="gRPC calls by method and status code",
+                               labelnames=["method", "code"])
 TTA = bentoml.metrics.Counter(name="sota_serve_tta_answers", documentation=TTA_ANSWERS,
                               labelnames=["requested", "served"])
 
@@ -34,3 +37,7 @@ def count_tta(requested: str, served: str) -> None:
 
 def count_shed(reason: str) -> None:
     SHED.labels(reason=reason).inc()
+
+
+def count_grpc(method: str, code: str) -> None:
+    GRPC.labels(method=method, code=code).inc()

@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from bento.config import explain_port_in_use, settings_and_package
+from bento.grpc_port import GrpcPort
 from bento.metrics import count_shed, count_tta, observe_batch
 from bento.openapi import describe
 from bento.upload import Upload
@@ -39,6 +40,7 @@ ROUTES = Routes()
 # One per worker process (each imports this module): the front door and the pipeline share it.
 ADMISSION = Admission(max_wait_s=SETTINGS.max_wait_s, max_in_flight=SETTINGS.max_in_flight,
                       decode_threads=PLAN.decode_threads, model_threads=PLAN.model_threads, on_shed=count_shed)
+GRPC = GrpcPort(SETTINGS, ADMISSION)  # SOTA_SERVE_GRPC_PORT: every worker serves it once its model is loaded
 
 
 def _response(answer: Answer) -> Response:
@@ -71,9 +73,14 @@ class SotaServe:
     def __is_ready__(self) -> bool:
         return self.ready
 
+    @bentoml.on_startup
+    async def _serve_grpc(self) -> None:
+        await GRPC.start(ROUTES.oip)
+
     @bentoml.on_shutdown
-    def _draining(self) -> None:
+    async def _draining(self) -> None:
         self.ready = False
+        await GRPC.stop()
 
     # Over HTTP the front door answers these routes with the same Routes methods; the
     # declarations are the contract: OpenAPI schema, BentoML clients, in-process calls.

@@ -16,16 +16,9 @@ from tritonclient.http import InferResult
 from tritonclient.utils import InferenceServerException
 
 from sota_serve.errors import BadRequestError, MalformedRequestError
-from sota_serve.http.oip_codec import (
-    MAX_JSON_VALUES,
-    JsonTooLargeError,
-    classification,
-    decode_bytes,
-    encode_bytes,
-    encode_infer,
-    parse_infer,
-)
+from sota_serve.http.oip_codec import MAX_JSON_VALUES, JsonTooLargeError, encode_infer, parse_infer
 from sota_serve.image.preprocess import Preprocessor
+from sota_serve.oip.messages import classification, decode_bytes, encode_bytes
 from sota_serve.package.card import ModelCard
 from sota_serve.serving.fallback import FallbackAsk
 from sota_serve.serving.pipeline import Probabilities

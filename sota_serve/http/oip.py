@@ -4,7 +4,8 @@
 ``.../ready`` and ``POST .../infer``, where ``{name}`` is the card's name and ``{v}`` its
 version. Requests go through the same front door (body limit, admission), the same handler and
 pipeline (batching across requests and routes) and the same decode limits as ``/classify``.
-The messages are sota_serve/http/oip_codec.py's. Errors are ``{"error": message}``: 400 for anything
+The messages are sota_serve/oip/messages.py's in the REST encoding of sota_serve/http/oip_codec.py,
+answered by sota_serve/oip/model.py's model, as over gRPC (sota_serve/grpc/). Errors are ``{"error": message}``: 400 for anything
 wrong in the request (v2 has no 422), 404 for another model's name, 413, 415 and 503 as on
 the other routes.
 """
@@ -16,10 +17,11 @@ import re
 from collections.abc import Callable, Mapping
 from functools import partial
 
-from sota_serve import __version__, formats
 from sota_serve.errors import BadRequestError, MalformedRequestError, SotaServeError
 from sota_serve.http.errors import Answer, error_answer, json_body
-from sota_serve.http.oip_codec import HEADER_LENGTH, encode_infer, model_metadata, parse_infer
+from sota_serve.http.oip_codec import HEADER_LENGTH, encode_infer, parse_infer
+from sota_serve.oip.messages import server_metadata
+from sota_serve.oip.model import NotFoundError, ServedModel
 from sota_serve.serving.admission import Ticket
 from sota_serve.serving.pipeline import Pipeline
 
@@ -34,16 +36,11 @@ def _json(status: int, body: object) -> Answer:
 _LIVE = _json(200, {"live": True})  # the process answers: live, whether or not the model is loaded
 
 
-class NotFoundError(SotaServeError):
-    http_status = 404
-
-
 class OpenInference:
     def __init__(self, pipeline: Pipeline, *, backend: str, max_images: int,
                  ready: Callable[[], bool]) -> None:
-        self.pipeline, self.card = pipeline, pipeline.card
-        self.platform = formats.get(backend).platform
-        self.max_images, self.ready = max_images, ready
+        self.model = ServedModel(pipeline, backend=backend, max_images=max_images, ready=ready)
+        self.pipeline, self.card, self.max_images, self.ready = pipeline, pipeline.card, max_images, ready
 
     @staticmethod
     def is_infer(path: str) -> bool:
@@ -60,8 +57,7 @@ class OpenInference:
     def get(self, path: str) -> Answer | None:
         """The answer to ``GET path`` under ``/v2``, or None when the path is not one of these."""
         if path in ("/v2", "/v2/"):
-            return _json(200, {"name": "sota-serve", "version": __version__,
-                               "extensions": ["classification", "binary_tensor_data"]})
+            return _json(200, server_metadata())
         if path == "/v2/health/live":
             return _LIVE
         if path == "/v2/health/ready":
@@ -72,28 +68,22 @@ class OpenInference:
         if match.group(3) == "infer":
             return 405, {"Allow": "POST"}, b'{"error": "infer takes POST"}'
         try:
-            self._check_model(match.group(1), match.group(2))
+            self.model.check(match.group(1), match.group(2))
         except NotFoundError as e:
             return error_answer(e)
         if match.group(3) == "ready":
             return self._readiness()
-        return _json(200, model_metadata(self.card, self.platform))
+        return _json(200, self.model.metadata())
 
     def _readiness(self) -> Answer:
         ready = self.ready()
         return _json(200 if ready else 503, {"ready": ready})
 
-    def _check_model(self, name: str, version: str | None) -> None:
-        if name != self.card.name:
-            raise NotFoundError(f"no model {name!r} here; this server serves {self.card.name!r}")
-        if version not in (None, self.card.version):
-            raise NotFoundError(f"model {name!r} has no version {version!r}; it is version {self.card.version!r}")
-
     async def infer(self, path: str, headers: Mapping[str, str], body: bytes, ticket: Ticket | None) -> Answer:
         match = _MODEL_PATH.match(path)
         assert match is not None, "OpenInference.infer on a path is_infer refused"
         try:
-            self._check_model(match.group(1), match.group(2))
+            self.model.check(match.group(1), match.group(2))
             if headers.get("content-encoding", "identity") != "identity":
                 raise _Unsupported(f"Content-Encoding {headers['content-encoding']!r} is not supported;"
                                    " send the request uncompressed")
@@ -104,8 +94,7 @@ class OpenInference:
             request = await asyncio.get_running_loop().run_in_executor(
                 self.pipeline.decode_pool, partial(parse_infer, body, int(length) if length else None, self.card,
                                                    max_images=self.max_images))
-            scores = await self.pipeline.probabilities(request.images, request.pixels, request.tta, ticket,
-                                                       request.fallback)
+            scores = await self.model.infer(request, ticket)
             body, out_headers = encode_infer(request, scores, self.card)
         except BadRequestError as e:  # v2 has no 422: a parameter out of range is a bad request
             return error_answer(MalformedRequestError(str(e)))

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     #: torchvision (nvJPEG on the model's GPU; libjpeg when the device is the CPU). Measured on
     #: an H100 it served no more than pillow (BENCHMARKS.md), so it is opt-in
     decode: str = Field(default="pillow", pattern="^(pillow|torchvision)$")
+    #: the Open Inference Protocol over gRPC (and gRPC's health service) on this port, beside
+    #: HTTP, in every worker process; off unless set
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
     #: origins (comma-separated, or *) whose web pages may call the service (CORS); the
     #: answers of the front door and of BentoML both carry the headers
     cors_origins: str = ""

@@ -1,0 +1,133 @@
+"""The gRPC server of a front end's process: the inference and health services on one port,
+on the event loop the caller runs (a ``grpc.aio`` server), so that its calls share that
+process's pipeline, batcher and admission with HTTP.
+
+The port is bound with SO_REUSEPORT: every worker process of a server binds the same port,
+and the kernel spreads connections across them, as it does for the HTTP port. The largest
+message a call may carry is the HTTP body limit (SOTA_SERVE_MAX_BODY_BYTES), not gRPC's
+4 MiB default, so that what REST accepts gRPC accepts too. Each call is counted by method
+and status code (``on_call``), and a typed error becomes its status (sota_serve/grpc/status.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+
+from sota_serve.errors import SotaServeError
+from sota_serve.grpc.health import Health
+from sota_serve.grpc.protos import HEALTH_SERVICE, INFERENCE_SERVICE
+from sota_serve.grpc.servicer import InferenceServicer
+from sota_serve.grpc.status import status_of, trailers
+from sota_serve.oip.model import ServedModel
+from sota_serve.serving.admission import Admission
+
+log = logging.getLogger("sota_serve.grpc")
+#: (method, status code name) of each finished call
+CallObserver = Callable[[str, str], None]
+#: what the server binds: every address, IPv6 and IPv4
+HOST = "[::]"
+#: a 4xx-like message in the log is cut here: messages can quote what a client sent
+MAX_LOGGED = 300
+
+
+class GrpcServer:
+    def __init__(self, model: ServedModel, admission: Admission, *, max_message_bytes: int, hold_s: float,
+                 on_call: CallObserver | None = None) -> None:
+        self.inference = InferenceServicer(model, admission, hold_s=hold_s)
+        self.health = Health(model.ready)
+        self.on_call = on_call
+        self.server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", -1),  # answers are small; a client sets its own bound
+        ])
+        self.server.add_generic_rpc_handlers((
+            self._service(INFERENCE_SERVICE, self.inference.handlers()),
+            self._service(HEALTH_SERVICE, self.health.handlers()),
+        ))
+
+    async def start(self, port: int) -> None:
+        """Serve on ``port``; raises RuntimeError when it cannot be bound."""
+        self.server.add_insecure_port(f"{HOST}:{port}")
+        await self.server.start()
+
+    async def stop(self, grace_s: float) -> None:
+        """Health answers NOT_SERVING (the caller's readiness has turned false), calls in
+        flight get up to ``grace_s`` to finish, new ones are refused."""
+        self.health.changed()
+        await self.server.stop(grace_s)
+
+    def _service(self, service: ServiceDescriptor, handlers: dict[str, Any]) -> grpc.GenericRpcHandler:
+        methods = {}
+        for method in service.methods:
+            request = message_factory.GetMessageClass(method.input_type)
+            response = message_factory.GetMessageClass(method.output_type)
+            handler = handlers[method.name]
+            if method.server_streaming:
+                methods[method.name] = grpc.unary_stream_rpc_method_handler(
+                    self._streamed(method.name, handler), request.FromString, response.SerializeToString)
+            else:
+                methods[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self._answered(method.name, handler), request.FromString, response.SerializeToString)
+        return grpc.method_handlers_generic_handler(service.full_name, methods)
+
+    def _answered(self, method: str, handler: Any) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                response = await handler(request, context)
+                code = grpc.StatusCode.OK
+                return response
+            except SotaServeError as e:
+                code = status_of(e)
+                await _abort(context, method, code, e)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                self._count(method, code)
+
+        return call
+
+    def _streamed(self, method: str, handler: Any) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                async for response in handler(request, context):
+                    yield response
+                code = grpc.StatusCode.OK
+            except SotaServeError as e:
+                code = status_of(e)
+                await _abort(context, method, code, e)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                self._count(method, code)
+
+        return call
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self.on_call is not None:
+            self.on_call(method, code.name)
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode,
+                 error: SotaServeError) -> None:
+    """End the call with ``code`` and ``error``'s message and trailers (raises grpc's
+    AbortError, which ends it)."""
+    if error.http_status < 500:  # a client's mistake is worth a line, not a traceback
+        log.warning("gRPC %s -> %s: %s", method, code.name, _one_line(str(error)))
+    await context.abort(code, str(error), trailing_metadata=trailers(error))
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_LOGGED else text[:MAX_LOGGED] + "..."
