@@ -11,10 +11,11 @@ counter, read before and after), p50/p99 latency, and the accuracy those answers
     python -m bench.fallback [--model packages/sota-demo] [--concurrency 256,512] [--rates 200,250] [--seconds 20]
         [--tta five_crop] [--budget-s S] [--env SOTA_SERVE_X=V ...] [--out bench/results/fallback.json]
 
-With ``--sweep 0.5,1,1.5,2`` it first measures the plain capacity for the policy (closed-loop
-clients, ladder off) and then offers open-loop arrivals at those multiples of it to three
-servers, the ladder off, on, and on with strict budgets, and plots p99 against the offered
-load with the budget as a line (the JSON's name, ``.png``).
+With ``--sweep 0.5,1,1.5,2`` it first measures the capacity for the policy and for ``none``
+(closed-loop clients, ladder off) and then offers open-loop arrivals at those multiples of the
+policy's capacity to three servers, the ladder off, on, and on with strict budgets, and plots
+p99 against the offered load with the budget and ``none``'s capacity (past which no ladder can
+hold a budget) as lines (the JSON's name, ``.png``).
 """
 
 from __future__ import annotations
@@ -91,27 +92,34 @@ MODES = {"off": {"SOTA_SERVE_TTA_FALLBACK": "false"}, "on": {"SOTA_SERVE_TTA_FAL
 
 
 def sweep(model: Path, card: ModelCard, images: list[Path], *, tta: str, factors: list[float], seconds: float,
-          given: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
-    """(the plain capacity for ``tta`` in req/s, one run per mode and offered load)."""
+          given: dict[str, str]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(the capacity for ``tta`` and for ``none`` in req/s, one run per mode and offered load).
+
+    ``none``'s capacity is the most that any ladder can answer: past it even plain requests
+    queue, whatever is degraded."""
+    capacity: dict[str, float] = {}
     with Server(model, env={**given, **MODES["off"]}) as server:
         closed_loop(f"{server.url}/classify", images, data={"tta": tta}, concurrency=32, seconds=3)  # warm
-        capacity = closed_loop(f"{server.url}/classify", images, data={"tta": tta}, concurrency=64,
-                               seconds=seconds)["throughput"]
-    print(f"capacity: {capacity:.1f} req/s of {tta} (64 closed-loop clients, ladder off)", file=sys.stderr)
+        for policy in dict.fromkeys((tta, "none")):
+            capacity[policy] = closed_loop(f"{server.url}/classify", images, data={"tta": policy}, concurrency=64,
+                                           seconds=seconds)["throughput"]
+            print(f"capacity: {capacity[policy]:.1f} req/s of {policy} (64 closed-loop clients, ladder off)",
+                  file=sys.stderr)
     runs: list[dict[str, Any]] = []
     for mode, env in MODES.items():
         with Server(model, env={**given, **env}) as server:
             closed_loop(f"{server.url}/classify", images, data={"tta": tta}, concurrency=32, seconds=3)  # warm
             for factor in factors:
                 run = {"mode": mode, "factor": factor, **measure(server, card, images, tta=tta, seconds=seconds,
-                                                                 rate=factor * capacity)}
+                                                                 rate=factor * capacity[tta])}
                 runs.append(run)
                 print(f"{mode:6s} {factor:g}x: {run['ok']}/{run['requests']} answered, {run['shed_503']} x 503,"
                       f" {100 * run['degraded_share']:.1f} % degraded, p99 {run['p99_ms']:.0f} ms", file=sys.stderr)
     return capacity, runs
 
 
-def plot_sweep(runs: list[dict[str, Any]], capacity: float, budget_s: float, title: str, path: Path) -> None:
+def plot_sweep(runs: list[dict[str, Any]], capacity: float, budget_s: float, title: str, path: Path,
+               plain_capacity: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,6 +132,9 @@ def plot_sweep(runs: list[dict[str, Any]], capacity: float, budget_s: float, tit
         label = "strict (answers' p99)" if mode == "strict" else f"ladder {mode}"
         ax.plot([r["factor"] for r in mine], [r[key] / 1000 for r in mine], marker=marker, label=label)
     ax.axhline(budget_s, color="grey", linestyle="--", label=f"budget {budget_s:g} s")
+    if plain_capacity:  # past it even plain answers queue: no ladder can hold a budget there
+        ax.axvline(plain_capacity / capacity, color="grey", linestyle=":",
+                   label=f"plain capacity ({plain_capacity:.0f} req/s)")
     ax.set(xlabel=f"offered load (x the plain capacity, {capacity:.0f} req/s)", ylabel="p99 latency (s)",
            title=title, yscale="log")
     ax.grid(alpha=0.3)
@@ -172,14 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     budget = BenchConfig(server_env=given).settings("cpu").budget_s()
     if args.sweep:
         factors = [float(f) for f in args.sweep.split(",")]
-        capacity, runs = sweep(model, card, images, tta=args.tta, factors=factors, seconds=args.seconds, given=given)
+        capacities, runs = sweep(model, card, images, tta=args.tta, factors=factors, seconds=args.seconds, given=given)
+        capacity = capacities[args.tta]
         title = f"{card.tag}: {args.tta} requests, budget {budget:g} s"
         print(table(title, ["mode", "offered", "answered", "503", "p50 ms", "p99 ms", "p99.9 ms", "200s p99 ms",
                             "200s max ms", "degraded", "expected accuracy"], _sweep_rows(runs)))
         out = write_json({"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(),
                           "model": card.tag, "tta": args.tta, "env": given, "budget_s": budget, "seconds": args.seconds,
-                          "capacity_rps": capacity, "runs": runs}, Path(args.out))
-        plot_sweep(runs, capacity, budget, title, out.with_suffix(".png"))
+                          "capacity_rps": capacity, "plain_capacity_rps": capacities["none"], "runs": runs},
+                         Path(args.out))
+        plot_sweep(runs, capacity, budget, title, out.with_suffix(".png"), capacities["none"])
         return 0
     runs: list[dict[str, Any]] = []
     for fallback in (False, True):
