@@ -4,7 +4,8 @@ or ``import_path: rayserve.app:app`` in a Serve config file (deploy/ray/serve.ya
 Two deployments, composed through a deployment handle:
 
 - ``sota_serve_ingress``, light replicas that hold the HTTP contract (limits, multipart
-  parsing, JSON errors: rayserve/ingress.py) and forward each decoded request to a model
+  parsing, JSON errors: rayserve/ingress.py), and the Open Inference Protocol's gRPC calls that
+  Ray's gRPC proxy hands them (``grpc_options``), and forward each decoded request to a model
   replica; when the model replica dies with the request in hand (its node lost), the ingress
   tries another once and otherwise answers 503 with Retry-After, never 500;
 - ``sota_serve``, the model replicas, each what one ``bentoml serve`` worker is: it opens the
@@ -32,6 +33,7 @@ import click
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,6 +42,9 @@ from rayserve.args import AppArgs
 from rayserve.ingress import Ingress
 from rayserve.metrics import ReplicaMetrics
 from sota_serve.errors import OverloadedError
+from sota_serve.grpc.protos import empty_response
+from sota_serve.grpc.servicer import InferenceServicer
+from sota_serve.grpc.status import Status
 from sota_serve.http.errors import Answer, retry_later
 from sota_serve.http.limits import Limits
 from sota_serve.http.multipart import Part
@@ -78,6 +83,7 @@ class SotaServeModel:
         self.routes = Routes()
         # no OpenAPI document: BentoML derives it from its API declarations (bento/openapi.py)
         self.routes.bind(pipeline, {}, oip)
+        self.servicer = InferenceServicer(oip.model, self.admission, hold_s=self.settings.admission_hold_s)
         self.ready = True
         log.info("ready: serving %s on %s, %s (%s)", pipeline.card.tag, plan.device, pipeline.precision, plan)
 
@@ -94,6 +100,10 @@ class SotaServeModel:
         assert self.routes.oip is not None
         oip = self.routes.oip
         return await self._admitted(len(body), lambda ticket: oip.infer(path, headers, body, ticket))
+
+    async def grpc(self, method: str, request: Any) -> Any:
+        """A ``GRPCInferenceService`` call's response, or the Status of its typed error."""
+        return await self.servicer.respond(method, request)
 
     async def _admitted(self, nbytes: int, work: Callable[[Ticket], Awaitable[Answer]]) -> Answer:
         """``work(ticket)``'s answer once admission lets the request in; 503 with Retry-After
@@ -142,6 +152,39 @@ class SotaServeIngress:
         headers.setdefault("content-type", "application/json")
         headers["content-length"] = str(len(body))  # a HEAD answer's too, without the body
         return Response(b"" if request.method == "HEAD" else body, status_code=status, headers=headers)
+
+    # The Open Inference Protocol over gRPC, through Ray Serve's gRPC proxy (grpc_options in
+    # deploy/ray/serve.yaml): the proxy calls the ingress's method named as the call.
+    async def ServerLive(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        return await self._grpc("ServerLive", request, grpc_context)
+
+    async def ServerReady(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        return await self._grpc("ServerReady", request, grpc_context)
+
+    async def ModelReady(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        return await self._grpc("ModelReady", request, grpc_context)
+
+    async def ServerMetadata(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        return await self._grpc("ServerMetadata", request, grpc_context)
+
+    async def ModelMetadata(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        return await self._grpc("ModelMetadata", request, grpc_context)
+
+    async def ModelInfer(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        return await self._grpc("ModelInfer", request, grpc_context)
+
+    async def _grpc(self, method: str, request: Any, context: RayServegRPCContext) -> Any:
+        """The call's response; a failed call's status set on ``context`` (with an empty
+        response, which the client does not see), counted by method and code."""
+        outcome = await self.front.grpc(method, request)
+        if not isinstance(outcome, Status):
+            self.metrics.count_grpc(method, "OK")
+            return outcome
+        context.set_code(outcome.code)
+        context.set_details(outcome.details)
+        context.set_trailing_metadata(list(outcome.trailers))
+        self.metrics.count_grpc(method, outcome.code.name)
+        return empty_response(method)
 
     def node_id(self) -> str:
         """The Ray node this ingress replica runs on."""

@@ -12,6 +12,10 @@ image routes and ``infer`` are idempotent, so such a call is tried once more, on
 replica (Ray's router drops a replica it saw die); if that fails too, or no replica is left,
 the answer is 503 with Retry-After rather than a 500.
 
+The Open Inference Protocol's gRPC calls (through Ray Serve's gRPC proxy) take the same way:
+the message limit here, the call in a model replica, UNAVAILABLE with ``retry-after`` where
+HTTP gets 503 with Retry-After.
+
 When every model replica has its ``max_ongoing_requests`` and Ray's router here already holds
 ``max_queued_requests`` for them, the router refuses the call at once (BackPressureError): the
 answer is 503 with Retry-After, and the body never goes to a model replica. Any other
@@ -26,6 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
     BackPressureError,
@@ -33,6 +38,8 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 
+from sota_serve.errors import OverloadedError
+from sota_serve.grpc.status import Status
 from sota_serve.http.app import unrouted
 from sota_serve.http.errors import Answer, error_body, log_answer, retry_later
 from sota_serve.http.front_door import Receive, Scope, header_map
@@ -55,6 +62,8 @@ REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableErr
 
 #: a model replica's method by name, called through the deployment handle
 Call = Callable[..., Awaitable[Any]]
+#: the answer to a request no model replica could take: (why, seconds to wait) -> answer
+Refuse = Callable[[str, int], Any]
 
 
 class Ingress:
@@ -101,30 +110,46 @@ class Ingress:
             return await self.forward("get", path, b"")
         return unrouted(method, path)
 
-    async def forward(self, method: str, *args: Any) -> Any:
+    async def forward(self, method: str, *args: Any, refuse: Refuse = retry_later) -> Any:
         """A model replica's answer; one more try on another replica if the first died with
-        the request (every forwarded route is idempotent), then 503 with Retry-After. The
-        tries together take at most ``timeout_s``: with no model replica left, Ray's router
-        waits for one, and the client is told to come back rather than left waiting."""
+        the request (every forwarded route is idempotent), then 503 with Retry-After
+        (``refuse``'s answer to why and the seconds to wait). The tries together take at most
+        ``timeout_s``: with no model replica left, Ray's router waits for one, and the client
+        is told to come back rather than left waiting."""
         try:
-            return await asyncio.wait_for(self._tries(method, *args), self.timeout_s)
+            return await asyncio.wait_for(self._tries(method, *args, refuse=refuse), self.timeout_s)
         except TimeoutError:
             log.warning("no model replica answered %s within %.0f s", method, self.timeout_s)
-            return retry_later(f"no model replica answered within {self.timeout_s:.0f}s", UNAVAILABLE_RETRY_S)
+            return refuse(f"no model replica answered within {self.timeout_s:.0f}s", UNAVAILABLE_RETRY_S)
 
-    async def _tries(self, method: str, *args: Any) -> Any:
+    async def _tries(self, method: str, *args: Any, refuse: Refuse) -> Any:
         for attempt in (1, 2):
             try:
                 return await self.call(method, *args)
             except BackPressureError:  # raised here, in the router, before anything is sent (Ray logs it)
                 if self.on_shed is not None:
                     self.on_shed("router_queue")
-                return retry_later("server busy: every model replica is at its max_ongoing_requests and"
-                                   " this ingress already queues max_queued_requests for them", QUEUE_FULL_RETRY_S)
+                return refuse("server busy: every model replica is at its max_ongoing_requests and"
+                              " this ingress already queues max_queued_requests for them", QUEUE_FULL_RETRY_S)
             except REPLICA_LOST as e:
                 log.warning("a model replica was lost during %s (try %d of 2): %s", method, attempt,
                             type(e).__name__)
-        return retry_later("no model replica could answer (a node was lost)", UNAVAILABLE_RETRY_S)
+        return refuse("no model replica could answer (a node was lost)", UNAVAILABLE_RETRY_S)
+
+    async def grpc(self, method: str, request: Any) -> Any:
+        """A ``GRPCInferenceService`` call's response, or the :class:`Status` it fails with:
+        a ModelInfer message over the body limit is refused here, as an HTTP body is (Ray's
+        proxy reads messages up to 2 GiB); the call goes to a model replica as ``forward``
+        sends a route, its failures UNAVAILABLE with ``retry-after``."""
+        if method == "ModelInfer" and (size := request.ByteSize()) > self.limits.max_body_bytes:
+            return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request of {size:,} bytes above the limit of"
+                                                              f" {self.limits.max_body_bytes:,} bytes (SOTA_SERVE_MAX_BODY_BYTES)")
+        return await self.forward("grpc", method, request, refuse=_unavailable)
+
+
+def _unavailable(why: str, retry_after_s: int) -> Status:
+    """What a gRPC call gets where HTTP gets :func:`retry_later`'s 503."""
+    return Status.of(OverloadedError(f"{why}; retry after {retry_after_s}s", retry_after_s=retry_after_s))
 
 
 

@@ -22,10 +22,15 @@ class ReplicaMetrics:
         self.seconds = metrics.Histogram("sota_serve_batch_seconds", description="Seconds per device call",
                                          boundaries=list(SECONDS_BUCKETS),
                                          tag_keys=("crops_per_image",))
+        self.grpc = metrics.Counter("sota_serve_grpc_requests", description="gRPC calls by method and status code",
+                                    tag_keys=("method", "code"))
         self.tta = metrics.Counter("sota_serve_tta_answers", description=TTA_ANSWERS, tag_keys=("requested", "served"))
 
     def count_shed(self, reason: str) -> None:
         self.shed.inc(tags={"reason": reason})
+
+    def count_grpc(self, method: str, code: str) -> None:
+        self.grpc.inc(tags={"method": method, "code": code})
 
     def count_tta(self, requested: str, served: str) -> None:
         self.tta.inc(tags={"requested": requested, "served": served})

@@ -2,7 +2,7 @@
 namespace the test runs it in (``python tests/ray_cluster.py CONFIG.json``; prints one JSON
 line of results). tests/test_ray.py runs it and checks the results.
 
-A head (no CPUs: it schedules and runs Ray's HTTP proxy and, through a custom resource only it
+A head (no CPUs: it schedules and runs Ray's HTTP and gRPC proxies and, through a custom resource only it
 declares, the ingress replica) and three one-CPU worker nodes; two one-CPU model replicas, so
 Ray places them on two different workers. The builder is asked for four (refused) and for
 the default (two). A second application on the third worker takes one request at a time and
@@ -26,6 +26,9 @@ from typing import Any
 import httpx
 
 URL = "http://127.0.0.1:8000"
+#: Ray's gRPC proxy, serving the Open Inference Protocol's GRPCInferenceService
+GRPC = "127.0.0.1:9000"
+SERVICER = "sota_serve.grpc.server.add_inference_service"
 APP = "sota-serve"
 CLIENTS = 32
 
@@ -43,7 +46,8 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
     workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
     ray.init(address=cluster.address, logging_level="warning")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": 8000}, proxy_location="HeadOnly")
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000}, proxy_location="HeadOnly",
+                    grpc_options={"port": int(GRPC.rsplit(":", 1)[1]), "grpc_servicer_functions": [SERVICER]})
         serve.run(app({"model": config["package"], "num_replicas": 2, "device": "cpu", **config["args"]}),
                   name=APP, route_prefix="/")
         results: dict[str, Any] = {"ready_s": round(time.monotonic() - started, 1)}
@@ -68,6 +72,7 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
         with httpx.Client(base_url=URL, timeout=30) as client:
             results["answers"] = answers(client, config)
             results["contract"] = contract(client, config)
+        results["grpc"] = grpc_calls(config)
         results["placement"] = placement(config)
         results["busy"] = busy(config)  # on the third worker, given back before a node is lost
         victim = next(w for w in workers if w.node_id == nodes[0])
@@ -187,6 +192,62 @@ def contract(client: httpx.Client, config: dict[str, Any]) -> dict[str, Any]:
                                 data={"tta": "five_crop", "tta_fallback": "true", "tta_budget_s": "1e-6"}),
     }
     return {key: {"status": r.status_code, "body": r.json()} for key, r in calls.items()}
+
+
+def grpc_calls(config: dict[str, Any]) -> dict[str, Any]:
+    """The Open Inference Protocol over gRPC through Ray's proxy, with tritonclient.grpc: health,
+    metadata, the photos' probabilities under each policy, and each error's code, details and
+    trailing metadata."""
+    import grpc
+    import numpy as np
+    import tritonclient.grpc as triton
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    from sota_serve.oip.messages import encode_bytes
+
+    name = config["model_name"]
+    photos = [Path(p).read_bytes() for p in config["photos"]]
+    client = triton.InferenceServerClient(GRPC)
+    out: dict[str, Any] = {"live": client.is_server_live(), "ready": client.is_server_ready(),
+                           "model_ready": client.is_model_ready(name),
+                           "metadata": client.get_model_metadata(name, as_json=True), "probs": {}, "tta": {}}
+    for tta in ("none", "five_crop"):
+        tensor = triton.InferInput("image", [len(photos)], "BYTES")
+        tensor.set_data_from_numpy(np.array(photos, dtype=np.object_))
+        result = client.infer(name, [tensor], parameters={"tta": tta})
+        out["probs"][tta] = result.as_numpy("probabilities").tolist()
+        out["tta"][tta] = result.get_response().parameters["tta"].string_param
+
+    def request(files: list[bytes], model: str = name, **parameters: Any) -> Any:
+        message = service_pb2.ModelInferRequest(model_name=model, raw_input_contents=[encode_bytes(files)])
+        message.inputs.add(name="image", datatype="BYTES", shape=[len(files)])
+        for key, value in parameters.items():
+            field = {str: "string_param", bool: "bool_param", float: "double_param"}[type(value)]
+            setattr(message.parameters[key], field, value)
+        return message
+
+    channel = grpc.insecure_channel(GRPC, options=[("grpc.max_send_message_length", -1)])
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+    def outcome(message: Any) -> dict[str, Any]:
+        try:
+            stub.ModelInfer(message, timeout=60)
+            return {"code": "OK"}
+        except grpc.RpcError as e:
+            return {"code": e.code().name, "details": e.details(), "trailers": dict(e.trailing_metadata() or ())}
+
+    out["errors"] = {
+        "other_model": outcome(request(photos[:1], model="another-model")),
+        "not_an_image": outcome(request([b"not an image"])),
+        # a budget nothing fits, strictly: refused (REST: 503 with Retry-After)
+        "strict_budget": outcome(request(photos[:1], tta="five_crop", tta_fallback=True, tta_budget_strict=True,
+                                         tta_budget_s=1e-6)),
+        "over_limit": outcome(request([b"\xff\xd8" + bytes(22 * 1024 * 1024)])),
+    }
+    out["ready_after"] = client.is_server_ready()
+    channel.close()
+    client.close()
+    return out
 
 
 def node_loss(remove, config: dict[str, Any], replicas_running) -> dict[str, Any]:

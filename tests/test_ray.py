@@ -122,6 +122,36 @@ def test_the_other_routes_answer_as_bentoml_serve(cluster_results, server, photo
 
 
 @pytest.mark.slow
+def test_grpc_through_rays_proxy_answers_as_bentoml_serve(cluster_results, server, photos):
+    """tritonclient.grpc through Ray Serve's gRPC proxy, against `bentoml serve`'s REST answers."""
+    import tritonclient.http as triton
+
+    from tests.test_grpc import _images
+
+    ours = cluster_results["grpc"]
+    assert ours["live"] and ours["ready"] and ours["model_ready"] and ours["ready_after"]
+    for tensor in ours["metadata"]["inputs"] + ours["metadata"]["outputs"]:  # protobuf's JSON: int64 as text
+        tensor["shape"] = [int(s) for s in tensor["shape"]]
+    files = [p.read_bytes() for p in photos]  # the photos the cluster was sent
+    with triton.InferenceServerClient(server.url.removeprefix("http://")) as rest:
+        assert ours["metadata"] == rest.get_model_metadata(NAME)
+        for tta, probs in ours["probs"].items():
+            assert ours["tta"][tta] == tta
+            want = rest.infer(NAME, [_images(triton, files)], parameters={"tta": tta})
+            np.testing.assert_allclose(np.array(probs, np.float32), want.as_numpy("probabilities"), atol=1e-6, rtol=0)
+    errors = ours["errors"]
+    assert errors["other_model"]["code"] == "NOT_FOUND"
+    assert errors["other_model"]["details"] == "no model 'another-model' here; this server serves 'tiny-cnn'"
+    assert errors["not_an_image"]["code"] == "INVALID_ARGUMENT"
+    assert errors["not_an_image"]["details"].startswith("image 0 of 1: the bytes are not a recognised image")
+    strict = errors["strict_budget"]
+    assert strict["code"] == "UNAVAILABLE" and strict["trailers"]["retry-after"].isdigit()
+    assert strict["details"].startswith("not even tta 'none' can be answered within the 1e-06 s budget")
+    assert errors["over_limit"]["code"] == "RESOURCE_EXHAUSTED"
+    assert "SOTA_SERVE_MAX_BODY_BYTES" in errors["over_limit"]["details"]
+
+
+@pytest.mark.slow
 def test_losing_a_node_under_load(cluster_results):
     load = cluster_results["load"]
     assert load["before_removal"] > 0 and load["requests"] > load["before_removal"]

@@ -24,7 +24,7 @@ from sota_serve.errors import SotaServeError
 from sota_serve.grpc.health import Health
 from sota_serve.grpc.protos import HEALTH_SERVICE, INFERENCE_SERVICE
 from sota_serve.grpc.servicer import InferenceServicer
-from sota_serve.grpc.status import status_of, trailers
+from sota_serve.grpc.status import Status
 from sota_serve.oip.model import ServedModel
 from sota_serve.serving.admission import Admission
 
@@ -65,18 +65,9 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
     def _service(self, service: ServiceDescriptor, handlers: dict[str, Any]) -> grpc.GenericRpcHandler:
-        methods = {}
-        for method in service.methods:
-            request = message_factory.GetMessageClass(method.input_type)
-            response = message_factory.GetMessageClass(method.output_type)
-            handler = handlers[method.name]
-            if method.server_streaming:
-                methods[method.name] = grpc.unary_stream_rpc_method_handler(
-                    self._streamed(method.name, handler), request.FromString, response.SerializeToString)
-            else:
-                methods[method.name] = grpc.unary_unary_rpc_method_handler(
-                    self._answered(method.name, handler), request.FromString, response.SerializeToString)
-        return grpc.method_handlers_generic_handler(service.full_name, methods)
+        return generic_handler(service, {
+            name: self._streamed(name, handler) if _streaming(service, name) else self._answered(name, handler)
+            for name, handler in handlers.items()})
 
     def _answered(self, method: str, handler: Any) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -86,8 +77,9 @@ class GrpcServer:
                 code = grpc.StatusCode.OK
                 return response
             except SotaServeError as e:
-                code = status_of(e)
-                await _abort(context, method, code, e)
+                status = Status.of(e)
+                code = status.code
+                await _abort(context, method, status)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -104,8 +96,9 @@ class GrpcServer:
                     yield response
                 code = grpc.StatusCode.OK
             except SotaServeError as e:
-                code = status_of(e)
-                await _abort(context, method, code, e)
+                status = Status.of(e)
+                code = status.code
+                await _abort(context, method, status)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -119,13 +112,38 @@ class GrpcServer:
             self.on_call(method, code.name)
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode,
-                 error: SotaServeError) -> None:
-    """End the call with ``code`` and ``error``'s message and trailers (raises grpc's
-    AbortError, which ends it)."""
-    if error.http_status < 500:  # a client's mistake is worth a line, not a traceback
-        log.warning("gRPC %s -> %s: %s", method, code.name, _one_line(str(error)))
-    await context.abort(code, str(error), trailing_metadata=trailers(error))
+def generic_handler(service: ServiceDescriptor, behaviors: dict[str, Any]) -> grpc.GenericRpcHandler:
+    """The handler of ``service``'s calls, each by the behavior of its name (a coroutine
+    function, an async generator function for a server-streaming call), its messages read and
+    written with the classes its descriptor names."""
+    methods = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        methods[method.name] = make(behaviors[method.name], request.FromString, response.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, methods)
+
+
+def add_inference_service(servicer: Any, server: grpc.Server) -> None:
+    """Add ``inference.GRPCInferenceService`` to ``server``, each call served by the method of
+    ``servicer`` named as the call: the ``add_..._to_server`` function protoc would write, for
+    Ray Serve's ``grpc_options.grpc_servicer_functions`` (its proxy reads the messages and
+    forwards them to the ingress deployment's methods of those names)."""
+    server.add_generic_rpc_handlers((generic_handler(
+        INFERENCE_SERVICE, {m.name: getattr(servicer, m.name) for m in INFERENCE_SERVICE.methods}),))
+
+
+def _streaming(service: ServiceDescriptor, name: str) -> bool:
+    return service.methods_by_name[name].server_streaming
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, status: Status) -> None:
+    """End the call with ``status`` (raises grpc's AbortError, which ends it)."""
+    if status.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+        # a client's mistake is worth a line, not a traceback
+        log.warning("gRPC %s -> %s: %s", method, status.code.name, _one_line(status.details))
+    await context.abort(status.code, status.details, trailing_metadata=status.trailers)
 
 
 def _one_line(text: str) -> str:

@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-from sota_serve.errors import OverloadedError
+from sota_serve.errors import OverloadedError, SotaServeError
 from sota_serve.grpc.codec import from_dict, infer_response, read_infer
 from sota_serve.grpc.protos import message
+from sota_serve.grpc.status import Status
 from sota_serve.oip.messages import server_metadata
 from sota_serve.oip.model import ServedModel
 from sota_serve.serving.admission import Admission
@@ -33,6 +34,14 @@ class InferenceServicer:
         return {"ServerLive": self.server_live, "ServerReady": self.server_ready, "ModelReady": self.model_ready,
                 "ServerMetadata": self.server_metadata, "ModelMetadata": self.model_metadata,
                 "ModelInfer": self.model_infer}
+
+    async def respond(self, method: str, request: Any) -> Any:
+        """The response to a call of ``method``, or the :class:`Status` of its typed error (for
+        a front end whose gRPC server runs in another process, as Ray Serve's proxy does)."""
+        try:
+            return await self.handlers()[method](request, None)
+        except SotaServeError as e:
+            return Status.of(e)
 
     async def server_live(self, request: Any, context: Any) -> Any:
         return _ServerLive(live=True)

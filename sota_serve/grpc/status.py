@@ -12,6 +12,8 @@ gets for the same error (the error's ``http_status``), and the details are the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 
 from sota_serve.errors import OverloadedError, SotaServeError
@@ -27,6 +29,20 @@ _CODES = {
     422: grpc.StatusCode.INVALID_ARGUMENT,
     503: grpc.StatusCode.UNAVAILABLE,
 }
+
+
+@dataclass(frozen=True)
+class Status:
+    """How a call ends when it fails: code, details and trailing metadata (a value, so that it
+    can travel between processes: from a Ray Serve model replica to its ingress)."""
+
+    code: grpc.StatusCode
+    details: str
+    trailers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, error: SotaServeError) -> Status:
+        return cls(status_of(error), str(error), trailers(error))
 
 
 def status_of(error: SotaServeError) -> grpc.StatusCode:
