@@ -25,6 +25,7 @@ from sota_serve.grpc.health import Health
 from sota_serve.grpc.protos import HEALTH_SERVICE, INFERENCE_SERVICE
 from sota_serve.grpc.servicer import InferenceServicer
 from sota_serve.grpc.status import Status
+from sota_serve.log_text import one_line
 from sota_serve.oip.model import ServedModel
 from sota_serve.serving.admission import Admission
 
@@ -33,8 +34,6 @@ log = logging.getLogger("sota_serve.grpc")
 CallObserver = Callable[[str, str], None]
 #: what the server binds: every address, IPv6 and IPv4
 HOST = "[::]"
-#: a 4xx-like message in the log is cut here: messages can quote what a client sent
-MAX_LOGGED = 300
 
 
 class GrpcServer:
@@ -142,10 +141,6 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, status: Status)
     """End the call with ``status`` (raises grpc's AbortError, which ends it)."""
     if status.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
         # a client's mistake is worth a line, not a traceback
-        log.warning("gRPC %s -> %s: %s", method, status.code.name, _one_line(status.details))
+        log.warning("gRPC %s -> %s: %s", method, status.code.name, one_line(status.details))
     await context.abort(status.code, status.details, trailing_metadata=status.trailers)
 
-
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_LOGGED else text[:MAX_LOGGED] + "..."

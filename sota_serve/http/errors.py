@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from sota_serve.errors import OverloadedError, SotaServeError
+from sota_serve.log_text import one_line
 
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -32,8 +33,6 @@ Send = Callable[[Message], Awaitable[None]]
 Answer = tuple[int, dict[str, str], bytes]
 
 log = logging.getLogger("sota_serve.http")
-#: a logged message is cut here: messages can quote what a client sent
-MAX_LOGGED = 300
 
 
 def json_body(value: Any) -> bytes:
@@ -121,13 +120,8 @@ def log_answer(request: str, answer: Answer) -> None:
 def log_client_error(request: str, status: int, message: object) -> None:
     """One warning line, no traceback: a client's mistake is worth a line, not an alarm. The
     path and the message can carry what a client sent (a line break in a percent-encoded
-    path): each is kept to one line and ``MAX_LOGGED`` characters."""
-    log.warning("%s -> %d: %s", _one_line(request), status, _one_line(str(message)))
-
-
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_LOGGED else text[:MAX_LOGGED] + "..."
+    path): each is kept to one line (:func:`sota_serve.log_text.one_line`)."""
+    log.warning("%s -> %d: %s", one_line(request), status, one_line(str(message)))
 
 
 def _error_body(body: bytes, status: int) -> bytes:
