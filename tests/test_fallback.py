@@ -205,28 +205,42 @@ def test_a_degraded_request_runs_and_is_charged_as_the_cheaper_policy(tiny_packa
     assert charged == [(5, 10)] and told == [("five_crop", "five_crop")]
 
 
-def test_a_strict_budget_that_nothing_fits_is_refused_before_any_work_and_counted(tiny_package, photos):
-    clf = Classifier.open(tiny_package, device="cpu")
-    adm = Admission(max_wait_s=10, max_in_flight=10, decode_threads=1, seconds_per_crop=Ewma(initial=0.3))
-    told: list[tuple[str, str]] = []
-    calls: list[int] = []
+class _TwoPhotos:
+    """Two photos asked for five-crop through a real pipeline on the tiny model, with the
+    ladder on and ``budget_s``; records the policies the answers name and the device calls."""
 
-    async def run(ask: FallbackAsk):
-        batcher = DynamicBatcher(clf.runtime, max_crops=64, annotate=lambda crops, k, policy: calls.append(len(crops)))
-        pipeline = Pipeline(clf, batcher, adm, decode_threads=1, deadline_s=30, on_tta=lambda *p: told.append(p),
-                            tta_fallback=True, tta_budget_s=0.5)
-        ticket = adm.enter(0)
+    def __init__(self, tiny_package, photos, adm: Admission, budget_s: float) -> None:
+        self.clf, self.adm, self.budget_s = Classifier.open(tiny_package, device="cpu"), adm, budget_s
+        self.images = [p.read_bytes() for p in photos[:2]]
+        self.told: list[tuple[str, str]] = []
+        self.calls: list[int] = []
+
+    def __call__(self, ask: FallbackAsk) -> Answers:
+        return asyncio.run(self._run(ask))
+
+    async def _run(self, ask: FallbackAsk) -> Answers:
+        batcher = DynamicBatcher(self.clf.runtime, max_crops=64,
+                                 annotate=lambda crops, k, policy: self.calls.append(len(crops)))
+        pipeline = Pipeline(self.clf, batcher, self.adm, decode_threads=1, deadline_s=30,
+                            on_tta=lambda *p: self.told.append(p), tta_fallback=True, tta_budget_s=self.budget_s)
+        ticket = self.adm.enter(0)
         try:
-            return await pipeline.classify([p.read_bytes() for p in photos[:2]], "five_crop", 3, ticket, ask)
+            return await pipeline.classify(self.images, "five_crop", 3, ticket, ask)
         finally:
-            adm.leave(ticket)
+            self.adm.leave(ticket)
             batcher.close()
+
+
+def test_a_strict_budget_that_nothing_fits_is_refused_before_any_work_and_counted(tiny_package, photos):
+    adm = Admission(max_wait_s=10, max_in_flight=10, decode_threads=1, seconds_per_crop=Ewma(initial=0.3))
+    run = _TwoPhotos(tiny_package, photos, adm, budget_s=0.5)
+    told, calls = run.told, run.calls
 
     # 2 images within 0.5 s: five_crop 3 s, flip 1.2 s, none 0.6 s: nothing fits
     with pytest.raises(BudgetExceededError, match="0.5 s budget"):
-        asyncio.run(run(FallbackAsk(strict=True)))
+        run(FallbackAsk(strict=True))
     assert told == [("five_crop", "refused")] and calls == [] and adm.pending_crops == 0
-    late = asyncio.run(run(FallbackAsk()))  # not strict: the cheapest, late
+    late = run(FallbackAsk())  # not strict: the cheapest, late
     assert (late.tta, late.requested_tta) == ("none", "five_crop") and calls == [2]
 
 
@@ -234,28 +248,16 @@ def test_a_strict_answer_that_comes_too_late_is_refused_not_sent(tiny_package, p
     """The last check a strict budget gets: the device call ran longer than any measurement
     said (here nothing is measured yet, so every estimate is zero and the request is let through
     the door and the dispatch), and the answer is ready after its due time: 503, not a late 200."""
-    clf = Classifier.open(tiny_package, device="cpu")
     adm = Admission(max_wait_s=10, max_in_flight=10, decode_threads=1)
-    told: list[tuple[str, str]] = []
-    calls: list[int] = []
-
-    async def run(ask: FallbackAsk):
-        batcher = DynamicBatcher(clf.runtime, max_crops=64, annotate=lambda crops, k, policy: calls.append(len(crops)))
-        pipeline = Pipeline(clf, batcher, adm, decode_threads=1, deadline_s=30, on_tta=lambda *p: told.append(p),
-                            tta_fallback=True, tta_budget_s=0.001)
-        ticket = adm.enter(0)
-        try:
-            return await pipeline.classify([p.read_bytes() for p in photos[:2]], "five_crop", 3, ticket, ask)
-        finally:
-            adm.leave(ticket)
-            batcher.close()
+    run = _TwoPhotos(tiny_package, photos, adm, budget_s=0.001)
+    told, calls = run.told, run.calls
 
     with pytest.raises(BudgetExceededError, match="too late for its 0.001 s budget") as e:
-        asyncio.run(run(FallbackAsk(strict=True)))
+        run(FallbackAsk(strict=True))
     assert e.value.http_status == 503 and e.value.retry_after_s >= 1
     assert calls == [10] and told == [("five_crop", "refused")]  # computed, then refused
     assert len(adm.forecast_miss) == 1  # the miss is learned: the next forecast is longer
-    late = asyncio.run(run(FallbackAsk()))  # not strict: answered late (with the cheapest policy)
+    late = run(FallbackAsk())  # not strict: answered late (with the cheapest policy)
     assert late.tta == "none" and told[-1] == ("five_crop", "none")
 
 

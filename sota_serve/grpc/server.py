@@ -12,6 +12,7 @@ and status code (``on_call``), and a typed error becomes its status (sota_serve/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -70,41 +71,36 @@ class GrpcServer:
 
     def _answered(self, method: str, handler: Any) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                response = await handler(request, context)
-                code = grpc.StatusCode.OK
-                return response
-            except SotaServeError as e:
-                status = Status.of(e)
-                code = status.code
-                await _abort(context, method, status)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                self._count(method, code)
+            async with self._outcome(method, context):
+                return await handler(request, context)
 
         return call
 
     def _streamed(self, method: str, handler: Any) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            code = grpc.StatusCode.UNKNOWN
-            try:
+            async with self._outcome(method, context):
                 async for response in handler(request, context):
                     yield response
-                code = grpc.StatusCode.OK
-            except SotaServeError as e:
-                status = Status.of(e)
-                code = status.code
-                await _abort(context, method, status)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                self._count(method, code)
 
         return call
+
+    @contextlib.asynccontextmanager
+    async def _outcome(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Around one call: a typed error ends it with its status, and the call is counted by
+        the code it ended with."""
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            yield
+            code = grpc.StatusCode.OK
+        except SotaServeError as e:
+            status = Status.of(e)
+            code = status.code
+            await _abort(context, method, status)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._count(method, code)
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         if self.on_call is not None:
