@@ -16,19 +16,19 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from bento.config import explain_port_in_use, settings_and_package
+from bento.declarations import Declared
 from bento.grpc_port import GrpcPort
 from bento.metrics import count_shed, count_tta, observe_batch
-from bento.openapi import describe
-from bento.upload import Upload
-from sota_serve.explain.occlusion import DEFAULT_GRID, Explanation
+from sota_serve.contract.requests import FILE_FIELDS
+from sota_serve.explain.occlusion import Explanation
 from sota_serve.http.errors import Answer, answered
 from sota_serve.http.front_door import TICKET, FrontDoor
 from sota_serve.http.limits import Limits
 from sota_serve.http.oip import OpenInference
-from sota_serve.http.routes import FILE_FIELDS, Routes
+from sota_serve.http.openapi import document
+from sota_serve.http.routes import Routes
 from sota_serve.http.schemas import BatchResponse, ClassifyResponse
 from sota_serve.serving.admission import Admission
-from sota_serve.serving.fallback import FallbackAsk
 from sota_serve.serving.pipeline import Pipeline
 
 # Under BentoML's logger, so that its log configuration (INFO on the console) applies.
@@ -41,12 +41,20 @@ ROUTES = Routes()
 ADMISSION = Admission(max_wait_s=SETTINGS.max_wait_s, max_in_flight=SETTINGS.max_in_flight,
                       decode_threads=PLAN.decode_threads, model_threads=PLAN.model_threads, on_shed=count_shed)
 GRPC = GrpcPort(SETTINGS, ADMISSION)  # SOTA_SERVE_GRPC_PORT: every worker serves it once its model is loaded
+CLASSIFY, CLASSIFY_BATCH, EXPLAIN = (Declared(path) for path in ("/classify", "/classify_batch", "/explain"))
 
 
 def _response(answer: Answer) -> Response:
     """An error answer as BentoML returns it from an API method."""
     status, headers, body = answer
     return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+async def _answer(route: Declared, fields: dict[str, Any]) -> Any:
+    """An API method's answer: the route's, or its typed error as BentoML returns it."""
+    async def work() -> Any:
+        return await ROUTES.answer(route.request(fields), TICKET.get())
+    return await answered(work(), render=_response)
 
 
 # Per-request overheads measured on 2 cores (demo model, 32 clients), both settings, off by
@@ -63,9 +71,7 @@ class SotaServe:
         pipeline = Pipeline.build(PACKAGE, SETTINGS, PLAN, ADMISSION, observer=observe_batch, on_tta=count_tta)
         oip = OpenInference(pipeline, backend=SETTINGS.backend, max_images=SETTINGS.max_batch_images,
                             ready=self.__is_ready__)
-        ROUTES.bind(pipeline, describe(SotaServe.openapi_spec.asdict(), pipeline.card,
-                                       max_batch_images=SETTINGS.max_batch_images, tta_fallback=SETTINGS.tta_fallback,
-                                       tta_budget_s=SETTINGS.budget_s(), tta_budget_strict=SETTINGS.tta_budget_strict), oip)
+        ROUTES.bind(pipeline, document(pipeline.card, SETTINGS), oip)
         self.ready = True
         log.info("ready: serving %s on %s, %s, decode %s (%s)", pipeline.card.tag, PLAN.device,
                  pipeline.precision, pipeline.decode, PLAN)
@@ -82,27 +88,19 @@ class SotaServe:
         self.ready = False
         await GRPC.stop()
 
-    # Over HTTP the front door answers these routes with the same Routes methods; the
-    # declarations are the contract: OpenAPI schema, BentoML clients, in-process calls.
-    @bentoml.api(route="/classify")
-    async def classify(self, image: Upload, tta: str | None = None, top_k: int = 5, tta_fallback: bool | None = None,
-                       tta_budget_s: float | None = None, tta_budget_strict: bool | None = None) -> ClassifyResponse:
-        fallback = FallbackAsk.parse(tta_fallback, tta_budget_s, tta_budget_strict)
-        work = ROUTES.classify(image.data, tta, top_k, TICKET.get(), fallback)
-        return await answered(work, render=_response)  # type: ignore[arg-type]
+    # Over HTTP the front door answers these routes; the declarations, made from the same
+    # request models, serve BentoML's clients their schema and in-process calls.
+    @bentoml.api(route="/classify", input_spec=CLASSIFY.spec)
+    async def classify(self, **fields: Any) -> ClassifyResponse:
+        return await _answer(CLASSIFY, fields)
 
-    @bentoml.api(route="/classify_batch")
-    async def classify_batch(self, images: list[Upload], tta: str | None = None, top_k: int = 5,
-                             tta_fallback: bool | None = None, tta_budget_s: float | None = None,
-                             tta_budget_strict: bool | None = None) -> BatchResponse:
-        fallback = FallbackAsk.parse(tta_fallback, tta_budget_s, tta_budget_strict)
-        work = ROUTES.classify_batch([u.data for u in images], tta, top_k, TICKET.get(), fallback)
-        return await answered(work, render=_response)  # type: ignore[arg-type]
+    @bentoml.api(route="/classify_batch", input_spec=CLASSIFY_BATCH.spec)
+    async def classify_batch(self, **fields: Any) -> BatchResponse:
+        return await _answer(CLASSIFY_BATCH, fields)
 
-    @bentoml.api(route="/explain")
-    async def explain(self, image: Upload, label: str | None = None, grid: int = DEFAULT_GRID) -> Explanation:
-        work = ROUTES.explain(image.data, label, grid, TICKET.get())
-        return await answered(work, render=_response)  # type: ignore[arg-type]
+    @bentoml.api(route="/explain", input_spec=EXPLAIN.spec)
+    async def explain(self, **fields: Any) -> Explanation:
+        return await _answer(EXPLAIN, fields)
 
     @bentoml.api(route="/card")
     def card(self) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from sota_serve.http.errors import Answer, retry_later
 from sota_serve.http.limits import Limits
 from sota_serve.http.multipart import Part
 from sota_serve.http.oip import OpenInference
+from sota_serve.http.openapi import document
 from sota_serve.http.routes import Routes
 from sota_serve.package.loading import check_backend, open_package
 from sota_serve.serving.admission import Admission, Ticket
@@ -81,8 +82,7 @@ class SotaServeModel:
         oip = OpenInference(pipeline, backend=self.settings.backend, max_images=self.settings.max_batch_images,
                             ready=lambda: self.ready)
         self.routes = Routes()
-        # no OpenAPI document: BentoML derives it from its API declarations (bento/openapi.py)
-        self.routes.bind(pipeline, {}, oip)
+        self.routes.bind(pipeline, document(package.card, self.settings), oip)
         self.servicer = InferenceServicer(oip.model, self.admission, hold_s=self.settings.admission_hold_s)
         self.ready = True
         log.info("ready: serving %s on %s, %s (%s)", pipeline.card.tag, plan.device, pipeline.precision, plan)

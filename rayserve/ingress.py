@@ -38,6 +38,7 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 
+from sota_serve.contract.requests import FILE_FIELDS
 from sota_serve.errors import OverloadedError
 from sota_serve.grpc.status import Status
 from sota_serve.http.app import unrouted
@@ -45,7 +46,6 @@ from sota_serve.http.errors import Answer, error_body, log_answer, retry_later
 from sota_serve.http.front_door import Receive, Scope, header_map
 from sota_serve.http.limits import Limits, Rejected
 from sota_serve.http.oip import OpenInference
-from sota_serve.http.routes import FILE_FIELDS
 
 log = logging.getLogger("ray.serve.sota_serve")
 

@@ -72,6 +72,7 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
         with httpx.Client(base_url=URL, timeout=30) as client:
             results["answers"] = answers(client, config)
             results["contract"] = contract(client, config)
+            results["docs"] = docs(client)
         results["grpc"] = grpc_calls(config)
         results["placement"] = placement(config)
         results["busy"] = busy(config)  # on the third worker, given back before a node is lost
@@ -192,6 +193,19 @@ def contract(client: httpx.Client, config: dict[str, Any]) -> dict[str, Any]:
                                 data={"tta": "five_crop", "tta_fallback": "true", "tta_budget_s": "1e-6"}),
     }
     return {key: {"status": r.status_code, "body": r.json()} for key, r in calls.items()}
+
+
+def docs(client: httpx.Client) -> dict[str, Any]:
+    """The OpenAPI document, its UI's page and the UI's assets (status, type, sha256), for the
+    test to compare with `bentoml serve`'s."""
+    import hashlib
+
+    from sota_serve.http.docs import ASSET_PREFIX, ASSETS
+
+    assets = {name: client.get(ASSET_PREFIX + name) for name in ASSETS}
+    return {"document": client.get("/docs.json").json(), "page": client.get("/docs").text,
+            "assets": {name: [r.status_code, r.headers["content-type"], hashlib.sha256(r.content).hexdigest()]
+                       for name, r in assets.items()}}
 
 
 def grpc_calls(config: dict[str, Any]) -> dict[str, Any]:

@@ -314,16 +314,24 @@ def test_cli_prints_the_map_and_writes_the_png(digits_package, held_out, tmp_pat
 # --- the form of POST /explain --------------------------------------------------------------
 
 def test_the_form_reads_label_and_grid_as_the_other_routes_read_values():
-    from sota_serve.errors import MalformedRequestError
-    from sota_serve.http.explain_form import explain_form
+    from sota_serve.contract.requests import ExplainForm
+    from sota_serve.errors import BadRequestError, MalformedRequestError
+    from sota_serve.http.form import read_form
     from sota_serve.http.multipart import Part
+
+    def explain_form(parts):
+        form = read_form(ExplainForm, parts, "/explain")
+        return form.image, form.label, form.grid
 
     image = Part("image", True, b"bytes")
     assert explain_form([image]) == (b"bytes", None, 8)
     assert explain_form([image, Part("label", False, b"7"), Part("grid", False, b" 4 ")]) == (b"bytes", "7", 4)
-    assert explain_form([image, Part("label", False, b'"cat"'), Part("grid", False, b"12")]).label == "cat"
+    assert explain_form([image, Part("label", False, b'"cat"'), Part("grid", False, b"12")])[1] == "cat"
+    assert explain_form([image, Part("label", False, b"null")])[1] == "null"  # the text sent
     for parts, message in (([], "one 'image' file, got 0"), ([image, image], "one 'image' file, got 2"),
                            ([image, Part("grid", False, b"eight")], "grid must be an integer"),
                            ([image, Part("grid", False, b"true")], "grid must be an integer")):
         with pytest.raises(MalformedRequestError, match=message):
             explain_form(parts)
+    with pytest.raises(BadRequestError, match="grid must be an integer in 2..16"):  # 422, as the pipeline says
+        explain_form([image, Part("grid", False, b"17")])

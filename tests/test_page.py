@@ -13,6 +13,8 @@ import pytest
 
 from bench.server import Server
 from sota_serve.http import page
+from sota_serve.http.docs import ASSET_PREFIX
+from sota_serve.http.docs import ASSETS as DOCS_ASSETS
 from sota_serve.http.page import ASSETS, PAGE_DIR
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.package.card import ModelCard
@@ -32,6 +34,8 @@ def test_the_page_works_offline():
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), f"{name} loads from elsewhere"
     html = (PAGE_DIR / "index.html").read_text()
     assert 'name="viewport"' in html and "__CONFIG__" in html
+    docs = (PAGE_DIR / "docs.html").read_text()  # the OpenAPI UI's page; its assets are relative
+    assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", docs, re.I) and 'src="docs/swagger-ui-' in docs
 
 
 @pytest.mark.slow
@@ -52,7 +56,10 @@ def test_page_routes(server, tiny_package):
     assert head.status_code == 200 and head.headers["content-type"].startswith("text/html") and not head.content
     docs = httpx.get(f"{server.url}/docs")
     assert docs.status_code == 200 and "swagger-ui" in docs.text and "googletagmanager" not in docs.text
-    assert httpx.get(f"{server.url}/static_content/swagger-ui.css").status_code == 200
+    for name in DOCS_ASSETS:  # the pinned copy the package ships, not BentoML's
+        asset = httpx.get(f"{server.url}{ASSET_PREFIX}{name}")
+        assert asset.status_code == 200 and asset.content == (PAGE_DIR / name).read_bytes()
+        assert f"{ASSET_PREFIX.removeprefix('/')}{name}" in docs.text
 
 
 @pytest.mark.slow
@@ -415,3 +422,35 @@ if __name__ == "__main__":  # python -m tests.test_page packages/sota-demo docs
     import sys
 
     shoot_docs(sys.argv[1], Path(sys.argv[2]))
+
+
+@pytest.mark.slow
+def test_the_openapi_ui_renders_the_document_in_a_real_browser(server, photos):
+    """/docs runs the pinned Swagger UI: its assets load from this server, it renders every
+    route of /docs.json, and its form for /classify sends a request the server answers."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    paths = httpx.get(f"{server.url}/docs.json").json()["paths"]
+    browser = _browser(1280, 900)
+    try:
+        browser.get(f"{server.url}/docs")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")) == sum(map(len, paths.values())))
+        assert {e.get_attribute("data-path") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")} == set(paths)
+        assert "sota-serve: tiny-cnn:1" in browser.find_element(By.CSS_SELECTOR, ".info .title").text
+        operation = browser.find_element(By.ID, "operations-default-post_classify")
+        operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+        wait.until(lambda b: operation.find_elements(By.CSS_SELECTOR, ".try-out__btn"))
+        assert all(name in operation.text for name in ("tta_fallback", "tta_budget_s", "top_k"))
+        operation.find_element(By.CSS_SELECTOR, ".try-out__btn").click()
+        wait.until(lambda b: operation.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+        operation.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(photos[0]))
+        operation.find_element(By.CSS_SELECTOR, ".execute").click()
+        wait.until(lambda b: operation.find_elements(By.CSS_SELECTOR, ".live-responses-table .response-col_status"))
+        answer = operation.find_element(By.CSS_SELECTOR, ".live-responses-table").text
+        assert "200" in answer and '"model": "tiny-cnn:1"' in answer, answer[:500]
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        browser.quit()

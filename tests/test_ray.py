@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
+from sota_serve.http.docs import ASSET_PREFIX
 from tests.test_server import post
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def cluster_results(tiny_package, photos, tmp_path_factory):
     assert out.returncode == 0, out.stderr[-4000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     results["wall_s"] = round(time.monotonic() - started, 1)
-    print("ray cluster:", json.dumps({k: v for k, v in results.items() if k not in ("answers", "contract")}))
+    print("ray cluster:", json.dumps({k: v for k, v in results.items() if k not in ("answers", "contract", "docs")}))
     return results
 
 
@@ -119,6 +120,20 @@ def test_the_other_routes_answer_as_bentoml_serve(cluster_results, server, photo
     for key, response in theirs.items():
         assert ours[key] == {"status": response.status_code, "body": response.json()}, key
     assert ours["no_such_route"]["status"] == 404 and "error" in ours["no_such_route"]["body"]
+
+
+@pytest.mark.slow
+def test_the_openapi_document_and_its_ui_are_bentoml_serves(cluster_results, server):
+    import hashlib
+
+    ours = cluster_results["docs"]
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert ours["document"] == client.get("/docs.json").json()
+        assert ours["page"] == client.get("/docs").text and "swagger-ui" in ours["page"]
+        for name, mine in ours["assets"].items():
+            theirs = client.get(ASSET_PREFIX + name)
+            assert mine == [theirs.status_code, theirs.headers["content-type"], hashlib.sha256(theirs.content).hexdigest()]
+            assert mine[0] == 200, name
 
 
 @pytest.mark.slow

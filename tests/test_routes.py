@@ -5,9 +5,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from sota_serve.contract.requests import ClassifyBatchForm, ClassifyForm
 from sota_serve.errors import MalformedRequestError
+from sota_serve.http.form import read_form
 from sota_serve.http.multipart import boundary, parts
-from sota_serve.http.routes import _form
 from sota_serve.serving.fallback import FallbackAsk
 
 
@@ -44,9 +45,11 @@ def test_truncated_body_is_malformed_not_a_short_image(cut):
 
 def test_form_reads_values_as_bentoml_does():
     body, sep = encoded({"images": ("a.jpg", b"1", "image/jpeg")}, {"tta": '"five_crop"', "top_k": "2"})
-    assert _form(list(parts(body, sep)), "images") == ([b"1"], "five_crop", 2, FallbackAsk())
+    form = read_form(ClassifyBatchForm, list(parts(body, sep)), "/classify_batch")
+    assert (form.images, form.tta, form.top_k, form.fallback()) == ([b"1"], "five_crop", 2, FallbackAsk())
     body, sep = encoded({"images": ("a.jpg", b"1", "image/jpeg")}, {"tta_fallback": "true", "tta_budget_s": "0.5"})
-    assert _form(list(parts(body, sep)), "images") == ([b"1"], None, 5, FallbackAsk(True, 0.5))  # None: the card's default
+    form = read_form(ClassifyBatchForm, list(parts(body, sep)), "/classify_batch")
+    assert (form.images, form.tta, form.top_k, form.fallback()) == ([b"1"], None, 5, FallbackAsk(True, 0.5))  # None: the card's default
 
 
 @pytest.mark.parametrize(("field", "value"), [("top_k", "abc"), ("top_k", "2.5"), ("top_k", "true"), ("tta", "3"),
@@ -54,7 +57,7 @@ def test_form_reads_values_as_bentoml_does():
 def test_malformed_values_are_400_with_the_field_named(field, value):
     body, sep = encoded({"image": ("a.jpg", b"1", "image/jpeg")}, {field: value})
     with pytest.raises(MalformedRequestError) as e:
-        _form(list(parts(body, sep)), "image")
+        read_form(ClassifyForm, list(parts(body, sep)), "/classify")
     assert field in str(e.value) and e.value.http_status == 400
 
 

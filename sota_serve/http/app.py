@@ -4,8 +4,8 @@ ingress, rayserve/ingress.py): the routes no handler takes, with 404 or 405 as `
 
 from __future__ import annotations
 
+from sota_serve.contract.requests import FILE_FIELDS
 from sota_serve.http.errors import Answer, error_body
-from sota_serve.http.routes import FILE_FIELDS
 
 
 def unrouted(method: str, path: str) -> Answer:

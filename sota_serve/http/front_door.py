@@ -22,11 +22,12 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
+from sota_serve.contract.requests import FILE_FIELDS
 from sota_serve.errors import OverloadedError
 from sota_serve.http.errors import Answer, json_errors, retry_later
 from sota_serve.http.limits import Limits, Rejected, declared_length
 from sota_serve.http.oip import OpenInference
-from sota_serve.http.routes import FILE_FIELDS, Routes
+from sota_serve.http.routes import Routes
 from sota_serve.serving.admission import Admission, Ticket
 
 Scope = dict[str, Any]

@@ -19,7 +19,6 @@ from sota_serve.errors import MalformedRequestError
 _DISPOSITION = re.compile(rb"(?im)^content-disposition:\s*form-data\s*;(.*)$")
 _NAME = re.compile(rb'(?i)(?:^|;)\s*name="([^"]*)"')
 _FILENAME = re.compile(rb"(?i)(?:^|;)\s*filename\*?=")
-_INTEGER = re.compile(r"[+-]?\d{1,9}")
 #: A part's header lines (Content-Disposition, Content-Type) take a few hundred bytes; a
 #: browser's longest file name is 255. Past this bound a header is not a form's.
 MAX_PART_HEADER_BYTES = 16 * 1024
@@ -84,13 +83,3 @@ def field_value(text: str) -> object:
         return json.loads(text)
     except ValueError:
         return text
-
-
-def integer_field(name: str, value: object) -> int:
-    """``value`` (as :func:`field_value` read it) as an integer: an int, or the text of one.
-    Raises MalformedRequestError (400) naming the field."""
-    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise MalformedRequestError(f"{name} must be an integer, got {value!r:.40}")
-    return value

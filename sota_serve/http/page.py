@@ -1,6 +1,6 @@
 """The page for people at ``/`` (sota_serve/http/page/: plain HTML, CSS and JS, no build step, nothing
-fetched from elsewhere), ``GET /crops`` for the crop boxes it draws, and the OpenAPI UI at
-``/docs``.
+fetched from elsewhere) and ``GET /crops`` for the crop boxes it draws. The same folder holds
+the OpenAPI UI's files (sota_serve/http/docs.py).
 """
 
 from __future__ import annotations
@@ -55,35 +55,6 @@ def _config(pre: Preprocessor, card: ModelCard) -> bytes:
               "heat": {"stops": INFERNO, "alpha": ALPHA}}
     # "</" would end the <script> element early
     return json.dumps(config).replace("</", "<\\/").encode()
-
-
-#: Swagger UI on ``/docs.json``, from the copy BentoML serves under ``/static_content`` (the
-#: page loads nothing from elsewhere)
-DOCS_HTML = b"""<!DOCTYPE html>
-<html lang="en">
-<head>
-  <meta charset="UTF-8">
-  <title>sota-serve API</title>
-  <link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css">
-</head>
-<body>
-  <div id="swagger-ui"></div>
-  <script src="./static_content/swagger-ui-bundle.js" charset="UTF-8"></script>
-  <script src="./static_content/swagger-ui-standalone-preset.js" charset="UTF-8"></script>
-  <script>
-    window.onload = () => {
-      window.ui = SwaggerUIBundle({url: "./docs.json", dom_id: "#swagger-ui", deepLinking: true,
-        presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset], layout: "StandaloneLayout"});
-    };
-  </script>
-</body>
-</html>
-"""
-
-
-def docs() -> Answer:
-    """The OpenAPI UI."""
-    return 200, {"content-type": "text/html; charset=utf-8"}, DOCS_HTML
 
 
 def crops(pre: Preprocessor, query: bytes) -> Answer:

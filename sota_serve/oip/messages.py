@@ -5,14 +5,15 @@ their own encodings.
 - Inputs (exactly one per request): ``image``, BYTES ``[N]`` (or ``[N, 1]``), each element an
   encoded image file; or ``pixels``, UINT8 ``[N, 3, H, W]`` at the card's input size, crops
   already preprocessed (the model's own input: no resize, no crop, no TTA).
-- Request parameter ``tta``: a TTA policy the card lists, for ``image`` (omitted: the card's
-  default); ``pixels`` are single crops, so only ``none``. Request parameters
-  ``tta_fallback`` (boolean), ``tta_budget_s`` (seconds) and ``tta_budget_strict`` (boolean):
-  the TTA fallback ladder (sota_serve.serving.fallback); the response's parameters ``tta``
-  and ``requested_tta`` name the policy that ran and the one asked for.
+- Request parameters (InferParameters of sota_serve/contract/requests.py): ``tta``, a TTA
+  policy the card lists, for ``image`` (omitted: the card's default; ``pixels`` are single
+  crops, so only ``none``); ``tta_fallback`` (boolean), ``tta_budget_s`` (seconds) and
+  ``tta_budget_strict`` (boolean): the TTA fallback ladder (sota_serve.serving.fallback). The
+  response's parameters ``tta`` and ``requested_tta`` name the policy that ran and the one
+  asked for.
 - Output ``probabilities``, FP32 ``[N, C]``; with the output parameter ``classification: k``
-  (Triton's classification extension) BYTES ``[N, k]`` strings ``"score:index:label"``, best
-  first.
+  (OutputParameters; Triton's classification extension) BYTES ``[N, k]`` strings
+  ``"score:index:label"``, best first.
 - A tensor's data is either its elements (``data``: JSON values, or a gRPC request's typed
   ``contents``) or its raw bytes (the binary tensor extension, gRPC's ``raw_input_contents``):
   row-major values, a BYTES tensor being its elements each after a little-endian u32 length.
@@ -30,6 +31,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from sota_serve import __version__
+from sota_serve.contract.requests import InferParameters, OutputParameters, validated
 from sota_serve.errors import MalformedRequestError
 from sota_serve.package.card import ModelCard
 from sota_serve.predictions import top_k_indices
@@ -114,9 +116,8 @@ def read_inference(request: InferenceRequest, raw: bytes | None, card: ModelCard
     carries its elements in ``data``. Raises MalformedRequestError (400) with what is wrong in
     the user's terms, BadRequestError (422) for a TTA budget out of range."""
     tensor = only_input(request, card)
-    tta = request.parameters.get("tta")
-    if tta is not None and not isinstance(tta, str):
-        raise MalformedRequestError(f"parameter tta must be a string, got {tta!r:.40}")
+    parameters = validated(InferParameters, request.parameters, where="parameter ")
+    tta = parameters.tta
     images, pixels = None, None
     if tensor.name == "image":
         images = _images(tensor, raw, max_images)
@@ -127,9 +128,7 @@ def read_inference(request: InferenceRequest, raw: bytes | None, card: ModelCard
         tta = "none"
         pixels = _pixels(tensor, raw, card, max_images)
     classification, binary_out = _outputs(request, card)
-    fallback = FallbackAsk.parse(request.parameters.get("tta_fallback"), request.parameters.get("tta_budget_s"),
-                                 request.parameters.get("tta_budget_strict"), where="parameter ")
-    return Inference(request.id, images, pixels, tta, classification, binary_out, fallback)
+    return Inference(request.id, images, pixels, tta, classification, binary_out, parameters.fallback())
 
 
 def _count(tensor: TensorInput, max_images: int) -> int:
@@ -208,9 +207,7 @@ def _outputs(request: InferenceRequest, card: ModelCard) -> tuple[int, bool]:
     if len(request.outputs) != 1 or request.outputs[0].name != OUTPUT:
         raise MalformedRequestError(f"the only output is {OUTPUT!r}; got {[o.name for o in request.outputs]}")
     params = request.outputs[0].parameters
-    k = params.get("classification", 0)
-    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= card.num_classes:
-        raise MalformedRequestError(f"classification must be an integer in 0..{card.num_classes}, got {k!r:.40}")
+    k = validated(OutputParameters, params, num_classes=card.num_classes).classification
     return k, params.get("binary_data", binary) is True
 
 
