@@ -32,8 +32,8 @@ from sota_serve.serving.fallback import FallbackAsk
 class Form(BaseModel):
     """An image route's multipart form."""
 
-    #: what a form with several files for its one file field is told besides
-    several: ClassVar[str] = ""
+    #: what a form with several files for its one file field is told, after how many it sent
+    many_files_hint: ClassVar[str] = ""
 
 
 class TtaOptions(BaseModel):
@@ -56,7 +56,7 @@ class ClassifyOptions(TtaOptions):
 class ClassifyForm(ClassifyOptions, Form):
     """Classify one image: the labels with the highest probabilities."""
 
-    several: ClassVar[str] = "; send several to /classify_batch as 'images'"
+    many_files_hint: ClassVar[str] = "; send several to /classify_batch as 'images'"
     image: ImageFile
 
 

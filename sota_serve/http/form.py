@@ -30,7 +30,7 @@ def read_form(form: type[F], parts: Sequence[Part], path: str) -> F:
         if is_file(field):
             files = [p.content for p in found]
             if field.annotation is bytes and len(files) != 1:
-                raise MalformedRequestError(f"{path} takes one {name!r} file, got {len(files)}{form.several}")
+                raise MalformedRequestError(f"{path} takes one {name!r} file, got {len(files)}{form.many_files_hint}")
             values[name] = files[0] if field.annotation is bytes else files
         elif found:
             text = found[-1].text()
