@@ -5,20 +5,48 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 DEMO ?= sota-demo
 
-.PHONY: install install-serve serve demo test test-fast test-gpu lint bench clean
+# ONNX Runtime's build: `gpu` (onnxruntime-gpu with CUDA from its wheels) where an NVIDIA GPU
+# answers nvidia-smi, `cpu` (onnxruntime) otherwise; `make test RUNTIME=cpu` chooses by hand.
+RUNTIME ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+ifeq ($(filter $(RUNTIME),cpu gpu),)
+$(error RUNTIME must be cpu or gpu, got '$(RUNTIME)')
+endif
+ifneq ($(filter command line environment,$(origin RUNTIME)),)
+WHY := RUNTIME=$(RUNTIME) was given
+else ifeq ($(RUNTIME),gpu)
+WHY := nvidia-smi lists an NVIDIA GPU; RUNTIME=cpu for the CPU build
+else
+WHY := nvidia-smi finds no NVIDIA GPU; RUNTIME=gpu for the CUDA build
+endif
+ORT_cpu := onnxruntime
+ORT_gpu := onnxruntime-gpu
+OTHER := $(if $(filter gpu,$(RUNTIME)),cpu,gpu)
 
-# One venv; each target installs the extras it needs (pyproject.toml): serving the demo needs
-# `serve` and, to train it the first time, `train`; the tests need everything.
+.PHONY: runtime install install-serve serve demo test test-fast test-gpu lint bench clean
+
+runtime:
+	@echo "==> ONNX Runtime: the $(RUNTIME) build ($(ORT_$(RUNTIME))): $(WHY)"
+
+# One venv; each target installs the extras it needs (pyproject.toml) and the runtime's extra:
+# serving the demo needs `http` and, to train it the first time, `train`; the tests need
+# everything. The stamp names the runtime, so a venv of the other one is switched: pip never
+# removes one build when the other is added, and both write the same `onnxruntime` module, so
+# both go before the chosen one is installed.
 $(BIN)/.installed-%: pyproject.toml
 	@echo "==> installing sota-serve[$*] into $(VENV) (torch, fastai, BentoML, ONNX Runtime: a few minutes the first time)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	@if $(BIN)/python -m pip show -q $(ORT_$(OTHER)) 2>/dev/null; then \
+		echo "==> $(VENV) has the $(OTHER) build ($(ORT_$(OTHER))): uninstalling it first"; \
+		$(BIN)/python -m pip uninstall -y -qq $(ORT_cpu) $(ORT_gpu); \
+		rm -f $(BIN)/.installed-*,$(OTHER); \
+	fi
 	$(BIN)/python -m pip install -q -e '.[$*]'
 	touch $@
 
-install: $(BIN)/.installed-test
+install: runtime $(BIN)/.installed-test,$(RUNTIME)
 
-install-serve: $(BIN)/.installed-serve,train
+install-serve: runtime $(BIN)/.installed-http,train,$(RUNTIME)
 
 # Train and import the demo model unless the BentoML store already has it.
 demo: install-serve

@@ -69,6 +69,18 @@ class RuntimeBackendError(SotaServeError):
     """A runtime backend cannot run here (missing package, no CUDA device...)."""
 
 
+class OnnxRuntimeMissingError(RuntimeBackendError):
+    """No ONNX Runtime is installed: the core leaves the build (CPU or CUDA) to the install's
+    extras, which put exactly one of the two into an environment."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "ONNX Runtime is not installed; install one of its two builds:"
+            " pip install 'sota-serve[cpu]' (any machine) or pip install 'sota-serve[gpu]'"
+            " (Linux with an NVIDIA GPU; it runs on the CPU too)"
+        )
+
+
 class BadRequestError(SotaServeError, ValueError):
     """A request parameter is out of range (e.g. an unknown ``tta`` or a bad ``top_k``)."""
 

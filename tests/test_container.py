@@ -1,9 +1,11 @@
-"""The container image (deploy/container/build.sh) built with podman and run: it becomes ready
-and answers /classify as the package does offline.
+"""The container images (deploy/container/build.sh) built with podman and run: the CPU image is
+at most 600 MB, becomes ready and answers /classify as the package does offline; the GPU image
+(``build.sh --gpu``: ONNX Runtime's CUDA build, with CUDA and cuDNN from their wheels), started
+on a machine without a GPU, says in its log that it runs on the CPU and answers there.
 
 Needs podman, runc and mmdebstrap (CI installs them: .ci/run), root or subuid ranges, and
-PyPI for the image's Python packages; skipped with the reason where these cannot be had. The
-base image is kept by name between runs; the model's image is removed at the end.
+PyPI for the images' Python packages; skipped with the reason where these cannot be had. The
+base image is kept by name between runs; the model's images are removed at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,7 +27,7 @@ import pytest
 from bench.server import free_port
 from sota_serve.cli import main as cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a fresh machine builds both images
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a fresh machine builds every image
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "deploy" / "container" / "build.sh"
@@ -31,6 +35,9 @@ BASE = "localhost/sota-serve-base:bookworm"
 # runc and container ulimits that start on hosts where podman's defaults do not
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy" / "container" / "containers.conf")}
 PORT_IN_CONTAINER = 8080  # as on KServe (deploy/kubernetes/inferenceservice.yaml): BENTOML_PORT
+CPU_IMAGE_MAX_MB = 600
+#: what the GPU image logs where it finds no GPU (sota_serve/runtime/onnx.py)
+NO_GPU_LINE = "ONNX Runtime's CUDA build finds no CUDA device"
 
 
 def podman_unavailable() -> str | None:
@@ -60,26 +67,36 @@ def image_mb(name: str) -> float:
     return int(podman("image", "inspect", "--format", "{{.Size}}", name).stdout) / 1e6
 
 
-@pytest.fixture(scope="module")
-def image(tiny_package, tmp_path_factory):
+def build(package: Path, home: Path, *flags: str) -> str:
+    """Build the image of ``package`` with build.sh ``flags``; its name."""
     reason = podman_unavailable()
     if reason:
         pytest.skip(reason)
     name = f"localhost/sota-serve-test:{uuid.uuid4().hex[:12]}"
-    home = tmp_path_factory.mktemp("bentoml-home")
     env = {**PODMAN_ENV, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     base_cached = podman("image", "exists", BASE, check=False).returncode == 0
     bundle = trust_bundle()
-    command = [str(BUILD), str(tiny_package), "--image", name, *(["--ca-bundle", bundle] if bundle else [])]
+    command = [str(BUILD), str(package), *flags, "--image", name, *(["--ca-bundle", bundle] if bundle else [])]
     start = time.monotonic()
-    build = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    built = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - start
-    assert build.returncode == 0, f"build.sh failed:\n{build.stderr[-6000:]}"
-    assert build.stdout.strip().splitlines()[-1] == name
-    steps = [line for line in build.stderr.splitlines() if line.startswith("== ")]
-    print(f"\nbuild: {seconds:.0f} s (base image {'cached' if base_cached else 'built'});"
+    assert built.returncode == 0, f"build.sh {' '.join(flags)} failed:\n{built.stderr[-6000:]}"
+    assert built.stdout.strip().splitlines()[-1] == name
+    steps = [line for line in built.stderr.splitlines() if line.startswith("== ")]
+    print(f"\nbuild {' '.join(flags) or '(cpu)'}: {seconds:.0f} s (base image {'cached' if base_cached else 'built'});"
           f" base {image_mb(BASE):.0f} MB, image {image_mb(name):.0f} MB; steps: {steps}")
+    return name
+
+
+@pytest.fixture(scope="module")
+def bentoml_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bentoml-home")
+
+
+@pytest.fixture(scope="module")
+def image(tiny_package, bentoml_home):
+    name = build(tiny_package, bentoml_home)
     try:
         yield name
     finally:
@@ -87,13 +104,23 @@ def image(tiny_package, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def container(image):
+def gpu_image(tiny_package, bentoml_home, image):  # after the CPU image: the GPU build reuses its layers
+    name = build(tiny_package, bentoml_home, "--gpu")
+    try:
+        yield name
+    finally:
+        podman("rmi", "--force", name, check=False)
+
+
+@contextmanager
+def started(image: str, *env: str) -> Iterator[tuple[str, str]]:
+    """(its URL, the container's name) of ``image`` run with ``env`` (NAME=VALUE), once ready."""
     port = free_port()
     name = f"sota-serve-test-{uuid.uuid4().hex[:8]}"
     start = time.monotonic()
     podman("run", "--detach", "--name", name,
            "--publish", f"127.0.0.1:{port}:{PORT_IN_CONTAINER}",
-           "--env", f"BENTOML_PORT={PORT_IN_CONTAINER}", "--env", "SOTA_SERVE_DEVICE=cpu", image)
+           "--env", f"BENTOML_PORT={PORT_IN_CONTAINER}", *(f"--env={e}" for e in env), image)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = start + 180
@@ -105,14 +132,24 @@ def container(image):
                 pass
             state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
             if state != "running" or time.monotonic() > deadline:
-                logs = podman("logs", name, check=False)
                 pytest.fail(f"container {state}, not ready after {time.monotonic() - start:.0f} s:\n"
-                            f"{(logs.stdout + logs.stderr)[-4000:]}")
+                            f"{logs(name)[-4000:]}")
             time.sleep(0.5)
-        print(f"\ncontainer: ready {time.monotonic() - start:.1f} s after podman run")
-        yield url
+        print(f"\ncontainer of {image}: ready {time.monotonic() - start:.1f} s after podman run")
+        yield url, name
     finally:
         podman("rm", "--force", "--time", "10", name, check=False)
+
+
+def logs(container: str) -> str:
+    said = podman("logs", container, check=False)
+    return said.stdout + said.stderr
+
+
+@pytest.fixture(scope="module")
+def container(image):
+    with started(image, "SOTA_SERVE_DEVICE=cpu") as (url, _):
+        yield url
 
 
 def offline(package: Path, photos: list[Path], tta: str, capsys) -> list[dict]:
@@ -134,6 +171,30 @@ def test_container_answers_as_the_package_does_offline(container, tiny_package, 
         for a, b in zip(got["predictions"], want["predictions"], strict=True):
             assert abs(a["score"] - b["score"]) < 1e-4
         assert got["ood"]["out_of_distribution"] is True  # the card's fit on digits travels with it
+
+
+def test_the_cpu_image_is_small(image):
+    """ONNX Runtime's CPU build and no build tools: the base image and the venv."""
+    assert image_mb(image) <= CPU_IMAGE_MAX_MB, f"the CPU image is {image_mb(image):.0f} MB"
+
+
+def test_the_gpu_image_serves_on_the_cpu_where_there_is_no_gpu(gpu_image, tiny_package, photos, capsys):
+    """Started as on a GPU host (SOTA_SERVE_DEVICE left at auto) but given no GPU: it serves on
+    the CPU, answers as the package does offline, and its log says so in one line."""
+    expected = offline(tiny_package, photos[:1], "none", capsys)[0]
+    with started(gpu_image) as (url, name):
+        photo = photos[0]
+        answer = httpx.post(f"{url}/classify", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
+                            data={"top_k": "3"}, timeout=60)
+        said = logs(name)
+    assert answer.status_code == 200, answer.text
+    got = answer.json()["predictions"]
+    assert [p["label"] for p in got] == [p["label"] for p in expected["predictions"]]
+    assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(got, expected["predictions"], strict=True))
+    lines = [line for line in said.splitlines() if NO_GPU_LINE in line]
+    assert lines and all("running on the CPU" in line for line in lines), said[-4000:]
+    assert "ready: serving tiny-cnn:1 on cpu" in said, said[-4000:]
+    print(f"\nGPU image, no GPU: {lines[0].strip()}")
 
 
 def test_container_serves_the_contract(container):

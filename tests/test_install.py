@@ -1,5 +1,6 @@
-"""A serving-only install (``pip install 'sota-serve[serve]'``): small, without torch or fastai,
-and it serves a package over HTTP and runs the core CLI."""
+"""A serving-only install (``pip install 'sota-serve[serve]'``): small, with ONNX Runtime's CPU
+build and without torch or fastai, and it serves a package over HTTP and runs the core CLI; and
+the core alone (``pip install sota-serve``), which carries no runtime."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from bench.server import Server
 from tests.test_server import post
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_BYTES = 1 << 30
+#: 351 MiB measured with ONNX Runtime's CPU build (623 MiB with the CUDA one, which `serve` no longer brings)
+MAX_BYTES = 512 << 20
 
 
 def _size(path: Path) -> int:
@@ -37,6 +39,10 @@ def test_a_serving_install_serves_without_torch_or_fastai(tmp_path, tiny_package
     for module in ("torch", "torchvision", "fastai", "sklearn"):
         probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True)
         assert probe.returncode != 0 and "No module named" in probe.stderr, f"{module} is installed"
+    # ONNX Runtime's CPU build, not the CUDA one (the serve-gpu extra's)
+    for dist, installed in (("onnxruntime", True), ("onnxruntime-gpu", False)):
+        probe = subprocess.run([str(python), "-m", "pip", "show", "-q", dist], capture_output=True, text=True)
+        assert (probe.returncode == 0) == installed, f"{dist} installed: {probe.returncode == 0}"
     # uvicorn's C loop and parser, which its "auto" settings pick (BentoML asks for plain uvicorn)
     probe = subprocess.run([str(python), "-c", "import uvloop, httptools"], capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr
@@ -65,3 +71,28 @@ def test_a_serving_install_serves_without_torch_or_fastai(tmp_path, tiny_package
         assert [p["label"] for p in got] == [p["label"] for p in want]
         assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(got, want, strict=True))
         assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_core_installs_without_a_runtime_and_names_both_builds(tmp_path, tiny_package, photos):
+    """`pip install sota-serve` brings no ONNX Runtime (the `cpu` and `gpu` extras do): it
+    installs where neither build has a wheel, inspects packages, and a command that needs the
+    runtime stops with one line naming both extras."""
+    venv = tmp_path / "core-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python, cli = venv / "bin" / "python", str(venv / "bin" / "sota-serve")
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)],
+                             capture_output=True, text=True, timeout=540)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-4000:]
+    for module in ("onnxruntime", "bentoml", "torch"):
+        probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True)
+        assert probe.returncode != 0 and "No module named" in probe.stderr, f"{module} is installed"
+    inspect = subprocess.run([cli, "inspect", str(tiny_package)], capture_output=True, text=True, cwd=tmp_path)
+    assert inspect.returncode == 0 and "tiny-cnn:1" in inspect.stdout, inspect.stderr
+    predict = subprocess.run([cli, "predict", str(tiny_package), str(photos[0])], capture_output=True, text=True,
+                             cwd=tmp_path)
+    assert predict.returncode == 2 and predict.stdout == "", predict.stdout + predict.stderr
+    assert predict.stderr.count("\n") == 1, predict.stderr  # one line, no traceback
+    assert "ONNX Runtime is not installed" in predict.stderr, predict.stderr
+    assert "pip install 'sota-serve[cpu]'" in predict.stderr and "pip install 'sota-serve[gpu]'" in predict.stderr

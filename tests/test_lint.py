@@ -43,24 +43,91 @@ def test_training_and_bento_meet_only_in_the_core():
                     assert banned not in text, f"{path.relative_to(ROOT)} has {banned!r}"
 
 
-def test_bentofiles_take_their_packages_from_pyproject():
+def _project() -> dict:
     import tomllib
 
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _extra_closure(extras: set[str]) -> set[str]:
+    """``extras`` with the extras they name of the project itself (``sota-serve[http,cpu]``)."""
+    optional = _project()["optional-dependencies"]
+    todo, seen = list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra not in seen:
+            seen.add(extra)
+            for line in optional[extra]:
+                if _requirement_name(line) == "sota-serve":
+                    todo += re.search(r"\[([^\]]*)\]", line).group(1).split(",")
+    return seen
+
+
+def _packages(*extras: str) -> set[str]:
+    """The requirement lines of the core and ``extras`` (expanded), the project's own left out."""
+    project = _project()
+    optional = project["optional-dependencies"]
+    lines = set(project["dependencies"])
+    for extra in _extra_closure(set(extras)):
+        lines |= {d for d in optional[extra] if _requirement_name(d) != "sota-serve"}
+    return lines
+
+
+RUNTIMES = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}
+
+
+def test_bentofiles_take_their_packages_from_pyproject():
     import yaml
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    # the serve extra's runtime packages; bentoml is the Bento's own, uv only builds it
-    serving = {d for d in project["optional-dependencies"]["serve"]
-               if re.split(r"[<>=!~;\[ ]", d)[0] not in ("bentoml", "uv")}
-    core = set(project["dependencies"]) | serving
-    assert any(d.startswith("uvloop") for d in serving), "the serve extra brings uvicorn's C loop"
-    onnx = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"]
-    assert set(onnx) == core, "bentofile.yaml must list pyproject's core dependencies and the serve"\
-                              " extra's runtime packages"
-    extra = set(project["optional-dependencies"]["torchscript"])
+    optional = _project()["optional-dependencies"]
+    assert optional["serve"] == ["sota-serve[http,cpu]"] and optional["serve-gpu"] == ["sota-serve[http,gpu]"]
+    # the serving install's packages; bentoml is the Bento's own, uv only builds it
+    def serving(extra: str) -> set[str]:
+        return {d for d in _packages(extra) if _requirement_name(d) not in ("bentoml", "uv")}
+
+    assert any(d.startswith("uvloop") for d in serving("serve")), "the serve extra brings uvicorn's C loop"
+    for bentofile, extra in (("bentofile.yaml", "serve"), ("bentofile.gpu.yaml", "serve-gpu")):
+        packages = set(yaml.safe_load((ROOT / bentofile).read_text())["python"]["packages"])
+        assert packages == serving(extra), f"{bentofile} must list pyproject's core dependencies and the" \
+                                           f" {extra} extra's runtime packages"
+    extra = set(optional["torchscript"])
     for variant in ("bentofile.torchscript.yaml", "bentofile.pt2.yaml"):
         torch_packages = set(yaml.safe_load((ROOT / variant).read_text())["python"]["packages"])
-        assert core <= torch_packages <= core | extra and torch_packages & extra, variant
+        assert serving("serve") <= torch_packages <= serving("serve") | extra and torch_packages & extra, variant
+
+
+def test_only_the_runtime_extras_name_a_runtime():
+    """`cpu` and `gpu` each bring one ONNX Runtime build, `serve` and `serve-gpu` one of them, and
+    no other extra brings either: any other extra combines with `cpu` or `gpu` without putting
+    both builds (which overwrite each other's files) into one environment."""
+    optional = _project()["optional-dependencies"]
+    assert not {_requirement_name(d) for d in _project()["dependencies"]} & set(RUNTIMES.values())
+    for extra in optional:
+        closure = _extra_closure({extra})
+        names = {_requirement_name(d) for e in closure for d in optional[e]}
+        brought = {runtime for key, runtime in RUNTIMES.items() if runtime in names}
+        want = {RUNTIMES[key] for key in RUNTIMES if key in closure}
+        assert brought == want and len(brought) <= 1, f"[{extra}] brings {sorted(brought)}"
+
+
+def _documented_installs() -> list[tuple[str, str]]:
+    """(file, extras) of every `pip install ... [extras]` of the project in the README and docs."""
+    installs = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in path.read_text().splitlines():
+            if "pip install" in line:
+                installs += [(path.name, m) for m in re.findall(r"(?:sota-serve|'\.|\.)\[([a-z0-9,-]+)\]", line)]
+    return installs
+
+
+def test_every_documented_install_brings_one_runtime():
+    """Not both builds (they overwrite each other's files), and not none: the extras beside the
+    runtime ones leave the choice to the install command."""
+    installs = _documented_installs()
+    assert {"serve", "serve-gpu"} <= {extras for _, extras in installs}, installs
+    for where, extras in installs:
+        runtimes = _extra_closure(set(extras.split(","))) & set(RUNTIMES)
+        assert len(runtimes) == 1, f"{where}: pip install [{extras}] brings {sorted(runtimes) or 'no'} ONNX Runtime"
 
 
 def test_each_torch_bentofile_serves_its_own_backend():
@@ -84,20 +151,28 @@ def test_the_libraries_the_project_builds_on_have_upper_bounds():
     requirements = project["dependencies"] + [d for extra in project["optional-dependencies"].values()
                                               for d in extra]
     capped = {re.split(r"[<>=!~;\[ ]", d)[0] for d in requirements if "<" in d.split(";")[0]}
-    assert {"torch", "torchvision", "fastai", "bentoml", "onnxruntime-gpu", "onnx"} <= capped, capped
+    assert {"torch", "torchvision", "fastai", "bentoml", "onnxruntime", "onnxruntime-gpu", "onnx"} <= capped, capped
 
 
-def test_the_gpu_bentofile_is_the_default_one_on_a_cuda_image():
-    """bentofile.gpu.yaml differs from bentofile.yaml only in its base image: BentoML's public
-    ``docker.cuda_version`` (CUDA 12, which onnxruntime-gpu's wheels are built for); the
-    default image stays CPU-only."""
+def test_the_gpu_bentofile_is_the_default_one_with_the_cuda_build():
+    """bentofile.gpu.yaml is bentofile.yaml with onnxruntime-gpu (and its CUDA and cuDNN wheels)
+    in place of onnxruntime, on the same base image: no CUDA base image, nothing from a registry
+    but the package index."""
     import yaml
 
     default = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     gpu = yaml.safe_load((ROOT / "bentofile.gpu.yaml").read_text())
-    assert "cuda_version" not in (default.get("docker") or {})
-    assert str(gpu["docker"]["cuda_version"]).split(".")[0] == "12"
-    assert {k: v for k, v in gpu.items() if k != "docker"} == default
+    for bentofile in (default, gpu):
+        assert "cuda_version" not in (bentofile.get("docker") or {})
+    packages = {"default": default["python"].pop("packages"), "gpu": gpu["python"].pop("packages")}
+    assert gpu == default
+    runtime = {key: [p for p in value if _requirement_name(p).startswith("onnxruntime")]
+               for key, value in packages.items()}
+    assert [_requirement_name(p) for p in runtime["default"]] == ["onnxruntime"]
+    assert [_requirement_name(p) for p in runtime["gpu"]] == ["onnxruntime-gpu"]
+    assert "[cuda,cudnn]" in runtime["gpu"][0]
+    assert [p for p in packages["gpu"] if p not in runtime["gpu"]] == \
+        [p for p in packages["default"] if p not in runtime["default"]]
 
 
 def _sources(*rooms: str) -> list[Path]:

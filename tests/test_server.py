@@ -278,7 +278,8 @@ def test_import_serve_torchscript_from_store_and_build(tiny_package, photos, tmp
     assert all(m["tag"].startswith("sota-test:") for svc in bento["services"] for m in svc["models"])
     assert {svc["name"] for svc in bento["services"]} == {"sota_serve"}  # one service, no hop
     requirements = bento["image"]["python_requirements"]
-    assert "onnxruntime-gpu" in requirements and "torch" not in requirements and "fastai" not in requirements
+    assert "onnxruntime>=" in requirements and "torch" not in requirements and "fastai" not in requirements
+    assert "onnxruntime-gpu" not in requirements  # the CPU build; bentofile.gpu.yaml has the CUDA one
 
 
 def _serve(model: str | Path, home: Path, *args: str, env: dict[str, str] | None = None,

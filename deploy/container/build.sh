@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The service's container image, built with podman from a Bento on a Debian base image.
 #
-#   deploy/container/build.sh MODEL [--image NAME:TAG] [--bentofile FILE] [--base NAME]
+#   deploy/container/build.sh MODEL [--gpu] [--image NAME:TAG] [--bentofile FILE] [--base NAME]
 #                             [--ca-bundle PATH] [--formats LIST]
 #
 # MODEL      a package directory (imported into the BentoML model store first, keeping only
 #            --formats, default onnx) or a model-store tag (name[:version])
+# --gpu      the GPU image: bentofile.gpu.yaml (ONNX Runtime's CUDA build, with the CUDA and
+#            cuDNN libraries from their wheels) on the same base; it serves on the CPU where
+#            the host gives it no GPU. Default image name: sota-serve:<name>-<version>-gpu
 # --image    the image to build (default: sota-serve:<the model's name>-<its store version>)
 # --bentofile  bentofile.yaml (default) or another, e.g. bentofile.torchscript.yaml
 # --base     the base image (default localhost/sota-serve-base:bookworm, built by
-#            base-image.sh when missing); not used when the bentofile sets docker.cuda_version
+#            base-image.sh when missing)
 # --ca-bundle  a PEM bundle of the certificate authorities to trust while the build downloads
 #            Python packages (a TLS-intercepting proxy's CA): mounted read-only over the build
 #            container's system bundle for the RUN steps only (pip and uv read that one);
-#            the image does not keep it. With docker.cuda_version it covers pip only (uv on
-#            BentoML's CUDA image keeps its own roots)
+#            the image does not keep it
 #
 # Steps: the base image; `sota-serve import` (for a directory); `bentoml build` with a copy of
 # the bentofile that names the base image and the model; `bentoml containerize --backend
@@ -33,9 +35,11 @@ base=localhost/sota-serve-base:bookworm
 ca_bundle=""
 formats=onnx
 model=""
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+gpu=0
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
+        --gpu) gpu=1; shift ;;
         --image) image=$2; shift 2 ;;
         --bentofile) bentofile=$2; shift 2 ;;
         --base) base=$2; shift 2 ;;
@@ -47,6 +51,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -n "$model" ] || { usage >&2; exit 2; }
+if [ "$gpu" = 1 ]; then
+    [ "$bentofile" = bentofile.yaml ] || { echo "build.sh: --gpu is bentofile.gpu.yaml; leave --bentofile out" >&2; exit 2; }
+    bentofile=bentofile.gpu.yaml
+fi
 if [ -n "$ca_bundle" ]; then
     [ -f "$ca_bundle" ] || { echo "build.sh: --ca-bundle $ca_bundle is not a file" >&2; exit 2; }
     ca_bundle=$(cd "$(dirname "$ca_bundle")" && pwd)/$(basename "$ca_bundle")
@@ -62,16 +70,8 @@ trap 'rm -rf "$work"' EXIT
 step() { echo "== $1 ($(( $(date +%s) - t0 )) s)" >&2; }
 t0=$(date +%s)
 
-# A bentofile that asks for CUDA (docker.cuda_version) keeps BentoML's CUDA base image, which
-# podman pulls from its registry (nvidia/cuda); the Debian base image is for CPU images.
-cuda=$(python -c 'import sys, yaml; print((yaml.safe_load(open(sys.argv[1])).get("docker") or {}).get("cuda_version") or "")' "$bentofile")
-if [ -n "$cuda" ]; then
-    base=""
-    step "CUDA $cuda: BentoML's CUDA base image"
-else
-    step "base image"
-    base=$("$here/base-image.sh" --name "$base")
-fi
+step "base image"
+base=$("$here/base-image.sh" --name "$base")
 
 if [ -d "$model" ]; then
     step "import $model into the model store ($formats)"
@@ -80,33 +80,91 @@ if [ -d "$model" ]; then
 else
     tag=$(python -c 'import bentoml, sys; print(bentoml.models.get(sys.argv[1]).tag)' "$model")
 fi
-image=${image:-sota-serve:${tag/:/-}}
+suffix=""
+[ "$gpu" = 0 ] || suffix=-gpu
+image=${image:-sota-serve:${tag/:/-}$suffix}
 
 step "bento for $tag"
-# A copy of the bentofile with the base image and the model added: the image then serves
-# that model with no environment given at run time.
-python - "$bentofile" "$work/bentofile.yaml" "$base" "$tag" <<'EOF'
+# A copy of the bentofile with the base image added. The model's tag is set in the image (below),
+# not in the Bento's envs, which BentoML's Dockerfile sets before its apt and venv steps: a new
+# model version then reuses those layers.
+python - "$bentofile" "$work/bentofile.yaml" "$base" <<'EOF'
 import sys
 import yaml
 
-source, target, base, tag = sys.argv[1:]
+source, target, base = sys.argv[1:]
 spec = yaml.safe_load(open(source))
-if base:
-    spec.setdefault("docker", {})["base_image"] = base
+spec.setdefault("docker", {})["base_image"] = base
 spec["envs"] = [e for e in spec.get("envs", []) if e["name"] != "SOTA_SERVE_MODEL"]
-spec["envs"].append({"name": "SOTA_SERVE_MODEL", "value": tag})
 yaml.safe_dump(spec, open(target, "w"), sort_keys=False)
 EOF
 bento=$(SOTA_SERVE_MODEL=$tag bentoml build -f "$work/bentofile.yaml" -o tag . | tail -n 1)
 bento=${bento#__tag__:}
 
-step "image $image from $bento"
+# BentoML's image of the Bento, kept by name (one per bentofile: sota-serve-build:default, :gpu,
+# ...) as the layer cache of the next build: its apt step and the venv of unchanged packages
+# are then reused, by the CPU and GPU builds alike. The one it replaces is removed.
+variant=$(basename "$bentofile" .yaml)
+variant=${variant#bentofile}
+variant=${variant#.}
+build_image=localhost/sota-serve-build:${variant:-default}
+previous=$(podman image inspect --format '{{.Id}}' "$build_image" 2>/dev/null || true)
+step "build image $build_image from $bento"
 opts=()
 if [ -n "$ca_bundle" ]; then
     # Debian's pip reads the system bundle, and so does uv on the base image (its uv.toml):
     # one mount, as BentoML's podman backend passes one --opt volume (it joins several into one).
     opts+=(--opt "volume=$ca_bundle:/etc/ssl/certs/ca-certificates.crt:ro")
 fi
-bentoml containerize "$bento" --backend podman --image-tag "$image" "${opts[@]}" >&2
+bentoml containerize "$bento" --backend podman --image-tag "$build_image" "${opts[@]}" >&2
+if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$build_image")" ]; then
+    podman rmi "$previous" >/dev/null 2>&1 || true  # still used by a container: left for podman image prune
+fi
+
+step "image $image: the base image, the Bento and its venv"
+# BentoML's Dockerfile apt-installs compilers, git and gnupg (about 530 MB) for packages built
+# from source, and pip-installs uv to make the venv; the Bento's wheels need neither at run
+# time. The image is the base image plus what serving reads (/app: the venv; /home/bentoml:
+# the Bento, the model and the user's home), with the build image's user, environment,
+# working directory, ports and entrypoint, so that it runs as the build image does, and the
+# model's tag, so that it serves that model with no environment given at run time.
+uid=$(podman run --rm --entrypoint id "$build_image" -u)
+gid=$(podman run --rm --entrypoint id "$build_image" -g)
+config=$(podman image inspect --format '{{json .Config}}' "$build_image")
+python - "$build_image" "$base" "$uid" "$gid" "$config" "$tag" >"$work/Containerfile" <<'EOF'
+import json
+import sys
+
+build, base, uid, gid, config_json, tag = sys.argv[1:]
+config = json.loads(config_json)
+user = config["User"]
+env = [e.split("=", 1) for e in config.get("Env", []) if not e.startswith("SOTA_SERVE_MODEL=")]
+env.append(["SOTA_SERVE_MODEL", tag])
+
+
+def quoted(value: str) -> str:  # a Containerfile ENV value: no variable expansion
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
+lines = [
+    f"FROM {build} AS bento",
+    f"FROM {base}",
+    f"RUN groupadd -g {gid} -o {user} && useradd -m -u {uid} -g {gid} -o -r {user}",
+    "COPY --from=bento /app /app",
+    "COPY --from=bento /home/bentoml /home/bentoml",
+    *(f"ENV {key}={quoted(value)}" for key, value in env),
+    f"WORKDIR {config['WorkingDir']}",
+    *(f"EXPOSE {port}" for port in config.get("ExposedPorts") or {}),
+    f"USER {user}",
+    f"ENTRYPOINT {json.dumps(config['Entrypoint'])}",
+    *([f"CMD {json.dumps(config['Cmd'])}"] if config.get("Cmd") else []),
+]
+print("\n".join(lines))
+EOF
+if ! podman build --quiet --tag "$image" --file "$work/Containerfile" "$work" >/dev/null 2>"$work/build.log"; then
+    cat "$work/build.log" >&2
+    echo "build.sh: podman build of $image failed (above)" >&2
+    exit 1
+fi
 step "done"
 echo "$image"

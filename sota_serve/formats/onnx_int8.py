@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from sota_serve.errors import ExportError
+from sota_serve.errors import ExportError, OnnxRuntimeMissingError
 from sota_serve.formats.onnx_members import member_of
 
 #: The op types that get int8 kernels; everything else (Cast, Div, Sub, Softmax...) stays fp32.
@@ -64,14 +64,20 @@ def _quiet() -> Iterator[None]:
 def quantize(fp32: Path, calibration: Sequence[np.ndarray], path: Path) -> dict[str, Any]:
     """Write the int8 version of ``fp32`` to ``path``; ``calibration``: uint8 NCHW batches."""
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ModuleNotFoundError as e:  # the core install: the runtime is the cpu or gpu extra
+        if e.name != "onnxruntime":
+            raise
+        raise OnnxRuntimeMissingError() from e
 
     batches = [b for b in calibration if len(b)]
     if not batches:

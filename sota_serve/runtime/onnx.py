@@ -7,6 +7,8 @@ provider, so five-crop TTA copies back only N x C numbers. The same code path ru
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Any
 
@@ -14,23 +16,24 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from sota_serve.device import Device, resolve_device
-from sota_serve.errors import RuntimeBackendError
+from sota_serve.device import Device, cuda_device_count, resolve_device
+from sota_serve.errors import OnnxRuntimeMissingError, RuntimeBackendError
 from sota_serve.package.card import ModelCard
 from sota_serve.runtime.base import Runtime
 
 try:
     import onnxruntime as ort
-except ImportError as e:  # pragma: no cover - onnxruntime-gpu is a dependency
-    raise RuntimeBackendError(
-        "onnxruntime is not installed; pip install onnxruntime-gpu (it runs on CPU too)"
-    ) from e
+except ModuleNotFoundError as e:  # the core install: the runtime is the cpu or gpu extra
+    if e.name != "onnxruntime":
+        raise
+    raise OnnxRuntimeMissingError() from e
 
 # Errors only: ORT >= 1.31 warns on every CUDA session that no plugin EP is registered for
 # the (built-in) CUDA provider, before a session's own log level applies.
 ort.set_default_logger_severity(3)
 
 _REDUCE_OPSET = 17
+log = logging.getLogger(__name__)
 
 
 def _reduce_graph(num_classes: int, softmax: bool) -> bytes:
@@ -74,16 +77,27 @@ def session_options(intra_op_threads: int | None) -> ort.SessionOptions:
     return opts
 
 
+@functools.cache
+def _note_cuda_build_on_cpu() -> None:
+    """Once per process: the CUDA build was installed for a GPU this process cannot see (a
+    container started without the host's GPU, a machine without a driver), so the line says
+    where the model runs and why. The CPU build on a CPU says nothing."""
+    log.warning("ONNX Runtime's CUDA build finds no CUDA device (no NVIDIA driver, or no GPU given"
+                " to this process): running on the CPU")
+
+
 def providers_for(device: Device) -> list[str | tuple[str, dict[str, str]]]:
     if device == "cpu":
+        if cuda_device_count() == 0 and "CUDAExecutionProvider" in ort.get_available_providers():
+            _note_cuda_build_on_cpu()
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise RuntimeBackendError(
-            "a CUDA device is present but this onnxruntime has no CUDA provider;"
-            " pip install onnxruntime-gpu"
+            "a CUDA device is present but this is ONNX Runtime's CPU build; use device 'cpu',"
+            " or replace the build: pip uninstall onnxruntime, then pip install 'sota-serve[gpu]'"
         )
     if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels torch brings along
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (the gpu extra, or torch's)
     cuda = {
         "device_id": "0",
         "cudnn_conv_algo_search": "HEURISTIC",  # EXHAUSTIVE re-tunes per new batch size
