@@ -66,7 +66,9 @@ cd "$root"
 [ -f "$bentofile" ] || { echo "build.sh: no bentofile $bentofile in $root" >&2; exit 2; }
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# this build's own name for BentoML's image, so that builds at the same time do not mix
+build_image=localhost/sota-serve-build:$(basename "$work" | tr '[:upper:]_' '[:lower:]-')
+trap 'podman rmi --ignore "$build_image" >/dev/null 2>&1; rm -rf "$work"' EXIT
 step() { echo "== $1 ($(( $(date +%s) - t0 )) s)" >&2; }
 t0=$(date +%s)
 
@@ -101,15 +103,15 @@ EOF
 bento=$(SOTA_SERVE_MODEL=$tag bentoml build -f "$work/bentofile.yaml" -o tag . | tail -n 1)
 bento=${bento#__tag__:}
 
-# BentoML's image of the Bento, kept by name (one per bentofile: sota-serve-build:default, :gpu,
-# ...) as the layer cache of the next build: its apt step and the venv of unchanged packages
-# are then reused, by the CPU and GPU builds alike. The one it replaces is removed.
+# BentoML's image of the Bento is kept by name once the image is built (one per bentofile:
+# sota-serve-build:default, :gpu, ...) as the layer cache of the next build: its apt step and
+# the venv of unchanged packages are then reused, by the CPU and GPU builds alike. The one it
+# replaces is removed.
 variant=$(basename "$bentofile" .yaml)
 variant=${variant#bentofile}
 variant=${variant#.}
-build_image=localhost/sota-serve-build:${variant:-default}
-previous=$(podman image inspect --format '{{.Id}}' "$build_image" 2>/dev/null || true)
-step "build image $build_image from $bento"
+cache_image=localhost/sota-serve-build:${variant:-default}
+step "build image from $bento"
 opts=()
 if [ -n "$ca_bundle" ]; then
     # Debian's pip reads the system bundle, and so does uv on the base image (its uv.toml):
@@ -117,9 +119,6 @@ if [ -n "$ca_bundle" ]; then
     opts+=(--opt "volume=$ca_bundle:/etc/ssl/certs/ca-certificates.crt:ro")
 fi
 bentoml containerize "$bento" --backend podman --image-tag "$build_image" "${opts[@]}" >&2
-if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$build_image")" ]; then
-    podman rmi "$previous" >/dev/null 2>&1 || true  # still used by a container: left for podman image prune
-fi
 
 step "image $image: the base image, the Bento and its venv"
 # BentoML's Dockerfile apt-installs compilers, git and gnupg (about 530 MB) for packages built
@@ -165,6 +164,12 @@ if ! podman build --quiet --tag "$image" --file "$work/Containerfile" "$work" >/
     cat "$work/build.log" >&2
     echo "build.sh: podman build of $image failed (above)" >&2
     exit 1
+fi
+previous=$(podman image inspect --format '{{.Id}}' "$cache_image" 2>/dev/null || true)
+podman tag "$build_image" "$cache_image"
+podman untag "$build_image" "$build_image"
+if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$cache_image")" ]; then
+    podman rmi "$previous" >/dev/null 2>&1 || true  # still in use: left for podman image prune
 fi
 step "done"
 echo "$image"
