@@ -224,7 +224,8 @@ def _onnx_cuda_unavailable() -> str | None:
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        return "a CUDA device is present but this onnxruntime has no CUDA provider; pip install onnxruntime-gpu"
+        return ("a CUDA device is present but this onnxruntime has no CUDA provider (the CPU build):"
+                " pip uninstall -y onnxruntime, then pip install 'sota-serve[gpu]'")
     return None
 
 
