@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from bench.report import table, write_json
 from bench.run import BenchConfig, machine_info
 from bench.server import Server, env_settings
 from sota_serve.package.card import ModelCard, accuracy_key
+from sota_serve.serving.admission import FORECAST_HORIZON_S
 from sota_serve.serving.fallback import REFUSED
 
 _SERIES = re.compile(r'sota_serve_tta_answers_total\{requested="([a-z_]+)",served="([a-z_]+)"\} (\S+)')
@@ -109,6 +111,7 @@ def sweep(model: Path, card: ModelCard, images: list[Path], *, tta: str, factors
     for mode, env in MODES.items():
         with Server(model, env={**given, **env}) as server:
             closed_loop(f"{server.url}/classify", images, data={"tta": tta}, concurrency=32, seconds=3)  # warm
+            time.sleep(FORECAST_HORIZON_S)  # the warm-up's queue drains and its forecast misses expire
             for factor in factors:
                 run = {"mode": mode, "factor": factor, **measure(server, card, images, tta=tta, seconds=seconds,
                                                                  rate=factor * capacity[tta])}
@@ -134,8 +137,8 @@ def plot_sweep(runs: list[dict[str, Any]], capacity: float, budget_s: float, tit
     ax.axhline(budget_s, color="grey", linestyle="--", label=f"budget {budget_s:g} s")
     if plain_capacity:  # past it even plain answers queue: no ladder can hold a budget there
         ax.axvline(plain_capacity / capacity, color="grey", linestyle=":",
-                   label=f"plain capacity ({plain_capacity:.0f} req/s)")
-    ax.set(xlabel=f"offered load (x the plain capacity, {capacity:.0f} req/s)", ylabel="p99 latency (s)",
+                   label=f"capacity for none ({plain_capacity:.0f} req/s)")
+    ax.set(xlabel=f"offered load (x the capacity for the policy asked, {capacity:.0f} req/s)", ylabel="p99 latency (s)",
            title=title, yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[], metavar="SOTA_SERVE_X=V",
                    help="a server setting for both servers (repeatable), e.g. SOTA_SERVE_MAX_WAIT_S=2")
     p.add_argument("--images", default="imagenet", help="image set: imagenet or mix (bench/images.py)")
-    p.add_argument("--sweep", default="", help="comma list of multiples of the plain capacity to offer"
+    p.add_argument("--sweep", default="", help="comma list of multiples of the capacity for --tta to offer"
                                                " open-loop to the ladder off, on and strict (e.g. 0.5,1,1.5,2)")
     p.add_argument("--out", default="bench/results/fallback.json", help="where the JSON goes")
     args = p.parse_args(argv)

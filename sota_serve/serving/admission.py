@@ -39,9 +39,12 @@ from sota_serve.serving.loop_lag import LoopLag
 from sota_serve.serving.profile import LatencyProfile, RecentTail
 
 #: forecast misses kept, and the quantile added: p99 of the last 512 answers (about two seconds
-#: at the load where it matters), so the 5th-latest miss, not the single latest
+#: at the load where it matters), so the 5th-latest miss, not the single latest, and none older
+#: than 10 s: a miss is a fact about the recent load, and one from a burst long past would keep
+#: a strict budget refusing the answers that would teach it otherwise
 FORECAST_SAMPLES = 512
 FORECAST_QUANTILE = 0.99
+FORECAST_HORIZON_S = 10.0
 
 
 @dataclass
@@ -80,7 +83,8 @@ class Admission:
         #: the event loop's lag, which a request waits out before the door and its answer after
         self.loop_lag = LoopLag()
         #: how much later than forecast answers were ready: the last few seconds' misses
-        self.forecast_miss = RecentTail(size=FORECAST_SAMPLES, quantile=FORECAST_QUANTILE)
+        self.forecast_miss = RecentTail(size=FORECAST_SAMPLES, quantile=FORECAST_QUANTILE,
+                                        horizon_s=FORECAST_HORIZON_S)
         self.in_flight = 0
         self.pending_bytes = 0  # admitted, not yet decoded
         self.pending_crops = 0  # queued for or running in the model

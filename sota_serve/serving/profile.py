@@ -15,6 +15,7 @@ crops run as one batch on one model thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 #: the quantile a budget is held to: one answer in twenty may be slower than the estimate
@@ -24,29 +25,43 @@ RECENT_SAMPLES = 128
 
 
 class RecentTail:
-    """A high quantile of the last ``size`` samples; ``None`` before the first."""
+    """A high quantile of the last ``size`` samples, and of those no older than ``horizon_s``
+    when given; ``None`` before the first (or once all are older).
 
-    def __init__(self, size: int = RECENT_SAMPLES, quantile: float = TAIL_QUANTILE) -> None:
+    A horizon matters where samples come from answers rather than from the clock: at a few
+    requests a second, 512 answers are minutes old, and a cost learned in a burst long past
+    would still be charged; where a high estimate stops the very answers that would lower it
+    (a strict budget refuses what its estimate says is late), it would be charged for ever.
+    """
+
+    def __init__(self, size: int = RECENT_SAMPLES, quantile: float = TAIL_QUANTILE,
+                 horizon_s: float | None = None) -> None:
         if not 0 < quantile <= 1:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-        self.quantile = quantile
-        self._samples: deque[float] = deque(maxlen=size)
+        self.quantile, self.horizon_s = quantile, horizon_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=size)  # (when, sample)
         self._value: float | None = None
         self._stale = False
         self._lock = threading.Lock()  # decode threads and the event loop add samples
 
     def add(self, sample: float) -> None:
         with self._lock:
-            self._samples.append(sample)
+            self._samples.append((time.monotonic(), sample))
             self._stale = True
 
     @property
     def value(self) -> float | None:
-        """The quantile, sorted again only after new samples (estimates are asked per request)."""
+        """The quantile, sorted again only after new samples or expired ones (estimates are
+        asked per request)."""
         with self._lock:
+            if self.horizon_s is not None:
+                oldest = time.monotonic() - self.horizon_s
+                while self._samples and self._samples[0][0] < oldest:
+                    self._samples.popleft()
+                    self._stale = True
             if self._stale:
-                ordered = sorted(self._samples)
-                self._value = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+                ordered = sorted(sample for _, sample in self._samples)
+                self._value = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))] if ordered else None
                 self._stale = False
             return self._value
 
