@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc as grpcclient
 
 from bench.server import free_port
 from sota_serve.cli import main as cli
@@ -35,6 +36,7 @@ BASE = "localhost/sota-serve-base:bookworm"
 # runc and container ulimits that start on hosts where podman's defaults do not
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy" / "container" / "containers.conf")}
 PORT_IN_CONTAINER = 8080  # as on KServe (deploy/kubernetes/inferenceservice.yaml): BENTOML_PORT
+GRPC_IN_CONTAINER = 8001  # the image's SOTA_SERVE_GRPC_PORT (deploy/container/build.sh)
 CPU_IMAGE_MAX_MB = 600
 #: what the GPU image logs where it finds no GPU (sota_serve/runtime/onnx.py)
 NO_GPU_LINE = "ONNX Runtime's CUDA build finds no CUDA device"
@@ -113,13 +115,15 @@ def gpu_image(tiny_package, bentoml_home, image):  # after the CPU image: the GP
 
 
 @contextmanager
-def started(image: str, *env: str) -> Iterator[tuple[str, str]]:
-    """(its URL, the container's name) of ``image`` run with ``env`` (NAME=VALUE), once ready."""
-    port = free_port()
+def started(image: str, *env: str) -> Iterator[tuple[str, str, str]]:
+    """(its URL, the container's name, its gRPC address) of ``image`` run with ``env``
+    (NAME=VALUE), once ready."""
+    port, grpc_port = free_port(), free_port()
     name = f"sota-serve-test-{uuid.uuid4().hex[:8]}"
     start = time.monotonic()
     podman("run", "--detach", "--name", name,
            "--publish", f"127.0.0.1:{port}:{PORT_IN_CONTAINER}",
+           "--publish", f"127.0.0.1:{grpc_port}:{GRPC_IN_CONTAINER}",
            "--env", f"BENTOML_PORT={PORT_IN_CONTAINER}", *(f"--env={e}" for e in env), image)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -136,7 +140,7 @@ def started(image: str, *env: str) -> Iterator[tuple[str, str]]:
                             f"{logs(name)[-4000:]}")
             time.sleep(0.5)
         print(f"\ncontainer of {image}: ready {time.monotonic() - start:.1f} s after podman run")
-        yield url, name
+        yield url, name, f"127.0.0.1:{grpc_port}"
     finally:
         podman("rm", "--force", "--time", "10", name, check=False)
 
@@ -148,8 +152,8 @@ def logs(container: str) -> str:
 
 @pytest.fixture(scope="module")
 def container(image):
-    with started(image, "SOTA_SERVE_DEVICE=cpu") as (url, _):
-        yield url
+    with started(image, "SOTA_SERVE_DEVICE=cpu") as (url, _, grpc_address):
+        yield url, grpc_address
 
 
 def offline(package: Path, photos: list[Path], tta: str, capsys) -> list[dict]:
@@ -160,9 +164,10 @@ def offline(package: Path, photos: list[Path], tta: str, capsys) -> list[dict]:
 
 @pytest.mark.parametrize("tta", ["none", "five_crop"])
 def test_container_answers_as_the_package_does_offline(container, tiny_package, photos, tta, capsys):
+    url, _ = container
     expected = offline(tiny_package, photos, tta, capsys)
     for photo, want in zip(photos, expected, strict=True):
-        answer = httpx.post(f"{container}/classify", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
+        answer = httpx.post(f"{url}/classify", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
                             data={"tta": tta, "top_k": "3"}, timeout=60)
         assert answer.status_code == 200, answer.text
         got = answer.json()
@@ -182,7 +187,7 @@ def test_the_gpu_image_serves_on_the_cpu_where_there_is_no_gpu(gpu_image, tiny_p
     """Started as on a GPU host (SOTA_SERVE_DEVICE left at auto) but given no GPU: it serves on
     the CPU, answers as the package does offline, and its log says so in one line."""
     expected = offline(tiny_package, photos[:1], "none", capsys)[0]
-    with started(gpu_image) as (url, name):
+    with started(gpu_image) as (url, name, _):
         photo = photos[0]
         answer = httpx.post(f"{url}/classify", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
                             data={"top_k": "3"}, timeout=60)
@@ -198,7 +203,13 @@ def test_the_gpu_image_serves_on_the_cpu_where_there_is_no_gpu(gpu_image, tiny_p
 
 
 def test_container_serves_the_contract(container):
-    assert httpx.get(f"{container}/v2/health/live").json() == {"live": True}
-    assert httpx.get(f"{container}/card").json()["name"] == "tiny-cnn"
-    refused = httpx.post(f"{container}/classify", files={"image": ("x.png", b"not an image", "image/png")})
+    url, grpc_address = container
+    assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
+    assert httpx.get(f"{url}/card").json()["name"] == "tiny-cnn"
+    refused = httpx.post(f"{url}/classify", files={"image": ("x.png", b"not an image", "image/png")})
     assert refused.status_code in (400, 415, 422) and "error" in refused.json()
+    client = grpcclient.InferenceServerClient(grpc_address)  # the Open Inference Protocol over gRPC, on by default
+    try:
+        assert client.is_server_live() and client.is_model_ready("tiny-cnn")
+    finally:
+        client.close()

@@ -135,10 +135,15 @@ import json
 import sys
 
 build, base, uid, gid, config_json, tag = sys.argv[1:]
+GRPC_PORT = "8001"
 config = json.loads(config_json)
 user = config["User"]
 env = [e.split("=", 1) for e in config.get("Env", []) if not e.startswith("SOTA_SERVE_MODEL=")]
 env.append(["SOTA_SERVE_MODEL", tag])
+# the Open Inference Protocol over gRPC beside HTTP, on Triton's port, unless the Bento sets one
+if not any(key == "SOTA_SERVE_GRPC_PORT" for key, _ in env):
+    env.append(["SOTA_SERVE_GRPC_PORT", GRPC_PORT])
+ports = {**(config.get("ExposedPorts") or {}), f"{dict(env)['SOTA_SERVE_GRPC_PORT']}/tcp": {}}
 
 
 def quoted(value: str) -> str:  # a Containerfile ENV value: no variable expansion
@@ -153,7 +158,7 @@ lines = [
     "COPY --from=bento /home/bentoml /home/bentoml",
     *(f"ENV {key}={quoted(value)}" for key, value in env),
     f"WORKDIR {config['WorkingDir']}",
-    *(f"EXPOSE {port}" for port in config.get("ExposedPorts") or {}),
+    *(f"EXPOSE {port}" for port in ports),
     f"USER {user}",
     f"ENTRYPOINT {json.dumps(config['Entrypoint'])}",
     *([f"CMD {json.dumps(config['Cmd'])}"] if config.get("Cmd") else []),
