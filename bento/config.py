@@ -1,10 +1,10 @@
 """What every process of the service reads once at import: settings, the plan for this
-machine, and the model package, opened and checked against the settings.
+machine, and the model packages, opened and checked against the settings.
 
 All of it happens when the service module is imported, which `bentoml serve` and `bentoml
 build` do before anything else: a missing model, a directory without card.json, a backend or
-precision the package lacks, or any other setting it or this machine cannot serve
-(:meth:`Settings.check`) stops them there with one line (:func:`settings_and_package`). The
+precision a package lacks, or any other setting it or this machine cannot serve
+(:meth:`Settings.check`) stops them there with one line (:func:`settings_and_models`). The
 same failure in the service's ``__init__`` would restart the worker forever.
 """
 
@@ -20,25 +20,44 @@ import bentoml
 
 from sota_serve.errors import SotaServeError
 from sota_serve.package.loading import ModelPackage, check_backend, open_package
+from sota_serve.package.repository import Entry, scan
 from sota_serve.serving.settings import Plan, Settings, load_settings
 
 
-def settings_and_package() -> tuple[Settings, Plan, ModelPackage, Any]:
-    """(settings, plan, the opened package, the model as the service declares it); exits with
-    one line naming the problem when any of it is wrong."""
+def settings_and_models() -> tuple[Settings, Plan, list[Entry], list[Any]]:
+    """(settings, plan, the models to serve, each as the service declares it); exits with one
+    line naming the problem when any of it is wrong."""
     try:
         settings = load_settings()
-        local = Path(settings.model).exists()
-        package = open_package(settings.model if local else _stored(settings.model))
-        check_backend(package, settings.backend)
         plan = settings.plan()
-        settings.check(package, plan)
+        entries = scan(settings.model, resolve=_stored)
+        for entry in entries:
+            checked_package(entry, settings, plan)
+        if settings.default_model is not None and settings.default_model not in {e.name for e in entries}:
+            raise SotaServeError(f"SOTA_SERVE_DEFAULT_MODEL={settings.default_model}: no such model among"
+                                 f" {', '.join(e.name for e in entries)}")
     except SotaServeError as e:
         raise SystemExit(f"sota-serve: cannot serve: {e}") from None
     # A package directory or file is served as it is; a model-store tag is declared as a
     # BentoModel, so that `bentoml build` records it in the Bento.
-    model = Path(settings.model) if local else bentoml.models.BentoModel(settings.model)
-    return settings, plan, package, model
+    tags = [item.strip() for item in settings.model.split(",") if item.strip() and not Path(item.strip()).exists()]
+    declared = [bentoml.models.BentoModel(tag) for tag in tags] or [Path(settings.model.split(",")[0].strip())]
+    return settings, plan, entries, declared
+
+
+def declare_models(service: type, declared: list[Any]) -> None:
+    """Each model-store tag the service serves as a class attribute, which BentoML collects,
+    so that `bentoml build` records it in the Bento; a package directory is served as it is."""
+    for i, model in enumerate(declared):
+        setattr(service, "model" if i == 0 else f"model_{i}", model)
+
+
+def checked_package(entry: Entry, settings: Settings, plan: Plan) -> ModelPackage:
+    """``entry``'s package, opened (sha256 checked) and checked against the settings."""
+    package = open_package(entry.source)
+    check_backend(package, settings.backend)
+    settings.check(package, plan)
+    return package
 
 
 def _stored(tag: str) -> str:

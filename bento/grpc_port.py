@@ -43,7 +43,7 @@ class GrpcPort:
             return
         from sota_serve.grpc.server import GrpcServer  # grpc is imported where the port is on only
 
-        self.server = GrpcServer(oip.model, self.admission, max_message_bytes=self.settings.max_body_bytes,
+        self.server = GrpcServer(oip.models, self.admission, max_message_bytes=self.settings.max_body_bytes,
                                  hold_s=self.settings.admission_hold_s, on_call=count_grpc)
         await self.server.start(port)
         log.info("gRPC (Open Inference Protocol, health) on port %d", port)

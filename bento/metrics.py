@@ -24,6 +24,9 @@ GRPC = bentoml.metrics.Counter(name="sota_serve_grpc_requests", documentation="g
                                labelnames=["method", "code"])
 TTA = bentoml.metrics.Counter(name="sota_serve_tta_answers", documentation=TTA_ANSWERS,
                               labelnames=["requested", "served"])
+MODEL_RSS = bentoml.metrics.Gauge(
+    name="sota_serve_model_rss_bytes", labelnames=["model", "version"],
+    documentation="Resident memory a model version added to its worker when it loaded (0 once unloaded)")
 
 
 def observe_batch(k: int, images: int, crops: int, seconds: float) -> None:
@@ -37,6 +40,10 @@ def count_tta(requested: str, served: str) -> None:
 
 def count_shed(reason: str) -> None:
     SHED.labels(reason=reason).inc()
+
+
+def model_memory(model: str, version: str, rss_bytes: int) -> None:
+    MODEL_RSS.labels(model=model, version=version).set(rss_bytes)
 
 
 def count_grpc(method: str, code: str) -> None:

@@ -1,9 +1,10 @@
 """``bentoml serve``: the ``sota_serve`` service, a thin front end over sota_serve.serving.
 
-Each worker process loads the model and runs the serving pipeline: uploads decoded on a thread
-pool, the crops of concurrent requests batched onto the model threads, admission control
-shedding at the door with 503 + Retry-After when the queue cannot drain in time. The front
-door (sota_serve/http/front_door.py) enforces the limits and answers the image routes directly.
+Each worker process loads the models (one package, or several: sota_serve/serving/models.py)
+and runs the serving pipeline: uploads decoded on a thread pool, the crops of concurrent
+requests batched onto the model threads, admission control shedding at the door with 503 +
+Retry-After when the queue cannot drain in time. The front door (sota_serve/http/front_door.py)
+enforces the limits and answers the image routes directly.
 """
 
 from __future__ import annotations
@@ -13,74 +14,56 @@ from typing import Any
 
 import bentoml
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import Response
 
-from bento.config import explain_port_in_use, settings_and_package
+from bento.config import checked_package, declare_models, explain_port_in_use, settings_and_models
 from bento.declarations import Declared
 from bento.grpc_port import GrpcPort
-from bento.metrics import count_shed, count_tta, observe_batch
+from bento.metrics import count_shed, count_tta, model_memory, observe_batch
 from sota_serve.contract.requests import FILE_FIELDS
 from sota_serve.explain.occlusion import Explanation
-from sota_serve.http.errors import Answer, answered
 from sota_serve.http.front_door import TICKET, FrontDoor
 from sota_serve.http.limits import Limits
 from sota_serve.http.oip import OpenInference
 from sota_serve.http.openapi import document
 from sota_serve.http.routes import Routes
 from sota_serve.http.schemas import BatchResponse, ClassifyResponse
+from sota_serve.oip.model import ServedModels
 from sota_serve.serving.admission import Admission
-from sota_serve.serving.pipeline import Pipeline
+from sota_serve.serving.models import Models
 
 # Under BentoML's logger, so that its log configuration (INFO on the console) applies.
 log = logging.getLogger("bentoml.sota_serve")
 
-SETTINGS, PLAN, PACKAGE, MODEL = settings_and_package()  # exits with one line if the model is wrong
+SETTINGS, PLAN, ENTRIES, DECLARED = settings_and_models()  # exits with one line if a model is wrong
 explain_port_in_use()
 ROUTES = Routes()
-# One per worker process (each imports this module): the front door and the pipeline share it.
+# One per worker process (each imports this module): the front door and the pipelines share it.
 ADMISSION = Admission(max_wait_s=SETTINGS.max_wait_s, max_in_flight=SETTINGS.max_in_flight,
                       decode_threads=PLAN.decode_threads, model_threads=PLAN.model_threads, on_shed=count_shed)
-GRPC = GrpcPort(SETTINGS, ADMISSION)  # SOTA_SERVE_GRPC_PORT: every worker serves it once its model is loaded
-CLASSIFY, CLASSIFY_BATCH, EXPLAIN = (Declared(path) for path in ("/classify", "/classify_batch", "/explain"))
+GRPC = GrpcPort(SETTINGS, ADMISSION)  # SOTA_SERVE_GRPC_PORT: every worker serves it once its models are loaded
+CLASSIFY, CLASSIFY_BATCH, EXPLAIN = (Declared(path, ROUTES) for path in ("/classify", "/classify_batch", "/explain"))
 
 
-def _response(answer: Answer) -> Response:
-    """An error answer as BentoML returns it from an API method."""
-    status, headers, body = answer
-    return Response(body, status_code=status, headers=headers, media_type="application/json")
-
-
-async def _answer(route: Declared, fields: dict[str, Any]) -> Any:
-    """An API method's answer: the route's, or its typed error as BentoML returns it."""
-    async def work() -> Any:
-        return await ROUTES.answer(route.request(fields), TICKET.get())
-    return await answered(work(), render=_response)
-
-
-# Per-request overheads measured on 2 cores (demo model, 32 clients), both settings, off by
-# default: the access log ~10 % of throughput; OpenTelemetry spans on the image routes ~15 %,
-# although BentoML's default sample rate (0) records none of them.
-@bentoml.service(name="sota_serve", workers=PLAN.workers, traffic={"timeout": 120},
-                 logging={"access": {"enabled": SETTINGS.access_log}},
-                 **({} if SETTINGS.trace_requests else {"tracing": {"excluded_urls": list(FILE_FIELDS)}}))
 class SotaServe:
-    model = MODEL
-
     def __init__(self) -> None:
         self.ready = False
-        pipeline = Pipeline.build(PACKAGE, SETTINGS, PLAN, ADMISSION, observer=observe_batch, on_tta=count_tta)
-        oip = OpenInference(pipeline, backend=SETTINGS.backend, max_images=SETTINGS.max_batch_images,
-                            ready=self.__is_ready__)
-        ROUTES.bind(pipeline, document(pipeline.card, SETTINGS), oip)
+        self.models = Models.serving(SETTINGS, PLAN, ADMISSION, opener=lambda e: checked_package(e, SETTINGS, PLAN),
+                                     observer=observe_batch, on_tta=count_tta, on_memory=model_memory)
+        self.models.load_all(ENTRIES)
+        oip = OpenInference(ServedModels(self.models, backend=SETTINGS.backend, max_images=SETTINGS.max_batch_images,
+                                         ready=self.__is_ready__))
+        default = self.models.default.pipeline
+        ROUTES.bind(self.models, document(default.card, SETTINGS, self.models.names()), oip)
         self.ready = True
-        log.info("ready: serving %s on %s, %s, decode %s (%s)", pipeline.card.tag, PLAN.device,
-                 pipeline.precision, pipeline.decode, PLAN)
+        log.info("ready: serving %s on %s, %s, decode %s (%s)", self.models, PLAN.device, default.precision,
+                 default.decode, PLAN)
 
     def __is_ready__(self) -> bool:
         return self.ready
 
     @bentoml.on_startup
-    async def _serve_grpc(self) -> None:
+    async def _start(self) -> None:
+        self.models.follow(SETTINGS.model_poll_s)
         await GRPC.start(ROUTES.oip)
 
     @bentoml.on_shutdown
@@ -92,20 +75,29 @@ class SotaServe:
     # request models, serve BentoML's clients their schema and in-process calls.
     @bentoml.api(route="/classify", input_spec=CLASSIFY.spec)
     async def classify(self, **fields: Any) -> ClassifyResponse:
-        return await _answer(CLASSIFY, fields)
+        return await CLASSIFY.answer(fields, TICKET.get())
 
     @bentoml.api(route="/classify_batch", input_spec=CLASSIFY_BATCH.spec)
     async def classify_batch(self, **fields: Any) -> BatchResponse:
-        return await _answer(CLASSIFY_BATCH, fields)
+        return await CLASSIFY_BATCH.answer(fields, TICKET.get())
 
     @bentoml.api(route="/explain", input_spec=EXPLAIN.spec)
     async def explain(self, **fields: Any) -> Explanation:
-        return await _answer(EXPLAIN, fields)
+        return await EXPLAIN.answer(fields, TICKET.get())
 
     @bentoml.api(route="/card")
     def card(self) -> dict[str, Any]:
-        return PACKAGE.card.to_dict()
+        return self.models.default.card.to_dict()
 
+
+declare_models(SotaServe, DECLARED)
+# Per-request overheads measured on 2 cores (demo model, 32 clients), both settings, off by
+# default: the access log ~10 % of throughput; OpenTelemetry spans on the image routes ~15 %,
+# although BentoML's default sample rate (0) records none of them.
+SotaServe = bentoml.service(  # type: ignore[misc]
+    name="sota_serve", workers=PLAN.workers, traffic={"timeout": 120},
+    logging={"access": {"enabled": SETTINGS.access_log}},
+    **({} if SETTINGS.trace_requests else {"tracing": {"excluded_urls": list(FILE_FIELDS)}}))(SotaServe)
 
 if SETTINGS.cors_origins:  # outside the front door, so that its answers carry the headers too
     SotaServe.add_asgi_middleware(CORSMiddleware, allow_origins=SETTINGS.cors_origins.split(","),

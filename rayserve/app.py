@@ -51,9 +51,11 @@ from sota_serve.http.multipart import Part
 from sota_serve.http.oip import OpenInference
 from sota_serve.http.openapi import document
 from sota_serve.http.routes import Routes
-from sota_serve.package.loading import check_backend, open_package
+from sota_serve.oip.model import ServedModels
+from sota_serve.package.loading import ModelPackage, check_backend, open_package
+from sota_serve.package.repository import Entry, scan
 from sota_serve.serving.admission import Admission, Ticket
-from sota_serve.serving.pipeline import Pipeline
+from sota_serve.serving.models import Models
 from sota_serve.serving.settings import Settings
 
 log = logging.getLogger("ray.serve.sota_serve")
@@ -70,22 +72,29 @@ class SotaServeModel:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.ready = False
         self.settings = Settings(**settings)
-        package = open_package(self.settings.model)  # raises IntegrityError on a sha256 mismatch
-        check_backend(package, self.settings.backend)
         plan = self.settings.plan()
         self.metrics = ReplicaMetrics()
         self.admission = Admission(max_wait_s=self.settings.max_wait_s, max_in_flight=self.settings.max_in_flight,
                                    decode_threads=plan.decode_threads, model_threads=plan.model_threads,
                                    on_shed=self.metrics.count_shed)
-        pipeline = Pipeline.build(package, self.settings, plan, self.admission, observer=self.metrics.observe_batch,
-                                  on_tta=self.metrics.count_tta)
-        oip = OpenInference(pipeline, backend=self.settings.backend, max_images=self.settings.max_batch_images,
-                            ready=lambda: self.ready)
+        # every model of the repository in each replica, as in each `bentoml serve` worker; not
+        # loaded or unloaded through the API: a call reaches one replica of many
+        self.models = Models.serving(self.settings, plan, self.admission, opener=self._open,
+                                     observer=self.metrics.observe_batch, on_tta=self.metrics.count_tta, explicit=False)
+        self.models.load_all(scan(self.settings.model))
+        oip = OpenInference(ServedModels(self.models, backend=self.settings.backend,
+                                         max_images=self.settings.max_batch_images, ready=lambda: self.ready))
         self.routes = Routes()
-        self.routes.bind(pipeline, document(package.card, self.settings), oip)
-        self.servicer = InferenceServicer(oip.model, self.admission, hold_s=self.settings.admission_hold_s)
+        default = self.models.default.pipeline
+        self.routes.bind(self.models, document(default.card, self.settings, self.models.names()), oip)
+        self.servicer = InferenceServicer(oip.models, self.admission, hold_s=self.settings.admission_hold_s)
         self.ready = True
-        log.info("ready: serving %s on %s, %s (%s)", pipeline.card.tag, plan.device, pipeline.precision, plan)
+        log.info("ready: serving %s on %s, %s (%s)", self.models, plan.device, default.precision, plan)
+
+    def _open(self, entry: Entry) -> ModelPackage:
+        package = open_package(entry.source)  # raises IntegrityError on a sha256 mismatch
+        check_backend(package, self.settings.backend)
+        return package
 
     async def get(self, path: str, query: bytes) -> Answer | None:
         """``GET path``'s answer, or None when no route takes it."""
@@ -100,6 +109,12 @@ class SotaServeModel:
         assert self.routes.oip is not None
         oip = self.routes.oip
         return await self._admitted(len(body), lambda ticket: oip.infer(path, headers, body, ticket))
+
+    async def repository(self, path: str) -> Answer:
+        """The repository extension's answer (the index; loading and unloading are refused: a
+        call reaches one replica of many, so the cluster changes its models by a new deploy)."""
+        assert self.routes.oip is not None
+        return await self.routes.oip.repository(path)
 
     async def grpc(self, method: str, request: Any) -> Any:
         """A ``GRPCInferenceService`` call's response, or the Status of its typed error."""

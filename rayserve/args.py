@@ -31,7 +31,8 @@ class ArgsError(SotaServeError):
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    #: a package directory at the same path on every node, or a BentoML model-store tag present
+    #: what SOTA_SERVE_MODEL takes (docs/models.md): a package directory at the same path on every
+    #: node (or a list of them, or a repository directory), or a BentoML model-store tag present
     #: in each node's store (``sota-serve import``); each replica opens it, checking every
     #: artifact's sha256 against the card, and refuses to start on a mismatch
     model: str

@@ -46,6 +46,7 @@ from sota_serve.http.errors import Answer, error_body, log_answer, retry_later
 from sota_serve.http.front_door import Receive, Scope, header_map
 from sota_serve.http.limits import Limits, Rejected
 from sota_serve.http.oip import OpenInference
+from sota_serve.http.routes import model_route
 
 log = logging.getLogger("ray.serve.sota_serve")
 
@@ -98,7 +99,7 @@ class Ingress:
         headers = header_map(scope)
         try:  # the body limit holds for every POST, not only the image routes
             body = await self.limits.read(headers, receive)
-            field = FILE_FIELDS.get(path)
+            field = FILE_FIELDS.get(model_route(path)[1])
             if field:
                 form = self.limits.form(headers.get("content-type", ""), body, field)
                 return await self.forward("post", path, form, len(body))
@@ -106,7 +107,9 @@ class Ingress:
             return e.answer()
         if OpenInference.is_infer(path):
             return await self.forward("infer", path, headers, body)
-        if path == "/card":  # under BentoML an API method, so POST too
+        if OpenInference.is_repository(path):
+            return await self.forward("repository", path)
+        if model_route(path)[1] == "/card":  # under BentoML an API method, so POST too
             return await self.forward("get", path, b"")
         return unrouted(method, path)
 

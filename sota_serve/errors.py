@@ -96,6 +96,24 @@ class MalformedRequestError(SotaServeError, ValueError):
 # --- serving ------------------------------------------------------------------------------
 
 
+class ModelNotFoundError(SotaServeError):
+    """A request for a model (or version) this server does not serve."""
+
+    http_status = 404
+
+
+class ModelLoadError(SotaServeError):
+    """A model that could not be loaded, verified or fitted in memory; what serves stays."""
+
+    http_status = 400
+
+
+class ModelControlError(SotaServeError):
+    """Loading or unloading through the API while the server does not allow it."""
+
+    http_status = 403
+
+
 class OverloadedError(SotaServeError):
     """The server cannot take or finish this request in time; the client should retry later."""
 

@@ -163,7 +163,7 @@ def answers(client: httpx.Client, config: dict[str, Any]) -> dict[str, Any]:
 def post_image(client: httpx.Client, path: str, data: bytes, tta: str, tries: int = 5) -> httpx.Response:
     """A 503 (shedding, with Retry-After) is tried again, a few times."""
     for _ in range(tries):
-        field = "image" if path == "/classify" else "images"
+        field = "images" if path.endswith("/classify_batch") else "image"
         response = client.post(path, files={field: ("photo.jpg", data)}, data={"tta": tta})
         if response.status_code != 503:
             return response
@@ -187,6 +187,12 @@ def contract(client: httpx.Client, config: dict[str, Any]) -> dict[str, Any]:
         "not_an_image": client.post("/classify", files={"image": ("a.txt", b"not an image")}),
         "no_such_route": client.get("/no-such-route"),
         "other_model": client.get("/v2/models/another-model"),
+        # the second model of the repository, on its own routes
+        "second_classify": post_image(client, f"/models/{config['second_name']}/classify", photo, "none"),
+        "second_metadata": client.get(f"/v2/models/{config['second_name']}"),
+        "second_card": client.get(f"/models/{config['second_name']}/card"),
+        "index": client.post("/v2/repository/index"),
+        "load_refused": client.post(f"/v2/repository/models/{config['second_name']}/load"),
         "explain": client.post("/explain", files={"image": ("photo.jpg", photo)}, data={"grid": "4"}),
         # a budget nothing fits: the ladder serves the plain policy
         "fallback": client.post("/classify", files={"image": ("photo.jpg", photo)},
@@ -250,6 +256,9 @@ def grpc_calls(config: dict[str, Any]) -> dict[str, Any]:
         except grpc.RpcError as e:
             return {"code": e.code().name, "details": e.details(), "trailers": dict(e.trailing_metadata() or ())}
 
+    second = triton.InferInput("image", [1], "BYTES")
+    second.set_data_from_numpy(np.array(photos[:1], dtype=np.object_))
+    out["second_probs"] = client.infer(config["second_name"], [second]).as_numpy("probabilities").tolist()
     out["errors"] = {
         "other_model": outcome(request(photos[:1], model="another-model")),
         "not_an_image": outcome(request([b"not an image"])),

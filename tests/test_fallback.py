@@ -32,7 +32,7 @@ ALL = ModelCard.parse(card_dict()).tta.policies()  # the test card lists every p
 def _admission(seconds_per_crop: float, pending_crops: int = 0, model_threads: int = 1) -> Admission:
     adm = Admission(max_wait_s=10, max_in_flight=100, decode_threads=1, model_threads=model_threads,
                     seconds_per_crop=Ewma(initial=seconds_per_crop))
-    adm.pending_crops = pending_crops  # the work in flight the estimate reads
+    adm.charge(Ticket(), pending_crops)  # the work in flight the estimate reads
     return adm
 
 
@@ -79,10 +79,11 @@ def test_the_estimate_counts_the_images_the_queue_over_the_model_threads_and_the
     # 1.0 s (plus the microseconds since it arrived), none 0.5 s.
     assert ladder.choose("five_crop", 5, Ticket(), None) == "none"
     assert ladder.choose("five_crop", 1, Ticket(), None) == "five_crop"  # 0.5 s
-    adm.pending_crops = 10  # the crops in flight drain over both threads: 0.5 s, then its own
+    in_flight = Ticket()
+    adm.charge(in_flight, 10)  # the crops in flight drain over both threads: 0.5 s, then its own
     assert ladder.choose("five_crop", 1, Ticket(), None) == "flip"  # five_crop 1.0 s + waited; flip 0.7 s
     held = Ticket(arrived_at=time.monotonic() - 0.85)  # held at the door 0.85 s already
-    adm.pending_crops = 0
+    adm.computed(in_flight)
     assert ladder.choose("five_crop", 1, held, None) == "none"  # five_crop 1.35 s, flip 1.05 s, none 0.95 s
 
 

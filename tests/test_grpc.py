@@ -23,13 +23,13 @@ from tritonclient.utils import InferenceServerException
 
 from bench.server import Server, free_port
 from sota_serve import errors
+from sota_serve.errors import ModelNotFoundError
 from sota_serve.grpc import compiled, protos
 from sota_serve.grpc.codec import TooManyValuesError, read_infer
 from sota_serve.grpc.status import RETRY_AFTER, status_of, trailers
 from sota_serve.http.oip_codec import parse_infer
 from sota_serve.image.preprocess import Preprocessor
 from sota_serve.oip.messages import MAX_VALUES, encode_bytes
-from sota_serve.oip.model import NotFoundError
 from sota_serve.package.card import ModelCard
 from tests.helpers import LABELS, card_dict, encode, gradient_image
 from tests.test_hostile import CORPUS
@@ -182,7 +182,7 @@ def test_each_typed_error_has_its_status_code():
         assert status_of(error) == grpc.StatusCode.INVALID_ARGUMENT and trailers(error) == ()
     assert status_of(errors.ImageTooLargeError("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_of(TooManyValuesError("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert status_of(NotFoundError("x")) == grpc.StatusCode.NOT_FOUND
+    assert status_of(ModelNotFoundError("x")) == grpc.StatusCode.NOT_FOUND
     assert status_of(errors.PackageError("x")) == grpc.StatusCode.INTERNAL
 
 

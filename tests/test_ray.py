@@ -21,11 +21,14 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.server import Server
 from sota_serve.http.docs import ASSET_PREFIX
 from tests.test_server import post
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-cnn"
+#: the second model of the repository both servers serve (the same model under another name)
+SECOND = "tiny-second"
 #: clients sending while a node is lost
 CLIENTS = 32
 #: a client gives up on a request after this long: none may take longer
@@ -47,7 +50,28 @@ def _namespace_unavailable() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def cluster_results(tiny_package, photos, tmp_path_factory):
+def models(tiny_package, tmp_path_factory) -> str:
+    """The two packages both servers serve, as SOTA_SERVE_MODEL lists them: the tiny model,
+    the default, and a copy of it named SECOND."""
+    second = tmp_path_factory.mktemp("second") / SECOND
+    shutil.copytree(tiny_package, second)
+    card = json.loads((second / "card.json").read_text())
+    (second / "card.json").write_text(json.dumps({**card, "name": SECOND, "version": "3"}))
+    return f"{tiny_package},{second}"
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    """`bentoml serve` of the same two models, to compare the cluster's answers with."""
+    srv = Server(models, home=tmp_path_factory.mktemp("bentoml-home"), env={"SOTA_SERVE_DEVICE": "cpu"})
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_results(models, photos, tmp_path_factory):
     reason = _namespace_unavailable()
     if reason:
         pytest.skip(reason)
@@ -57,7 +81,7 @@ def cluster_results(tiny_package, photos, tmp_path_factory):
     token.chmod(0o600)
     config = work / "config.json"
     config.write_text(json.dumps({
-        "package": str(tiny_package), "photos": [str(p) for p in photos], "model_name": NAME,
+        "package": models, "photos": [str(p) for p in photos], "model_name": NAME, "second_name": SECOND,
         "infer": INFER, "deadline_s": DEADLINE_S, "recovery_limit_s": RECOVERY_LIMIT_S,
         # one decode thread and one model call per one-CPU replica; no wait at the door
         "args": {"cpus_per_replica": 1, "decode_threads": 1, "model_threads": 1, "admission_hold_s": 0,
@@ -106,6 +130,10 @@ def test_the_other_routes_answer_as_bentoml_serve(cluster_results, server, photo
                                  data={"tta": "none"}),
             "not_an_image": client.post("/classify", files={"image": ("a.txt", b"not an image")}),
             "other_model": client.get("/v2/models/another-model"),
+            "second_classify": client.post(f"/models/{SECOND}/classify",
+                                           files={"image": ("photo.jpg", photos[0].read_bytes())}, data={"tta": "none"}),
+            "second_metadata": client.get(f"/v2/models/{SECOND}"), "second_card": client.get(f"/models/{SECOND}/card"),
+            "index": client.post("/v2/repository/index"),
             "explain": client.post("/explain", files={"image": ("photo.jpg", photos[0].read_bytes())},
                                    data={"grid": "4"}),
             "fallback": client.post("/classify", files={"image": ("photo.jpg", photos[0].read_bytes())},
@@ -120,6 +148,10 @@ def test_the_other_routes_answer_as_bentoml_serve(cluster_results, server, photo
     for key, response in theirs.items():
         assert ours[key] == {"status": response.status_code, "body": response.json()}, key
     assert ours["no_such_route"]["status"] == 404 and "error" in ours["no_such_route"]["body"]
+    assert ours["second_classify"]["body"]["model"] == f"{SECOND}:3"
+    assert [(m["name"], m["state"]) for m in ours["index"]["body"]] == [(NAME, "READY"), (SECOND, "READY")]
+    # under Ray a call reaches one replica of many: the cluster changes its models by a deploy
+    assert ours["load_refused"]["status"] == 403
 
 
 @pytest.mark.slow
@@ -156,7 +188,10 @@ def test_grpc_through_rays_proxy_answers_as_bentoml_serve(cluster_results, serve
             np.testing.assert_allclose(np.array(probs, np.float32), want.as_numpy("probabilities"), atol=1e-6, rtol=0)
     errors = ours["errors"]
     assert errors["other_model"]["code"] == "NOT_FOUND"
-    assert errors["other_model"]["details"] == "no model 'another-model' here; this server serves 'tiny-cnn'"
+    assert errors["other_model"]["details"] == f"no model 'another-model' here; this server serves '{NAME}', '{SECOND}'"
+    with triton.InferenceServerClient(server.url.removeprefix("http://")) as rest:
+        want = rest.infer(SECOND, [_images(triton, files[:1])]).as_numpy("probabilities")
+    np.testing.assert_allclose(np.array(ours["second_probs"], np.float32), want, atol=1e-6, rtol=0)
     assert errors["not_an_image"]["code"] == "INVALID_ARGUMENT"
     assert errors["not_an_image"]["details"].startswith("image 0 of 1: the bytes are not a recognised image")
     strict = errors["strict_budget"]

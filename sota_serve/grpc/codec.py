@@ -87,10 +87,13 @@ def _contents(tensor: Any) -> list[Any] | None:
     return list(values) or None
 
 
-def infer_response(inference: Inference, scores: Probabilities, card: ModelCard) -> Any:
-    """The ModelInferResponse of ``scores``."""
+def infer_response(inference: Inference, scores: Probabilities, card: ModelCard, *, name: str | None = None,
+                   version: str | None = None) -> Any:
+    """The ModelInferResponse of ``scores``; ``name`` and ``version``: the model's as served
+    (default: the card's)."""
     tensor = output_tensor(inference, scores, card)
-    response = ModelInferResponse(model_name=card.name, model_version=card.version, id=inference.id or "")
+    response = ModelInferResponse(model_name=name or card.name, model_version=version or card.version,
+                                  id=inference.id or "")
     response.outputs.add(name=OUTPUT, datatype=tensor.datatype, shape=tensor.shape)
     for name, value in answer_parameters(scores).items():
         response.parameters[name].string_param = value

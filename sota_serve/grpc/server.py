@@ -27,7 +27,7 @@ from sota_serve.grpc.protos import HEALTH_SERVICE, INFERENCE_SERVICE
 from sota_serve.grpc.servicer import InferenceServicer
 from sota_serve.grpc.status import Status
 from sota_serve.log_text import one_line
-from sota_serve.oip.model import ServedModel
+from sota_serve.oip.model import ServedModels
 from sota_serve.serving.admission import Admission
 
 log = logging.getLogger("sota_serve.grpc")
@@ -38,10 +38,10 @@ HOST = "[::]"
 
 
 class GrpcServer:
-    def __init__(self, model: ServedModel, admission: Admission, *, max_message_bytes: int, hold_s: float,
+    def __init__(self, models: ServedModels, admission: Admission, *, max_message_bytes: int, hold_s: float,
                  on_call: CallObserver | None = None) -> None:
-        self.inference = InferenceServicer(model, admission, hold_s=hold_s)
-        self.health = Health(model.ready)
+        self.inference = InferenceServicer(models, admission, hold_s=hold_s)
+        self.health = Health(models.ready)
         self.on_call = on_call
         self.server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 1),

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from sota_serve.contract.requests import FILE_FIELDS
 from sota_serve.http.errors import Answer, error_body
+from sota_serve.http.routes import model_route
 
 
 def unrouted(method: str, path: str) -> Answer:
     """The answer to a request no route takes: 405 with ``Allow`` for a known path, else 404."""
-    if path in FILE_FIELDS or path == "/card":
-        allowed = "POST" if path in FILE_FIELDS else "GET, POST"
+    route = model_route(path)[1]
+    if route in FILE_FIELDS or route == "/card":
+        allowed = "POST" if route in FILE_FIELDS else "GET, POST"
         return 405, {"Allow": allowed}, error_body(f"{path} takes {allowed}")
     return 404, {}, error_body(f"no route {method} {path}")
 

@@ -27,7 +27,7 @@ from sota_serve.errors import OverloadedError
 from sota_serve.http.errors import Answer, json_errors, retry_later
 from sota_serve.http.limits import Limits, Rejected, declared_length
 from sota_serve.http.oip import OpenInference
-from sota_serve.http.routes import Routes
+from sota_serve.http.routes import Routes, model_route
 from sota_serve.serving.admission import Admission, Ticket
 
 Scope = dict[str, Any]
@@ -57,7 +57,7 @@ class FrontDoor:
         if method != "POST":
             return await self.app(scope, receive, send)
         headers = header_map(scope)
-        field, infer = FILE_FIELDS.get(path), OpenInference.is_infer(path)
+        field, infer = FILE_FIELDS.get(model_route(path)[1]), OpenInference.is_infer(path)
         ticket: Ticket | None = None
         if field or infer:
             try:
@@ -90,7 +90,9 @@ class FrontDoor:
             return await self.routes.post(path, form, ticket) if self.routes.loaded else None
         if self.routes.oip is not None and OpenInference.is_infer(path):
             return await self.routes.oip.infer(path, headers, body, ticket)
-        if path == "/card":  # an API method under BentoML, which its clients POST: answered as GET /card is
+        if self.routes.oip is not None and OpenInference.is_repository(path):
+            return await self.routes.oip.repository(path)
+        if model_route(path)[1] == "/card":  # an API method under BentoML, which its clients POST: answered as GET is
             return self.routes.get(path)
         return None
 

@@ -97,8 +97,10 @@ def _binary_part(tensor: TensorInput, binary: bytes) -> bytes | None:
     return binary
 
 
-def encode_infer(inference: Inference, scores: Probabilities, card: ModelCard) -> tuple[bytes, dict[str, str]]:
-    """The response body and its headers (content type, and the header length when binary)."""
+def encode_infer(inference: Inference, scores: Probabilities, card: ModelCard, *, name: str | None = None,
+                 version: str | None = None) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers (content type, and the header length when binary);
+    ``name`` and ``version``: the model's as served (default: the card's)."""
     tensor = output_tensor(inference, scores, card)
     output: dict[str, Any] = {"name": OUTPUT, "datatype": tensor.datatype, "shape": tensor.shape}
     payload = tensor.raw() if inference.binary else None
@@ -106,7 +108,8 @@ def encode_infer(inference: Inference, scores: Probabilities, card: ModelCard) -
         output["data"] = tensor.data()
     else:
         output["parameters"] = {"binary_data_size": len(payload)}
-    head = {"model_name": card.name, "model_version": card.version, "parameters": answer_parameters(scores),
+    head = {"model_name": name or card.name, "model_version": version or card.version,
+            "parameters": answer_parameters(scores),
             "outputs": [output]}
     if inference.id is not None:
         head["id"] = inference.id

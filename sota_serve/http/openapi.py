@@ -11,6 +11,7 @@ whose schemas are the JSON Schema pydantic writes.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -51,8 +52,9 @@ ANSWERS: dict[str, tuple[type[BaseModel], dict[str, str]]] = {
 COMPONENTS: tuple[type[BaseModel], ...] = (InferenceRequest, InferParameters, OutputParameters)
 
 
-def document(card: ModelCard, settings: Settings) -> dict[str, Any]:
-    """The OpenAPI document of the service serving ``card`` with ``settings``."""
+def document(card: ModelCard, settings: Settings, models: Sequence[str] = ()) -> dict[str, Any]:
+    """The OpenAPI document of the service serving ``card`` (the default model's) with
+    ``settings``; ``models``: the names of the models it serves (default: the card's)."""
     refs, answers = models_json_schema([(model, "serialization") for model, _ in ANSWERS.values()], ref_template=REF)
     _, requests = models_json_schema([(model, "validation") for model in COMPONENTS], ref_template=REF)
     facts = _facts(card, settings)
@@ -66,7 +68,9 @@ def document(card: ModelCard, settings: Settings) -> dict[str, Any]:
     for path, form in FORMS.items():
         model, errors = ANSWERS[path]
         paths[path] = {"post": _form_operation(form, refs[(model, "serialization")], {**ERRORS, **errors}, facts)}
-    paths.update(_other_paths(card))
+    names = list(models) or [card.name]
+    paths.update(_other_paths(card, names[0]))
+    paths.update(_model_paths(paths, names))
     return {"openapi": OPENAPI_VERSION,
             "info": {"title": f"sota-serve: {card.tag}", "version": card.version, "description": _about(card)},
             "paths": paths, "components": {"schemas": schemas}}
@@ -140,9 +144,9 @@ def _get(summary: str, content_type: str = JSON, **extra: Any) -> dict[str, Any]
                                                                if content_type == JSON else {}}}}}}
 
 
-def _other_paths(card: ModelCard) -> dict[str, Any]:
-    """The routes beside the image routes."""
-    model = f"/v2/models/{card.name}"
+def _other_paths(card: ModelCard, name: str) -> dict[str, Any]:
+    """The routes beside the image routes (the protocol's for the default model, ``name``)."""
+    model = f"/v2/models/{name}"
     ok = "200 when the model is loaded, else 503"
     about_card = ("The model card: labels, preprocessing, normalization, metrics, parity, intended use and"
                   " limitations. Also served on POST.")
@@ -172,6 +176,31 @@ def _other_paths(card: ModelCard) -> dict[str, Any]:
                           "404": _error("404", "another model's name or version")},
         }},
     }
+
+
+def _model_paths(plain: dict[str, Any], models: list[str]) -> dict[str, Any]:
+    """Each model's own routes, ``/models/{name}/...``, as the default model's plain ones (whose
+    field facts, the policies and labels, are the default model's), and the repository
+    extension's."""
+    name = {"name": "name", "in": "path", "required": True, "description": "The model's name.",
+            "schema": {"type": "string", "examples": models}}
+    routes = {f"/models/{{name}}{path}": {method: {**operation, "summary": f"{operation['summary']}, by a model",
+                                                   "parameters": [name, *operation.get("parameters", [])],
+                                                   **({"operationId": f"{operation['operationId']}_of"}
+                                                      if "operationId" in operation else {})}
+                                          for method, operation in plain[path].items()}
+              for path in (*FORMS, "/card", "/crops")}
+    routes["/models/{name}/"] = {"get": _get("The page for people, for this model", "text/html", parameters=[name])}
+    control = "403 unless the server runs with SOTA_SERVE_MODEL_CONTROL=explicit"
+    routes["/v2/repository/index"] = {"post": _get(
+        "Open Inference Protocol repository extension: every model with its version, state and reason")}
+    for action, about in (("load", "load (again) the model's latest version, warm it up, then swap it in"),
+                          ("unload", "stop serving the model; requests in flight finish")):
+        routes[f"/v2/repository/models/{{name}}/{action}"] = {"post": {
+            "summary": f"Open Inference Protocol repository extension: {about}", "parameters": [name],
+            "responses": {"200": {"description": "done"}, "400": _error("400", "the model could not be loaded"),
+                          "403": _error("403", control), "404": _error("404", "no such model")}}}
+    return routes
 
 
 def _tta_doc(card: ModelCard) -> str:

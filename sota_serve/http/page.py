@@ -31,28 +31,32 @@ def _read(name: str) -> bytes:
     return (PAGE_DIR / name).read_bytes()
 
 
-def asset(path: str, pre: Preprocessor | None = None, card: ModelCard | None = None) -> Answer | None:
-    """The page's files (``/`` needs the model: None before it is loaded); None for any other path."""
-    name = ASSETS.get(path)
-    if name is None or (path == "/" and (pre is None or card is None)):
+def asset(path: str, pre: Preprocessor | None = None, card: ModelCard | None = None, *,
+          models: tuple[str, ...] = (), name: str | None = None) -> Answer | None:
+    """The page's files (``/`` needs the model: None before it is loaded); None for any other
+    path. ``models``: every model served, for the page's list; ``name``: the model the page is
+    for, when not the default one (its routes are under ``/models/{name}``)."""
+    asset_name = ASSETS.get(path)
+    if asset_name is None or (path == "/" and (pre is None or card is None)):
         return None
-    data = _read(name)
+    data = _read(asset_name)
     if path == "/":
-        data = data.replace(b"__CONFIG__", _config(pre, card))  # type: ignore[arg-type]
+        data = data.replace(b"__CONFIG__", _config(pre, card, models, name))  # type: ignore[arg-type]
     # no-cache: a browser revalidates, so a redeployed service never runs yesterday's script
-    return 200, {"content-type": _TYPES[Path(name).suffix], "cache-control": "no-cache"}, data
+    return 200, {"content-type": _TYPES[Path(asset_name).suffix], "cache-control": "no-cache"}, data
 
 
-def _config(pre: Preprocessor, card: ModelCard) -> bytes:
+def _config(pre: Preprocessor, card: ModelCard, models: tuple[str, ...], name: str | None) -> bytes:
     """What the page's script needs from the server: the policies this card offers, in
-    sota_serve.tta's words, and the defaults."""
+    sota_serve.tta's words, the defaults, and where its model's routes are."""
     metrics = card.metrics
     policies = [{"name": p, "crops": CROPS_PER_IMAGE[p], "resize": pre.edge(p), "about": DESCRIPTIONS[p],
                  # the validation accuracy the card records: what an answer served with it can expect
                  "accuracy": getattr(metrics, accuracy_key(p)) if metrics else None}
                 for p in pre.policies]
     config = {"model": card.tag, "default": card.tta.default, "top_k": DEFAULT_TOP_K, "policies": policies,
-              "heat": {"stops": INFERNO, "alpha": ALPHA}}
+              "heat": {"stops": INFERNO, "alpha": ALPHA}, "models": list(models),
+              "name": name or (models[0] if models else card.name), "prefix": f"/models/{name}" if name else ""}
     # "</" would end the <script> element early
     return json.dumps(config).replace("</", "<\\/").encode()
 

@@ -279,11 +279,13 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
 
-def model_metadata(card: ModelCard, platform: str) -> dict[str, Any]:
+def model_metadata(card: ModelCard, platform: str, *, name: str | None = None,
+                   version: str | None = None) -> dict[str, Any]:
+    """A model's metadata; ``name`` and ``version``: as served (default: the card's)."""
     h, w = card.input.height, card.input.width
     return {
-        "name": card.name,
-        "versions": [card.version],
+        "name": name or card.name,
+        "versions": [version or card.version],
         "platform": platform,
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
                    {"name": "pixels", "datatype": "UINT8", "shape": [-1, 3, h, w]}],

@@ -14,7 +14,8 @@ The estimate has two parts, both from measured costs:
   a request is known at the door from its ``Content-Length``, so a burst is accounted for
   the moment it arrives, before any of it has been decoded;
 - the model: seconds per crop times the crops queued or running, divided by the model calls
-  that run at once (the batcher's ``model_threads``);
+  that run at once (the batcher's ``model_threads``); with several models in one worker, each
+  model's crops at that model's own cost (:class:`ModelCost`), summed;
 
 and the drain time is the larger of the two, since the stages run at the same time.
 
@@ -47,12 +48,27 @@ FORECAST_QUANTILE = 0.99
 FORECAST_HORIZON_S = 10.0
 
 
+@dataclass(eq=False)
+class ModelCost:
+    """One model's measured cost per crop (a mean, and the tail by batch size, which its batcher
+    feeds) and its crops queued or running. Models differ by orders of magnitude (the demo's
+    crop costs 2 ms, xresnet50's 40 ms on two cores): one average over a worker's models would
+    admit a burst for the costly one as if it were cheap."""
+
+    name: str = ""
+    seconds_per_crop: Ewma = field(default_factory=Ewma)
+    profile: LatencyProfile = field(default_factory=LatencyProfile)
+    pending: int = 0
+
+
 @dataclass
 class Ticket:
     """One admitted request's share of the estimated work."""
 
     bytes: int = 0  # upload bytes not yet decoded
     crops: int = 0  # crops not yet through the model
+    #: the model its crops are charged to (set by :meth:`Admission.charge`)
+    cost: ModelCost | None = None
     admitted_at: float = field(default_factory=time.monotonic)
     #: when the request reached the door (before any hold there)
     arrived_at: float = field(default_factory=time.monotonic)
@@ -74,11 +90,12 @@ class Admission:
         self.on_shed = on_shed
         self.max_wait_s, self.max_in_flight, self.decode_threads = max_wait_s, max_in_flight, decode_threads
         self.model_threads = model_threads
-        self.seconds_per_crop = seconds_per_crop or Ewma()
+        #: the cost of the worker's first model, and of a request no model has charged yet
+        self.cost = ModelCost(seconds_per_crop=seconds_per_crop or Ewma())
+        #: every model served by this worker (:meth:`model_cost`), the first one included
+        self.costs: list[ModelCost] = [self.cost]
         self.seconds_per_byte = seconds_per_byte or Ewma()
-        #: the same costs at their recent tail, for a request's completion (:meth:`completion_s`):
-        #: per crop by batch size (fed by the batcher), per byte of decoding
-        self.profile = LatencyProfile()
+        #: decoding's cost at its recent tail, for a request's completion (:meth:`completion_s`)
         self.byte_tail = RecentTail()
         #: the event loop's lag, which a request waits out before the door and its answer after
         self.loop_lag = LoopLag()
@@ -92,6 +109,30 @@ class Admission:
         self._lock = threading.Lock()  # decode threads report costs concurrently
         self._waiters: deque[asyncio.Future[None]] = deque()  # held at the door, oldest first
 
+    @property
+    def seconds_per_crop(self) -> Ewma:
+        """The first model's mean cost per crop."""
+        return self.cost.seconds_per_crop
+
+    @property
+    def profile(self) -> LatencyProfile:
+        """The first model's cost per device call by batch size, at its recent tail."""
+        return self.cost.profile
+
+    def model_cost(self, name: str) -> ModelCost:
+        """A cost of its own for another model served beside the first (released by
+        :meth:`forget` when the model is unloaded)."""
+        with self._lock:
+            cost = ModelCost(name)
+            self.costs = [*self.costs, cost]
+            return cost
+
+    def forget(self, cost: ModelCost) -> None:
+        """``cost``'s model is unloaded (its requests have left)."""
+        with self._lock:
+            if cost is not self.cost:
+                self.costs = [c for c in self.costs if c is not cost]
+
     # --- estimates ------------------------------------------------------------------------
 
     def drain_s(self) -> float:
@@ -104,10 +145,10 @@ class Admission:
         five-crop load at 512 clients while the true queue was 6.6 s, under the 10 s bound).
         """
         decode = (self.seconds_per_byte.value or 0.0) * self.pending_bytes / max(1, self.decode_threads)
-        model = (self.seconds_per_crop.value or 0.0) * self.pending_crops / max(1, self.model_threads)
+        model = sum((c.seconds_per_crop.value or 0.0) * c.pending for c in self.costs) / max(1, self.model_threads)
         return max(decode, model)
 
-    def ready_s(self, crops: int, own_bytes: int = 0) -> float:
+    def ready_s(self, crops: int, own_bytes: int = 0, cost: ModelCost | None = None) -> float:
         """Seconds until a request whose ``own_bytes`` are admitted and not yet decoded, and
         which is about to queue ``crops`` crops, has its answer computed, from the measured
         costs.
@@ -115,7 +156,8 @@ class Admission:
         Its images are decoded once the bytes ahead of them are (shared by the decode
         threads), its own on one thread each; meanwhile the crops in flight drain over the
         model threads; then its own crops run as one device call on one model thread, which
-        the other threads do not shorten.
+        the other threads do not shorten. ``cost``: the model it runs on (default: the first);
+        the crops in flight count at their own models' costs.
 
         Which figure each part reads (:mod:`sota_serve.serving.profile`): the bytes ahead are
         many images, whose decode times vary with their content, not with the load, so their
@@ -129,17 +171,17 @@ class Admission:
         tail_per_byte = self.byte_tail.value or mean_per_byte
         ahead = max(0, self.pending_bytes - own_bytes)
         decoded = mean_per_byte * ahead / max(1, self.decode_threads) + tail_per_byte * own_bytes
-        mean_per_crop = self.seconds_per_crop.value or 0.0
-        per_crop = self.profile.per_crop_s(self.pending_crops) or mean_per_crop
-        drained = per_crop * self.pending_crops / max(1, self.model_threads)
-        own = self.profile.run_s(crops) if crops else 0.0
-        return max(decoded, drained) + (own if own is not None else mean_per_crop * crops)
+        drained = sum((c.profile.per_crop_s(self.pending_crops) or c.seconds_per_crop.value or 0.0) * c.pending
+                      for c in self.costs) / max(1, self.model_threads)
+        cost = cost or self.cost
+        own = cost.profile.run_s(crops) if crops else 0.0
+        return max(decoded, drained) + (own if own is not None else (cost.seconds_per_crop.value or 0.0) * crops)
 
-    def completion_s(self, crops: int, own_bytes: int = 0) -> float:
+    def completion_s(self, crops: int, own_bytes: int = 0, cost: ModelCost | None = None) -> float:
         """Seconds until such a request's answer is written: :meth:`ready_s`, plus what the
         estimate has recently missed by (:meth:`calibration_s`), plus the event loop's lag
         that the finished answer waits out (:meth:`delivery_s`)."""
-        return self.ready_s(crops, own_bytes) + self.calibration_s() + self.delivery_s()
+        return self.ready_s(crops, own_bytes, cost) + self.calibration_s() + self.delivery_s()
 
     def calibration_s(self) -> float:
         """How much later than :meth:`ready_s` forecast answers have recently been ready, at
@@ -244,8 +286,8 @@ class Admission:
     def leave(self, ticket: Ticket) -> None:
         with self._lock:
             self.pending_bytes -= ticket.bytes
-            self.pending_crops -= ticket.crops
-            ticket.bytes = ticket.crops = 0
+            self._release_crops(ticket)
+            ticket.bytes = 0
             self.in_flight -= 1
         while self._waiters:  # one request left: the longest-held one may fit now
             waiter = self._waiters.popleft()
@@ -266,15 +308,26 @@ class Admission:
             self.pending_bytes -= ticket.bytes
             ticket.bytes = 0
 
-    def charge(self, ticket: Ticket, crops: int) -> None:
+    def charge(self, ticket: Ticket, crops: int, cost: ModelCost | None = None) -> None:
+        """``crops`` more for the model of ``cost`` (default: the first) to run for ``ticket``."""
         with self._lock:
+            cost = cost or self.cost
+            if ticket.cost is not None and ticket.cost is not cost:
+                self._release_crops(ticket)  # one request, one model at a time
+            ticket.cost = cost
+            cost.pending += crops
             self.pending_crops += crops
             ticket.crops += crops
 
     def computed(self, ticket: Ticket) -> None:
         with self._lock:
-            self.pending_crops -= ticket.crops
-            ticket.crops = 0
+            self._release_crops(ticket)
+
+    def _release_crops(self, ticket: Ticket) -> None:
+        """Under the lock."""
+        (ticket.cost or self.cost).pending -= ticket.crops
+        self.pending_crops -= ticket.crops
+        ticket.crops = 0
 
     def learn_decode(self, nbytes: int, seconds: float) -> None:
         """One image of ``nbytes`` took ``seconds`` of one decode thread."""

@@ -110,13 +110,15 @@ class DynamicBatcher:
     def __init__(self, runtime: Runtime, *, max_crops: int | Mapping[int, int],
                  observer: BatchObserver | None = None, seconds_per_crop: Ewma | None = None,
                  model_threads: int = 1, annotate: Annotator | None = None,
-                 profile: LatencyProfile | None = None) -> None:
+                 profile: LatencyProfile | None = None, model_pool: ThreadPoolExecutor | None = None) -> None:
         """``max_crops``: crops per device call, one figure or one per group size k.
         ``model_threads``: device calls that may run at once. ``annotate``: a per-image value
         computed from each batch's crops on the model thread (the server's OOD check).
         ``profile``: told every device call's size and time (admission's, for the tail of a
         request's completion); it also decides at dispatch whether a strict item can still
-        make its due time."""
+        make its due time. ``model_pool``: model threads shared with other models' batchers
+        (default: ``model_threads`` of its own); either way at most ``model_threads`` of this
+        batcher's calls run at once."""
         caps = max_crops.values() if isinstance(max_crops, Mapping) else [max_crops]
         if min(caps) < 1:
             raise ValueError(f"max_crops must be >= 1, got {max_crops}")
@@ -126,7 +128,8 @@ class DynamicBatcher:
         self.model_threads = model_threads
         self._queues: dict[tuple[int, str], deque[_Item]] = {}
         self._wakeup = asyncio.Event()
-        self._model_pool = ThreadPoolExecutor(model_threads, thread_name_prefix="sota-model")
+        self._own_pool = model_pool is None
+        self._model_pool = model_pool or ThreadPoolExecutor(model_threads, thread_name_prefix="sota-model")
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self.seconds_per_crop = seconds_per_crop or Ewma()
@@ -277,4 +280,5 @@ class DynamicBatcher:
             self._task.cancel()
         for task in list(self._running):
             task.cancel()
-        self._model_pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_pool:
+            self._model_pool.shutdown(wait=False, cancel_futures=True)

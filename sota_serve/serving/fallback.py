@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from sota_serve.errors import BadRequestError, BudgetExceededError, MalformedRequestError
 from sota_serve.package.card import ModelCard, accuracy_key
-from sota_serve.serving.admission import Admission, Ticket
+from sota_serve.serving.admission import Admission, ModelCost, Ticket
 from sota_serve.tta import CROPS_PER_IMAGE
 
 #: what fraction of the admission bound (SOTA_SERVE_MAX_WAIT_S) the default latency budget is
@@ -107,11 +107,13 @@ class Ladder:
     """Chooses the policy a request is served with; one per worker, beside admission."""
 
     def __init__(self, policies: tuple[str, ...], admission: Admission, *, enabled: bool, budget_s: float,
-                 accuracy: dict[str, float] | None = None, strict: bool = False) -> None:
+                 accuracy: dict[str, float] | None = None, strict: bool = False,
+                 cost: ModelCost | None = None) -> None:
         """``policies``: the card's (any order); ``enabled``/``budget_s``/``strict``: the
         server's defaults; ``accuracy``: each policy's recorded accuracy, where known
-        (:func:`recorded_accuracy`)."""
+        (:func:`recorded_accuracy`); ``cost``: its model's costs in admission (default: the first)."""
         self.admission, self.enabled, self.budget_s, self.strict = admission, enabled, budget_s, strict
+        self.cost = cost
         self.accuracy = accuracy or {}
         #: costliest first: the order the ladder steps down in
         self.rungs = tuple(sorted(policies, key=lambda p: -CROPS_PER_IMAGE[p]))
@@ -138,12 +140,12 @@ class Ladder:
         waited = now - ticket.sent_at
         steps = self.steps(requested)
         for policy in steps:
-            if waited + self.admission.completion_s(images * CROPS_PER_IMAGE[policy], ticket.bytes) <= budget:
+            if waited + self.admission.completion_s(images * CROPS_PER_IMAGE[policy], ticket.bytes, self.cost) <= budget:
                 return self._forecast(policy, images, ticket, now)
         if self._strict(ask):
             raise BudgetExceededError(
                 f"not even tta 'none' can be answered within the {budget:g} s budget now (about"
-                f" {waited + self.admission.completion_s(images, ticket.bytes):.2f} s); refused at once"
+                f" {waited + self.admission.completion_s(images, ticket.bytes, self.cost):.2f} s); refused at once"
                 " because the budget is strict (tta_budget_strict)",
                 retry_after_s=self.admission.retry_after())
         return self._forecast(steps[-1], images, ticket, now)
@@ -151,7 +153,7 @@ class Ladder:
     def _forecast(self, policy: str, images: int, ticket: Ticket, now: float) -> str:
         """``policy``, with its uncorrected forecast kept on the ticket for admission to learn
         from when the answer is ready (:meth:`Admission.learn_ready`)."""
-        ticket.forecast = (now, self.admission.ready_s(images * CROPS_PER_IMAGE[policy], ticket.bytes))
+        ticket.forecast = (now, self.admission.ready_s(images * CROPS_PER_IMAGE[policy], ticket.bytes, self.cost))
         return policy
 
     def due(self, ticket: Ticket, ask: FallbackAsk | None = None) -> float | None:

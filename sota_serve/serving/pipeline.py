@@ -27,7 +27,7 @@ from sota_serve.image.decode import DecodeLimits
 from sota_serve.package.card import ModelCard
 from sota_serve.package.loading import ModelPackage
 from sota_serve.predictions import Classified, check_top_k
-from sota_serve.serving.admission import Admission, Ticket
+from sota_serve.serving.admission import Admission, ModelCost, Ticket
 from sota_serve.serving.batcher import BatchObserver, DynamicBatcher
 from sota_serve.serving.fallback import (
     DEFAULT_BUDGET_SHARE,
@@ -38,6 +38,23 @@ from sota_serve.serving.fallback import (
 )
 from sota_serve.serving.settings import Plan, Settings
 from sota_serve.tta import CROPS_PER_IMAGE
+
+
+class Pools(NamedTuple):
+    """Threads shared by the pipelines of the models one worker serves: decoding's and the
+    device calls' (at most ``model_threads`` at once, whichever model they are for)."""
+
+    decode: ThreadPoolExecutor
+    model: ThreadPoolExecutor
+
+    @classmethod
+    def of(cls, plan: Plan) -> Pools:
+        return cls(ThreadPoolExecutor(plan.decode_threads, thread_name_prefix="sota-decode"),
+                   ThreadPoolExecutor(plan.model_threads, thread_name_prefix="sota-model"))
+
+    def close(self) -> None:
+        self.decode.shutdown(wait=False, cancel_futures=True)
+        self.model.shutdown(wait=False, cancel_futures=True)
 
 
 class Answers(NamedTuple):
@@ -67,20 +84,25 @@ class Pipeline:
     def __init__(self, clf: Classifier, batcher: DynamicBatcher, admission: Admission, *,
                  decode_threads: int, deadline_s: float, tta_fallback: bool = False,
                  tta_budget_s: float | None = None, tta_budget_strict: bool = False, on_tta: TTAObserver | None = None,
-                 explain_crops: int | None = None) -> None:
+                 explain_crops: int | None = None, cost: ModelCost | None = None,
+                 decode_pool: ThreadPoolExecutor | None = None) -> None:
         """``tta_fallback``, ``tta_budget_s``, ``tta_budget_strict``: the TTA fallback ladder's defaults for requests
         that do not say (off; the budget: a share of admission's bound, as Settings.budget_s);
         ``on_tta``: told each answer's policies; ``explain_crops``: the most occluded crops
         that exist at once across all explanations (default: two plain batches per model
-        thread, one running and one ready)."""
+        thread, one running and one ready); ``cost``: this model's costs in admission (default:
+        the first model's); ``decode_pool``: decode threads shared with other models' pipelines
+        (default: a pool of ``decode_threads`` of its own)."""
         self.clf, self.batcher, self.admission, self.deadline_s = clf, batcher, admission, deadline_s
+        self.cost = cost or admission.cost
         self._explain_crops = explain_crops
         self._explain_budget: CropBudget | None = None
         self.ladder = Ladder(clf.card.tta.policies(), admission, enabled=tta_fallback,
                              budget_s=tta_budget_s or DEFAULT_BUDGET_SHARE * admission.max_wait_s,
-                             accuracy=recorded_accuracy(clf.card), strict=tta_budget_strict)
+                             accuracy=recorded_accuracy(clf.card), strict=tta_budget_strict, cost=self.cost)
         self.on_tta = on_tta
-        self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
+        self._own_pool = decode_pool is None
+        self.decode_pool = decode_pool or ThreadPoolExecutor(decode_threads, thread_name_prefix="sota-decode")
         #: pillow or torchvision (Settings.decode), for the logs
         self.decode = "torchvision" if clf.device_preprocessor is not None else "pillow"
 
@@ -109,9 +131,13 @@ class Pipeline:
 
     @classmethod
     def build(cls, package: ModelPackage, settings: Settings, plan: Plan, admission: Admission,
-              observer: BatchObserver | None = None, on_tta: TTAObserver | None = None) -> Pipeline:
+              observer: BatchObserver | None = None, on_tta: TTAObserver | None = None, *,
+              cost: ModelCost | None = None, pools: Pools | None = None) -> Pipeline:
         """Load the model on the plan's device, warm it up, and wire decoder, batcher and the
-        TTA fallback ladder."""
+        TTA fallback ladder. ``cost`` and ``pools``: for a model served beside others in one
+        worker (:mod:`sota_serve.serving.models`), its own costs in admission and the worker's
+        shared decode and model threads."""
+        cost = cost or admission.cost
         limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels,
                               max_aspect_ratio=settings.max_aspect_ratio)
         clf = Classifier.from_package(package, backend=settings.backend, device=plan.device,
@@ -125,14 +151,15 @@ class Pipeline:
         runtime.warmup(plan.max_batch_size)
         for k in ks[1:]:
             runtime.warmup(plan.max_batch_size_tta, k)
-        admission.seconds_per_crop.add(_seconds_per_crop(clf, plan.max_batch_size))
+        cost.seconds_per_crop.add(_seconds_per_crop(clf, plan.max_batch_size))
         batcher = DynamicBatcher(runtime, max_crops=max_crops, observer=observer,
-                                 seconds_per_crop=admission.seconds_per_crop, profile=admission.profile,
-                                 model_threads=plan.model_threads,
+                                 seconds_per_crop=cost.seconds_per_crop, profile=cost.profile,
+                                 model_threads=plan.model_threads, model_pool=pools.model if pools else None,
                                  annotate=(lambda crops, k, tta: clf.ood(crops, tta)) if clf.screen else None)
         pipeline = cls(clf, batcher, admission, decode_threads=plan.decode_threads, deadline_s=settings.deadline_s,
                        tta_fallback=settings.tta_fallback, tta_budget_s=settings.budget_s(),
-                       tta_budget_strict=settings.tta_budget_strict, on_tta=on_tta)
+                       tta_budget_strict=settings.tta_budget_strict, on_tta=on_tta, cost=cost,
+                       decode_pool=pools.decode if pools else None)
         pipeline.calibrate()
         return pipeline
 
@@ -150,6 +177,13 @@ class Pipeline:
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
         for _ in range(repeats):
             self._decode(buffer.getvalue(), "none")
+
+    def close(self) -> None:
+        """Stop the batcher and the threads this pipeline owns (not shared ones): for a model
+        being unloaded, once its requests have left."""
+        self.batcher.close()
+        if self._own_pool:
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- the two entry points -------------------------------------------------------------
 
@@ -230,7 +264,7 @@ class Pipeline:
         grid = occlusion.check_grid(grid)
         index = occlusion.label_index(self.card.labels, label)
         ticket = ticket or Ticket()
-        self.admission.charge(ticket, grid * grid + 1)
+        self.admission.charge(ticket, grid * grid + 1, self.cost)
         try:
             try:
                 # not a sample of the decode cost admission learns: a full-scale decode
@@ -282,7 +316,7 @@ class Pipeline:
         """Each image's crops or typed error, and the scored batch of the good ones (a list
         of none or one). Progress is reported on ``ticket`` (decoded bytes, queued crops)."""
         deadline = ticket.admitted_at + self.deadline_s  # the request's deadline counts from its admission
-        self.admission.charge(ticket, len(images) * k)
+        self.admission.charge(ticket, len(images) * k, self.cost)
         try:
             decoded = await self._decode_all(images, tta)
         finally:
@@ -297,7 +331,7 @@ class Pipeline:
 
     async def _pixels(self, crops: np.ndarray, ticket: Ticket) -> np.ndarray:
         """Already-preprocessed crops, batched with every other request's single crops."""
-        self.admission.charge(ticket, len(crops))
+        self.admission.charge(ticket, len(crops), self.cost)
         self.admission.decoded(ticket)  # nothing to decode
         try:
             result = await self.batcher.submit(crops, 1, ticket.admitted_at + self.deadline_s, "pixels")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import Field, ValidationError
@@ -35,8 +36,21 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SOTA_SERVE_", extra="ignore")
 
-    #: BentoML model tag, or a package directory
+    #: what to serve: a package directory or file, a BentoML model-store tag, a comma-separated
+    #: list of those, or a repository directory of packages (``name/`` or ``name/version/``;
+    #: docs/models.md)
     model: str = DEFAULT_MODEL
+    #: the model the plain routes (/classify, /card...) answer; default: the first
+    default_model: str | None = None
+    #: ``explicit``: models may be loaded and unloaded through /v2/repository/models/{name}/load
+    #: and /unload (Triton's model-control mode of that name); ``none``: what starts, serves
+    model_control: str = Field(default="none", pattern="^(none|explicit)$")
+    #: follow a repository directory every this many seconds: new versions are loaded and
+    #: swapped in, versions replaced in place reloaded, models whose folder is gone unloaded
+    model_poll_s: float | None = Field(default=None, gt=0)
+    #: a worker's resident memory above which a model is refused at load; default: the
+    #: container's memory bound (cgroup) shared by the workers, none where there is none
+    memory_limit_mb: int | None = Field(default=None, ge=64)
     backend: str = Field(default=formats.DEFAULT, pattern=f"^({'|'.join(formats.NAMES)})$")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
     #: auto: the package's fp16 artifact on a GPU, its int8 artifact on a CPU, when its
@@ -97,6 +111,13 @@ class Settings(BaseSettings):
     #: the default of requests that do not say (``tta_budget_strict``): when not even ``none``
     #: can be answered within the budget, 503 + Retry-After at once instead of a late answer
     tta_budget_strict: bool = False
+
+    def memory_limit_bytes(self, plan: Plan) -> int | None:
+        """The resident memory bound of one worker, in bytes (None: no bound)."""
+        if self.memory_limit_mb is not None:
+            return self.memory_limit_mb * 2**20
+        container = _cgroup_memory_bytes()
+        return None if container is None else container // plan.workers
 
     def budget_s(self) -> float:
         """The default latency budget of the TTA fallback ladder, in seconds."""
@@ -227,6 +248,15 @@ def _onnx_cuda_unavailable() -> str | None:
         return ("a CUDA device is present but this onnxruntime has no CUDA provider (the CPU build):"
                 " pip uninstall -y onnxruntime, then pip install 'sota-serve[gpu]'")
     return None
+
+
+def _cgroup_memory_bytes() -> int | None:
+    """The container's memory bound (cgroup v2's memory.max), where there is one."""
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def load_settings() -> Settings:

@@ -103,7 +103,7 @@ function describePolicy() {
 async function post(path, form) {
   let response, text;
   try {
-    response = await fetch(path, { method: "POST", body: form });
+    response = await fetch(config.prefix + path, { method: "POST", body: form });
     text = await response.text();
   } catch (e) {
     throw new Failure(0, e.message);
@@ -198,7 +198,7 @@ async function drawCrops(tta) {
   if (!img.complete || !img.naturalWidth) await new Promise((ok) => img.addEventListener("load", ok, { once: true }));
   const W = img.naturalWidth, H = img.naturalHeight;
   img.classList.toggle("small", Math.max(W, H) < 160); // upscaled: show pixels, not blur
-  const response = await fetch(`/crops?width=${W}&height=${H}&tta=${encodeURIComponent(tta)}`);
+  const response = await fetch(`${config.prefix}/crops?width=${W}&height=${H}&tta=${encodeURIComponent(tta)}`);
   if (!response.ok) return; // the boxes are an illustration; the answer is already shown
   const { windows } = await response.json();
   const pct = (v, total) => `${(100 * v / total).toFixed(3)}%`;
@@ -290,10 +290,23 @@ function summarize(card) {
   $("card-summary").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
 }
 
+// Where the server serves several models: a list to pick one, whose page is the same at
+// /models/{name}/ (its own policies and card; its requests go to its routes).
+function pickModel() {
+  const pick = $("model-pick");
+  if (config.models.length < 2) return;
+  pick.replaceChildren(...config.models.map((name) => el("option", { value: name }, name)));
+  pick.value = config.name;
+  pick.hidden = false;
+  pick.addEventListener("change", () => { window.location.href = `/models/${encodeURIComponent(pick.value)}/`; });
+  for (const a of document.querySelectorAll("a[href='/card']")) a.href = `${config.prefix}/card`;
+}
+
 async function loadCard() {
   $("model-tag").textContent = config.model;
+  pickModel();
   try {
-    const response = await fetch("/card");
+    const response = await fetch(config.prefix + "/card");
     if (!response.ok) throw new Error((await response.json()).error || response.statusText);
     summarize(await response.json());
   } catch (e) {
