@@ -6,7 +6,7 @@ swapped in.
 [--rounds 3] [--out bench/results/repository.json]``
 
 The repository is made in a temporary folder: three demo-sized models (``demo-a``, ``-b``, ``-c``:
-the demo package under three names, its files linked, not copied) and, with ``--big``, that
+the demo package under three names, its files hard-linked, not copied) and, with ``--big``, that
 package as ``big`` (xresnet50 in BENCHMARKS.md). Three servers run one after another:
 
 1. ``demo-a`` alone, then the three demos, then all four: each worker's resident memory once
@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +39,22 @@ import psutil
 
 from bench.http1 import Connection, endpoint, multipart_request
 from bench.images import PHOTOS
-from bench.load import closed_loop
 from bench.server import Server
 
 DEMOS = ("demo-a", "demo-b", "demo-c")
 
 
 def linked_version(package: Path, into: Path, *, name: str, version: str) -> Path:
-    """``package`` at ``into`` under another name and version: its files linked, its card
-    rewritten (the card holds the hashes, not itself, so they still verify)."""
+    """``package`` at ``into`` under another name and version: its files hard-linked (a symbolic
+    link would point outside the package, which opening it refuses), its card rewritten (the
+    card holds the hashes, not itself, so they still verify)."""
     into.mkdir(parents=True)
     for item in package.iterdir():
         if item.name != "card.json" and item.is_file():
-            (into / item.name).symlink_to(item.resolve())
+            try:
+                os.link(item, into / item.name)
+            except OSError:  # another file system
+                shutil.copy2(item, into / item.name)
     card = json.loads((package / "card.json").read_text())
     card.update(name=name, version=version)
     (into / "card.json").write_text(json.dumps(card))
@@ -89,35 +93,42 @@ def memory(root: Path, home: Path) -> list[dict[str, Any]]:
 
 
 def spread(url: str, clients: int, seconds: float, rounds: int) -> dict[str, Any]:
-    """req/s of ``clients`` on demo-a alone against the same clients over the three demos,
-    alternating; medians over the rounds."""
-    images = [(p.name, p.read_bytes()) for p in PHOTOS]
+    """req/s of ``clients`` on demo-a alone against the same clients over the three demos (client
+    i on demo i mod 3), in alternating rounds, from the same load generator; medians."""
+    image = PHOTOS[0].read_bytes()
     alone, over = [], []
     for _ in range(rounds):
-        alone.append(closed_loop(f"{url}/models/demo-a/classify", images, concurrency=clients, seconds=seconds))
-        share = [clients // 3 + (1 if i < clients % 3 else 0) for i in range(3)]
-        # one client process, as closed_loop's own on a machine this small: the same load generator
-        with ThreadPoolExecutor(3) as pool:
-            parts = list(pool.map(lambda name, n: closed_loop(f"{url}/models/{name}/classify", images, concurrency=n,
-                                                              seconds=seconds, processes=1), DEMOS, share))
-        over.append({"throughput": sum(p["throughput"] for p in parts),
-                     "errors": sum(p["errors"] + p["shed_503"] for p in parts),
-                     "p99_ms": max(p["p99_ms"] for p in parts)})
+        for paths, results in (([f"{url}/models/demo-a/classify"], alone),
+                               ([f"{url}/models/{name}/classify" for name in DEMOS], over)):
+            samples = asyncio.run(_for(seconds, paths, image, clients))
+            times = sorted(s for _, s, _ in samples)
+            results.append({"throughput": sum(1 for *_, status in samples if status == 200) / seconds,
+                            "not_200": sum(1 for *_, status in samples if status != 200),
+                            "p99_ms": 1000 * times[round(0.99 * (len(times) - 1))]})
     return {"alone_rps": statistics.median(r["throughput"] for r in alone),
             "alone_p99_ms": statistics.median(r["p99_ms"] for r in alone),
             "spread_rps": statistics.median(r["throughput"] for r in over),
             "spread_p99_ms": statistics.median(r["p99_ms"] for r in over),
-            "errors": sum(r["errors"] + r["shed_503"] for r in alone) + sum(r["errors"] for r in over),
-            "rounds": rounds}
+            "errors": sum(r["not_200"] for r in alone + over), "rounds": rounds, "image": PHOTOS[0].name}
 
 
-async def _timed_clients(url: str, image: bytes, clients: int, stop: asyncio.Event) -> list[tuple[float, float, int]]:
-    """(sent at, seconds, status) of every request of ``clients`` closed-loop clients until ``stop``."""
-    host, port = endpoint(url)
-    request = multipart_request(url, "image", "photo.jpg", image)
+async def _for(seconds: float, urls: list[str], image: bytes, clients: int) -> list[tuple[float, float, int]]:
+    stop = asyncio.Event()
+    load = asyncio.ensure_future(_timed_clients(urls, image, clients, stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    return await load
+
+
+async def _timed_clients(urls: list[str], image: bytes, clients: int,
+                         stop: asyncio.Event) -> list[tuple[float, float, int]]:
+    """(sent at, seconds, status) of every request of ``clients`` closed-loop clients until
+    ``stop``, client i on ``urls[i % len(urls)]``, each on its own connection."""
+    host, port = endpoint(urls[0])
     out: list[tuple[float, float, int]] = []
 
-    async def client() -> None:
+    async def client(i: int) -> None:
+        request = multipart_request(urls[i % len(urls)], "image", "photo.jpg", image)
         conn = await Connection.open(host, port, 60)
         while not stop.is_set():
             started = time.perf_counter()
@@ -129,7 +140,7 @@ async def _timed_clients(url: str, image: bytes, clients: int, stop: asyncio.Eve
             out.append((started, time.perf_counter() - started, status))
         conn.close()
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(i) for i in range(clients)))
     return out
 
 
@@ -151,7 +162,7 @@ def swap(root: Path, home: Path, clients: int, seconds: float) -> dict[str, Any]
 
         async def main() -> list[tuple[float, float, int]]:
             stop = asyncio.Event()
-            load = asyncio.ensure_future(_timed_clients(url, PHOTOS[0].read_bytes(), clients, stop))
+            load = asyncio.ensure_future(_timed_clients([url], PHOTOS[0].read_bytes(), clients, stop))
             await asyncio.sleep(seconds)
             linked_version(root / "demo-a" / "1", root / "demo-a" / "2", name="demo-a", version="2")
             marks["load"] = time.perf_counter()
@@ -183,7 +194,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="bench/results/repository.json")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    cache = Path(__file__).parent / ".cache"  # beside the packages, for hard links on one file system
+    cache.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
         root, home = Path(tmp) / "models", Path(tmp) / "home"
         for name in DEMOS:
             linked_version(Path(args.demo), root / name / "1", name=name, version="1")

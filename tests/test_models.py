@@ -171,6 +171,23 @@ def test_a_version_that_fails_to_verify_leaves_the_serving_one_and_the_index_say
     asyncio.run(main())
 
 
+def test_the_memory_estimate_counts_weights_activations_and_the_version_in_service(repository):
+    from sota_serve.serving.models import ACTIVATION_BYTES_PER_PIXEL
+
+    async def main():
+        models, _ = _models(repository)
+        wide = models.find("wide")
+        weights = max(p.stat().st_size for p in Path(wide.source).glob("model.*"))
+        # five-crop (its costliest policy) at 8 images, 40 crops, is the 64 px model's largest warm-up batch
+        assert models.expected_bytes(wide) == weights + ACTIVATION_BYTES_PER_PIXEL * 40 * 64 * 64
+        models.load_all([models.find("digits")])
+        serving = models.get("digits")
+        serving.rss_bytes = 2**40  # what the version in service took, however large
+        assert models.expected_bytes(models.find("digits")) == 2**40
+
+    asyncio.run(main())
+
+
 def test_a_model_the_memory_bound_cannot_hold_is_refused_at_load(repository):
     import psutil
 
@@ -280,6 +297,11 @@ def test_a_repository_server_serves_every_model_and_swaps_versions_without_a_fai
             _version(repository / "digits" / "2", repository / "digits" / "4", "4")
             _wait_for(lambda: _served_version(url, "digits") == "4")
             time.sleep(2)
+            # version 4 replaced in place (its card rewritten last, as docs/models.md asks): reloaded
+            card = json.loads((repository / "digits" / "4" / "card.json").read_text())
+            (repository / "digits" / "4" / "card.json").write_text(json.dumps({**card, "version": "4b"}))
+            _wait_for(lambda: httpx.get(f"{url}/models/digits/card", timeout=10).json()["version"] == "4b")
+            time.sleep(2)
             # a version that fails to verify: the serving one stays, the index says why
             _tampered_version(repository / "digits" / "2", repository / "digits" / "5", tmp_path / "tampered")
             refused = httpx.post(f"{url}/v2/repository/models/digits/load", timeout=120)
@@ -290,7 +312,7 @@ def test_a_repository_server_serves_every_model_and_swaps_versions_without_a_fai
         assert len(statuses) > 500 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
         assert max(t for _, t, _ in clients.results) < MAX_WAIT_S
         served = {m.rsplit(":", 1)[-1] for _, _, m in clients.results}
-        assert served == {"2", "3", "4", "7"}  # digits' three versions answered while the clients ran, and wide
+        assert served == {"2", "3", "4", "4b", "7"}  # digits' versions answered while the clients ran, and wide
         metrics = httpx.get(f"{url}/metrics").text
         assert 'sota_serve_model_rss_bytes{model="digits"' in metrics
     finally:

@@ -22,14 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sota_serve.constants import CARD_FILE
 from sota_serve.errors import ModelLoadError, ModelNotFoundError, SotaServeError
 from sota_serve.package.card import ModelCard
-from sota_serve.package.loading import ModelPackage
+from sota_serve.package.loading import ModelPackage, read_embedded_card
 from sota_serve.package.repository import Entry, is_repository, model_folder, scan
 from sota_serve.serving.admission import Admission, ModelCost
 from sota_serve.serving.batcher import BatchObserver
 from sota_serve.serving.pipeline import Pipeline, Pools, TTAObserver
 from sota_serve.serving.settings import Plan, Settings
+from sota_serve.tta import CROPS_PER_IMAGE
 
 log = logging.getLogger("sota_serve.models")
 
@@ -39,10 +41,13 @@ MemoryObserver = Callable[[str, str, int], None]
 #: a thread (the front end's: it knows the settings, the plan, the shared threads, its metrics)
 Build = Callable[[Entry, ModelCost], Pipeline]
 
-#: the memory a model is expected to take before it is loaded, per byte of its artifact: the
-#: weights once in ONNX Runtime's session, its arenas and the warm-up's activations (measured:
-#: the demo's 44 MiB model.onnx grew the worker by 70-90 MiB, xresnet50's 94 MiB by 150-190 MiB)
-EXPECTED_RSS_PER_ARTIFACT_BYTE = 2.0
+#: what the runtime keeps per input pixel of its largest warm-up batch (activations in its
+#: arenas), on top of the weights, for the estimate before a model is loaded. Measured on a CPU
+#: (bench/results/repository.json): xresnet50 at 224 px, warmed up to 80 crops (ten-crop, 8
+#: images), grew the worker by 1,114 MiB for a 98 MiB model.onnx, 265 bytes per input pixel;
+#: the demo (64 px, its int8 file) by 34-55 MiB, where this estimates about 140. Deeper or
+#: wider nets may need more: the check after the load holds them to the bound.
+ACTIVATION_BYTES_PER_PIXEL = 300
 
 
 def rss_bytes() -> int:
@@ -80,16 +85,18 @@ class Loaded:
 class Models:
     def __init__(self, build: Build, admission: Admission, *, source: str, default: str | None = None,
                  memory_limit_bytes: int | None = None, explicit: bool = False,
-                 on_memory: MemoryObserver | None = None) -> None:
+                 on_memory: MemoryObserver | None = None, batch_sizes: tuple[int, int] = (32, 8)) -> None:
         """``source``: what SOTA_SERVE_MODEL names (a repository directory is scanned again on
         :meth:`load` and :meth:`poll`); ``default``: the model the plain routes answer (the
         first loaded when None); ``memory_limit_bytes``: the worker's resident memory above
         which a model is refused at load; ``explicit``: whether loading and unloading through
         the API is allowed (SOTA_SERVE_MODEL_CONTROL=explicit); ``on_memory``: told each
-        version's memory when it is swapped in, and 0 when it is closed (the front end's metrics)."""
+        version's memory when it is swapped in, and 0 when it is closed (the front end's metrics);
+        ``batch_sizes``: images per plain and per TTA device call (the plan's), for the memory
+        estimate."""
         self.build, self.admission, self.source = build, admission, source
         self.default_name, self.memory_limit_bytes, self.explicit = default, memory_limit_bytes, explicit
-        self.on_memory = on_memory
+        self.on_memory, self.batch_sizes = on_memory, batch_sizes
         self.current: dict[str, Loaded] = {}
         #: name -> why its last load failed (cleared by the next that succeeds)
         self.failed: dict[str, str] = {}
@@ -112,6 +119,7 @@ class Models:
 
         return cls(build, admission, source=settings.model, default=settings.default_model,
                    memory_limit_bytes=settings.memory_limit_bytes(plan), on_memory=on_memory,
+                   batch_sizes=(plan.max_batch_size, plan.max_batch_size_tta),
                    explicit=settings.model_control == "explicit" if explicit is None else explicit)
 
     def __str__(self) -> str:
@@ -217,9 +225,21 @@ class Models:
         limit = self.memory_limit_bytes
         if limit is None:
             return
-        expected = int(EXPECTED_RSS_PER_ARTIFACT_BYTE * _artifact_bytes(entry))
+        expected = self.expected_bytes(entry)
         if rss_bytes() + expected > limit:
             raise ModelLoadError(_memory_message(entry, rss_bytes() + expected, limit, "with it loaded"))
+
+    def expected_bytes(self, entry: Entry) -> int:
+        """About how much memory ``entry`` takes once loaded: its weights and the activations of
+        its largest warm-up batch; for a new version of a model in service, at least what the
+        version in service took (both are in memory until the swap)."""
+        card = ModelCard.load(Path(entry.source) / CARD_FILE) if Path(entry.source).is_dir() \
+            else read_embedded_card(Path(entry.source))
+        k = max(CROPS_PER_IMAGE[p] for p in card.tta.policies())
+        crops = max(self.batch_sizes[0], self.batch_sizes[1] * k)
+        estimate = _artifact_bytes(entry) + ACTIVATION_BYTES_PER_PIXEL * crops * card.input.height * card.input.width
+        serving = self.current.get(entry.name)
+        return max(estimate, serving.rss_bytes) if serving is not None else estimate
 
     def _swap_in(self, loaded: Loaded) -> None:
         with self._lock:
