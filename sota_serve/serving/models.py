@@ -123,8 +123,10 @@ class Models:
                    explicit=settings.model_control == "explicit" if explicit is None else explicit)
 
     def __str__(self) -> str:
-        """The models in service, for the logs: ``digits (tiny-cnn:2), wide (tiny-cnn:7)``."""
-        return ", ".join(f"{m.name} ({m.card.tag})" for m in self.current.values())
+        """The models in service, for the logs: ``tiny-cnn:1`` (a model named by its card), or
+        ``digits (tiny-cnn:2), wide (tiny-cnn:7)`` (named by its folder)."""
+        return ", ".join(m.card.tag if m.name == m.card.name else f"{m.name} ({m.card.tag})"
+                         for m in self.current.values())
 
     # --- lookups ---------------------------------------------------------------------------
 
