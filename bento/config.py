@@ -30,7 +30,7 @@ def settings_and_models() -> tuple[Settings, Plan, list[Entry], list[Any]]:
     try:
         settings = load_settings()
         plan = settings.plan()
-        entries = scan(settings.model, resolve=_stored)
+        entries = scan(settings.model, resolve=stored)
         for entry in entries:
             checked_package(entry, settings, plan)
         if settings.default_model is not None and settings.default_model not in {e.name for e in entries}:
@@ -60,7 +60,7 @@ def checked_package(entry: Entry, settings: Settings, plan: Plan) -> ModelPackag
     return package
 
 
-def _stored(tag: str) -> str:
+def stored(tag: str) -> str:
     """A model-store tag as the directory BentoML keeps it in: in a Bento (its container
     included) that is the Bento's own store, which BentoML makes current while it imports the
     service, not ``$BENTOML_HOME/models``. A tag BentoML does not know is handed on as it is,

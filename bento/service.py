@@ -15,7 +15,13 @@ from typing import Any
 import bentoml
 from starlette.middleware.cors import CORSMiddleware
 
-from bento.config import checked_package, declare_models, explain_port_in_use, settings_and_models
+from bento.config import (
+    checked_package,
+    declare_models,
+    explain_port_in_use,
+    settings_and_models,
+    stored,
+)
 from bento.declarations import Declared
 from bento.grpc_port import GrpcPort
 from bento.metrics import count_shed, count_tta, model_memory, observe_batch
@@ -48,7 +54,8 @@ class SotaServe:
     def __init__(self) -> None:
         self.ready = False
         self.models = Models.serving(SETTINGS, PLAN, ADMISSION, opener=lambda e: checked_package(e, SETTINGS, PLAN),
-                                     observer=observe_batch, on_tta=count_tta, on_memory=model_memory)
+                                     observer=observe_batch, on_tta=count_tta, on_memory=model_memory,
+                                     resolve=stored)
         self.models.load_all(ENTRIES)
         oip = OpenInference(ServedModels(self.models, backend=SETTINGS.backend, max_images=SETTINGS.max_batch_images,
                                          ready=self.__is_ready__))

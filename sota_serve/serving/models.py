@@ -85,7 +85,8 @@ class Loaded:
 class Models:
     def __init__(self, build: Build, admission: Admission, *, source: str, default: str | None = None,
                  memory_limit_bytes: int | None = None, explicit: bool = False,
-                 on_memory: MemoryObserver | None = None, batch_sizes: tuple[int, int] = (32, 8)) -> None:
+                 on_memory: MemoryObserver | None = None, batch_sizes: tuple[int, int] = (32, 8),
+                 resolve: Callable[[str], str] | None = None) -> None:
         """``source``: what SOTA_SERVE_MODEL names (a repository directory is scanned again on
         :meth:`load` and :meth:`poll`); ``default``: the model the plain routes answer (the
         first loaded when None); ``memory_limit_bytes``: the worker's resident memory above
@@ -93,10 +94,10 @@ class Models:
         the API is allowed (SOTA_SERVE_MODEL_CONTROL=explicit); ``on_memory``: told each
         version's memory when it is swapped in, and 0 when it is closed (the front end's metrics);
         ``batch_sizes``: images per plain and per TTA device call (the plan's), for the memory
-        estimate."""
+        estimate; ``resolve``: a model-store tag to its directory (the front end's store)."""
         self.build, self.admission, self.source = build, admission, source
         self.default_name, self.memory_limit_bytes, self.explicit = default, memory_limit_bytes, explicit
-        self.on_memory, self.batch_sizes = on_memory, batch_sizes
+        self.on_memory, self.batch_sizes, self.resolve = on_memory, batch_sizes, resolve
         self.current: dict[str, Loaded] = {}
         #: name -> why its last load failed (cleared by the next that succeeds)
         self.failed: dict[str, str] = {}
@@ -107,10 +108,11 @@ class Models:
     @classmethod
     def serving(cls, settings: Settings, plan: Plan, admission: Admission, *, opener: Callable[[Entry], ModelPackage],
                 observer: BatchObserver | None = None, on_tta: TTAObserver | None = None,
-                on_memory: MemoryObserver | None = None, explicit: bool | None = None) -> Models:
+                on_memory: MemoryObserver | None = None, explicit: bool | None = None,
+                resolve: Callable[[str], str] | None = None) -> Models:
         """A front end's models, as ``settings`` say, each built by :meth:`Pipeline.build` on the
         worker's shared threads from the package ``opener`` opens and checks (raising its typed
-        error); ``explicit``: overrides SOTA_SERVE_MODEL_CONTROL."""
+        error); ``explicit``: overrides SOTA_SERVE_MODEL_CONTROL; ``resolve``: as :class:`Models`."""
         pools = Pools.of(plan)
 
         def build(entry: Entry, cost: ModelCost) -> Pipeline:
@@ -119,7 +121,7 @@ class Models:
 
         return cls(build, admission, source=settings.model, default=settings.default_model,
                    memory_limit_bytes=settings.memory_limit_bytes(plan), on_memory=on_memory,
-                   batch_sizes=(plan.max_batch_size, plan.max_batch_size_tta),
+                   batch_sizes=(plan.max_batch_size, plan.max_batch_size_tta), resolve=resolve,
                    explicit=settings.model_control == "explicit" if explicit is None else explicit)
 
     def __str__(self) -> str:
@@ -286,7 +288,7 @@ class Models:
             folder = root / name
             entry = model_folder(folder) if folder.is_dir() else None
         else:
-            entry = next((e for e in scan(self.source) if e.name == name), None)
+            entry = next((e for e in scan(self.source, self.resolve) if e.name == name), None)
         if entry is None:
             raise ModelNotFoundError(f"no model {name!r} in {self.source}")
         return entry
