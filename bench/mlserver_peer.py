@@ -29,11 +29,12 @@ The settings, all MLServer's public ones (``settings.json`` / ``model-settings.j
   all. The cores are shared among the model calls at once (``threads``, ONNX Runtime's
   intra-op threads), as sota-serve shares them: 2 workers of 1 thread each on 2 cores (one
   model call per core, sota-serve's split), 0 workers with 2 threads. Neither wins
-  everywhere: in alternating rounds of gRPC ModelInfer on the demo, 0 workers served 1.16x
-  the requests of 2 workers at 32 clients (a batch holds all 32 clients' requests, which leaves
-  a second worker little to do while the hand-over to a worker costs) and 2 workers 1.14x those of 0 at 128 clients;
-  1 worker of 2 threads (MLServer's default) served less than the better of the two at both.
-  ``python -m dev.probes.grpc_probe --mlserver --mlserver-workers 0,2`` runs both as peers.
+  everywhere: over gRPC on the demo (BENCHMARKS.md), 0 workers served 1.34x the requests of 2
+  at 32 clients (a batch holds all 32 clients' requests, which leaves a second worker little
+  to do while the hand-over to a worker costs) and 2 workers 1.25x those of 0 at 128 clients;
+  in rounds of the settings alone, 1 worker of 2 threads (MLServer's default) served less than
+  the better of the two at both. ``python -m dev.probes.grpc_probe --mlserver
+  --mlserver-workers 0,2`` runs both as peers.
 * gRPC and REST on free ports, metrics (MLServer's default, on) on a third, and no access log
   line per request, as sota-serve's default (``logging_settings``: MLServer 1.7.1 asks uvicorn
   for none, yet with its metrics server on, uvicorn logs every request).
