@@ -22,7 +22,7 @@ ORT_cpu := onnxruntime
 ORT_gpu := onnxruntime-gpu
 OTHER := $(if $(filter gpu,$(RUNTIME)),cpu,gpu)
 
-.PHONY: runtime install install-serve serve demo test test-fast test-gpu lint bench clean
+.PHONY: runtime install install-serve serve demo test test-fast test-gpu lint bench mlserver-peer clean
 
 runtime:
 	@echo "==> ONNX Runtime: the $(RUNTIME) build ($(ORT_$(RUNTIME))): $(WHY)"
@@ -75,6 +75,18 @@ lint: install
 
 bench: install
 	$(BIN)/sota-serve bench
+
+# MLServer 1.7, the peer of `python -m dev.probes.grpc_probe PACKAGE --mlserver`, in a venv of its
+# own (its pins conflict with the project's), with this checkout's core and the CPU runtime.
+# uvloop<0.22: from 0.22 MLServer 1.7.1's inference workers die at start (SeldonIO/MLServer#2286).
+MLSERVER_VENV ?= bench/.cache/mlserver-venv
+mlserver-peer: $(MLSERVER_VENV)/bin/mlserver
+
+$(MLSERVER_VENV)/bin/mlserver: pyproject.toml
+	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MLSERVER_VENV)/bin/python -m pip install -q 'mlserver==1.7.*' 'uvloop<0.22' -e '.[cpu]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -14,7 +14,17 @@ from bench.models import tiny_cnn
 
 LABELS = ["cat", "dog", "bird"]
 
-__all__ = ["PHOTOS", "LABELS", "card_dict", "encode", "gradient_image", "tiny_cnn"]
+__all__ = ["PHOTOS", "LABELS", "card_dict", "encode", "gradient_image", "python_sources", "tiny_cnn"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_sources(*rooms: str) -> list[Path]:
+    """The project's Python files under ``rooms`` (``"bench"``, ...): not those in a folder
+    whose name starts with a dot, where caches and venvs live (bench/.cache holds MLServer's
+    venv, whose site-packages are a third party's code)."""
+    return [p for room in rooms for p in sorted((ROOT / room).rglob("*.py"))
+            if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
 
 
 def card_dict(**overrides) -> dict:

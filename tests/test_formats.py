@@ -12,7 +12,7 @@ from sota_serve import formats
 from sota_serve.errors import RuntimeBackendError
 from sota_serve.package.card import ModelCard
 from sota_serve.package.loading import draft_package, open_package
-from tests.helpers import card_dict, tiny_cnn
+from tests.helpers import card_dict, python_sources, tiny_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ _BRANCH = re.compile(r"""(==|!=)\s*["'](onnx|pt2|torchscript)["']|["'](onnx|pt2|
 def test_only_the_format_modules_branch_on_a_format_name():
     hits = []
     for room in ("sota_serve", "training", "bento", "bench"):
-        for path in (ROOT / room).rglob("*.py"):
+        for path in python_sources(room):
             if path.parent.name == "formats":
                 continue
             for n, line in enumerate(path.read_text().splitlines(), 1):

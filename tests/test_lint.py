@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import python_sources
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,7 +18,7 @@ def test_ruff_is_clean():
 
 
 def test_core_imports_neither_training_nor_bento():
-    for path in (ROOT / "sota_serve").rglob("*.py"):
+    for path in python_sources("sota_serve"):
         text = path.read_text()
         for banned in ("import training", "from training", "import bento", "from bento", "import rayserve",
                        "from rayserve", "import ray", "from ray", "import fastai",
@@ -25,7 +27,7 @@ def test_core_imports_neither_training_nor_bento():
 
 
 def test_one_definition_of_the_imagenet_stats():
-    sources = [p for d in ("sota_serve", "training", "bento", "bench") for p in (ROOT / d).rglob("*.py")]
+    sources = python_sources("sota_serve", "training", "bento", "bench")
     hits = [p for p in sources if "0.485, 0.456, 0.406" in p.read_text()]
     assert [p.relative_to(ROOT).as_posix() for p in hits] == ["sota_serve/constants.py"]
 
@@ -36,7 +38,7 @@ def test_training_and_bento_meet_only_in_the_core():
     rooms = {"training": ("bento", "rayserve", "bench"), "bento": ("training", "rayserve", "bench"),
              "rayserve": ("training", "bento", "bench")}
     for room, banned_rooms in rooms.items():
-        for path in (ROOT / room).rglob("*.py"):
+        for path in python_sources(room):
             text = path.read_text()
             for other in banned_rooms:
                 for banned in (f"import {other}", f"from {other}"):
@@ -176,7 +178,7 @@ def test_the_gpu_bentofile_is_the_default_one_with_the_cuda_build():
 
 
 def _sources(*rooms: str) -> list[Path]:
-    return [p for room in rooms for p in (ROOT / room).rglob("*.py")]
+    return python_sources(*rooms)
 
 
 def _imported(tree: ast.AST) -> list[str]:
@@ -307,7 +309,7 @@ def a_project(node: ast.Import) -> bool:
 
 
 def test_the_serving_core_has_no_web_framework():
-    for path in (ROOT / "sota_serve").rglob("*.py"):
+    for path in python_sources("sota_serve"):
         for name in _imported(ast.parse(path.read_text())):
             root = name.split(".")[0]
             assert root not in ("bentoml", "starlette", "fastapi", "uvicorn", "litserve", "flask", "aiohttp",
