@@ -29,7 +29,7 @@ from sota_serve.contract.requests import FILE_FIELDS
 from sota_serve.explain.occlusion import Explanation
 from sota_serve.http.front_door import TICKET, FrontDoor
 from sota_serve.http.limits import Limits
-from sota_serve.http.oip import OpenInference
+from sota_serve.http.oip import INFER_PATH, OpenInference
 from sota_serve.http.openapi import document
 from sota_serve.http.routes import Routes
 from sota_serve.http.schemas import BatchResponse, ClassifyResponse
@@ -100,11 +100,11 @@ class SotaServe:
 declare_models(SotaServe, DECLARED)
 # Per-request overheads measured on 2 cores (demo model, 32 clients), both settings, off by
 # default: the access log ~10 % of throughput; OpenTelemetry spans on the image routes ~15 %,
-# although BentoML's default sample rate (0) records none of them.
+# although BentoML's default sample rate (0) records none of them: the OIP's infer too.
 SotaServe = bentoml.service(  # type: ignore[misc]
     name="sota_serve", workers=PLAN.workers, traffic={"timeout": 120},
     logging={"access": {"enabled": SETTINGS.access_log}},
-    **({} if SETTINGS.trace_requests else {"tracing": {"excluded_urls": list(FILE_FIELDS)}}))(SotaServe)
+    **({} if SETTINGS.trace_requests else {"tracing": {"excluded_urls": [*FILE_FIELDS, INFER_PATH]}}))(SotaServe)
 
 if SETTINGS.cors_origins:  # outside the front door, so that its answers carry the headers too
     SotaServe.add_asgi_middleware(CORSMiddleware, allow_origins=SETTINGS.cors_origins.split(","),

@@ -35,6 +35,8 @@ from sota_serve.serving.admission import Ticket
 
 #: /v2/models/{name}[/versions/{version}][/ready | /infer]
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|infer))?$")
+#: what every infer path ends with (a pattern of BentoML's tracing exclusions)
+INFER_PATH = "/infer"
 #: /v2/repository/index, /v2/repository/models/{name}/(load | unload)
 _REPOSITORY_PATH = re.compile(r"^/v2/repository/(?:(index)|models/([^/]+)/(load|unload))$")
 
