@@ -48,7 +48,3 @@ class ServedModels:
         """:meth:`get`, held for one request (a version swap meanwhile lets it finish)."""
         with self.models.use(name, version) as loaded:
             yield ServedModel(loaded, platform=self.platform, max_images=self.max_images)
-
-    @property
-    def default(self) -> ServedModel:
-        return ServedModel(self.models.default, platform=self.platform, max_images=self.max_images)

@@ -152,6 +152,12 @@ def _mismatch(path: Path, expected: str, actual: str) -> str:
 # --- embedded cards ------------------------------------------------------------------------
 
 
+def read_card(path: Path) -> ModelCard:
+    """The card of a package directory, or the one a lone model file carries, without opening
+    or checking any artifact (what a server reads to name and size a package before loading it)."""
+    return ModelCard.load(path / CARD_FILE) if path.is_dir() else read_embedded_card(path)
+
+
 def read_embedded_card(path: Path) -> ModelCard:
     """The card a lone model file carries (the serving part: no artifacts, no records)."""
     fmt = formats.for_file(path)

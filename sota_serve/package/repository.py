@@ -21,8 +21,7 @@ from pathlib import Path
 
 from sota_serve.constants import CARD_FILE
 from sota_serve.errors import CardError, PackageError
-from sota_serve.package.card import ModelCard
-from sota_serve.package.loading import read_embedded_card, store_model_dir
+from sota_serve.package.loading import read_card, store_model_dir
 
 #: a model's name: a URL path segment as it is (routes /models/{name}/..., /v2/models/{name})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -104,14 +103,14 @@ def _single(item: str, resolve: Callable[[str], str] | None) -> Entry:
             raise PackageError(f"{item}: no such package directory, model file or BentoML model-store tag"
                                " (see `bentoml models list`)")
         path = Path(stored)
-    card = ModelCard.load(path / CARD_FILE) if path.is_dir() else read_embedded_card(path)
+    card = read_card(path)
     _check_name(card.name, item)
     return Entry(card.name, card.version, str(path), _signature(path))
 
 
 def _card_version(folder: Path) -> str:
     try:
-        return ModelCard.load(folder / CARD_FILE).version
+        return read_card(folder).version
     except CardError:
         return "1"  # loading it says what is wrong with the card
 

@@ -104,10 +104,14 @@ class Admission:
                                         horizon_s=FORECAST_HORIZON_S)
         self.in_flight = 0
         self.pending_bytes = 0  # admitted, not yet decoded
-        self.pending_crops = 0  # queued for or running in the model
         self.shed = 0
         self._lock = threading.Lock()  # decode threads report costs concurrently
         self._waiters: deque[asyncio.Future[None]] = deque()  # held at the door, oldest first
+
+    @property
+    def pending_crops(self) -> int:
+        """Crops queued for or running in the models, all models together."""
+        return sum(c.pending for c in self.costs)
 
     @property
     def seconds_per_crop(self) -> Ewma:
@@ -316,7 +320,6 @@ class Admission:
                 self._release_crops(ticket)  # one request, one model at a time
             ticket.cost = cost
             cost.pending += crops
-            self.pending_crops += crops
             ticket.crops += crops
 
     def computed(self, ticket: Ticket) -> None:
@@ -326,7 +329,6 @@ class Admission:
     def _release_crops(self, ticket: Ticket) -> None:
         """Under the lock."""
         (ticket.cost or self.cost).pending -= ticket.crops
-        self.pending_crops -= ticket.crops
         ticket.crops = 0
 
     def learn_decode(self, nbytes: int, seconds: float) -> None:

@@ -15,17 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sota_serve.constants import CARD_FILE
 from sota_serve.errors import ModelLoadError, ModelNotFoundError, SotaServeError
 from sota_serve.package.card import ModelCard
-from sota_serve.package.loading import ModelPackage, read_embedded_card
+from sota_serve.package.loading import ModelPackage, read_card
 from sota_serve.package.repository import Entry, is_repository, model_folder, scan
 from sota_serve.serving.admission import Admission, ModelCost
 from sota_serve.serving.batcher import BatchObserver
@@ -65,7 +63,6 @@ class Loaded:
     pipeline: Pipeline
     #: how much the worker's resident memory grew while it loaded
     rss_bytes: int
-    loaded_at: float = field(default_factory=time.time)
     in_flight: int = 0
     retired: bool = False
 
@@ -217,31 +214,35 @@ class Models:
         except BaseException:
             self.admission.forget(cost)
             raise
-        grown = max(0, rss_bytes() - before)
-        loaded = Loaded(entry, pipeline, grown)
+        after = rss_bytes()
+        loaded = Loaded(entry, pipeline, max(0, after - before))
         limit = self.memory_limit_bytes
-        if limit is not None and rss_bytes() > limit:
+        if limit is not None and after > limit:
             self._close(loaded)
-            raise ModelLoadError(_memory_message(entry, rss_bytes(), limit, "after loading it"))
+            raise ModelLoadError(_memory_message(entry, after, limit, "after loading it"))
         return loaded
 
     def _check_room(self, entry: Entry) -> None:
         limit = self.memory_limit_bytes
         if limit is None:
             return
-        expected = self.expected_bytes(entry)
-        if rss_bytes() + expected > limit:
-            raise ModelLoadError(_memory_message(entry, rss_bytes() + expected, limit, "with it loaded"))
+        need = rss_bytes() + self.expected_bytes(entry)
+        if need > limit:
+            raise ModelLoadError(_memory_message(entry, need, limit, "with it loaded"))
 
     def expected_bytes(self, entry: Entry) -> int:
         """About how much memory ``entry`` takes once loaded: its weights and the activations of
         its largest warm-up batch; for a new version of a model in service, at least what the
         version in service took (both are in memory until the swap)."""
-        card = ModelCard.load(Path(entry.source) / CARD_FILE) if Path(entry.source).is_dir() \
-            else read_embedded_card(Path(entry.source))
+        source = Path(entry.source)
+        card = read_card(source)
+        # the largest artifact: which one serves is chosen on loading (backend, precision); a
+        # missing one is for opening the package to report
+        weights = max((path.stat().st_size for a in card.artifacts.values() if (path := source / a.path).is_file()),
+                      default=0) if source.is_dir() else source.stat().st_size
         k = max(CROPS_PER_IMAGE[p] for p in card.tta.policies())
         crops = max(self.batch_sizes[0], self.batch_sizes[1] * k)
-        estimate = _artifact_bytes(entry) + ACTIVATION_BYTES_PER_PIXEL * crops * card.input.height * card.input.width
+        estimate = weights + ACTIVATION_BYTES_PER_PIXEL * crops * card.input.height * card.input.width
         serving = self.current.get(entry.name)
         return max(estimate, serving.rss_bytes) if serving is not None else estimate
 
@@ -347,10 +348,6 @@ class Models:
             known[name] = {"name": name, "version": loaded.version, "state": "READY", "reason": ""}
         return list(known.values())
 
-    def memory(self) -> dict[str, int]:
-        """The resident memory each loaded model added to the worker, by name."""
-        return {name: loaded.rss_bytes for name, loaded in self.current.items()}
-
 
 def scan_quietly(root: Path) -> list[Entry]:
     """The repository's entries, or none when it cannot be read now (a folder being renamed)."""
@@ -359,16 +356,6 @@ def scan_quietly(root: Path) -> list[Entry]:
     except (OSError, SotaServeError) as e:
         log.warning("cannot read the model repository %s now: %s", root, e)
         return []
-
-
-def _artifact_bytes(entry: Entry) -> int:
-    path = Path(entry.source)
-    if path.is_file():
-        return path.stat().st_size
-    if not path.is_dir():
-        return 0
-    return max((p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".onnx", ".pt2", ".pt")),
-               default=0)
 
 
 def _memory_message(entry: Entry, need: int, limit: int, when: str) -> str:

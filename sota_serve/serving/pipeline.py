@@ -52,10 +52,6 @@ class Pools(NamedTuple):
         return cls(ThreadPoolExecutor(plan.decode_threads, thread_name_prefix="sota-decode"),
                    ThreadPoolExecutor(plan.model_threads, thread_name_prefix="sota-model"))
 
-    def close(self) -> None:
-        self.decode.shutdown(wait=False, cancel_futures=True)
-        self.model.shutdown(wait=False, cancel_futures=True)
-
 
 class Answers(NamedTuple):
     """A request's answer: the policy applied (the card's default when none was asked) and one
