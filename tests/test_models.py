@@ -171,6 +171,32 @@ def test_a_version_that_fails_to_verify_leaves_the_serving_one_and_the_index_say
     asyncio.run(main())
 
 
+def test_the_poll_tries_a_new_model_that_failed_again_once_its_files_change(repository):
+    wide = repository / "wide"
+    good = (wide / "model.onnx").read_bytes()
+    (wide / "model.onnx").write_bytes(good[:-10] + bytes(10))  # its sha256 no longer matches the card's
+
+    async def main():
+        models, _ = _models(repository)
+        models.load_all([models.find("digits")])
+        models.follow(0.05)
+        for _ in range(600):  # the first look finds wide and fails to load it
+            await asyncio.sleep(0.05)
+            if "wide" in models.failed:
+                break
+        assert "sha256" in models.failed["wide"] and "wide" not in models.current
+        (wide / "model.onnx").write_bytes(good)
+        card = (wide / "card.json").read_text()
+        (wide / "card.json").write_text(card)  # its card written last, as docs/models.md asks
+        for _ in range(600):
+            await asyncio.sleep(0.05)
+            if "wide" in models.current:
+                break
+        assert models.get("wide").version == "7" and "wide" not in models.failed
+
+    asyncio.run(main())
+
+
 def test_the_memory_estimate_counts_weights_activations_and_the_version_in_service(repository):
     from sota_serve.serving.models import ACTIVATION_BYTES_PER_PIXEL
 

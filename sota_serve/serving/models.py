@@ -302,9 +302,8 @@ class Models:
             return [], []
         on_disk = {e.name: e for e in scan_quietly(root)}
         to_load = [e for name, e in on_disk.items()
-                   if name not in self.current and name not in self.failed
-                   or name in self.current and (e.version, e.signature) != (self.current[name].version,
-                                                                            self.current[name].entry.signature)]
+                   if name not in self.current
+                   or (e.version, e.signature) != (self.current[name].version, self.current[name].entry.signature)]
         gone = [name for name in self.current if name not in on_disk]
         return to_load, gone
 
